@@ -1,0 +1,218 @@
+"""Input validation shared by the op, the oracle and the layers: one clear error per mistake."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .basis import feature_dim
+from .budget import check_budget, format_bytes
+from .state import SATAState
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Shapes and settings of one call, after validation."""
+
+    batch_shape: torch.Size
+    n_q_heads: int
+    n_kv_heads: int
+    len_q: int
+    len_k: int
+    d_key: int
+    d_value: int
+    n_taylor: int
+    scale: float
+    dtype: torch.dtype          # input and output dtype
+    compute_dtype: torch.dtype  # features, scores, products: float32 or float64
+    state_dtype: torch.dtype    # accumulation of the state
+    device: torch.device
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.batch_shape)
+
+    @property
+    def group(self) -> int:
+        return self.n_q_heads // self.n_kv_heads
+
+    @property
+    def feature_dim(self) -> int:
+        return feature_dim(self.d_key, self.n_taylor)
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """States and products accumulate in float32 for half/bfloat16/float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_n_taylor(n_taylor: object, where: str = "n_taylor") -> int:
+    if not isinstance(n_taylor, int) or isinstance(n_taylor, bool) or n_taylor < 1:
+        raise ValueError(
+            f"{where} must be a positive int (the number of Taylor terms, degrees 0..n_taylor-1), got {n_taylor!r}; "
+            "odd values (3, 5) keep every attention weight positive"
+        )
+    return n_taylor
+
+
+def check_inputs(
+    fn: str,
+    query: object,
+    key: object,
+    value: object,
+    *,
+    n_taylor: object,
+    is_causal: object,
+    scale: object,
+    enable_gqa: object,
+    key_padding_mask: object,
+    state: object = None,
+) -> Spec:
+    """Validate the arguments of ``fn``; return the call's :class:`Spec` or raise with the fix."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(
+                f"{fn}: {name} has dtype {t.dtype}; use a floating dtype (float16, bfloat16, float32, float64), "
+                f"e.g. {name}.float()"
+            )
+        if t.dim() < 3:
+            raise ValueError(
+                f"{fn}: {name} must be [..., heads, length, features] (at least 3 dims), got shape {tuple(t.shape)}; "
+                f"add a heads dimension with {name}.unsqueeze(-3)"
+            )
+    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"{fn}: query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}; "
+            "cast them to one dtype"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"{fn}: query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            f"{fn}: query, key and value must have the same number of dims, got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+        raise ValueError(
+            f"{fn}: batch dimensions differ: query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])}, "
+            f"value {tuple(value.shape[:-3])}; inputs are [..., heads, length, features] with equal leading dims"
+        )
+    Hq, Lq, E = query.shape[-3:]
+    Hk, Lk, Ek = key.shape[-3:]
+    Hv, Lv, Ev = value.shape[-3:]
+    if Ek != E:
+        raise ValueError(f"{fn}: query and key must have the same head size, got {E} and {Ek} (last dim)")
+    if E < 1 or Ev < 1:
+        raise ValueError(f"{fn}: head sizes must be at least 1, got d_key={E}, d_value={Ev}")
+    if Hk != Hv:
+        raise ValueError(f"{fn}: key and value must have the same number of heads, got {Hk} and {Hv} (dim -3)")
+    if Lk != Lv:
+        raise ValueError(f"{fn}: key and value must have the same length, got {Lk} and {Lv} (dim -2)")
+    if Hk < 1:
+        raise ValueError(f"{fn}: key has zero heads")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"{fn}: enable_gqa must be a bool, got {enable_gqa!r}")
+    if enable_gqa:
+        if Hq % Hk:
+            raise ValueError(
+                f"{fn}: with enable_gqa=True the query heads ({Hq}) must be a multiple of the key/value heads ({Hk})"
+            )
+    elif Hq != Hk:
+        raise ValueError(
+            f"{fn}: query has {Hq} heads but key/value have {Hk}; pass enable_gqa=True for grouped-query attention"
+        )
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{fn}: is_causal must be a bool, got {is_causal!r}")
+    if is_causal and Lq != Lk:
+        raise ValueError(
+            f"{fn}: is_causal=True needs as many queries as keys (query i attends to keys <= i), got Lq={Lq}, Lk={Lk}; "
+            "for a few new queries over earlier keys, put the earlier keys in a state and pass only the new tokens"
+        )
+    n_taylor = check_n_taylor(n_taylor, f"{fn}: n_taylor")
+    if scale is None:
+        scale = E**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: scale must be a float or None (default 1/sqrt(E)), got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+
+    B = query.shape[:-3]
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"{fn}: key_padding_mask must be a bool tensor [..., Lk] (True = ignore that key), got "
+                f"{type(key_padding_mask).__name__ if not isinstance(key_padding_mask, torch.Tensor) else key_padding_mask.dtype}"
+            )
+        if key_padding_mask.shape != (*B, Lk):
+            raise ValueError(
+                f"{fn}: key_padding_mask must have shape (*batch, Lk) = {(*B, Lk)}, got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != key.device:
+            raise ValueError(f"{fn}: key_padding_mask is on {key_padding_mask.device}, key on {key.device}")
+
+    compute_dtype = compute_dtype_for(query.dtype)
+    state_dtype = compute_dtype
+    if state is not None:
+        if not isinstance(state, SATAState):
+            raise TypeError(f"{fn}: state must be a sata.SATAState or None, got {type(state).__name__}")
+        expected = {
+            "n_taylor": n_taylor,
+            "d_key": E,
+            "d_value": Ev,
+            "scale": scale,
+            "n_heads": Hk,
+            "batch_shape": list(B),
+        }
+        diffs = [f"{k}={getattr(state, k) if k != 'batch_shape' else list(state.batch_shape)!r} (call: {v!r})"
+                 for k, v in expected.items() if (list(state.batch_shape) if k == "batch_shape" else getattr(state, k)) != v]
+        if diffs:
+            raise ValueError(
+                f"{fn}: state comes from another configuration: {', '.join(diffs)}; continue a stream with the "
+                "same n_taylor, scale, head sizes, heads and batch it was started with"
+            )
+        if state.device != query.device:
+            raise ValueError(f"{fn}: state is on {state.device} but inputs are on {query.device}; move it with state.to(device)")
+        if state.dtype == torch.float32 and compute_dtype == torch.float64:
+            raise TypeError(
+                f"{fn}: a float32 state cannot continue with float64 inputs without losing precision; "
+                "use state.to(dtype=torch.float64)"
+            )
+        state_dtype = state.dtype
+
+    spec = Spec(
+        batch_shape=B,
+        n_q_heads=Hq,
+        n_kv_heads=Hk,
+        len_q=Lq,
+        len_k=Lk,
+        d_key=E,
+        d_value=Ev,
+        n_taylor=n_taylor,
+        scale=scale,
+        dtype=query.dtype,
+        compute_dtype=compute_dtype,
+        state_dtype=state_dtype,
+        device=query.device,
+    )
+    D = feature_dim(E, n_taylor)
+    itemsize = torch.empty((), dtype=state_dtype).element_size()
+    state_bytes = spec.batch * Hk * D * (Ev + 1) * itemsize
+    # the smallest working set: features of one query and one key row per head
+    work_bytes = spec.batch * (Hq + Hk) * D * itemsize
+    check_budget(
+        state_bytes + work_bytes,
+        f"{fn}: n_taylor={n_taylor} with d_key={E} gives D={D:,} features per head; a state of "
+        f"{spec.batch} x {Hk} heads x {D:,} x {Ev + 1} ({format_bytes(state_bytes)}) plus features",
+        "Use fewer Taylor terms or smaller heads (cost grows like d^(n_taylor-1)).",
+    )
+    return spec

@@ -1,0 +1,50 @@
+"""The ``sata`` console script. Each subcommand lives in its own module, imported on use.
+
+A command module provides ``add_arguments(parser)`` and ``main(args) -> int`` and keeps
+heavy imports (matplotlib, transformers) inside ``main`` so ``sata --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (name, module, one-line help): add a line here to add a command
+COMMANDS: list[tuple[str, str, str]] = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sata",
+        description="Symmetry-aware Taylor attention: softmax attention at constant cost per token.",
+    )
+    parser.add_argument("--version", action="version", version=f"sata {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._module.main(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

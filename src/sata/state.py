@@ -1,0 +1,269 @@
+"""The explicit attention state: fused numerator and denominator, one per key/value head.
+
+    S = sum_j phi(k_j) [v_j, 1]^T        in R^{D x (Ev + 1)}
+
+A state is a value: operations return new states and never modify one passed in.
+It is the sum over the tokens it has seen, so the states of disjoint segments add
+(``state_a + state_b``): the basis of streaming and of context parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .basis import feature_dim
+from .budget import check_budget, format_bytes
+
+__all__ = ["SATAState", "StateFileError"]
+
+_FORMAT = "sata.SATAState"
+_VERSION = 1
+
+
+class StateFileError(ValueError):
+    """A state file is missing, truncated, corrupt, or of another configuration."""
+
+
+@dataclass(frozen=True, eq=False)
+class SATAState:
+    r"""State of symmetry-aware Taylor attention after some number of tokens.
+
+    Attributes:
+        kv (torch.Tensor): ``[..., Hkv, D, Ev + 1]`` fused state, float32 or float64; the last
+            column is the normaliser ``sum_j phi(k_j)``. ``D = C(d_key + n_taylor - 1, n_taylor - 1)``.
+        n_taylor (int): number of Taylor terms the state was built with.
+        d_key (int): head size of queries and keys ``E``.
+        d_value (int): head size of values ``Ev``.
+        scale (float): score scale ``s = scale * q.k`` the state was built with.
+        n_tokens (int): key positions absorbed so far (padded positions included).
+
+    Gradients flow through ``kv``: pass a state that requires grad, get a state whose
+    ``kv`` has a graph (truncated backpropagation through time works by ``detach()``).
+    """
+
+    kv: torch.Tensor
+    n_taylor: int
+    d_key: int
+    d_value: int
+    scale: float
+    n_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kv, torch.Tensor):
+            raise TypeError(f"SATAState.kv must be a tensor, got {type(self.kv).__name__}")
+        if self.kv.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"SATAState.kv must be float32 or float64 (states accumulate in at least float32), got {self.kv.dtype}"
+            )
+        for name in ("n_taylor", "d_key", "d_value", "n_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n_tokens" else 1):
+                raise ValueError(f"SATAState.{name} must be a {'non-negative' if name == 'n_tokens' else 'positive'} int, got {value!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        if not math.isfinite(self.scale):
+            raise ValueError(f"SATAState.scale must be finite, got {self.scale}")
+        D = feature_dim(self.d_key, self.n_taylor)
+        if self.kv.dim() < 3 or self.kv.shape[-2:] != (D, self.d_value + 1):
+            raise ValueError(
+                f"SATAState.kv must be [..., Hkv, {D}, {self.d_value + 1}] for d_key={self.d_key}, "
+                f"d_value={self.d_value}, n_taylor={self.n_taylor}; got {tuple(self.kv.shape)}"
+            )
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def zeros(
+        cls,
+        batch_shape: tuple[int, ...] | torch.Size,
+        n_heads: int,
+        d_key: int,
+        d_value: int,
+        n_taylor: int,
+        scale: float | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> SATAState:
+        """An empty state (no tokens seen) for ``n_heads`` key/value heads.
+
+        ``scale`` defaults to ``1/sqrt(d_key)``. Use ``dtype=torch.float64`` for very long
+        streams of float32 inputs: increments are computed in the input precision and
+        summed in float64.
+        """
+        D = feature_dim(d_key, n_taylor)
+        shape = (*tuple(batch_shape), n_heads, D, d_value + 1)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        check_budget(nbytes, f"A SATA state of shape {shape} ({dtype})", "Use fewer Taylor terms, smaller heads or a smaller batch.")
+        return cls(
+            kv=torch.zeros(shape, dtype=dtype, device=device),
+            n_taylor=n_taylor,
+            d_key=d_key,
+            d_value=d_value,
+            scale=d_key**-0.5 if scale is None else scale,
+        )
+
+    # ---------------------------------------------------------------- description
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.kv.shape[:-3]
+
+    @property
+    def n_heads(self) -> int:
+        return self.kv.shape[-3]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.kv.shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    @property
+    def config(self) -> dict:
+        """What must match for this state to be continued: everything but the tokens seen."""
+        return {
+            "n_taylor": self.n_taylor,
+            "d_key": self.d_key,
+            "d_value": self.d_value,
+            "scale": self.scale,
+            "n_heads": self.n_heads,
+            "batch_shape": list(self.batch_shape),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"SATAState(batch_shape={tuple(self.batch_shape)}, n_heads={self.n_heads}, d_key={self.d_key}, "
+            f"d_value={self.d_value}, n_taylor={self.n_taylor}, scale={self.scale:g}, n_tokens={self.n_tokens}, "
+            f"dtype={self.dtype}, device={self.device}, size={format_bytes(self.nbytes)})"
+        )
+
+    # ---------------------------------------------------------------- transformations
+    def detach(self) -> SATAState:
+        """The same state without its autograd history (truncated backpropagation through time)."""
+        return replace(self, kv=self.kv.detach())
+
+    def clone(self) -> SATAState:
+        return replace(self, kv=self.kv.clone())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SATAState:
+        return replace(self, kv=self.kv.to(device=device, dtype=dtype))
+
+    def __add__(self, other: SATAState) -> SATAState:
+        """Merge the states of two disjoint segments of one sequence (attention is a sum over keys)."""
+        if not isinstance(other, SATAState):
+            return NotImplemented
+        self.check_compatible(other, what="the other state")
+        return replace(self, kv=self.kv + other.kv.to(self.kv.dtype), n_tokens=self.n_tokens + other.n_tokens)
+
+    def check_compatible(self, other: SATAState | dict, what: str = "state") -> None:
+        """Raise ``ValueError`` naming each field where ``other`` (a state or a config dict) differs."""
+        theirs = other.config if isinstance(other, SATAState) else dict(other)
+        diffs = [f"{k}: {theirs.get(k)!r} vs {v!r}" for k, v in self.config.items() if k in theirs and theirs[k] != v]
+        if diffs:
+            raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)})")
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state to ``path`` atomically (write to a temporary file, fsync, rename).
+
+        A crash during the save leaves the previous file intact. The file holds the
+        tensor bit for bit, the configuration and a SHA-256 checksum, in
+        ``torch.save`` format (loaded with ``weights_only=True``: no code is unpickled).
+        """
+        path = Path(path)
+        kv = self.kv.detach().cpu().contiguous()
+        payload = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "config": {**self.config, "n_tokens": self.n_tokens, "dtype": str(kv.dtype)},
+            "sha256": _digest(kv),
+            "kv": kv,
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        map_location: torch.device | str | None = "cpu",
+        expected: SATAState | dict | None = None,
+    ) -> SATAState:
+        """Read a state written by :meth:`save`, bit for bit.
+
+        Raises :class:`StateFileError` (a ``ValueError``) if the file is missing, truncated,
+        corrupt (checksum mismatch), not a SATA state, or, when ``expected`` (a state or a
+        ``config`` dict) is given, of another configuration.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise StateFileError(f"no SATA state file at {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, bad pickle, ...
+            raise StateFileError(f"{path} is not a readable SATA state file (truncated or corrupt?): {e}") from e
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise StateFileError(f"{path} is not a SATA state file (format tag missing)")
+        if payload.get("version") != _VERSION:
+            raise StateFileError(f"{path} has state format version {payload.get('version')!r}; this sata reads {_VERSION}")
+        kv, config = payload.get("kv"), payload.get("config", {})
+        if not isinstance(kv, torch.Tensor) or _digest(kv.contiguous()) != payload.get("sha256"):
+            raise StateFileError(f"{path} is corrupt: its checksum does not match its contents")
+        try:
+            state = cls(
+                kv=kv,
+                n_taylor=config["n_taylor"],
+                d_key=config["d_key"],
+                d_value=config["d_value"],
+                scale=config["scale"],
+                n_tokens=config["n_tokens"],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateFileError(f"{path} holds an invalid SATA state: {e}") from e
+        if expected is not None:
+            try:
+                state.check_compatible(expected, what=f"state file {path}")
+            except ValueError as e:
+                raise StateFileError(str(e)) from None
+        return state.to(device=map_location) if map_location is not None else state
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest() if t.numel() else hashlib.sha256(b"").hexdigest()
+
