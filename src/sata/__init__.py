@@ -14,12 +14,13 @@ from .basis import TaylorBasis, feature_dim, flops_per_token, get_basis, monomia
 from .budget import MemoryBudgetError, get_memory_budget, memory_budget, set_memory_budget
 from .features import taylor_exp, taylor_features
 from .naive import naive_sata_attention
-from .ops import sata_attention
+from .ops import accumulate_state, sata_attention
 from .state import SATAState, StateFileError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "accumulate_state",
     "MemoryBudgetError",
     "SATAState",
     "StateFileError",

@@ -27,7 +27,7 @@ from .budget import get_memory_budget
 from .features import _phi, taylor_exp
 from .state import SATAState
 
-__all__ = ["sata_attention"]
+__all__ = ["accumulate_state", "sata_attention"]
 
 # causal calls with at most this many tokens run token by token (decode)
 _RECURRENT_MAX_LEN = 1
@@ -97,6 +97,38 @@ def sata_attention(
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
     )
     return _attention(query, key, value, spec, is_causal, key_padding_mask, state, return_state)
+
+
+def accumulate_state(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    n_taylor: int = 3,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    state: SATAState | None = None,
+) -> SATAState:
+    r"""Absorb keys and values into a state without reading it: ``S + phi(K)^T [V, 1]``.
+
+    The state of a segment, for building a context without computing outputs, or for
+    combining segments processed elsewhere (states of disjoint segments add).
+
+    Args:
+        key (torch.Tensor): ``[..., Hkv, Lk, E]``.
+        value (torch.Tensor): ``[..., Hkv, Lk, Ev]``.
+        n_taylor, scale, key_padding_mask: as in :func:`sata_attention`.
+        state (SATAState, optional): state to continue; never modified.
+
+    Returns:
+        :class:`SATAState` with ``kv [..., Hkv, D, Ev + 1]``; gradients flow to key, value and state.
+    """
+    query = key[..., :0, :]
+    spec = check_inputs(
+        "accumulate_state", query, key, value, n_taylor=n_taylor, is_causal=False, scale=scale,
+        enable_gqa=False, key_padding_mask=key_padding_mask, state=state,
+    )
+    _, new_state = _attention(query, key, value, spec, False, key_padding_mask, state, True)
+    return new_state
 
 
 def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask, state, return_state, mode=None, chunk_size=None):
