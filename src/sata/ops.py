@@ -21,10 +21,11 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import _kernels
 from ._checks import Spec, check_inputs
 from .basis import TaylorBasis, get_basis
 from .budget import get_memory_budget
-from .features import _phi, taylor_exp
+from .features import _phi, _phi_t, taylor_exp
 from .state import SATAState
 
 __all__ = ["accumulate_state", "sata_attention"]
@@ -32,7 +33,7 @@ __all__ = ["accumulate_state", "sata_attention"]
 # causal calls with at most this many tokens run token by token (decode)
 _RECURRENT_MAX_LEN = 1
 # bytes of features and scores one block may hold (at most a quarter of the budget)
-_BLOCK_BYTES = 64 * 2**20
+_BLOCK_BYTES = 16 * 2**20
 
 
 def sata_attention(
@@ -132,42 +133,90 @@ def accumulate_state(
 
 
 def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask, state, return_state, mode=None, chunk_size=None):
-    """Reshape to ``[B, Hkv, (g,) L, E]``, dispatch to a path, reshape back. ``mode`` forces a path (tests)."""
+    """Reshape to ``[B, Hkv, (g,) L, E]``, dispatch to a path, reshape back.
+
+    ``mode`` forces a path (tests): ``'kernel'``, ``'recurrent'``, ``'chunked'``, ``'parallel'``.
+    """
     B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
     basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
-    q = query.reshape(B, Hkv, g, spec.len_q, spec.d_key)                      # [B, Hkv, g, Lq, E]
-    k = key.reshape(B, Hkv, spec.len_k, spec.d_key)                           # [B, Hkv, Lk, E]
-    v = value.reshape(B, Hkv, spec.len_k, spec.d_value)                       # [B, Hkv, Lk, Ev]
-    mask = None if key_padding_mask is None else key_padding_mask.reshape(B, spec.len_k)   # [B, Lk]
-    S = None if state is None else state.kv.reshape(B, Hkv, D, F)             # [B, Hkv, D, F]
-    run = _Run(spec, basis, chunk_size or _default_chunk(spec))
-
+    S_in = None if state is None else state.kv
     if mode is None:
-        if is_causal:
+        if spec.len_q == 1 and spec.len_k == 1 and _kernel_applies(spec, query, key, value, S_in):
+            mode = "kernel"
+        elif is_causal:
             mode = "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
         else:
             mode = "parallel"
-    if is_causal and mode == "parallel":
-        raise ValueError("mode='parallel' is non-causal only")
-    if not is_causal and mode != "parallel":
-        raise ValueError(f"mode={mode!r} is causal only")
-    y, S_new = {"recurrent": run.recurrent, "chunked": run.chunked, "parallel": run.parallel}[mode](
-        q, k, v, mask, S, need_state=return_state
-    )
-    out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
+    if mode == "kernel":
+        out, S_new = _decode_kernel(query, key, value, spec, basis, key_padding_mask, S_in)
+    else:
+        if is_causal == (mode == "parallel"):
+            raise ValueError(f"mode={mode!r} does not compute {'causal' if is_causal else 'non-causal'} attention")
+        q = query.reshape(B, Hkv, g, spec.len_q, spec.d_key)                  # [B, Hkv, g, Lq, E]
+        k = key.reshape(B, Hkv, spec.len_k, spec.d_key)                       # [B, Hkv, Lk, E]
+        v = value.reshape(B, Hkv, spec.len_k, spec.d_value)                   # [B, Hkv, Lk, Ev]
+        mask = None if key_padding_mask is None else key_padding_mask.reshape(B, spec.len_k)   # [B, Lk]
+        # internally F-major: S^T [B, Hkv, F, D], the layout the kernel and the state use
+        S = None if S_in is None else S_in.transpose(-1, -2).reshape(B, Hkv, F, D)   # [B, Hkv, F, D]
+        run = _Run(spec, basis, chunk_size or _default_chunk(spec))
+        y, S_new = getattr(run, mode)(q, k, v, mask, S, need_state=return_state)
+        out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
+        if S_new is not None:
+            S_new = S_new.reshape(*spec.batch_shape, Hkv, F, D).transpose(-1, -2)
     if not return_state:
         return out
     if S_new is None:
-        S_new = torch.zeros(B, Hkv, D, F, dtype=spec.state_dtype, device=spec.device)
-    new_state = SATAState(
-        kv=S_new.reshape(*spec.batch_shape, Hkv, D, F),
-        n_taylor=spec.n_taylor,
-        d_key=spec.d_key,
-        d_value=spec.d_value,
-        scale=spec.scale,
-        n_tokens=(0 if state is None else state.n_tokens) + spec.len_k,
+        S_new = torch.zeros(*spec.batch_shape, Hkv, F, D, dtype=spec.state_dtype, device=spec.device).transpose(-1, -2)
+    new_state = SATAState._unchecked(
+        S_new, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, (0 if state is None else state.n_tokens) + spec.len_k
     )
     return out, new_state
+
+
+def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
+    """The fused CPU decode kernel serves one new token per call, without autograd."""
+    return (
+        spec.device.type == "cpu"
+        and spec.state_dtype == spec.compute_dtype
+        and not _needs_grad(query, key, value, S)
+        and _kernels.load() is not None
+    )
+
+
+_DECODE_PLANS: dict = {}
+
+
+def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S):
+    """One token for every sequence and head through the fused kernel: ``[..., Hq, 1, E] -> [..., Hq, 1, Ev]``.
+
+    The kernel reads raw memory, so contiguous inputs in the compute dtype are used as they are and
+    the state is used in place of a copy when it is D-contiguous (as every state this library makes).
+    """
+    plan = _DECODE_PLANS.get(spec)
+    if plan is None:
+        plan = _DECODE_PLANS[spec] = _kernels.DecodePlan(
+            _kernels.load(), spec.batch * spec.n_kv_heads, spec.group, spec.d_key, spec.d_value, basis,
+            spec.compute_dtype, *_split_scale(spec.scale),
+        )
+    cd, F, D = spec.compute_dtype, spec.d_value + 1, spec.feature_dim
+    q, k, v = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
+    keep = None
+    if key_padding_mask is not None:  # [B, 1] -> one flag per (batch, kv head)
+        keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
+    S_out = torch.empty((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=cd)   # [..., Hkv, F, D]
+    if S is None:
+        S_in = torch.zeros_like(S_out)
+    else:
+        S_in = S.mT if S.mT.is_contiguous() else S.mT.contiguous()             # [..., Hkv, F, D]
+    y = torch.empty((*spec.batch_shape, spec.n_q_heads, 1, spec.d_value), dtype=cd)   # [..., Hq, 1, Ev]
+    plan(q, k, v, keep, S_in, S_out, y)
+    return (y if spec.dtype == cd else y.to(spec.dtype)), S_out.mT
+
+
+def _split_scale(scale: float) -> tuple[float, float]:
+    """``(sq, sk)`` with ``sq * sk = scale``; the sign of a negative scale rides on the query side."""
+    root = math.sqrt(abs(scale))
+    return math.copysign(root, scale), root
 
 
 def _default_chunk(spec: Spec) -> int:
@@ -188,8 +237,15 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
+
+
 class _Run:
-    """One call's constants; methods are the three paths."""
+    """One call's constants; ``recurrent``, ``chunked`` and ``parallel`` are the three paths.
+
+    States travel F-major, ``S^T [B, Hkv, F, D]`` (``F = Ev + 1``), accumulated in the state dtype;
+    features, scores and products are computed in the compute dtype.
+    """
 
     def __init__(self, spec: Spec, basis: TaylorBasis, chunk: int):
         self.spec = spec
@@ -197,16 +253,11 @@ class _Run:
         self.chunk = chunk
         self.cd = spec.compute_dtype
         self.sd = spec.state_dtype
-        root = math.sqrt(abs(spec.scale))
-        # scale = sq * sk; the sign of a negative scale rides on the query side
-        self.sq = math.copysign(root, spec.scale)
-        self.sk = root
-        D, F, E = spec.feature_dim, spec.d_value + 1, spec.d_key
-        itemsize = torch.empty((), dtype=self.cd).element_size()
+        self.sq, self.sk = _split_scale(spec.scale)
+        D, F, E, g, c = spec.feature_dim, spec.d_value + 1, spec.d_key, spec.group, chunk
         budget = min(_BLOCK_BYTES, get_memory_budget() // 4)
-        g, c = spec.group, chunk
-        # floats per token and batch*kv-head a causal block holds (x3 for temporaries under autograd)
-        per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * itemsize * spec.batch * spec.n_kv_heads
+        # bytes per token of a causal block, all heads (x3: temporaries under autograd)
+        per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
         self.block = max(c, int(budget // max(per_token, 1)) // c * c)
 
     # ------------------------------------------------------------ shared pieces
@@ -225,32 +276,35 @@ class _Run:
         inc = inc.to(self.sd)
         return inc if S is None else S + inc
 
-    def _map_blocks(self, fn, length: int, tensors_at, need_grad: bool, carry=None):
-        """Apply ``fn(*block_tensors, carry) -> (out, carry)`` over blocks of ``self.block`` tokens."""
+    def _read(self, phi: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+        """``phi @ S``: ``[..., T, D] x S^T [..., F, D] -> [..., T, F]``."""
+        return phi @ S.to(self.cd).transpose(-1, -2)
+
+    def _blocks(self, fn, length: int, slices, need_grad: bool, carry):
+        """Apply ``fn(*slices(a, b), carry) -> (out, carry)`` over blocks of tokens.
+
+        Under autograd each block is checkpointed: its features are recomputed in the
+        backward pass instead of kept, so memory does not grow with the length.
+        """
         outs = []
         for start in range(0, length, self.block):
-            stop = min(start + self.block, length)
-            args = tensors_at(start, stop)
-            if need_grad:
-                out, carry = checkpoint(fn, *args, carry, use_reentrant=False)
-            else:
-                out, carry = fn(*args, carry)
+            args = slices(start, min(start + self.block, length))
+            out, carry = checkpoint(fn, *args, carry, use_reentrant=False) if need_grad else fn(*args, carry)
             outs.append(out)
         return outs, carry
 
     # ------------------------------------------------------------ decode
     def recurrent(self, q, k, v, mask, S, need_state):
-        """Token by token: ``S += phi(k_t)^T [v_t, 1]``, then ``u_t = phi(q_t) S``."""
+        """Token by token: ``S += [v_t, 1] phi(k_t)^T``, then ``u_t = phi(q_t) S``."""
         B, Hkv, g, L, E = q.shape
-        qs = q.to(self.cd) * self.sq                                            # [B, Hkv, g, L, E]
+        phiq = _phi(q.to(self.cd) * self.sq, self.basis)                       # [B, Hkv, g, L, D]
         ks, vt = self._keys_values(k, v, mask)                                  # [B, Hkv, L, E], [B, Hkv, L, F]
-        phiq = _phi(qs, self.basis)                                             # [B, Hkv, g, L, D]
         phik = _phi(ks, self.basis)                                             # [B, Hkv, L, D]
         outs = []
         for t in range(L):
-            S = self._grow(S, phik[:, :, t, :, None] * vt[:, :, t, None, :])    # [B, Hkv, D, F]
-            outs.append(phiq[:, :, :, t] @ S.to(self.cd))                      # [B, Hkv, g, F]
-        U = torch.stack(outs, dim=-2) if outs else q.new_zeros(B, Hkv, g, 0, vt.shape[-1], dtype=self.cd)
+            S = self._grow(S, vt[:, :, t, :, None] * phik[:, :, t, None, :])    # [B, Hkv, F, D]
+            outs.append(self._read(phiq[:, :, :, t], S))                       # [B, Hkv, g, F]
+        U = torch.stack(outs, dim=-2) if outs else phiq.new_zeros(B, Hkv, g, 0, vt.shape[-1])
         return _normalize(U, self.spec.d_value, self.spec.dtype), S              # [B, Hkv, g, L, Ev]
 
     # ------------------------------------------------------------ causal prefill / training
@@ -258,17 +312,16 @@ class _Run:
         """Causal, in chunks of ``c``: intra-chunk ``T_P(QK^T)`` plus inter-chunk ``phi(Q_t) S_{t-1}``."""
         B, Hkv, g, L, E = q.shape
         if S is None:
-            S = q.new_zeros(B, Hkv, self.spec.feature_dim, self.spec.d_value + 1, dtype=self.sd)
-        need_grad = _needs_grad(q, k, v, S)
-        at = lambda a, b: (q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
+            S = q.new_zeros(B, Hkv, self.spec.d_value + 1, self.spec.feature_dim, dtype=self.sd)
         fn = functools.partial(_causal_block, run=self)
-        if need_grad:
-            outs, S = self._map_blocks(fn, L, at, True, S)
-            return torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, self.spec.d_value), S
+        slices = lambda a, b: (q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
+        if _needs_grad(q, k, v, S):
+            outs, S = self._blocks(fn, L, slices, True, S)
+            return torch.cat(outs, dim=-2), S
         out = q.new_empty(B, Hkv, g, L, self.spec.d_value)                     # [B, Hkv, g, L, Ev]
         for start in range(0, L, self.block):
             stop = min(start + self.block, L)
-            out[:, :, :, start:stop], S = fn(*at(start, stop), S)
+            out[:, :, :, start:stop], S = fn(*slices(start, stop), S)
         return out, S
 
     # ------------------------------------------------------------ non-causal
@@ -278,40 +331,38 @@ class _Run:
         B, Hkv, g, Lq, E = q.shape
         Lk, D, F = k.shape[-2], spec.feature_dim, spec.d_value + 1
         need_grad = _needs_grad(q, k, v, S)
-        # quadratic in (Lq, Lk) versus linear through features: pick the cheaper one
+        # quadratic in (Lq, Lk) or linear through the features: the cheaper one
         quadratic = not need_state and Lq * Lk * (E + F) <= (Lq + Lk) * D * F
-        if not quadratic or need_state:
-            at = lambda a, b: (k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
-            _, S = self._map_blocks(functools.partial(_key_block, run=self), Lk, at, need_grad, S)
-        if quadratic:
-            qs = q.to(self.cd) * self.sq                                        # [B, Hkv, g, Lq, E]
-            ks, vt = self._keys_values(k, v, mask)                              # [B, Hkv, Lk, E], [B, Hkv, Lk, F]
-            A = taylor_exp(qs @ ks[:, :, None].transpose(-1, -2), spec.n_taylor)   # [B, Hkv, g, Lq, Lk]
-            U = A @ vt[:, :, None]                                              # [B, Hkv, g, Lq, F]
-            if S is not None:
-                U = U + _phi(qs, self.basis) @ S.to(self.cd)[:, :, None]
-            return _normalize(U, spec.d_value, spec.dtype), S
-        if S is None:  # no keys at all: every normaliser is 0
-            return q.new_zeros(B, Hkv, g, Lq, spec.d_value), None
-        at = lambda a, b: (q[:, :, :, a:b],)
-        outs, _ = self._map_blocks(functools.partial(_query_block, run=self), Lq, at, need_grad, S)
-        return (torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, spec.d_value)), S
+        if not quadratic:
+            slices = lambda a, b: (k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
+            _, S = self._blocks(functools.partial(_key_block, run=self), Lk, slices, need_grad, S)
+            if S is None:  # no keys at all: every normaliser is 0
+                return q.new_zeros(B, Hkv, g, Lq, spec.d_value), None
+            outs, _ = self._blocks(functools.partial(_query_block, run=self), Lq, lambda a, b: (q[:, :, :, a:b],), need_grad, S)
+            return torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, spec.d_value), S
+        qs = q.to(self.cd) * self.sq                                            # [B, Hkv, g, Lq, E]
+        ks, vt = self._keys_values(k, v, mask)                                  # [B, Hkv, Lk, E], [B, Hkv, Lk, F]
+        A = taylor_exp(qs @ ks[:, :, None].transpose(-1, -2), spec.n_taylor)   # [B, Hkv, g, Lq, Lk]
+        U = A @ vt[:, :, None]                                                  # [B, Hkv, g, Lq, F]
+        if S is not None:
+            U = U + self._read(_phi(qs, self.basis), S[:, :, None])
+        return _normalize(U, spec.d_value, spec.dtype), S
 
 
 def _key_block(k, v, mask, S, *, run: _Run):
-    """Add one block of keys to the state: ``S + phi(K)^T [V, 1]``."""
+    """Add one block of keys to the state: ``S^T + [V, 1]^T phi(K)``."""
     ks, vt = run._keys_values(k, v, mask)                                      # [B, Hkv, T, E], [B, Hkv, T, F]
-    return None, run._grow(S, _phi(ks, run.basis).transpose(-1, -2) @ vt)      # [B, Hkv, D, F]
+    return None, run._grow(S, vt.transpose(-1, -2) @ _phi(ks, run.basis))      # [B, Hkv, F, D]
 
 
 def _query_block(q, S, *, run: _Run):
     """Read one block of queries out of the state: ``phi(Q) S``."""
-    U = _phi(q.to(run.cd) * run.sq, run.basis) @ S.to(run.cd)[:, :, None]      # [B, Hkv, g, T, F]
+    U = run._read(_phi(q.to(run.cd) * run.sq, run.basis), S[:, :, None])      # [B, Hkv, g, T, F]
     return _normalize(U, run.spec.d_value, run.spec.dtype), S
 
 
 def _causal_block(q, k, v, mask, S, *, run: _Run):
-    """One block of ``n`` chunks of ``c`` tokens, causal, starting from state ``S``."""
+    """One block of ``n`` chunks of ``c`` tokens, causal, starting from state ``S^T [B, Hkv, F, D]``."""
     B, Hkv, g, T, E = q.shape
     c = min(run.chunk, T)
     n = -(-T // c)
@@ -327,20 +378,22 @@ def _causal_block(q, k, v, mask, S, *, run: _Run):
     kc = ks.view(B, Hkv, n, c, E)                                               # [B, Hkv, n, c, E]
     vc = vt.view(B, Hkv, n, c, F)                                               # [B, Hkv, n, c, F]
 
-    # inter-chunk: the state before each chunk
-    dS = _phi(kc, run.basis).transpose(-1, -2) @ vc                             # [B, Hkv, n, D, F]
-    prefix = dS.cumsum(dim=2)                                                   # [B, Hkv, n, D, F] inclusive
-    S_c = S.to(run.cd)[:, :, None]                                              # [B, Hkv, 1, D, F]
-    before = torch.cat([S_c, S_c + prefix[:, :, :-1]], dim=2)                   # [B, Hkv, n, D, F] exclusive
-    U = _phi(qc, run.basis) @ before[:, :, None]                                # [B, Hkv, g, n, c, F]
+    # inter-chunk: features chunk by chunk, feature-major, and the state before each chunk
+    phik = _phi_t(kc.mT.contiguous(), run.basis)                                # [B, Hkv, n, D, c]
+    dS = vc.mT @ phik.mT                                                        # [B, Hkv, n, F, D]
+    S_c = S.to(run.cd)[:, :, None]                                              # [B, Hkv, 1, F, D]
+    before = torch.cat([S_c, dS[:, :, :-1]], dim=2).cumsum(dim=2)              # [B, Hkv, n, F, D] exclusive
+    phiq = _phi_t(qc.mT.contiguous(), run.basis)                                # [B, Hkv, g, n, D, c]
+    U = phiq.mT @ before[:, :, None].mT                                         # [B, Hkv, g, n, c, F]
 
     # intra-chunk: the polynomial of the scores, causally masked
-    A = taylor_exp(qc @ kc[:, :, None].transpose(-1, -2), run.spec.n_taylor)   # [B, Hkv, g, n, c, c]
-    A = A * _tril(c, A.device, A.dtype)
+    A = taylor_exp(qc @ kc[:, :, None].mT, run.spec.n_taylor)                  # [B, Hkv, g, n, c, c]
+    A = A.tril_() if not A.requires_grad else A.tril()
     U = U + A @ vc[:, :, None]                                                  # [B, Hkv, g, n, c, F]
 
     y = _normalize(U.view(B, Hkv, g, n * c, F)[:, :, :, :T], run.spec.d_value, run.spec.dtype)  # [B, Hkv, g, T, Ev]
-    return y, run._grow(S, prefix[:, :, -1])                                   # [B, Hkv, D, F]
+    # the new state sums in the state dtype: earlier state + this block's chunks
+    return y, run._grow(S, before[:, :, -1] - S_c[:, :, 0] + dS[:, :, -1])    # [B, Hkv, F, D]
 
 
 @functools.lru_cache(maxsize=32)
