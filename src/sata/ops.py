@@ -141,14 +141,17 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
     basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
     S_in = None if state is None else state.kv
     if mode is None:
-        if spec.len_q == 1 and spec.len_k == 1 and _kernel_applies(spec, query, key, value, S_in):
-            mode = "kernel"
+        fused = _kernel_applies(spec, query, key, value, S_in)
+        if fused and spec.len_q == 1 and spec.len_k == 1:
+            mode = "decode_kernel"
         elif is_causal:
-            mode = "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
+            mode = "prefill_kernel" if fused else "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
         else:
-            mode = "parallel"
-    if mode == "kernel":
+            mode = "prefill_kernel" if fused and (return_state or not _quadratic_cheaper(spec)) else "parallel"
+    if mode == "decode_kernel":
         out, S_new = _decode_kernel(query, key, value, spec, basis, key_padding_mask, S_in)
+    elif mode == "prefill_kernel":
+        out, S_new = _prefill_kernel(query, key, value, spec, basis, key_padding_mask, S_in, is_causal)
     else:
         if is_causal == (mode == "parallel"):
             raise ValueError(f"mode={mode!r} does not compute {'causal' if is_causal else 'non-causal'} attention")
@@ -184,6 +187,7 @@ def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
 
 
 _DECODE_PLANS: dict = {}
+_PREFILL_PLANS: dict = {}
 
 
 def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S):
@@ -211,6 +215,37 @@ def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddin
     y = torch.empty((*spec.batch_shape, spec.n_q_heads, 1, spec.d_value), dtype=cd)   # [..., Hq, 1, Ev]
     plan(q, k, v, keep, S_in, S_out, y)
     return (y if spec.dtype == cd else y.to(spec.dtype)), S_out.mT
+
+
+def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, is_causal: bool):
+    """Causal chunked prefill, or non-causal state build then read, through the fused kernel."""
+    N, F, D, cd = spec.batch * spec.n_kv_heads, spec.d_value + 1, spec.feature_dim, spec.compute_dtype
+    plan_key = (spec, is_causal)
+    plan = _PREFILL_PLANS.get(plan_key)
+    if plan is None:
+        plan = _PREFILL_PLANS[plan_key] = _kernels.PrefillPlan(
+            _kernels.load(), N, spec.group, spec.len_q, spec.len_k, spec.d_key, spec.d_value, basis, cd,
+            *_split_scale(spec.scale), is_causal,
+        )
+    q, k, v = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
+    keep = None
+    if key_padding_mask is not None:  # [B, Lk] -> one row per (batch, kv head)
+        keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1, spec.len_k)
+        keep = keep.expand(spec.batch, spec.n_kv_heads, spec.len_k).contiguous()
+    kvT = torch.empty((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=cd)   # [..., Hkv, F, D]
+    if S is None:
+        kvT.zero_()
+    else:
+        kvT.copy_(S.mT)
+    y = torch.empty((*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value), dtype=cd)
+    plan(q, k, v, keep, kvT.mT.reshape(N, D, F), y)                            # updates kvT in place
+    return (y if spec.dtype == cd else y.to(spec.dtype)), kvT.mT
+
+
+def _quadratic_cheaper(spec: Spec) -> bool:
+    """Non-causal without a state to return: scores cost ``Lq Lk (E + F)``, features ``(Lq + Lk) D F``."""
+    F = spec.d_value + 1
+    return spec.len_q * spec.len_k * (spec.d_key + F) <= (spec.len_q + spec.len_k) * spec.feature_dim * F
 
 
 def _split_scale(scale: float) -> tuple[float, float]:
@@ -332,7 +367,7 @@ class _Run:
         Lk, D, F = k.shape[-2], spec.feature_dim, spec.d_value + 1
         need_grad = _needs_grad(q, k, v, S)
         # quadratic in (Lq, Lk) or linear through the features: the cheaper one
-        quadratic = not need_state and Lq * Lk * (E + F) <= (Lq + Lk) * D * F
+        quadratic = not need_state and _quadratic_cheaper(spec)
         if not quadratic:
             slices = lambda a, b: (k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
             _, S = self._blocks(functools.partial(_key_block, run=self), Lk, slices, need_grad, S)

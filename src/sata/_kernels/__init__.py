@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("decode.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("decode.cpp", "prefill.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -44,8 +44,7 @@ def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), cxx.encode(), _cpu_id().encode(),
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _SOURCES), " ".join(_FLAGS).encode(), cxx.encode(), _cpu_id().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("SATA_KERNEL_CACHE") or Path.home() / ".cache" / "sata")
     try:
@@ -53,13 +52,13 @@ def _build() -> ctypes.CDLL:
     except OSError:
         cache = Path(tempfile.gettempdir()) / "sata-kernels"
         cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"decode-{key}.so"
+    target = cache / f"kernels-{key}.so"
     if not target.exists():
         # build beside the target and rename: concurrent processes never load a partial file
-        fd, tmp = tempfile.mkstemp(prefix=".decode-", suffix=".so", dir=cache)
+        fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+            proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
@@ -71,6 +70,10 @@ def _build() -> ctypes.CDLL:
     for name in ("sata_decode_f32", "sata_decode_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [i64] * 6 + [ptr] * 9 + [f64, f64, ctypes.c_int]
+        fn.restype = None
+    for name in ("sata_prefill_f32", "sata_prefill_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 8 + [ptr] * 5 + [i64] * 3 + [ptr] * 3 + [f64, f64, ctypes.c_int, ctypes.c_int]
         fn.restype = None
     return lib
 
@@ -127,3 +130,24 @@ class DecodePlan:
     def __call__(self, q, k, v, keep, S_in, S_out, y) -> None:
         self._fn(*self._head, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
                  S_in.data_ptr(), S_out.data_ptr(), y.data_ptr(), *self._tail, torch.get_num_threads())
+
+
+class PrefillPlan:
+    """The fused chunked prefill (causal) or state-build-then-read (non-causal) for one configuration.
+
+    Call with CPU tensors in the plan's dtype: q ``[N, G, Lq, d]``, k ``[N, Lk, d]``, v ``[N, Lk, Ev]``
+    contiguous, keep ``[N, Lk]`` uint8 or ``None``, S ``[N, D, F]`` (any strides: updated in place),
+    y ``[N, G, Lq, Ev]`` contiguous.
+    """
+
+    def __init__(self, lib, N: int, G: int, Lq: int, Lk: int, d: int, Ev: int, basis, dtype: torch.dtype,
+                 sq: float, sk: float, causal: bool):
+        self._prefix_len, self._weight = _hierarchy(basis, dtype)
+        self._fn = lib.sata_prefill_f64 if dtype == torch.float64 else lib.sata_prefill_f32
+        self._head = (N, G, Lq, Lk, d, Ev, basis.dim, basis.n_taylor)
+        self._tail = (self._prefix_len.data_ptr(), self._weight.data_ptr(), sq, sk, int(causal))
+
+    def __call__(self, q, k, v, keep, S, y) -> None:
+        s_n, s_d, s_f = S.stride()
+        self._fn(*self._head, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
+                 S.data_ptr(), s_n, s_d, s_f, y.data_ptr(), *self._tail, torch.get_num_threads())
