@@ -33,7 +33,7 @@ __all__ = ["accumulate_state", "sata_attention"]
 # causal calls with at most this many tokens run token by token (decode)
 _RECURRENT_MAX_LEN = 1
 # bytes of features and scores one block may hold (at most a quarter of the budget)
-_BLOCK_BYTES = 16 * 2**20
+_BLOCK_BYTES = 64 * 2**20
 
 
 def sata_attention(
@@ -132,10 +132,12 @@ def accumulate_state(
     return new_state
 
 
-def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask, state, return_state, mode=None, chunk_size=None):
+def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask, state, return_state, mode=None,
+               chunk_size=None, block_size=None):
     """Reshape to ``[B, Hkv, (g,) L, E]``, dispatch to a path, reshape back.
 
-    ``mode`` forces a path (tests): ``'kernel'``, ``'recurrent'``, ``'chunked'``, ``'parallel'``.
+    Tests force a path with ``mode`` (``'decode_kernel'``, ``'prefill_kernel'``, ``'recurrent'``,
+    ``'chunked'``, ``'parallel'``) and small ``chunk_size`` / ``block_size`` (tokens).
     """
     B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
     basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
@@ -161,7 +163,7 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
         mask = None if key_padding_mask is None else key_padding_mask.reshape(B, spec.len_k)   # [B, Lk]
         # internally F-major: S^T [B, Hkv, F, D], the layout the kernel and the state use
         S = None if S_in is None else S_in.transpose(-1, -2).reshape(B, Hkv, F, D)   # [B, Hkv, F, D]
-        run = _Run(spec, basis, chunk_size or _default_chunk(spec))
+        run = _Run(spec, basis, chunk_size or _default_chunk(spec), block_size)
         y, S_new = getattr(run, mode)(q, k, v, mask, S, need_state=return_state)
         out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
         if S_new is not None:
@@ -282,7 +284,7 @@ class _Run:
     features, scores and products are computed in the compute dtype.
     """
 
-    def __init__(self, spec: Spec, basis: TaylorBasis, chunk: int):
+    def __init__(self, spec: Spec, basis: TaylorBasis, chunk: int, block: int | None = None):
         self.spec = spec
         self.basis = basis
         self.chunk = chunk
@@ -293,7 +295,7 @@ class _Run:
         budget = min(_BLOCK_BYTES, get_memory_budget() // 4)
         # bytes per token of a causal block, all heads (x3: temporaries under autograd)
         per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
-        self.block = max(c, int(budget // max(per_token, 1)) // c * c)
+        self.block = block or max(c, int(budget // max(per_token, 1)) // c * c)
 
     # ------------------------------------------------------------ shared pieces
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -348,16 +350,9 @@ class _Run:
         B, Hkv, g, L, E = q.shape
         if S is None:
             S = q.new_zeros(B, Hkv, self.spec.d_value + 1, self.spec.feature_dim, dtype=self.sd)
-        fn = functools.partial(_causal_block, run=self)
-        slices = lambda a, b: (q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
         if _needs_grad(q, k, v, S):
-            outs, S = self._blocks(fn, L, slices, True, S)
-            return torch.cat(outs, dim=-2), S
-        out = q.new_empty(B, Hkv, g, L, self.spec.d_value)                     # [B, Hkv, g, L, Ev]
-        for start in range(0, L, self.block):
-            stop = min(start + self.block, L)
-            out[:, :, :, start:stop], S = fn(*slices(start, stop), S)
-        return out, S
+            return _CausalChunked.apply(q, k, v, S, mask, self)
+        return _causal_forward(q, k, v, mask, S, self, saved=None)
 
     # ------------------------------------------------------------ non-causal
     def parallel(self, q, k, v, mask, S, need_state):
@@ -382,6 +377,73 @@ class _Run:
         if S is not None:
             U = U + self._read(_phi(qs, self.basis), S[:, :, None])
         return _normalize(U, spec.d_value, spec.dtype), S
+
+
+def _causal_forward(q, k, v, mask, S, run: _Run, saved: list | None):
+    """All blocks of a causal sequence, without autograd; ``saved`` collects each block's start state."""
+    B, Hkv, g, L, E = q.shape
+    out = q.new_empty(B, Hkv, g, L, run.spec.d_value)                         # [B, Hkv, g, L, Ev]
+    for a in range(0, L, run.block):
+        b = min(a + run.block, L)
+        if saved is not None:
+            saved.append(S)
+        out[:, :, :, a:b], S = _causal_block(
+            q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b], S, run=run
+        )
+    return out, S
+
+
+class _CausalChunked(torch.autograd.Function):
+    """Causal chunked attention whose backward recomputes each block instead of storing its features.
+
+    Saved for backward: the inputs and the state at the start of every block (one state per
+    ``run.block`` tokens), so activation memory does not grow with ``D`` per token. The backward
+    pass walks the blocks in reverse, re-runs each under autograd and carries the state gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, S, mask, run: _Run):
+        starts: list = []
+        with torch.no_grad():
+            out, S_end = _causal_forward(q, k, v, mask, S, run, saved=starts)
+        ctx.save_for_backward(q, k, v, *starts)
+        ctx.mask, ctx.run = mask, run
+        return out, S_end
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_S_end):
+        q, k, v, *starts = ctx.saved_tensors
+        mask, run = ctx.mask, ctx.run
+        need = ctx.needs_input_grad[:4]
+        dq = torch.zeros_like(q) if need[0] else None
+        dk = torch.zeros_like(k) if need[1] else None
+        dv = torch.zeros_like(v) if need[2] else None
+        d_S = d_S_end
+        L = q.shape[-2]
+        for i in reversed(range(len(starts))):
+            a = i * run.block
+            b = min(a + run.block, L)
+            with torch.enable_grad():
+                leaves = [
+                    q[:, :, :, a:b].detach().requires_grad_(need[0]),
+                    k[:, :, a:b].detach().requires_grad_(need[1]),
+                    v[:, :, a:b].detach().requires_grad_(need[2]),
+                    starts[i].detach().requires_grad_(True),
+                ]
+                y, S_next = _causal_block(*leaves[:3], None if mask is None else mask[:, a:b], leaves[3], run=run)
+                wrt = [t for t in leaves if t.requires_grad]
+                grads = torch.autograd.grad([y, S_next], wrt, [d_out[:, :, :, a:b], d_S], allow_unused=True)
+            grads = dict(zip([id(t) for t in wrt], grads))
+            for dst, leaf, sl in ((dq, leaves[0], (slice(None),) * 3 + (slice(a, b),)),
+                                  (dk, leaves[1], (slice(None),) * 2 + (slice(a, b),)),
+                                  (dv, leaves[2], (slice(None),) * 2 + (slice(a, b),))):
+                if dst is not None and grads.get(id(leaf)) is not None:
+                    dst[sl] = grads[id(leaf)]
+            d_S = grads[id(leaves[3])]
+            if d_S is None:
+                d_S = torch.zeros_like(starts[i])
+        return dq, dk, dv, (d_S if need[3] else None), None, None
 
 
 def _key_block(k, v, mask, S, *, run: _Run):
