@@ -236,28 +236,56 @@ def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddin
 
 
 def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, is_causal: bool):
-    """Causal chunked prefill, or non-causal state build then read, through the fused kernel."""
-    N, F, D, cd = spec.batch * spec.n_kv_heads, spec.d_value + 1, spec.feature_dim, spec.compute_dtype
-    plan_key = (spec, is_causal)
-    plan = _PREFILL_PLANS.get(plan_key)
-    if plan is None:
-        plan = _PREFILL_PLANS[plan_key] = _kernels.PrefillPlan(
-            _kernels.load(), N, spec.group, spec.len_q, spec.len_k, spec.d_key, spec.d_value, basis, cd,
-            *_split_scale(spec.scale), is_causal,
-        )
-    q, k, v = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
-    keep = None
-    if key_padding_mask is not None:  # [B, Lk] -> one row per (batch, kv head)
-        keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1, spec.len_k)
-        keep = keep.expand(spec.batch, spec.n_kv_heads, spec.len_k).contiguous()
-    kvT = torch.empty((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=cd)   # [..., Hkv, F, D]
+    """Causal chunked prefill, or non-causal state build then read, through the fused kernel.
+
+    Inputs in the compute dtype are read in place through their strides (a ``[B, L, H, E]``
+    tensor transposed to ``[B, H, L, E]`` is not copied); other dtypes are converted a few
+    heads at a time, so the extra memory stays bounded however long the sequence.
+    """
+    B, Hkv, G, F, D, cd = spec.batch, spec.n_kv_heads, spec.group, spec.d_value + 1, spec.feature_dim, spec.compute_dtype
+    q4, k4, v4 = (_as_4d(t, B) for t in (query, key, value))                  # [B, H, L, X]
+    keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(B, spec.len_k)
+    kvT = torch.empty((B, Hkv, F, D), dtype=cd)                                # [B, Hkv, F, D]
     if S is None:
         kvT.zero_()
     else:
-        kvT.copy_(S.mT)
-    y = torch.empty((*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value), dtype=cd)
-    plan(q, k, v, keep, kvT.mT.reshape(N, D, F), y)                            # updates kvT in place
-    return (y if spec.dtype == cd else y.to(spec.dtype)), kvT.mT
+        kvT.copy_(S.reshape(B, Hkv, D, F).mT)
+    y = torch.empty((B, spec.n_q_heads, spec.len_q, spec.d_value), dtype=cd)  # [B, Hq, Lq, Ev]
+    direct = all(t.dtype == cd and t.stride(-1) == 1 for t in (q4, k4, v4))
+    if direct:
+        hg = Hkv
+    else:  # convert a group of heads at a time
+        per_head = B * (G * spec.len_q * spec.d_key + spec.len_k * (spec.d_key + spec.d_value)) * _ITEMSIZE[cd]
+        hg = max(1, min(Hkv, _BLOCK_BYTES // max(per_head, 1)))
+    plan_key = (spec, is_causal, hg)
+    plan = _PREFILL_PLANS.get(plan_key)
+    if plan is None:
+        plan = _PREFILL_PLANS[plan_key] = _kernels.PrefillPlan(
+            _kernels.load(), B, hg, G, spec.len_q, spec.len_k, spec.d_key, spec.d_value, basis, cd,
+            *_split_scale(spec.scale), is_causal,
+        )
+    for h0 in range(0, Hkv, hg):
+        h1 = min(h0 + hg, Hkv)
+        if h1 - h0 != hg:  # the last, smaller group
+            plan = _kernels.PrefillPlan(_kernels.load(), B, h1 - h0, G, spec.len_q, spec.len_k, spec.d_key,
+                                        spec.d_value, basis, cd, *_split_scale(spec.scale), is_causal)
+        qg, kg, vg = q4[:, h0 * G : h1 * G], k4[:, h0:h1], v4[:, h0:h1]
+        if not direct:
+            qg, kg, vg = (t.to(cd).contiguous() for t in (qg, kg, vg))
+        plan(qg, kg, vg, keep, kvT[:, h0:h1].mT, y[:, h0 * G : h1 * G])       # updates kvT in place
+    y = y.view(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
+    kv = kvT.view(*spec.batch_shape, Hkv, F, D).mT
+    return (y if spec.dtype == cd else y.to(spec.dtype)), kv
+
+
+def _as_4d(t: torch.Tensor, B: int) -> torch.Tensor:
+    """``[..., H, L, X] -> [B, H, L, X]``, a view whenever the batch dimensions allow it."""
+    if t.dim() == 4:
+        return t
+    try:
+        return t.view(B, *t.shape[-3:])
+    except RuntimeError:
+        return t.reshape(B, *t.shape[-3:])
 
 
 def _quadratic_cheaper(spec: Spec) -> bool:
