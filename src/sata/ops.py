@@ -340,6 +340,8 @@ class _Run:
         # bytes per token of a causal block, all heads (x3: temporaries under autograd)
         per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
         self.block = block or max(c, int(budget // max(per_token, 1)) // c * c)
+        # the fused CPU kernel computes blocks without autograd when the state is in the compute dtype
+        self.fused = spec.device.type == "cpu" and self.sd == self.cd and _kernels.load() is not None
 
     # ------------------------------------------------------------ shared pieces
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -427,14 +429,29 @@ def _causal_forward(q, k, v, mask, S, run: _Run, saved: list | None):
     """All blocks of a causal sequence, without autograd; ``saved`` collects each block's start state."""
     B, Hkv, g, L, E = q.shape
     out = q.new_empty(B, Hkv, g, L, run.spec.d_value)                         # [B, Hkv, g, L, Ev]
+    block_fn = _kernel_causal_block if run.fused else _causal_block
     for a in range(0, L, run.block):
         b = min(a + run.block, L)
         if saved is not None:
             saved.append(S)
-        out[:, :, :, a:b], S = _causal_block(
+        out[:, :, :, a:b], S = block_fn(
             q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b], S, run=run
         )
     return out, S
+
+
+def _kernel_causal_block(q, k, v, mask, S, *, run: _Run):
+    """:func:`_causal_block` through the fused CPU kernel (no autograd): same arguments and results."""
+    B, Hkv, g, T, E = q.shape
+    cd = run.cd
+    q4 = q.flatten(1, 2)                                                        # [B, Hkv g, T, E]
+    q4, k, v = (t if t.dtype == cd and t.stride(-1) == 1 else t.to(cd).contiguous() for t in (q4, k, v))
+    keep = None if mask is None else (~mask).to(torch.uint8).contiguous()      # [B, T]
+    S_new = S.clone()                                                           # [B, Hkv, F, D] (S may be saved)
+    y = torch.empty(B, Hkv * g, T, run.spec.d_value, dtype=cd)                  # [B, Hkv g, T, Ev]
+    _kernels.PrefillPlan(_kernels.load(), B, Hkv, g, T, T, E, run.spec.d_value, run.basis, cd, run.sq, run.sk,
+                         True)(q4, k, v, keep, S_new.mT, y)
+    return y.view(B, Hkv, g, T, run.spec.d_value).to(run.spec.dtype), S_new
 
 
 class _CausalChunked(torch.autograd.Function):
