@@ -202,7 +202,6 @@ def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
     )
 
 
-_DECODE_PLANS: dict = {}
 _PREFILL_PLANS: dict = {}
 
 
@@ -212,9 +211,9 @@ def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddin
     The kernel reads raw memory, so contiguous inputs in the compute dtype are used as they are and
     the state is used in place of a copy when it is D-contiguous (as every state this library makes).
     """
-    plan = _DECODE_PLANS.get(spec)
+    plan = spec.plans.get("decode")
     if plan is None:
-        plan = _DECODE_PLANS[spec] = _kernels.DecodePlan(
+        plan = spec.plans["decode"] = _kernels.DecodePlan(
             _kernels.load(), spec.batch * spec.n_kv_heads, spec.group, spec.d_key, spec.d_value, basis,
             spec.compute_dtype, *_split_scale(spec.scale),
         )
