@@ -156,16 +156,20 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
         fused = _kernel_applies(spec, query, key, value, S_in)
         if fused and spec.len_q == 1 and spec.len_k == 1:
             mode = "decode_kernel"
+        elif not return_state and spec.len_q > 1 and _quadratic_cheaper(spec, is_causal):
+            mode = "quadratic"
+        elif fused:
+            mode = "prefill_kernel"
         elif is_causal:
-            mode = "prefill_kernel" if fused else "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
+            mode = "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
         else:
-            mode = "prefill_kernel" if fused and (return_state or not _quadratic_cheaper(spec)) else "parallel"
+            mode = "parallel"
     if mode == "decode_kernel":
         out, S_new = _decode_kernel(query, key, value, spec, basis, key_padding_mask, S_in, inplace)
     elif mode == "prefill_kernel":
         out, S_new = _prefill_kernel(query, key, value, spec, basis, key_padding_mask, S_in, is_causal)
     else:
-        if is_causal == (mode == "parallel"):
+        if (mode == "parallel" and is_causal) or (mode in ("chunked", "recurrent") and not is_causal):
             raise ValueError(f"mode={mode!r} does not compute {'causal' if is_causal else 'non-causal'} attention")
         q = query.reshape(B, Hkv, g, spec.len_q, spec.d_key)                  # [B, Hkv, g, Lq, E]
         k = key.reshape(B, Hkv, spec.len_k, spec.d_key)                       # [B, Hkv, Lk, E]
@@ -174,7 +178,12 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
         # internally F-major: S^T [B, Hkv, F, D], the layout the kernel and the state use
         S = None if S_in is None else S_in.transpose(-1, -2).reshape(B, Hkv, F, D)   # [B, Hkv, F, D]
         run = _Run(spec, basis, chunk_size or _default_chunk(spec), block_size)
-        y, S_new = getattr(run, mode)(q, k, v, mask, S, need_state=return_state)
+        if mode == "quadratic":
+            y, S_new = run.quadratic(q, k, v, mask, S, return_state, is_causal)
+            if return_state:  # the scores give no state: absorb the keys separately
+                _, S_new = run.parallel(q[:, :, :, :0], k, v, mask, S, True)
+        else:
+            y, S_new = getattr(run, mode)(q, k, v, mask, S, need_state=return_state)
         out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
         if S_new is not None:
             S_new = S_new.reshape(*spec.batch_shape, Hkv, F, D).transpose(-1, -2)
@@ -287,10 +296,11 @@ def _as_4d(t: torch.Tensor, B: int) -> torch.Tensor:
         return t.reshape(B, *t.shape[-3:])
 
 
-def _quadratic_cheaper(spec: Spec) -> bool:
-    """Non-causal without a state to return: scores cost ``Lq Lk (E + F)``, features ``(Lq + Lk) D F``."""
+def _quadratic_cheaper(spec: Spec, causal: bool) -> bool:
+    """Scores cost ``Lq Lk (E + F + P)`` (half for causal); features ``(Lq + Lk) D F``."""
     F = spec.d_value + 1
-    return spec.len_q * spec.len_k * (spec.d_key + F) <= (spec.len_q + spec.len_k) * spec.feature_dim * F
+    pairs = spec.len_q * spec.len_k / (2 if causal else 1)
+    return pairs * (spec.d_key + F + spec.n_taylor) <= (spec.len_q + spec.len_k) * spec.feature_dim * F
 
 
 def _split_scale(scale: float) -> tuple[float, float]:
@@ -335,7 +345,7 @@ class _Run:
         self.sd = spec.state_dtype
         self.sq, self.sk = _split_scale(spec.scale)
         D, F, E, g, c = spec.feature_dim, spec.d_value + 1, spec.d_key, spec.group, chunk
-        budget = min(_BLOCK_BYTES, get_memory_budget() // 4)
+        self.budget = budget = min(_BLOCK_BYTES, get_memory_budget() // 4)
         # bytes per token of a causal block, all heads (x3: temporaries under autograd)
         per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
         self.block = block or max(c, int(budget // max(per_token, 1)) // c * c)
@@ -401,27 +411,47 @@ class _Run:
 
     # ------------------------------------------------------------ non-causal
     def parallel(self, q, k, v, mask, S, need_state):
-        """Every query attends to ``S`` and to all passed keys."""
+        """Non-causal through the features: ``S += phi(K)^T [V, 1]`` over all keys, then ``phi(Q) S``."""
         spec = self.spec
         B, Hkv, g, Lq, E = q.shape
-        Lk, D, F = k.shape[-2], spec.feature_dim, spec.d_value + 1
         need_grad = _needs_grad(q, k, v, S)
-        # quadratic in (Lq, Lk) or linear through the features: the cheaper one
-        quadratic = not need_state and _quadratic_cheaper(spec)
-        if not quadratic:
-            slices = lambda a, b: (k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
-            _, S = self._blocks(functools.partial(_key_block, run=self), Lk, slices, need_grad, S)
-            if S is None:  # no keys at all: every normaliser is 0
-                return q.new_zeros(B, Hkv, g, Lq, spec.d_value), None
-            outs, _ = self._blocks(functools.partial(_query_block, run=self), Lq, lambda a, b: (q[:, :, :, a:b],), need_grad, S)
-            return torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, spec.d_value), S
-        qs = q.to(self.cd) * self.sq                                            # [B, Hkv, g, Lq, E]
+        slices = lambda a, b: (k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
+        _, S = self._blocks(functools.partial(_key_block, run=self), k.shape[-2], slices, need_grad, S)
+        if S is None:  # no keys at all: every normaliser is 0
+            return q.new_zeros(B, Hkv, g, Lq, spec.d_value), None
+        outs, _ = self._blocks(functools.partial(_query_block, run=self), Lq, lambda a, b: (q[:, :, :, a:b],), need_grad, S)
+        return torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, spec.d_value), S
+
+    def quadratic(self, q, k, v, mask, S, need_state, causal: bool):
+        """``T_P`` on the score matrix, query block by query block: cheaper than features when the
+        sequence is short next to ``D``. Returns no new state (``S`` is passed through)."""
+        spec = self.spec
+        B, Hkv, g, Lq, E = q.shape
+        Lk = k.shape[-2]
         ks, vt = self._keys_values(k, v, mask)                                  # [B, Hkv, Lk, E], [B, Hkv, Lk, F]
-        A = taylor_exp(qs @ ks[:, :, None].transpose(-1, -2), spec.n_taylor)   # [B, Hkv, g, Lq, Lk]
-        U = A @ vt[:, :, None]                                                  # [B, Hkv, g, Lq, F]
-        if S is not None:
-            U = U + self._read(_phi(qs, self.basis), S[:, :, None])
-        return _normalize(U, spec.d_value, spec.dtype), S
+        # query rows per block so that one block's scores fit the block budget
+        rows = max(1, self.budget // max(3 * _ITEMSIZE[self.cd] * B * Hkv * g * max(Lk, 1), 1))
+        fn = functools.partial(_quadratic_block, ks=ks, vt=vt, run=self, causal=causal, offset=Lk - Lq)
+        outs = []
+        for a in range(0, Lq, rows):
+            b = min(a + rows, Lq)
+            args = (q[:, :, :, a:b], S, a)
+            outs.append(checkpoint(fn, *args, use_reentrant=False) if _needs_grad(q, k, v, S) else fn(*args))
+        return torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, spec.d_value), S
+
+
+def _quadratic_block(q, S, start: int, *, ks, vt, run: _Run, causal: bool, offset: int):
+    """Queries ``start ..`` of a block against all keys: ``rownorm(T_P(Q K^T) masked) [V, 1]`` (+ ``phi(Q) S``)."""
+    qs = q.to(run.cd) * run.sq                                                  # [B, Hkv, g, T, E]
+    A = taylor_exp(qs @ ks[:, :, None].mT, run.spec.n_taylor)                  # [B, Hkv, g, T, Lk]
+    if causal:  # query i (absolute offset + start + i) sees keys j <= it
+        T, Lk = A.shape[-2:]
+        i = torch.arange(start + offset, start + offset + T, device=A.device)[:, None]
+        A = A.masked_fill(torch.arange(Lk, device=A.device)[None, :] > i, 0.0)
+    U = A @ vt[:, :, None]                                                      # [B, Hkv, g, T, F]
+    if S is not None:
+        U = U + run._read(_phi(qs, run.basis), S[:, :, None])
+    return _normalize(U, run.spec.d_value, run.spec.dtype)
 
 
 def _causal_forward(q, k, v, mask, S, run: _Run, saved: list | None):
