@@ -1,16 +1,20 @@
 """Symmetry-aware Taylor attention: the functional op, a drop-in beside SDPA.
 
-Three internal paths compute the same thing (``MATH.md`` section 3):
+The paths compute the same thing (``MATH.md`` section 3) and are chosen per call:
 
-- ``_parallel``  (non-causal): ``S = S_in + phi(K)^T [V, 1]``, then ``U = phi(Q) S``; or, when
-  cheaper and no state is needed, ``U = T_P(scale Q K^T) [V, 1]`` directly.
-- ``_chunked``   (causal prefill / training): per chunk, the polynomial of the scores inside
-  the chunk plus ``phi(Q_t) S_{t-1}`` for everything before it.
-- ``_recurrent`` (causal decode, a few tokens): ``S += phi(k) [v, 1]^T``, ``u = phi(q)^T S``.
+- ``decode_kernel``  one new token (CPU, no autograd): fused C++ step, one pass over the state.
+- ``prefill_kernel`` longer inputs (CPU, no autograd): fused C++ chunked prefill, or for
+  non-causal input, state build then read.
+- ``quadratic``      ``T_P`` on the score matrix, when the sequence is short next to the feature
+  size ``D`` and no state is returned (it would cost more to build one).
+- ``chunked``        causal, PyTorch (autograd, CUDA): per chunk, the polynomial of the scores
+  inside the chunk plus ``phi(Q_t) S_{t-1}`` for everything before it.
+- ``parallel``       non-causal, PyTorch: ``S = S_in + phi(K)^T [V, 1]``, then ``phi(Q) S``.
+- ``recurrent``      causal single tokens, PyTorch: ``S += phi(k) [v, 1]^T``, ``u = phi(q)^T S``.
 
-Long inputs are processed in blocks whose working set is bounded, and under
-autograd each block is recomputed in the backward pass instead of storing its
-features, so memory stays ``O(block)`` however long the sequence.
+Long inputs are processed in blocks whose working set is bounded; under autograd each block
+is recomputed in the backward pass instead of storing its features, so memory does not grow
+with ``D`` per token.
 """
 
 from __future__ import annotations
