@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .basis import feature_dim
-from .budget import check_budget, format_bytes
+from .budget import check_budget, format_bytes, get_memory_budget
 from .state import SATAState
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -31,18 +31,10 @@ class Spec:
     compute_dtype: torch.dtype  # features, scores, products: float32 or float64
     state_dtype: torch.dtype    # accumulation of the state
     device: torch.device
-
-    @property
-    def batch(self) -> int:
-        return math.prod(self.batch_shape)
-
-    @property
-    def group(self) -> int:
-        return self.n_q_heads // self.n_kv_heads
-
-    @property
-    def feature_dim(self) -> int:
-        return feature_dim(self.d_key, self.n_taylor)
+    batch: int          # prod(batch_shape)
+    group: int          # query heads per key/value head
+    feature_dim: int    # D
+    plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)   # kernel plans of this call shape
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +51,9 @@ def check_n_taylor(n_taylor: object, where: str = "n_taylor") -> int:
     return n_taylor
 
 
+_SPEC_CACHE: dict = {}
+
+
 def check_inputs(
     fn: str,
     query: object,
@@ -72,7 +67,49 @@ def check_inputs(
     key_padding_mask: object,
     state: object = None,
 ) -> Spec:
-    """Validate the arguments of ``fn``; return the call's :class:`Spec` or raise with the fix."""
+    """Validate the arguments of ``fn``; return the call's :class:`Spec` or raise with the fix.
+
+    Everything validated is a function of the shapes, dtypes, devices, settings, the state's
+    configuration and the budget, so a repeated call (a decode loop) reuses the earlier verdict.
+    """
+    try:
+        mask = key_padding_mask
+        st = state
+        cache_key = (
+            fn, type(query), type(key), type(value), query.shape, key.shape, value.shape,  # type: ignore[attr-defined]
+            query.dtype, key.dtype, value.dtype, query.device, key.device, value.device,  # type: ignore[attr-defined]
+            type(n_taylor), n_taylor, type(is_causal), is_causal, type(scale), scale, type(enable_gqa), enable_gqa,
+            None if mask is None else (type(mask), mask.shape, mask.dtype, mask.device),  # type: ignore[attr-defined]
+            None if st is None else (type(st), st.kv.shape, st.kv.dtype, st.kv.device,  # type: ignore[attr-defined]
+                                     st.n_taylor, st.d_key, st.d_value, st.scale),  # type: ignore[attr-defined]
+            get_memory_budget(),
+        )
+        spec = _SPEC_CACHE.get(cache_key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable settings: the full check explains
+        cache_key, spec = None, None
+    if spec is None:
+        spec = _check_inputs(
+            fn, query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+            key_padding_mask=key_padding_mask, state=state,
+        )
+        if cache_key is not None and len(_SPEC_CACHE) < 4096:
+            _SPEC_CACHE[cache_key] = spec
+    return spec
+
+
+def _check_inputs(
+    fn: str,
+    query: object,
+    key: object,
+    value: object,
+    *,
+    n_taylor: object,
+    is_causal: object,
+    scale: object,
+    enable_gqa: object,
+    key_padding_mask: object,
+    state: object = None,
+) -> Spec:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -203,8 +240,11 @@ def check_inputs(
         compute_dtype=compute_dtype,
         state_dtype=state_dtype,
         device=query.device,
+        batch=math.prod(B),
+        group=Hq // Hk,
+        feature_dim=feature_dim(E, n_taylor),
     )
-    D = feature_dim(E, n_taylor)
+    D = spec.feature_dim
     itemsize = torch.empty((), dtype=state_dtype).element_size()
     state_bytes = spec.batch * Hk * D * (Ev + 1) * itemsize
     # the smallest working set: features of one query and one key row per head

@@ -32,9 +32,10 @@ def taylor_exp(s: torch.Tensor, n_taylor: int) -> torch.Tensor:
     if n_taylor == 1:
         return torch.ones_like(s)
     # T = 1 + s (1 + s/2 (1 + s/3 (... (1 + s/(P-1)))))
-    r = s / (n_taylor - 1) + 1
+    one = s.new_ones(())
+    r = torch.add(one, s, alpha=1.0 / (n_taylor - 1))
     for p in range(n_taylor - 2, 0, -1):
-        r = r * s / p + 1
+        r = torch.addcmul(one, r, s, value=1.0 / p)
     return r
 
 
@@ -54,6 +55,28 @@ def _phi(x: torch.Tensor, basis: TaylorBasis) -> torch.Tensor:
             blocks.append(prev)
             lo += m
     return torch.cat(blocks, dim=-1)                                 # [..., D]
+
+
+def _phi_t(xt: torch.Tensor, basis: TaylorBasis) -> torch.Tensor:
+    """Feature-major features of already-scaled inputs: ``[..., d, T] -> [..., D, T]``.
+
+    The same features as :func:`_phi`, transposed. Every gather copies whole rows of ``T``
+    tokens, which is what makes bulk feature maps fast (a gather along the last dimension
+    copies single elements).
+    """
+    ones = xt.new_ones(xt.shape[:-2] + (1, xt.shape[-1]))                  # [..., 1, T]   degree 0
+    if basis.n_taylor == 1:
+        return ones
+    blocks = [ones, xt]                                                      # [..., d, T]   degree 1
+    if basis.n_taylor > 2:
+        step = xt.index_select(-2, basis.last) * basis.weight[:, None]       # [..., D - 1 - d, T]
+        prev, lo = xt, 0
+        for p, parent in enumerate(basis.parents, start=2):
+            m = basis.sizes[p]
+            prev = prev.index_select(-2, parent) * step[..., lo : lo + m, :]  # [..., m_p, T]
+            blocks.append(prev)
+            lo += m
+    return torch.cat(blocks, dim=-2)                                         # [..., D, T]
 
 
 def taylor_features(x: torch.Tensor, n_taylor: int, scale: float | None = None) -> torch.Tensor:

@@ -102,13 +102,22 @@ class SATAState:
         shape = (*tuple(batch_shape), n_heads, D, d_value + 1)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         check_budget(nbytes, f"A SATA state of shape {shape} ({dtype})", "Use fewer Taylor terms, smaller heads or a smaller batch.")
+        # stored D-contiguous (kv.transpose(-1, -2) is contiguous): the layout the decode kernel reads
+        kv = torch.zeros((*shape[:-2], d_value + 1, D), dtype=dtype, device=device).transpose(-1, -2)
         return cls(
-            kv=torch.zeros(shape, dtype=dtype, device=device),
+            kv=kv,
             n_taylor=n_taylor,
             d_key=d_key,
             d_value=d_value,
             scale=d_key**-0.5 if scale is None else scale,
         )
+
+    @classmethod
+    def _unchecked(cls, kv: torch.Tensor, n_taylor: int, d_key: int, d_value: int, scale: float, n_tokens: int) -> SATAState:
+        """Construct without validation: for the op's hot path, whose inputs were validated already."""
+        self = object.__new__(cls)
+        self.__dict__.update(kv=kv, n_taylor=n_taylor, d_key=d_key, d_value=d_value, scale=scale, n_tokens=n_tokens)
+        return self
 
     # ---------------------------------------------------------------- description
     @property

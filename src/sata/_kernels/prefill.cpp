@@ -1,0 +1,311 @@
+// Fused chunked prefill of symmetry-aware Taylor attention, for the CPU (forward, no autograd).
+//
+// Per key/value head, chunk by chunk of C tokens (MATH.md section 3):
+//   phi(K_t), phi(Q_t)    features, feature-major [D][C]: every hierarchy step is a row
+//                         times a row, vectorised over the tokens of the chunk
+//   U  = S^T phi(Q_t)     read the state of all earlier chunks            [F][C]
+//   U += [V, 1]^T A       A = T_P(scale K_t Q_t^T), causal within the chunk
+//   y  = U[:Ev] / U[Ev]   (0 where the normaliser is not positive)
+//   S += phi(K_t) [V, 1]  update                                          [D][F]
+// Non-causal: every key chunk updates S first, then every query chunk reads it.
+// The state of a head lives in a padded workspace [D][Fp] for the whole call, so the
+// two products above are small register-blocked GEMMs over data that stays in cache.
+//
+// Layouts: q [B, Hkv * G, Lq, d], k [B, Hkv, Lk, d], v [B, Hkv, Lk, Ev], y [B, Hkv * G, Lq, Ev], each
+// with any strides but a contiguous last dimension; keep [B, Lk] uint8 (0 = ignore key) or null;
+// state element (b, h, D, f) at S[b * s_b + h * s_h + D * s_d + f * s_f], updated in place.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t C = 32;    // tokens per chunk: the vector width of most loops
+constexpr int64_t RB = 4;    // state columns per read block
+constexpr int64_t DB = 8;    // feature rows per update block
+constexpr int64_t VW = 16;   // lanes the update pads value columns to
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// element strides of a [B, H, L, X] tensor whose last dimension is contiguous
+struct Strides {
+  int64_t b, h, l;
+};
+
+// rows 0..D-1 of phi_t [D][C] from scaled inputs x_t [d][C] (degree 1 rows are x_t itself)
+template <typename T>
+inline void features_t(const T* x_t, int64_t d, int64_t P, const int64_t* prefix_len, const T* weight, T* phi_t) {
+  T* row = phi_t;
+  for (int64_t i = 0; i < C; ++i) row[i] = T(1);
+  if (P == 1) return;
+  std::memcpy(phi_t + C, x_t, sizeof(T) * d * C);
+  const T* prev = phi_t + C;
+  T* out = phi_t + (1 + d) * C;
+  const T* w = weight;
+  for (int64_t p = 2; p < P; ++p) {
+    T* block = out;
+    for (int64_t j = 0; j < d; ++j) {
+      const T* xj = x_t + j * C;
+      const int64_t len = prefix_len[(p - 2) * d + j];
+      for (int64_t r = 0; r < len; ++r) {
+        const T* src = prev + r * C;
+        const T wr = w[r];
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) out[i] = src[i] * xj[i] * wr;
+        out += C;
+      }
+      w += len;
+    }
+    prev = block;
+  }
+}
+
+// U[f][i] (+)= sum_r M[r][f] * X[r][i] for f < F: a [F x K] x [K x C] product, f in register blocks
+template <typename T, int NB>
+inline void gemm_block(const T* M, int64_t ldm, int64_t f0, int64_t K, const T* X, T* U, bool accumulate) {
+  T acc[NB][C];
+  for (int64_t b = 0; b < NB; ++b)
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) acc[b][i] = accumulate ? U[(f0 + b) * C + i] : T(0);
+  for (int64_t r = 0; r < K; ++r) {
+    const T* x = X + r * C;
+    const T* m = M + r * ldm + f0;
+#pragma GCC unroll 4
+    for (int64_t b = 0; b < NB; ++b) {
+      const T mb = m[b];
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) acc[b][i] += mb * x[i];
+    }
+  }
+  for (int64_t b = 0; b < NB; ++b) std::memcpy(U + (f0 + b) * C, acc[b], sizeof(T) * C);
+}
+
+template <typename T>
+inline void gemm_t(const T* M, int64_t ldm, int64_t F, int64_t K, const T* X, T* U, bool accumulate) {
+  int64_t f0 = 0;
+  for (; f0 + RB <= F; f0 += RB) gemm_block<T, RB>(M, ldm, f0, K, X, U, accumulate);
+  switch (F - f0) {
+    case 3: gemm_block<T, 3>(M, ldm, f0, K, X, U, accumulate); break;
+    case 2: gemm_block<T, 2>(M, ldm, f0, K, X, U, accumulate); break;
+    case 1: gemm_block<T, 1>(M, ldm, f0, K, X, U, accumulate); break;
+    default: break;
+  }
+}
+
+// Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for all f < Fp (Fp a multiple of VW)
+template <typename T, int NV>
+inline void update_state_nv(T* Sp, int64_t Fp, int64_t D, const T* phi_t, const T* vt) {
+  constexpr int64_t W = NV * VW;
+  int64_t r0 = 0;
+  for (; r0 + DB <= D; r0 += DB) {
+    T acc[DB][W];
+    for (int64_t b = 0; b < DB; ++b)
+#pragma omp simd
+      for (int64_t f = 0; f < W; ++f) acc[b][f] = T(0);
+    for (int64_t i = 0; i < C; ++i) {
+      const T* vi = vt + i * Fp;
+#pragma GCC unroll 8
+      for (int64_t b = 0; b < DB; ++b) {
+        const T w = phi_t[(r0 + b) * C + i];
+#pragma omp simd
+        for (int64_t f = 0; f < W; ++f) acc[b][f] += w * vi[f];
+      }
+    }
+    for (int64_t b = 0; b < DB; ++b) {
+      T* s = Sp + (r0 + b) * Fp;
+#pragma omp simd
+      for (int64_t f = 0; f < W; ++f) s[f] += acc[b][f];
+    }
+  }
+  for (; r0 < D; ++r0) {
+    T acc[W] = {};
+    for (int64_t i = 0; i < C; ++i) {
+      const T w = phi_t[r0 * C + i];
+      const T* vi = vt + i * Fp;
+#pragma omp simd
+      for (int64_t f = 0; f < W; ++f) acc[f] += w * vi[f];
+    }
+    T* s = Sp + r0 * Fp;
+#pragma omp simd
+    for (int64_t f = 0; f < W; ++f) s[f] += acc[f];
+  }
+}
+
+template <typename T>
+inline void update_state(T* Sp, int64_t Fp, int64_t D, const T* phi_t, const T* vt) {
+  switch (Fp / VW) {
+    case 1: update_state_nv<T, 1>(Sp, Fp, D, phi_t, vt); return;
+    case 2: update_state_nv<T, 2>(Sp, Fp, D, phi_t, vt); return;
+    default:  // wide values: blocks of two vectors' worth of columns at a time
+      for (int64_t r = 0; r < D; ++r) {
+        T* s = Sp + r * Fp;
+        for (int64_t i = 0; i < C; ++i) {
+          const T w = phi_t[r * C + i];
+          const T* vi = vt + i * Fp;
+#pragma omp simd
+          for (int64_t f = 0; f < Fp; ++f) s[f] += w * vi[f];
+        }
+      }
+  }
+}
+
+template <typename T>
+struct Head {
+  int64_t G, Lq, Lk, d, Ev, D, P, F, Fp;
+  const int64_t* prefix_len;
+  const T* weight;
+  T sq, sk;
+  // workspace
+  std::vector<T> Sp, kx, qx, phik, phiq, vt, U, scores;
+
+  Head(int64_t G_, int64_t Lq_, int64_t Lk_, int64_t d_, int64_t Ev_, int64_t D_, int64_t P_, const int64_t* pl,
+       const T* w, T sq_, T sk_)
+      : G(G_), Lq(Lq_), Lk(Lk_), d(d_), Ev(Ev_), D(D_), P(P_), F(Ev_ + 1), Fp(round_up(Ev_ + 1, VW)),
+        prefix_len(pl), weight(w), sq(sq_), sk(sk_),
+        Sp(D_ * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C), phiq(D_ * C),
+        vt(C * round_up(Ev_ + 1, VW)), U(round_up(Ev_ + 1, VW) * C), scores(C * C) {}
+
+  // scaled keys kx [d][C] and value rows vt [C][Fp] of tokens t0 .. t0+c-1 (zero beyond c or masked)
+  int64_t k_sl = 0, v_sl = 0, q_sl = 0, q_sh = 0, y_sl = 0, y_sh = 0;
+
+  void load_keys(const T* k, const T* v, const uint8_t* keep, int64_t t0, int64_t c) {
+    std::fill(kx.begin(), kx.end(), T(0));
+    std::fill(vt.begin(), vt.end(), T(0));
+    for (int64_t i = 0; i < c; ++i) {
+      if (keep != nullptr && !keep[t0 + i]) continue;
+      const T* kr = k + (t0 + i) * k_sl;
+      for (int64_t e = 0; e < d; ++e) kx[e * C + i] = kr[e] * sk;
+      const T* vr = v + (t0 + i) * v_sl;
+      T* row = vt.data() + i * Fp;
+      for (int64_t f = 0; f < Ev; ++f) row[f] = vr[f];
+      row[Ev] = T(1);
+    }
+    features_t(kx.data(), d, P, prefix_len, weight, phik.data());
+  }
+
+  void load_queries(const T* q, int64_t t0, int64_t c) {
+    std::fill(qx.begin(), qx.end(), T(0));
+    for (int64_t i = 0; i < c; ++i) {
+      const T* qr = q + (t0 + i) * q_sl;
+      for (int64_t e = 0; e < d; ++e) qx[e * C + i] = qr[e] * sq;
+    }
+    features_t(qx.data(), d, P, prefix_len, weight, phiq.data());
+  }
+
+  // U += [V, 1]^T A with A[j][i] = T_P(k_j . q_i) for j <= i (causal within the chunk), 0 otherwise
+  void intra(int64_t c) {
+    T* A = scores.data();
+    for (int64_t j = 0; j < C; ++j) {
+      T* a = A + j * C;
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) a[i] = T(0);
+      for (int64_t e = 0; e < d; ++e) {
+        const T kj = kx[e * C + j];
+        const T* qe = qx.data() + e * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) a[i] += kj * qe[i];
+      }
+      // Horner: T_P(s) = 1 + s (1 + s/2 (1 + ... (1 + s/(P-1))))
+      T r[C];
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) r[i] = T(1);
+      for (int64_t p = P - 1; p >= 1; --p) {
+        const T inv = T(1) / T(p);
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) r[i] = T(1) + r[i] * a[i] * inv;
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) a[i] = i >= j ? r[i] : T(0);
+    }
+    gemm_t(vt.data(), Fp, F, c, A, U.data(), true);
+  }
+
+  void write_out(T* y, int64_t t0, int64_t c) const {
+    for (int64_t i = 0; i < c; ++i) {
+      const T z = U[Ev * C + i];
+      T* yr = y + (t0 + i) * y_sl;
+      for (int64_t f = 0; f < Ev; ++f) yr[f] = z > T(0) ? U[f * C + i] / z : T(0);
+    }
+  }
+
+  void run(const T* q, const T* k, const T* v, const uint8_t* keep, T* S, int64_t s_d, int64_t s_f, T* y,
+           bool causal) {
+    std::fill(Sp.begin(), Sp.end(), T(0));
+    for (int64_t r = 0; r < D; ++r)
+      for (int64_t f = 0; f < F; ++f) Sp[r * Fp + f] = S[r * s_d + f * s_f];
+    if (causal) {  // Lq == Lk
+      for (int64_t t0 = 0; t0 < Lk; t0 += C) {
+        const int64_t c = std::min(C, Lk - t0);
+        load_keys(k, v, keep, t0, c);
+        for (int64_t g = 0; g < G; ++g) {
+          load_queries(q + g * q_sh, t0, c);
+          gemm_t(Sp.data(), Fp, F, D, phiq.data(), U.data(), false);
+          intra(c);
+          write_out(y + g * y_sh, t0, c);
+        }
+        update_state(Sp.data(), Fp, D, phik.data(), vt.data());
+      }
+    } else {
+      for (int64_t t0 = 0; t0 < Lk; t0 += C) {
+        load_keys(k, v, keep, t0, std::min(C, Lk - t0));
+        update_state(Sp.data(), Fp, D, phik.data(), vt.data());
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t t0 = 0; t0 < Lq; t0 += C) {
+          const int64_t c = std::min(C, Lq - t0);
+          load_queries(q + g * q_sh, t0, c);
+          gemm_t(Sp.data(), Fp, F, D, phiq.data(), U.data(), false);
+          write_out(y + g * y_sh, t0, c);
+        }
+    }
+    for (int64_t r = 0; r < D; ++r)
+      for (int64_t f = 0; f < F; ++f) S[r * s_d + f * s_f] = Sp[r * Fp + f];
+  }
+};
+
+template <typename T>
+void prefill(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P,
+             const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, const uint8_t* keep, T* S,
+             int64_t s_b, int64_t s_h, int64_t s_d, int64_t s_f, T* y, Strides ys, const int64_t* prefix_len,
+             const T* weight, T sq, T sk, int causal, int n_threads) {
+  const int64_t N = B * Hkv;
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
+  {
+    Head<T> head(G, Lq, Lk, d, Ev, D, P, prefix_len, weight, sq, sk);
+    head.k_sl = ks.l;
+    head.v_sl = vs.l;
+    head.q_sl = qs.l;
+    head.q_sh = qs.h;
+    head.y_sl = ys.l;
+    head.y_sh = ys.h;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t b = n / Hkv, h = n % Hkv;
+      head.run(q + b * qs.b + h * G * qs.h, k + b * ks.b + h * ks.h, v + b * vs.b + h * vs.h,
+               keep == nullptr ? nullptr : keep + b * Lk, S + b * s_b + h * s_h, s_d, s_f,
+               y + b * ys.b + h * G * ys.h, causal != 0);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+#define SATA_PREFILL(NAME, T)                                                                                       \
+  void NAME(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P, \
+            const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, int64_t k_sb, int64_t k_sh,           \
+            int64_t k_sl, const T* v, int64_t v_sb, int64_t v_sh, int64_t v_sl, const uint8_t* keep, T* S,          \
+            int64_t s_b, int64_t s_h, int64_t s_d, int64_t s_f, T* y, int64_t y_sb, int64_t y_sh, int64_t y_sl,    \
+            const int64_t* prefix_len, const T* weight, double sq, double sk, int causal, int n_threads) {          \
+    prefill<T>(B, Hkv, G, Lq, Lk, d, Ev, D, P, q, {q_sb, q_sh, q_sl}, k, {k_sb, k_sh, k_sl}, v, {v_sb, v_sh, v_sl}, \
+               keep, S, s_b, s_h, s_d, s_f, y, {y_sb, y_sh, y_sl}, prefix_len, weight, T(sq), T(sk), causal,       \
+               n_threads);                                                                                          \
+  }
+
+SATA_PREFILL(sata_prefill_f32, float)
+SATA_PREFILL(sata_prefill_f64, double)
+
+}  // extern "C"
