@@ -136,6 +136,7 @@ def test_repeated_segment_state_is_exact():
     scaled = _scaled_state(seg, 4, 200)
     torch.testing.assert_close(scaled.kv, streamed.kv, rtol=1e-12, atol=1e-12)
     assert scaled.n_tokens == streamed.n_tokens == 200
+    assert scaled.kv.stride() == seg.kv.stride()       # same layout: the decode kernel reads it in place
 
 
 def test_run_decode_measures_all_methods_and_skips_what_does_not_fit():

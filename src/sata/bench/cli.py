@@ -23,21 +23,21 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all"),
                         help="what to measure")
-    parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores")
-    parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file")
-    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/PERFORMANCE.md)")
+    parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores%(default).0s")
+    parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file%(default).0s")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/PERFORMANCE.md)%(default).0s")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype of queries, keys and values")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)%(default).0s")
     parser.add_argument("--max-memory", default=None,
-                        help="most memory a baseline's context may take, e.g. 8G (default: min(8G, half the free RAM))")
-    parser.add_argument("--only", default=None, help="targets to run, e.g. 1,4 (targets/all only)")
-    parser.add_argument("--batch", type=int, default=None, help="decode/prefill: batch size (default 1)")
-    parser.add_argument("--heads", type=int, default=None, help="decode/prefill: heads (default 64)")
-    parser.add_argument("--head-size", type=int, default=None, help="decode/prefill: head size (default 8)")
-    parser.add_argument("--n-taylor", type=int, default=None, help="decode/prefill: Taylor terms (default 4)")
-    parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+                        help="most memory a baseline's context may take, e.g. 8G (default: min(8G, half the free RAM))%(default).0s")
+    parser.add_argument("--only", default=None, help="targets to run, e.g. 1,4 (targets/all only)%(default).0s")
+    parser.add_argument("--batch", type=int, default=None, help="decode/prefill: batch size (default 1)%(default).0s")
+    parser.add_argument("--heads", type=int, default=None, help="decode/prefill: heads (default 64)%(default).0s")
+    parser.add_argument("--head-size", type=int, default=None, help="decode/prefill: head size (default 8)%(default).0s")
+    parser.add_argument("--n-taylor", type=int, default=None, help="decode/prefill: Taylor terms (default 4)%(default).0s")
+    parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536%(default).0s")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars%(default).0s")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: seconds, meaningless numbers
 
 
@@ -59,10 +59,15 @@ def main(args: argparse.Namespace) -> int:
     from .prefill import PrefillConfig, run_prefill
     from .tables import decode_table, prefill_table, scaling_table, targets_table
     from .targets import FULL, QUICK, TINY, run_targets
-    from .timing import command_line, machine_info, set_threads, write_json
+    from .timing import busy_warning, command_line, machine_info, set_threads, write_json
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("sata bench: --device cuda requested but CUDA is not available; use --device cpu", file=sys.stderr)
+        return 2
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        print("sata bench needs tqdm for its progress bars: pip install 'sata-attention[plot]'", file=sys.stderr)
         return 2
     threads = set_threads(args.threads)
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
@@ -76,8 +81,11 @@ def main(args: argparse.Namespace) -> int:
     run = {"command": command_line("bench", args, add_arguments), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "sizes": sizes.name, "what": args.what, "max_memory_bytes": max_bytes,
            "machine": machine_info(args.device)}
-    print(f"sata bench {args.what} ({sizes.name} sizes) on {run['machine']['cpu']}, {threads} threads, "
+    print(f"sata bench {args.what} ({sizes.name} sizes) on {run['machine']['cpu']}, {threads} thread(s), "
           f"{args.device}, {args.dtype}; baseline memory limit {max_bytes / 2**30:.1f} GiB", flush=True)
+    run["warning"] = busy_warning(run["machine"])
+    if run["warning"]:
+        print(f"warning: {run['warning']}", file=sys.stderr, flush=True)
 
     sections = []   # (title, text table, markdown table)
     if args.what == "decode":
@@ -140,18 +148,27 @@ def _write_markdown(path: str, run: dict, sections: list) -> None:
 
     mach = run["machine"]
     lines = [
-        "<!-- generated by `sata bench`; do not edit by hand -->",
+        "# Performance",
+        "",
+        "<!-- generated by `sata bench --markdown`; regenerate rather than edit -->",
+        "sata against conventional attention (SDPA with a preallocated KV cache; SDPA's causal kernel for "
+        "prefill) and against the paper's formulation (one pass per Taylor term, `sata.bench.baselines`), "
+        "every ratio measured in one run on the same inputs (medians of repeated timings after warm-up). "
+        "The targets are those of issue 4; rows measured at reduced sizes say so.",
+        "",
         f"Measured {run['date']} with:",
         "",
         "```bash",
         run["command"],
         "```",
         "",
-        f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} with {mach['torch_threads']} threads, "
+        f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} with {mach['torch_threads']} thread(s), "
         f"{mach['device']}; sata {mach['sata']} (commit {mach['sata_git_commit'] or 'unknown'}); "
         f"load average at start {', '.join(f'{x:.1f}' for x in mach['load_average'] or [])}.",
         "",
     ]
+    if run.get("warning"):
+        lines += [f"> Warning: {run['warning']}", ""]
     for title, _, md in sections:
         lines += [f"**{title}**", "", md, ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -28,7 +28,7 @@ from .baselines import KVCacheAttention, PaperTaylorAttention
 from .compare import agreement, crossover
 from .timing import peak_memory, time_interleaved
 
-__all__ = ["DecodeConfig", "run_decode"]
+__all__ = ["DecodeConfig", "run_decode", "sata_step"]
 
 METHODS = ("sata", "sdpa", "paper")
 
@@ -49,6 +49,7 @@ class DecodeConfig:
     max_bytes: int = 4 * 2**30            # a baseline's context (KV cache, state) may hold at most this
     methods: tuple[str, ...] = METHODS
     measure_memory: bool = True
+    sata_inplace: bool = True              # decode as a serving loop does: the state updated in place
     min_time: float = 0.2
     min_repeat: int = 5
     seed: int = 0
@@ -57,6 +58,18 @@ class DecodeConfig:
     @property
     def dv(self) -> int:
         return self.d_key if self.d_value is None else self.d_value
+
+
+def sata_step(state: sata.SATAState, query, key, value, n_taylor: int, inplace: bool = True):
+    """A decode step to time: ``sata_attention`` on one token with the context's state.
+
+    ``inplace=True`` (a serving loop) updates a private copy of the state in place, so timed calls
+    leave ``state`` as it was (the copy drifts by one token per call, which changes no cost);
+    ``inplace=False`` returns a new state per call, leaving the old one valid.
+    """
+    st = state.clone() if inplace else state
+    return lambda: sata.sata_attention(query, key, value, n_taylor=n_taylor, is_causal=True, state=st,
+                                       return_state=True, inplace=inplace)
 
 
 def _chunk_tokens(cfg: DecodeConfig) -> int:
@@ -198,8 +211,7 @@ def _measure(cfg, n, streamed, streams: _Streams, state, paper_state, q1, k1, v1
         if state is None:
             row["sata"] = {"skipped": "no state"}
         else:
-            fns["sata"] = lambda: sata.sata_attention(q1, k1, v1, n_taylor=cfg.n_taylor, is_causal=True,
-                                                      state=state, return_state=True)
+            fns["sata"] = sata_step(state, q1, k1, v1, cfg.n_taylor, cfg.sata_inplace)
             held["sata"] = state.nbytes
     if "sdpa" in cfg.methods:
         cache = streams.cache

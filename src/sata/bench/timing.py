@@ -268,6 +268,16 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
+def busy_warning(machine: dict) -> str | None:
+    """A warning if other processes already keep the cores busy (timings will be noisy)."""
+    load = (machine.get("load_average") or [0])[0]
+    if machine["device"] == "cpu" and load > 0.5 * machine["cores"]:
+        return (f"the machine is busy (load average {load:.1f} on {machine['cores']} cores): timings will be "
+                f"noisy and slow; ratios measured in the same run remain comparable"
+                + ("; with several torch threads, --threads 1 may be steadier" if machine["torch_threads"] > 1 else ""))
+    return None
+
+
 def command_line(name: str, args, add_arguments) -> str:
     """The ``sata <name> ...`` command being run: as typed when run from the console, else
     rebuilt from the parsed ``args`` (the options that differ from their defaults)."""

@@ -24,24 +24,24 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="minutes on a laptop CPU (the default)")
+                      help="minutes on a laptop CPU (the default)%(default).0s")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="the paper's sizes: 100K-token errors, contexts to 1e8 (GPU, hours)")
+                      help="the paper's sizes: 100K-token errors, contexts to 1e8 (GPU, hours)%(default).0s")
     mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help=argparse.SUPPRESS)
     parser.set_defaults(mode="quick")
     parser.add_argument("--out", default="sata-replicate", help="output directory")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES,
                         help="dtype of the inputs sata runs on (references are float64)")
-    parser.add_argument("--resume", action="store_true", help="keep finished parts in --out and run the rest")
+    parser.add_argument("--resume", action="store_true", help="keep finished parts in --out and run the rest%(default).0s")
     parser.add_argument("--parts", default="error,decode,costs,packing,precision",
                         help="comma-separated parts to run")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)%(default).0s")
     parser.add_argument("--max-memory", default=None,
-                        help="most memory a KV cache may take (default: min(8G, half the free RAM))")
+                        help="most memory a KV cache may take (default: min(8G, half the free RAM))%(default).0s")
     parser.add_argument("--memory-budget", default=None,
-                        help="sata's per-call memory budget, e.g. 16G (default: sata's, 4 GiB)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+                        help="sata's per-call memory budget, e.g. 16G (default: sata's, 4 GiB)%(default).0s")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars%(default).0s")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     import sata
 
     from ..bench.cli import _max_memory
-    from ..bench.timing import command_line, machine_info, set_threads, write_json
+    from ..bench.timing import busy_warning, command_line, machine_info, set_threads, write_json
     from . import costs, decode, error, figures
     from .config import preset
     from .report import PART_TITLES, summarise, write_report
@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     machine = machine_info(args.device)
     device_label = _device_label(machine)
     print(f"sata replicate --{cfg.mode}: writing to {out}/ ({device_label}, {cfg.dtype})", flush=True)
-    busy = _busy(machine)
+    busy = busy_warning(machine)
     if busy:
         print(f"warning: {busy}", file=sys.stderr, flush=True)
 
@@ -158,16 +158,6 @@ def _cached(store, key: str, compute):
         got = compute()
         store.put(key, got)
     return got
-
-
-def _busy(machine: dict) -> str | None:
-    """A warning if other processes already keep the cores busy (timings will be noisy)."""
-    load = (machine.get("load_average") or [0])[0]
-    if machine["device"] == "cpu" and load > 0.5 * machine["cores"]:
-        return (f"the machine is busy (load average {load:.1f} on {machine['cores']} cores): timings will be "
-                f"noisy and slow; ratios measured in the same run remain comparable"
-                + ("; with several torch threads, --threads 1 may be steadier" if machine["torch_threads"] > 1 else ""))
-    return None
 
 
 def _device_label(machine: dict) -> str:

@@ -82,8 +82,10 @@ def _summarise(run: dict) -> dict:
         pts = [(r["context"], _med(r, m)) for r in rows if _med(r, m) is not None]
         if len(pts) >= 1:
             (n0, t0), (n1, t1) = pts[0], pts[-1]
+            ts = [t for _, t in pts]
             out[m] = {"first_context": n0, "first_seconds": t0, "last_context": n1, "last_seconds": t1,
-                      "growth": t1 / t0}
+                      "growth": t1 / t0, "min_seconds": min(ts), "max_seconds": max(ts),
+                      "max_over_min": max(ts) / min(ts)}
     ns = [r["context"] for r in rows]
     out["crossover_vs_sdpa"] = crossover(ns, [_med(r, "sata") for r in rows], [_med(r, "sdpa") for r in rows])
     at = [r for r in rows if r["context"] == 1_000_000]

@@ -177,8 +177,8 @@ def plot_decode(res: dict, out: Path, device: str) -> list[str]:
         ratio = [(r["context"], r["sata_over_sdpa"]) for r in run["rows"] if "sata_over_sdpa" in r]
         if ratio:
             axes[2].plot([p[0] for p in ratio], [p[1] for p in ratio], marker="o", ms=3, color=col)
-    axes[1].text(0.98, 0.03, "SDPA lines coincide: same model width,\nso the same KV cache for every head size",
-                 transform=axes[1].transAxes, fontsize=7, color="0.3", ha="right")
+    axes[1].text(0.02, 0.97, "SDPA lines coincide: same model width,\nso the same KV cache for every head size",
+                 transform=axes[1].transAxes, fontsize=7, color="0.3", ha="left", va="top")
     axes[2].axhline(1, color="k", lw=0.8)
     axes[2].text(0.02, 0.03, "below 1: sata faster", transform=axes[2].transAxes, fontsize=8, color="0.3")
     titles = ["time per generated token (median)", "peak memory per generated token\n(context held + allocated in the step)",
@@ -196,9 +196,14 @@ def plot_decode(res: dict, out: Path, device: str) -> list[str]:
     method_handles = [Line2D([], [], color="k", ls=ls, marker=mk, ms=3, label=lab) for ls, mk, lab in styles.values()]
     axes[0].legend(handles=head_handles + method_handles, fontsize=7, loc="upper left")
     axes[2].legend(handles=head_handles, fontsize=7, loc="upper right")
-    streamed = sorted({r["config"]["stream_limit"] for r in runs if r["config"].get("stream_limit")})
-    note = (f"; contexts longer than {', '.join(_tokens(s) for s in streamed)} streamed tokens repeat the streamed segment"
-            if streamed else "; every context built by streaming prefill")
+    limits: dict = {}
+    for r in runs:
+        if r["config"].get("stream_limit"):
+            limits.setdefault(r["config"]["stream_limit"], []).append(str(r["d_key"]))
+    note = ("\ncontexts built by streaming prefill of the first "
+            + ", ".join(f"{_tokens(n)} tokens (head size {', '.join(ds)})" for n, ds in sorted(limits.items()))
+            + "; longer contexts repeat that segment (states scale exactly)" if limits
+            else "; every context built by streaming prefill")
     fig.suptitle(f"Decode: time and peak memory per generated token vs context, on {device}\n"
                  f"batch 1, model width {res['width']}, {res['n_taylor']} Taylor terms, {res['dtype']}{note}", fontsize=10)
     return [_save(fig, out, "fig2_decode_time_memory.png")]
@@ -302,15 +307,17 @@ def plot_precision(res: dict, out: Path, device: str) -> list[str]:
         Line2D([], [], color="k", marker="o", label=r"$\alpha_p = 1/(p!\,d^{p/2})$ (paper, one side)"),
         Line2D([], [], color="k", ls="--", marker=".", label=r"$\sqrt{\alpha_p}$ (sata, per side)")]
     fstyles = {"bfloat16": "tab:purple", "float16": "tab:brown", "float32": "tab:gray"}
-    x_right = max(r["term"] for r in res["rows"])
+    from matplotlib.transforms import blended_transform_factory
+
+    left = blended_transform_factory(ax.transAxes, ax.transData)   # x in axes fraction, y in data
     for name, f in res["formats"].items():
         ax.axhline(f["resolution"], color=fstyles[name], lw=1.5)
-        ax.text(x_right, f["resolution"] * 1.3, f"{name} resolution {f['resolution']:.0e}", ha="right",
-                va="bottom", fontsize=8, color=fstyles[name])
+        ax.text(0.01, f["resolution"] * 1.3, f"{name} resolution {f['resolution']:.0e}", ha="left",
+                va="bottom", fontsize=8, color=fstyles[name], transform=left)
     fp16 = res["formats"]["float16"]
     ax.axhline(fp16["smallest_normal"], color=fstyles["float16"], lw=1, ls=":")
-    ax.text(x_right, fp16["smallest_normal"] * 0.75, f"float16 smallest normal {fp16['smallest_normal']:.1e}",
-            ha="right", va="top", fontsize=8, color=fstyles["float16"])
+    ax.text(0.01, fp16["smallest_normal"] * 0.75, f"float16 smallest normal {fp16['smallest_normal']:.1e}",
+            ha="left", va="top", fontsize=8, color=fstyles["float16"], transform=left)
     ax.set_yscale("log")
     ax.set_xlabel("Taylor term (term p+1 holds degree p)")
     ax.set_ylabel("value (log scale)")
