@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("decode.cpp", "prefill.cpp")]
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
+# tried in order: the first set this compiler accepts is used
+_OPTIONAL = [["-march=native", "-fopenmp"], ["-fopenmp"], []]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status = "not built yet"
@@ -44,8 +46,8 @@ def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
-    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _SOURCES), " ".join(_FLAGS).encode(), cxx.encode(), _cpu_id().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _SOURCES), repr((_FLAGS, _OPTIONAL)).encode(),
+                                     cxx.encode(), _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("SATA_KERNEL_CACHE") or Path.home() / ".cache" / "sata")
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -58,8 +60,11 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
-            if proc.returncode != 0:
+            for extra in _OPTIONAL:
+                proc = subprocess.run([cxx, *_FLAGS, *extra, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
+                if proc.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
         finally:
