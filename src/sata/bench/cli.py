@@ -83,6 +83,9 @@ def main(args: argparse.Namespace) -> int:
            "machine": machine_info(args.device)}
     print(f"sata bench {args.what} ({sizes.name} sizes) on {run['machine']['cpu']}, {threads} thread(s), "
           f"{args.device}, {args.dtype}; baseline memory limit {max_bytes / 2**30:.1f} GiB", flush=True)
+    if sizes is FULL and args.what in ("targets", "all"):
+        print("full sizes (1M-token decode, 1e7-token stream, 64K-token prefill and training): allow an hour "
+              "on 2 cores; --quick takes minutes", flush=True)
     run["warning"] = busy_warning(run["machine"])
     if run["warning"]:
         print(f"warning: {run['warning']}", file=sys.stderr, flush=True)

@@ -24,6 +24,7 @@ __all__ = ["FLOOR", "HIST_EDGES", "error_stats", "reference_attention", "run_err
 
 FLOOR = -16.0                                      # log10 of errors below 1e-16 (and of exact zeros)
 HIST_EDGES = [FLOOR + 0.1 * i for i in range(181)]  # -16 .. 2 in steps of 0.1
+_SCORE_BYTES = 512 * 2**20                          # float64 score block of the references
 
 
 def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, kernel: str = "softmax",
@@ -36,6 +37,8 @@ def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """
     q, k, v = (t.double() for t in (query, key, value))
     L, scale = q.shape[-2], q.shape[-1] ** -0.5
+    rows = q[..., 0, 0].numel()                                # batch x heads
+    block = max(1, min(block, _SCORE_BYTES // (3 * 8 * rows * L)))   # scores, weights, mask per block
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64, device=q.device)
     for a in range(0, L, block):
         b = min(a + block, L)
