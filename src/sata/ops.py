@@ -40,6 +40,7 @@ _RECURRENT_MAX_LEN = 1
 _BLOCK_BYTES = 64 * 2**20
 
 
+@torch.compiler.disable  # opaque to torch.compile: its Python dispatch and C++ kernels run eagerly
 def sata_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -114,6 +115,7 @@ def sata_attention(
     return _attention(query, key, value, spec, is_causal, key_padding_mask, state, return_state, inplace=inplace)
 
 
+@torch.compiler.disable
 def accumulate_state(
     key: torch.Tensor,
     value: torch.Tensor,
