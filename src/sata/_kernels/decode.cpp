@@ -36,6 +36,20 @@ struct Vec {
   static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
 };
 
+// half a vector: feature segments are short (C(j+p-1, p-1) entries), so narrower vectors waste
+// fewer lanes and split fewer cache lines
+template <typename T>
+struct HalfVec {
+  static constexpr int W = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(32)));
+  static type load(const T* p) {
+    type x;
+    std::memcpy(&x, p, sizeof(x));
+    return x;
+  }
+  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
+};
+
 // phi(x) built degree by degree: the degree-p monomials whose largest index is j are the first
 // C(j+p-1, p-1) degree-(p-1) monomials (a contiguous prefix) times x_j, each with its step weight.
 // Whole vectors are written: a segment's overhang lands where the next segment (or the padding
@@ -53,7 +67,7 @@ struct Features {
 
   // degree p (>= 2) of one row, from its degree p - 1 block at prev; returns the block's size
   int64_t degree(T* phi, const T* prev, T* out, const T* w, int64_t p) const {
-    using V = Vec<T>;
+    using V = HalfVec<T>;
     const T* xs = phi + 1;
     T* start = out;
     for (int64_t j = 0; j < d; ++j) {
