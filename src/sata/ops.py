@@ -110,8 +110,11 @@ def sata_attention(
     if inplace:
         if state is None or not return_state:
             raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
-        if state.kv.requires_grad and torch.is_grad_enabled():
-            raise ValueError("sata_attention: inplace=True would break autograd through state.kv; use inplace=False")
+        if _needs_grad(query, key, value, state.kv):
+            raise ValueError(
+                "sata_attention: inplace=True cannot be used under autograd (inputs or state.kv require grad): "
+                "the state would lose its history; use inplace=False, or torch.no_grad() for serving"
+            )
     return _attention(query, key, value, spec, is_causal, key_padding_mask, state, return_state, inplace=inplace)
 
 
@@ -213,17 +216,31 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
 
 def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
     """The fused CPU kernels serve calls without autograd."""
+    return _kernel_ok(spec) and not _needs_grad(query, key, value, S)
+
+
+def _kernel_ok(spec: Spec) -> bool:
+    """Device, dtypes, workspace and compiler allow the fused kernels (cached per call shape)."""
     ok = spec.plans.get("kernel_ok")
     if ok is None:
         ok = spec.plans["kernel_ok"] = (
             spec.device.type == "cpu"
             and _kernels.supports(spec.compute_dtype, spec.state_dtype)
+            and _kernel_workspace(spec) <= get_memory_budget() // 4
             and _kernels.load() is not None
         )
-    return ok and not _needs_grad(query, key, value, S)
+    return ok
 
 
-_PREFILL_PLANS: dict = {}
+def _kernel_workspace(spec: Spec) -> int:
+    """Bytes the fused kernels allocate besides inputs, outputs and the state (all threads)."""
+    D, F, c, s = spec.feature_dim, spec.d_value + 1, _ITEMSIZE[spec.compute_dtype], _ITEMSIZE[spec.state_dtype]
+    Fp = -(-F // 16) * 16
+    prefill = D * Fp * (s + (c if s != c else 0)) + (1 + spec.group) * D * 32 * c   # state copy, features of a chunk
+    decode = -(-spec.batch * spec.n_kv_heads // torch.get_num_threads()) * (1 + spec.group) * (D + 16) * c
+    return torch.get_num_threads() * max(prefill, decode)
+
+
 
 
 def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, S, inplace: bool = False):
@@ -250,15 +267,19 @@ def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, S, inplace: 
     keep = None
     if key_padding_mask is not None:  # [B, 1] -> one flag per (batch, kv head)
         keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
+    copy_back = False
     if S is None:
         S_in = torch.zeros(plan.state_shape(spec), dtype=spec.state_dtype)    # [..., Hkv, F, D]
     else:
         S_in = S.mT
-        if not S_in.is_contiguous():
-            S_in, inplace = S_in.contiguous(), False
+        if not S_in.is_contiguous():  # a state in another layout (e.g. loaded from a file)
+            S_in, copy_back, inplace = S_in.contiguous(), inplace, False
     S_out = S_in if inplace else torch.empty_like(S_in)                       # [..., Hkv, F, D]
     y = torch.empty(plan.out_shape(spec), dtype=cd)                           # [..., Hq, 1, Ev]
     plan(query, key, value, keep, S_in, S_out, y)
+    if copy_back:
+        S.copy_(S_out.mT)
+        return (y if spec.dtype == cd else y.to(spec.dtype)), S
     return (y if spec.dtype == cd else y.to(spec.dtype)), S_out.mT
 
 
@@ -266,44 +287,52 @@ def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddi
     """Causal chunked prefill, or non-causal state build then read, through the fused kernel.
 
     Inputs in the compute dtype are read in place through their strides (a ``[B, L, H, E]``
-    tensor transposed to ``[B, H, L, E]`` is not copied); other dtypes are converted a few
-    heads at a time, so the extra memory stays bounded however long the sequence.
+    tensor transposed to ``[B, H, L, E]`` is not copied) and the output is written in place.
+    Other dtypes go through in segments of tokens, converted one segment at a time, so the
+    extra memory stays bounded however long the sequence.
     """
     B, Hkv, G, F, D, cd = spec.batch, spec.n_kv_heads, spec.group, spec.d_value + 1, spec.feature_dim, spec.compute_dtype
+    Lq, Lk, E, Ev = spec.len_q, spec.len_k, spec.d_key, spec.d_value
     q4, k4, v4 = (_as_4d(t, B) for t in (query, key, value))                  # [B, H, L, X]
-    keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(B, spec.len_k)
+    keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(B, Lk).contiguous()
     kvT = torch.empty((B, Hkv, F, D), dtype=spec.state_dtype)                 # [B, Hkv, F, D]
     if S is None:
         kvT.zero_()
     else:
         kvT.copy_(S.reshape(B, Hkv, D, F).mT)
-    y = torch.empty((B, spec.n_q_heads, spec.len_q, spec.d_value), dtype=cd)  # [B, Hq, Lq, Ev]
-    direct = all(t.dtype == cd and t.stride(-1) == 1 for t in (q4, k4, v4))
-    if direct:
-        hg = Hkv
-    else:  # convert a group of heads at a time
-        per_head = B * (G * spec.len_q * spec.d_key + spec.len_k * (spec.d_key + spec.d_value)) * _ITEMSIZE[cd]
-        hg = max(1, min(Hkv, _BLOCK_BYTES // max(per_head, 1)))
-    plan_key = (spec, is_causal, hg)
-    plan = _PREFILL_PLANS.get(plan_key)
-    if plan is None:
-        plan = _PREFILL_PLANS[plan_key] = _kernels.PrefillPlan(
-            _kernels.load(), B, hg, G, spec.len_q, spec.len_k, spec.d_key, spec.d_value, basis, cd,
-            *_split_scale(spec.scale), is_causal, state_dtype=spec.state_dtype,
-        )
-    for h0 in range(0, Hkv, hg):
-        h1 = min(h0 + hg, Hkv)
-        if h1 - h0 != hg:  # the last, smaller group
-            plan = _kernels.PrefillPlan(_kernels.load(), B, h1 - h0, G, spec.len_q, spec.len_k, spec.d_key,
-                                        spec.d_value, basis, cd, *_split_scale(spec.scale), is_causal,
-                                        state_dtype=spec.state_dtype)
-        qg, kg, vg = q4[:, h0 * G : h1 * G], k4[:, h0:h1], v4[:, h0:h1]
-        if not direct:
-            qg, kg, vg = (t.to(cd).contiguous() for t in (qg, kg, vg))
-        plan(qg, kg, vg, keep, kvT[:, h0:h1].mT, y[:, h0 * G : h1 * G])       # updates kvT in place
-    y = y.view(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
-    kv = kvT.view(*spec.batch_shape, Hkv, F, D).mT
-    return (y if spec.dtype == cd else y.to(spec.dtype)), kv
+    y = torch.empty((B, spec.n_q_heads, Lq, Ev), dtype=spec.dtype)           # [B, Hq, Lq, Ev]
+
+    def run(q, k, v, keep, y, causal):
+        _kernels.PrefillPlan(_kernels.load(), B, Hkv, G, q.shape[-2], k.shape[-2], E, Ev, basis, cd,
+                             *_split_scale(spec.scale), causal, state_dtype=spec.state_dtype)(q, k, v, keep, kvT.mT, y)
+
+    if spec.dtype == cd and all(t.stride(-1) == 1 for t in (q4, k4, v4)):
+        run(q4, k4, v4, keep, y, is_causal)                                  # updates kvT in place
+    else:
+        conv = lambda t: t.to(cd).contiguous()
+        per_token = B * (spec.n_q_heads * (E + Ev) + Hkv * (E + Ev)) * _ITEMSIZE[cd]
+        seg = max(32, _BLOCK_BYTES // max(per_token, 1) // 32 * 32)
+        if is_causal:  # segments carry the state, exactly like one call
+            for a in range(0, Lq, seg):
+                b = min(a + seg, Lq)
+                y_seg = torch.empty((B, spec.n_q_heads, b - a, Ev), dtype=cd)
+                run(conv(q4[:, :, a:b]), conv(k4[:, :, a:b]), conv(v4[:, :, a:b]),
+                    None if keep is None else keep[:, a:b].contiguous(), y_seg, True)
+                y[:, :, a:b] = y_seg
+        else:  # absorb every key segment, then read every query segment
+            no_q, no_y = q4.new_empty((B, spec.n_q_heads, 0, E), dtype=cd), y.new_empty((B, spec.n_q_heads, 0, Ev), dtype=cd)
+            for a in range(0, Lk, seg):
+                b = min(a + seg, Lk)
+                run(no_q, conv(k4[:, :, a:b]), conv(v4[:, :, a:b]),
+                    None if keep is None else keep[:, a:b].contiguous(), no_y, False)
+            no_k, no_v = k4.new_empty((B, Hkv, 0, E), dtype=cd), v4.new_empty((B, Hkv, 0, Ev), dtype=cd)
+            for a in range(0, Lq, seg):
+                b = min(a + seg, Lq)
+                y_seg = torch.empty((B, spec.n_q_heads, b - a, Ev), dtype=cd)
+                run(conv(q4[:, :, a:b]), no_k, no_v, None, y_seg, False)
+                y[:, :, a:b] = y_seg
+    y = y.view(*spec.batch_shape, spec.n_q_heads, Lq, Ev)
+    return y, kvT.view(*spec.batch_shape, Hkv, F, D).mT
 
 
 def _as_4d(t: torch.Tensor, B: int) -> torch.Tensor:
@@ -338,9 +367,9 @@ def _default_chunk(spec: Spec) -> int:
 def _normalize(U: torch.Tensor, d_value: int, dtype: torch.dtype) -> torch.Tensor:
     """``[..., Ev + 1] -> [..., Ev]``: numerator / normaliser; 0 where the normaliser is not positive."""
     num, z = U[..., :d_value], U[..., d_value:]
-    pos = z > 0
+    dead = z <= 0  # False for NaN: a NaN normaliser propagates, as in SDPA
     # the inner where keeps the unused branch finite so its gradient is 0, not NaN
-    return torch.where(pos, num / torch.where(pos, z, torch.ones_like(z)), 0.0).to(dtype)
+    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(z), z)).to(dtype)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -362,17 +391,19 @@ class _Run:
     def __init__(self, spec: Spec, basis: TaylorBasis, chunk: int, block: int | None = None):
         self.spec = spec
         self.basis = basis
-        self.chunk = chunk
         self.cd = spec.compute_dtype
         self.sd = spec.state_dtype
         self.sq, self.sk = _split_scale(spec.scale)
-        D, F, E, g, c = spec.feature_dim, spec.d_value + 1, spec.d_key, spec.group, chunk
+        D, F, E, g = spec.feature_dim, spec.d_value + 1, spec.d_key, spec.group
         self.budget = budget = min(_BLOCK_BYTES, get_memory_budget() // 4)
+        # a chunk's features (x3 under autograd) must fit the block budget: large D, shorter chunks
+        feature_bytes = 3 * D * (1 + g) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
+        self.chunk = c = max(1, min(chunk, budget // max(feature_bytes, 1)))
         # bytes per token of a causal block, all heads (x3: temporaries under autograd)
         per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
         self.block = block or max(c, int(budget // max(per_token, 1)) // c * c)
         # the fused CPU kernel computes blocks without autograd when the state is in the compute dtype
-        self.fused = spec.device.type == "cpu" and _kernels.supports(self.cd, self.sd) and _kernels.load() is not None
+        self.fused = _kernel_ok(spec)
 
     # ------------------------------------------------------------ shared pieces
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -602,7 +633,7 @@ def _causal_block(q, k, v, mask, S, *, run: _Run):
 
     y = _normalize(U.view(B, Hkv, g, n * c, F)[:, :, :, :T], run.spec.d_value, run.spec.dtype)  # [B, Hkv, g, T, Ev]
     # the new state sums in the state dtype: earlier state + this block's chunks
-    return y, run._grow(S, before[:, :, -1] - S_c[:, :, 0] + dS[:, :, -1])    # [B, Hkv, F, D]
+    return y, run._grow(S, dS.sum(dim=2))                                      # [B, Hkv, F, D]
 
 
 @functools.lru_cache(maxsize=32)

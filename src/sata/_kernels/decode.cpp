@@ -60,9 +60,10 @@ struct Features {
   const int64_t* prefix_len;
   const T* weight;
 
+  // degree 0 and 1; x == nullptr stands for a zero input (a masked key: its NaNs must not be read)
   void degree01(const T* x, T s, T* phi) const {
     phi[0] = T(1);
-    for (int64_t j = 0; j < d && P > 1; ++j) phi[1 + j] = x[j] * s;
+    for (int64_t j = 0; j < d && P > 1; ++j) phi[1 + j] = x == nullptr ? T(0) : x[j] * s;
   }
 
   // degree p (>= 2) of one row, from its degree p - 1 block at prev; returns the block's size
@@ -169,7 +170,7 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
     std::vector<TS> u(G * F);
     for (int64_t n = n0; n < n1; ++n) {
       T* base = phi.data() + (n - n0) * (1 + G) * ld;
-      feat.degree01(k + n * d, sk, base);
+      feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, sk, base);
       for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, sq, base + (1 + g) * ld);
     }
     feat.build(phi.data(), rows, ld);
@@ -177,7 +178,7 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
       const T* pk = phi.data() + (n - n0) * (1 + G) * ld;
       const T* pq = pk + ld;
       const bool use = keep == nullptr || keep[n];
-      for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);
+      for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
       vt[Ev] = use ? T(1) : T(0);
       const TS* src = S_in + n * F * D;
       TS* dst = S_out + n * F * D;
@@ -193,7 +194,7 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
       for (int64_t g = 0; g < G; ++g) {
         const TS z = u[g * F + Ev];
         T* yg = y + (n * G + g) * Ev;
-        for (int64_t f = 0; f < Ev; ++f) yg[f] = z > TS(0) ? T(u[g * F + f] / z) : T(0);
+        for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
       }
     }
   }

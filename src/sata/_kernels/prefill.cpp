@@ -234,7 +234,7 @@ struct Head {
     for (int64_t i = 0; i < c; ++i) {
       const T z = U[Ev * C + i];
       T* yr = y + (t0 + i) * y_sl;
-      for (int64_t f = 0; f < Ev; ++f) yr[f] = z > T(0) ? U[f * C + i] / z : T(0);
+      for (int64_t f = 0; f < Ev; ++f) yr[f] = z <= T(0) ? T(0) : U[f * C + i] / z;  // NaN propagates
     }
   }
 
