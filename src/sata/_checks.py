@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,7 @@ class Spec:
     batch: int          # prod(batch_shape)
     group: int          # query heads per key/value head
     feature_dim: int    # D
+    plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)   # kernel plans of this call shape
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:

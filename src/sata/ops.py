@@ -1,16 +1,20 @@
 """Symmetry-aware Taylor attention: the functional op, a drop-in beside SDPA.
 
-Three internal paths compute the same thing (``MATH.md`` section 3):
+The paths compute the same thing (``MATH.md`` section 3) and are chosen per call:
 
-- ``_parallel``  (non-causal): ``S = S_in + phi(K)^T [V, 1]``, then ``U = phi(Q) S``; or, when
-  cheaper and no state is needed, ``U = T_P(scale Q K^T) [V, 1]`` directly.
-- ``_chunked``   (causal prefill / training): per chunk, the polynomial of the scores inside
-  the chunk plus ``phi(Q_t) S_{t-1}`` for everything before it.
-- ``_recurrent`` (causal decode, a few tokens): ``S += phi(k) [v, 1]^T``, ``u = phi(q)^T S``.
+- ``decode_kernel``  one new token (CPU, no autograd): fused C++ step, one pass over the state.
+- ``prefill_kernel`` longer inputs (CPU, no autograd): fused C++ chunked prefill, or for
+  non-causal input, state build then read.
+- ``quadratic``      ``T_P`` on the score matrix, when the sequence is short next to the feature
+  size ``D`` and no state is returned (it would cost more to build one).
+- ``chunked``        causal, PyTorch (autograd, CUDA): per chunk, the polynomial of the scores
+  inside the chunk plus ``phi(Q_t) S_{t-1}`` for everything before it.
+- ``parallel``       non-causal, PyTorch: ``S = S_in + phi(K)^T [V, 1]``, then ``phi(Q) S``.
+- ``recurrent``      causal single tokens, PyTorch: ``S += phi(k) [v, 1]^T``, ``u = phi(q)^T S``.
 
-Long inputs are processed in blocks whose working set is bounded, and under
-autograd each block is recomputed in the backward pass instead of storing its
-features, so memory stays ``O(block)`` however long the sequence.
+Long inputs are processed in blocks whose working set is bounded; under autograd each block
+is recomputed in the backward pass instead of storing its features, so memory does not grow
+with ``D`` per token.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ __all__ = ["accumulate_state", "sata_attention"]
 # causal calls with at most this many tokens run token by token (decode)
 _RECURRENT_MAX_LEN = 1
 # bytes of features and scores one block may hold (at most a quarter of the budget)
-_BLOCK_BYTES = 16 * 2**20
+_BLOCK_BYTES = 64 * 2**20
 
 
 def sata_attention(
@@ -48,6 +52,7 @@ def sata_attention(
     key_padding_mask: torch.Tensor | None = None,
     state: SATAState | None = None,
     return_state: bool = False,
+    inplace: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SATAState]:
     r"""Attention with ``exp`` replaced by its Taylor series truncated to ``n_taylor`` terms.
 
@@ -76,6 +81,10 @@ def sata_attention(
             (``nn.MultiheadAttention``'s convention). A masked key changes neither output nor state.
         state (SATAState, optional): keys seen before this call. Never modified.
         return_state (bool): also return the state after this call. Default: ``False``.
+        inplace (bool): write the new state into ``state.kv`` instead of a new tensor, for serving
+            loops that drop the old state anyway (no allocation per token; about a third less memory
+            traffic). The returned state shares that tensor. Not allowed when ``state.kv`` requires
+            grad. Default: ``False`` (the passed-in state stays valid).
 
     Returns:
         ``[..., Hq, Lq, Ev]`` in the input dtype, or ``(output, state)`` with ``return_state=True``.
@@ -97,7 +106,12 @@ def sata_attention(
         "sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
     )
-    return _attention(query, key, value, spec, is_causal, key_padding_mask, state, return_state)
+    if inplace:
+        if state is None or not return_state:
+            raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
+        if state.kv.requires_grad and torch.is_grad_enabled():
+            raise ValueError("sata_attention: inplace=True would break autograd through state.kv; use inplace=False")
+    return _attention(query, key, value, spec, is_causal, key_padding_mask, state, return_state, inplace=inplace)
 
 
 def accumulate_state(
@@ -132,10 +146,12 @@ def accumulate_state(
     return new_state
 
 
-def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask, state, return_state, mode=None, chunk_size=None):
+def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask, state, return_state, mode=None,
+               chunk_size=None, block_size=None, inplace=False):
     """Reshape to ``[B, Hkv, (g,) L, E]``, dispatch to a path, reshape back.
 
-    ``mode`` forces a path (tests): ``'kernel'``, ``'recurrent'``, ``'chunked'``, ``'parallel'``.
+    Tests force a path with ``mode`` (``'decode_kernel'``, ``'prefill_kernel'``, ``'recurrent'``,
+    ``'chunked'``, ``'parallel'``) and small ``chunk_size`` / ``block_size`` (tokens).
     """
     B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
     basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
@@ -144,16 +160,20 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
         fused = _kernel_applies(spec, query, key, value, S_in)
         if fused and spec.len_q == 1 and spec.len_k == 1:
             mode = "decode_kernel"
+        elif not return_state and spec.len_q > 1 and _quadratic_cheaper(spec, is_causal):
+            mode = "quadratic"
+        elif fused:
+            mode = "prefill_kernel"
         elif is_causal:
-            mode = "prefill_kernel" if fused else "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
+            mode = "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
         else:
-            mode = "prefill_kernel" if fused and (return_state or not _quadratic_cheaper(spec)) else "parallel"
+            mode = "parallel"
     if mode == "decode_kernel":
-        out, S_new = _decode_kernel(query, key, value, spec, basis, key_padding_mask, S_in)
+        out, S_new = _decode_kernel(query, key, value, spec, basis, key_padding_mask, S_in, inplace)
     elif mode == "prefill_kernel":
         out, S_new = _prefill_kernel(query, key, value, spec, basis, key_padding_mask, S_in, is_causal)
     else:
-        if is_causal == (mode == "parallel"):
+        if (mode == "parallel" and is_causal) or (mode in ("chunked", "recurrent") and not is_causal):
             raise ValueError(f"mode={mode!r} does not compute {'causal' if is_causal else 'non-causal'} attention")
         q = query.reshape(B, Hkv, g, spec.len_q, spec.d_key)                  # [B, Hkv, g, Lq, E]
         k = key.reshape(B, Hkv, spec.len_k, spec.d_key)                       # [B, Hkv, Lk, E]
@@ -161,13 +181,22 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
         mask = None if key_padding_mask is None else key_padding_mask.reshape(B, spec.len_k)   # [B, Lk]
         # internally F-major: S^T [B, Hkv, F, D], the layout the kernel and the state use
         S = None if S_in is None else S_in.transpose(-1, -2).reshape(B, Hkv, F, D)   # [B, Hkv, F, D]
-        run = _Run(spec, basis, chunk_size or _default_chunk(spec))
-        y, S_new = getattr(run, mode)(q, k, v, mask, S, need_state=return_state)
+        run = _Run(spec, basis, chunk_size or _default_chunk(spec), block_size)
+        if mode == "quadratic":
+            y, S_new = run.quadratic(q, k, v, mask, S, return_state, is_causal)
+            if return_state:  # the scores give no state: absorb the keys separately
+                _, S_new = run.parallel(q[:, :, :, :0], k, v, mask, S, True)
+        else:
+            y, S_new = getattr(run, mode)(q, k, v, mask, S, need_state=return_state)
         out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
         if S_new is not None:
             S_new = S_new.reshape(*spec.batch_shape, Hkv, F, D).transpose(-1, -2)
     if not return_state:
         return out
+    if inplace and S_new is not S_in:
+        with torch.no_grad():
+            S_in.copy_(S_new)
+        S_new = S_in
     if S_new is None:
         S_new = torch.zeros(*spec.batch_shape, Hkv, F, D, dtype=spec.state_dtype, device=spec.device).transpose(-1, -2)
     new_state = SATAState._unchecked(
@@ -186,19 +215,18 @@ def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
     )
 
 
-_DECODE_PLANS: dict = {}
 _PREFILL_PLANS: dict = {}
 
 
-def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S):
+def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, inplace: bool = False):
     """One token for every sequence and head through the fused kernel: ``[..., Hq, 1, E] -> [..., Hq, 1, Ev]``.
 
     The kernel reads raw memory, so contiguous inputs in the compute dtype are used as they are and
     the state is used in place of a copy when it is D-contiguous (as every state this library makes).
     """
-    plan = _DECODE_PLANS.get(spec)
+    plan = spec.plans.get("decode")
     if plan is None:
-        plan = _DECODE_PLANS[spec] = _kernels.DecodePlan(
+        plan = spec.plans["decode"] = _kernels.DecodePlan(
             _kernels.load(), spec.batch * spec.n_kv_heads, spec.group, spec.d_key, spec.d_value, basis,
             spec.compute_dtype, *_split_scale(spec.scale),
         )
@@ -207,45 +235,76 @@ def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddin
     keep = None
     if key_padding_mask is not None:  # [B, 1] -> one flag per (batch, kv head)
         keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
-    S_out = torch.empty((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=cd)   # [..., Hkv, F, D]
     if S is None:
-        S_in = torch.zeros_like(S_out)
+        S_in = torch.zeros((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=cd)    # [..., Hkv, F, D]
+    elif S.mT.is_contiguous():
+        S_in = S.mT
     else:
-        S_in = S.mT if S.mT.is_contiguous() else S.mT.contiguous()             # [..., Hkv, F, D]
+        S_in, inplace = S.mT.contiguous(), False
+    S_out = S_in if inplace else torch.empty_like(S_in)                       # [..., Hkv, F, D]
     y = torch.empty((*spec.batch_shape, spec.n_q_heads, 1, spec.d_value), dtype=cd)   # [..., Hq, 1, Ev]
     plan(q, k, v, keep, S_in, S_out, y)
     return (y if spec.dtype == cd else y.to(spec.dtype)), S_out.mT
 
 
 def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, is_causal: bool):
-    """Causal chunked prefill, or non-causal state build then read, through the fused kernel."""
-    N, F, D, cd = spec.batch * spec.n_kv_heads, spec.d_value + 1, spec.feature_dim, spec.compute_dtype
-    plan_key = (spec, is_causal)
-    plan = _PREFILL_PLANS.get(plan_key)
-    if plan is None:
-        plan = _PREFILL_PLANS[plan_key] = _kernels.PrefillPlan(
-            _kernels.load(), N, spec.group, spec.len_q, spec.len_k, spec.d_key, spec.d_value, basis, cd,
-            *_split_scale(spec.scale), is_causal,
-        )
-    q, k, v = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
-    keep = None
-    if key_padding_mask is not None:  # [B, Lk] -> one row per (batch, kv head)
-        keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1, spec.len_k)
-        keep = keep.expand(spec.batch, spec.n_kv_heads, spec.len_k).contiguous()
-    kvT = torch.empty((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=cd)   # [..., Hkv, F, D]
+    """Causal chunked prefill, or non-causal state build then read, through the fused kernel.
+
+    Inputs in the compute dtype are read in place through their strides (a ``[B, L, H, E]``
+    tensor transposed to ``[B, H, L, E]`` is not copied); other dtypes are converted a few
+    heads at a time, so the extra memory stays bounded however long the sequence.
+    """
+    B, Hkv, G, F, D, cd = spec.batch, spec.n_kv_heads, spec.group, spec.d_value + 1, spec.feature_dim, spec.compute_dtype
+    q4, k4, v4 = (_as_4d(t, B) for t in (query, key, value))                  # [B, H, L, X]
+    keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(B, spec.len_k)
+    kvT = torch.empty((B, Hkv, F, D), dtype=cd)                                # [B, Hkv, F, D]
     if S is None:
         kvT.zero_()
     else:
-        kvT.copy_(S.mT)
-    y = torch.empty((*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value), dtype=cd)
-    plan(q, k, v, keep, kvT.mT.reshape(N, D, F), y)                            # updates kvT in place
-    return (y if spec.dtype == cd else y.to(spec.dtype)), kvT.mT
+        kvT.copy_(S.reshape(B, Hkv, D, F).mT)
+    y = torch.empty((B, spec.n_q_heads, spec.len_q, spec.d_value), dtype=cd)  # [B, Hq, Lq, Ev]
+    direct = all(t.dtype == cd and t.stride(-1) == 1 for t in (q4, k4, v4))
+    if direct:
+        hg = Hkv
+    else:  # convert a group of heads at a time
+        per_head = B * (G * spec.len_q * spec.d_key + spec.len_k * (spec.d_key + spec.d_value)) * _ITEMSIZE[cd]
+        hg = max(1, min(Hkv, _BLOCK_BYTES // max(per_head, 1)))
+    plan_key = (spec, is_causal, hg)
+    plan = _PREFILL_PLANS.get(plan_key)
+    if plan is None:
+        plan = _PREFILL_PLANS[plan_key] = _kernels.PrefillPlan(
+            _kernels.load(), B, hg, G, spec.len_q, spec.len_k, spec.d_key, spec.d_value, basis, cd,
+            *_split_scale(spec.scale), is_causal,
+        )
+    for h0 in range(0, Hkv, hg):
+        h1 = min(h0 + hg, Hkv)
+        if h1 - h0 != hg:  # the last, smaller group
+            plan = _kernels.PrefillPlan(_kernels.load(), B, h1 - h0, G, spec.len_q, spec.len_k, spec.d_key,
+                                        spec.d_value, basis, cd, *_split_scale(spec.scale), is_causal)
+        qg, kg, vg = q4[:, h0 * G : h1 * G], k4[:, h0:h1], v4[:, h0:h1]
+        if not direct:
+            qg, kg, vg = (t.to(cd).contiguous() for t in (qg, kg, vg))
+        plan(qg, kg, vg, keep, kvT[:, h0:h1].mT, y[:, h0 * G : h1 * G])       # updates kvT in place
+    y = y.view(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
+    kv = kvT.view(*spec.batch_shape, Hkv, F, D).mT
+    return (y if spec.dtype == cd else y.to(spec.dtype)), kv
 
 
-def _quadratic_cheaper(spec: Spec) -> bool:
-    """Non-causal without a state to return: scores cost ``Lq Lk (E + F)``, features ``(Lq + Lk) D F``."""
+def _as_4d(t: torch.Tensor, B: int) -> torch.Tensor:
+    """``[..., H, L, X] -> [B, H, L, X]``, a view whenever the batch dimensions allow it."""
+    if t.dim() == 4:
+        return t
+    try:
+        return t.view(B, *t.shape[-3:])
+    except RuntimeError:
+        return t.reshape(B, *t.shape[-3:])
+
+
+def _quadratic_cheaper(spec: Spec, causal: bool) -> bool:
+    """Scores cost ``Lq Lk (E + F + P)`` (half for causal); features ``(Lq + Lk) D F``."""
     F = spec.d_value + 1
-    return spec.len_q * spec.len_k * (spec.d_key + F) <= (spec.len_q + spec.len_k) * spec.feature_dim * F
+    pairs = spec.len_q * spec.len_k / (2 if causal else 1)
+    return pairs * (spec.d_key + F + spec.n_taylor) <= (spec.len_q + spec.len_k) * spec.feature_dim * F
 
 
 def _split_scale(scale: float) -> tuple[float, float]:
@@ -282,7 +341,7 @@ class _Run:
     features, scores and products are computed in the compute dtype.
     """
 
-    def __init__(self, spec: Spec, basis: TaylorBasis, chunk: int):
+    def __init__(self, spec: Spec, basis: TaylorBasis, chunk: int, block: int | None = None):
         self.spec = spec
         self.basis = basis
         self.chunk = chunk
@@ -290,10 +349,12 @@ class _Run:
         self.sd = spec.state_dtype
         self.sq, self.sk = _split_scale(spec.scale)
         D, F, E, g, c = spec.feature_dim, spec.d_value + 1, spec.d_key, spec.group, chunk
-        budget = min(_BLOCK_BYTES, get_memory_budget() // 4)
+        self.budget = budget = min(_BLOCK_BYTES, get_memory_budget() // 4)
         # bytes per token of a causal block, all heads (x3: temporaries under autograd)
         per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
-        self.block = max(c, int(budget // max(per_token, 1)) // c * c)
+        self.block = block or max(c, int(budget // max(per_token, 1)) // c * c)
+        # the fused CPU kernel computes blocks without autograd when the state is in the compute dtype
+        self.fused = spec.device.type == "cpu" and self.sd == self.cd and _kernels.load() is not None
 
     # ------------------------------------------------------------ shared pieces
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -348,40 +409,135 @@ class _Run:
         B, Hkv, g, L, E = q.shape
         if S is None:
             S = q.new_zeros(B, Hkv, self.spec.d_value + 1, self.spec.feature_dim, dtype=self.sd)
-        fn = functools.partial(_causal_block, run=self)
-        slices = lambda a, b: (q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
         if _needs_grad(q, k, v, S):
-            outs, S = self._blocks(fn, L, slices, True, S)
-            return torch.cat(outs, dim=-2), S
-        out = q.new_empty(B, Hkv, g, L, self.spec.d_value)                     # [B, Hkv, g, L, Ev]
-        for start in range(0, L, self.block):
-            stop = min(start + self.block, L)
-            out[:, :, :, start:stop], S = fn(*slices(start, stop), S)
-        return out, S
+            return _CausalChunked.apply(q, k, v, S, mask, self)
+        return _causal_forward(q, k, v, mask, S, self, saved=None)
 
     # ------------------------------------------------------------ non-causal
     def parallel(self, q, k, v, mask, S, need_state):
-        """Every query attends to ``S`` and to all passed keys."""
+        """Non-causal through the features: ``S += phi(K)^T [V, 1]`` over all keys, then ``phi(Q) S``."""
         spec = self.spec
         B, Hkv, g, Lq, E = q.shape
-        Lk, D, F = k.shape[-2], spec.feature_dim, spec.d_value + 1
         need_grad = _needs_grad(q, k, v, S)
-        # quadratic in (Lq, Lk) or linear through the features: the cheaper one
-        quadratic = not need_state and _quadratic_cheaper(spec)
-        if not quadratic:
-            slices = lambda a, b: (k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
-            _, S = self._blocks(functools.partial(_key_block, run=self), Lk, slices, need_grad, S)
-            if S is None:  # no keys at all: every normaliser is 0
-                return q.new_zeros(B, Hkv, g, Lq, spec.d_value), None
-            outs, _ = self._blocks(functools.partial(_query_block, run=self), Lq, lambda a, b: (q[:, :, :, a:b],), need_grad, S)
-            return torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, spec.d_value), S
-        qs = q.to(self.cd) * self.sq                                            # [B, Hkv, g, Lq, E]
+        slices = lambda a, b: (k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b])
+        _, S = self._blocks(functools.partial(_key_block, run=self), k.shape[-2], slices, need_grad, S)
+        if S is None:  # no keys at all: every normaliser is 0
+            return q.new_zeros(B, Hkv, g, Lq, spec.d_value), None
+        outs, _ = self._blocks(functools.partial(_query_block, run=self), Lq, lambda a, b: (q[:, :, :, a:b],), need_grad, S)
+        return torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, spec.d_value), S
+
+    def quadratic(self, q, k, v, mask, S, need_state, causal: bool):
+        """``T_P`` on the score matrix, query block by query block: cheaper than features when the
+        sequence is short next to ``D``. Returns no new state (``S`` is passed through)."""
+        spec = self.spec
+        B, Hkv, g, Lq, E = q.shape
+        Lk = k.shape[-2]
         ks, vt = self._keys_values(k, v, mask)                                  # [B, Hkv, Lk, E], [B, Hkv, Lk, F]
-        A = taylor_exp(qs @ ks[:, :, None].transpose(-1, -2), spec.n_taylor)   # [B, Hkv, g, Lq, Lk]
-        U = A @ vt[:, :, None]                                                  # [B, Hkv, g, Lq, F]
-        if S is not None:
-            U = U + self._read(_phi(qs, self.basis), S[:, :, None])
-        return _normalize(U, spec.d_value, spec.dtype), S
+        # query rows per block so that one block's scores fit the block budget
+        rows = max(1, self.budget // max(3 * _ITEMSIZE[self.cd] * B * Hkv * g * max(Lk, 1), 1))
+        fn = functools.partial(_quadratic_block, ks=ks, vt=vt, run=self, causal=causal, offset=Lk - Lq)
+        outs = []
+        for a in range(0, Lq, rows):
+            b = min(a + rows, Lq)
+            args = (q[:, :, :, a:b], S, a)
+            outs.append(checkpoint(fn, *args, use_reentrant=False) if _needs_grad(q, k, v, S) else fn(*args))
+        return torch.cat(outs, dim=-2) if outs else q.new_empty(B, Hkv, g, 0, spec.d_value), S
+
+
+def _quadratic_block(q, S, start: int, *, ks, vt, run: _Run, causal: bool, offset: int):
+    """Queries ``start ..`` of a block against all keys: ``rownorm(T_P(Q K^T) masked) [V, 1]`` (+ ``phi(Q) S``)."""
+    qs = q.to(run.cd) * run.sq                                                  # [B, Hkv, g, T, E]
+    A = taylor_exp(qs @ ks[:, :, None].mT, run.spec.n_taylor)                  # [B, Hkv, g, T, Lk]
+    if causal:  # query i (absolute offset + start + i) sees keys j <= it
+        T, Lk = A.shape[-2:]
+        i = torch.arange(start + offset, start + offset + T, device=A.device)[:, None]
+        A = A.masked_fill(torch.arange(Lk, device=A.device)[None, :] > i, 0.0)
+    U = A @ vt[:, :, None]                                                      # [B, Hkv, g, T, F]
+    if S is not None:
+        U = U + run._read(_phi(qs, run.basis), S[:, :, None])
+    return _normalize(U, run.spec.d_value, run.spec.dtype)
+
+
+def _causal_forward(q, k, v, mask, S, run: _Run, saved: list | None):
+    """All blocks of a causal sequence, without autograd; ``saved`` collects each block's start state."""
+    B, Hkv, g, L, E = q.shape
+    out = q.new_empty(B, Hkv, g, L, run.spec.d_value)                         # [B, Hkv, g, L, Ev]
+    block_fn = _kernel_causal_block if run.fused else _causal_block
+    for a in range(0, L, run.block):
+        b = min(a + run.block, L)
+        if saved is not None:
+            saved.append(S)
+        out[:, :, :, a:b], S = block_fn(
+            q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b], S, run=run
+        )
+    return out, S
+
+
+def _kernel_causal_block(q, k, v, mask, S, *, run: _Run):
+    """:func:`_causal_block` through the fused CPU kernel (no autograd): same arguments and results."""
+    B, Hkv, g, T, E = q.shape
+    cd = run.cd
+    q4 = q.flatten(1, 2)                                                        # [B, Hkv g, T, E]
+    q4, k, v = (t if t.dtype == cd and t.stride(-1) == 1 else t.to(cd).contiguous() for t in (q4, k, v))
+    keep = None if mask is None else (~mask).to(torch.uint8).contiguous()      # [B, T]
+    S_new = S.clone()                                                           # [B, Hkv, F, D] (S may be saved)
+    y = torch.empty(B, Hkv * g, T, run.spec.d_value, dtype=cd)                  # [B, Hkv g, T, Ev]
+    _kernels.PrefillPlan(_kernels.load(), B, Hkv, g, T, T, E, run.spec.d_value, run.basis, cd, run.sq, run.sk,
+                         True)(q4, k, v, keep, S_new.mT, y)
+    return y.view(B, Hkv, g, T, run.spec.d_value).to(run.spec.dtype), S_new
+
+
+class _CausalChunked(torch.autograd.Function):
+    """Causal chunked attention whose backward recomputes each block instead of storing its features.
+
+    Saved for backward: the inputs and the state at the start of every block (one state per
+    ``run.block`` tokens), so activation memory does not grow with ``D`` per token. The backward
+    pass walks the blocks in reverse, re-runs each under autograd and carries the state gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, S, mask, run: _Run):
+        starts: list = []
+        with torch.no_grad():
+            out, S_end = _causal_forward(q, k, v, mask, S, run, saved=starts)
+        ctx.save_for_backward(q, k, v, *starts)
+        ctx.mask, ctx.run = mask, run
+        return out, S_end
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_S_end):
+        q, k, v, *starts = ctx.saved_tensors
+        mask, run = ctx.mask, ctx.run
+        need = ctx.needs_input_grad[:4]
+        dq = torch.zeros_like(q) if need[0] else None
+        dk = torch.zeros_like(k) if need[1] else None
+        dv = torch.zeros_like(v) if need[2] else None
+        d_S = d_S_end
+        L = q.shape[-2]
+        for i in reversed(range(len(starts))):
+            a = i * run.block
+            b = min(a + run.block, L)
+            with torch.enable_grad():
+                leaves = [
+                    q[:, :, :, a:b].detach().requires_grad_(need[0]),
+                    k[:, :, a:b].detach().requires_grad_(need[1]),
+                    v[:, :, a:b].detach().requires_grad_(need[2]),
+                    starts[i].detach().requires_grad_(True),
+                ]
+                y, S_next = _causal_block(*leaves[:3], None if mask is None else mask[:, a:b], leaves[3], run=run)
+                wrt = [t for t in leaves if t.requires_grad]
+                grads = torch.autograd.grad([y, S_next], wrt, [d_out[:, :, :, a:b], d_S], allow_unused=True)
+            grads = dict(zip([id(t) for t in wrt], grads))
+            for dst, leaf, sl in ((dq, leaves[0], (slice(None),) * 3 + (slice(a, b),)),
+                                  (dk, leaves[1], (slice(None),) * 2 + (slice(a, b),)),
+                                  (dv, leaves[2], (slice(None),) * 2 + (slice(a, b),))):
+                if dst is not None and grads.get(id(leaf)) is not None:
+                    dst[sl] = grads[id(leaf)]
+            d_S = grads[id(leaves[3])]
+            if d_S is None:
+                d_S = torch.zeros_like(starts[i])
+        return dq, dk, dv, (d_S if need[3] else None), None, None
 
 
 def _key_block(k, v, mask, S, *, run: _Run):

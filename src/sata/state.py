@@ -116,9 +116,7 @@ class SATAState:
     def _unchecked(cls, kv: torch.Tensor, n_taylor: int, d_key: int, d_value: int, scale: float, n_tokens: int) -> SATAState:
         """Construct without validation: for the op's hot path, whose inputs were validated already."""
         self = object.__new__(cls)
-        for name, value in (("kv", kv), ("n_taylor", n_taylor), ("d_key", d_key), ("d_value", d_value),
-                            ("scale", scale), ("n_tokens", n_tokens)):
-            object.__setattr__(self, name, value)
+        self.__dict__.update(kv=kv, n_taylor=n_taylor, d_key=d_key, d_value=d_value, scale=scale, n_tokens=n_tokens)
         return self
 
     # ---------------------------------------------------------------- description

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("decode.cpp", "prefill.cpp")]
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17"]
+# tried in order: the first set this compiler accepts is used
+_OPTIONAL = [["-march=native", "-fopenmp"], ["-fopenmp"], []]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status = "not built yet"
@@ -44,8 +46,8 @@ def _build() -> ctypes.CDLL:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
-    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _SOURCES), " ".join(_FLAGS).encode(), cxx.encode(), _cpu_id().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _SOURCES), repr((_FLAGS, _OPTIONAL)).encode(),
+                                     cxx.encode(), _cpu_id().encode(), platform.machine().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("SATA_KERNEL_CACHE") or Path.home() / ".cache" / "sata")
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -58,8 +60,11 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
-            if proc.returncode != 0:
+            for extra in _OPTIONAL:
+                proc = subprocess.run([cxx, *_FLAGS, *extra, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True)
+                if proc.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
             os.replace(tmp, target)
         finally:
@@ -73,7 +78,8 @@ def _build() -> ctypes.CDLL:
         fn.restype = None
     for name in ("sata_prefill_f32", "sata_prefill_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = [i64] * 8 + [ptr] * 5 + [i64] * 3 + [ptr] * 3 + [f64, f64, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = ([i64] * 9 + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [ptr, ptr]
+                       + [i64] * 4 + [ptr] + [i64] * 3 + [ptr, ptr, f64, f64, ctypes.c_int, ctypes.c_int])
         fn.restype = None
     return lib
 
@@ -135,19 +141,22 @@ class DecodePlan:
 class PrefillPlan:
     """The fused chunked prefill (causal) or state-build-then-read (non-causal) for one configuration.
 
-    Call with CPU tensors in the plan's dtype: q ``[N, G, Lq, d]``, k ``[N, Lk, d]``, v ``[N, Lk, Ev]``
-    contiguous, keep ``[N, Lk]`` uint8 or ``None``, S ``[N, D, F]`` (any strides: updated in place),
-    y ``[N, G, Lq, Ev]`` contiguous.
+    Call with CPU tensors in the plan's dtype, each ``[B, H, L, X]`` with a contiguous last dimension
+    (any other strides): q ``[B, Hkv*G, Lq, d]``, k ``[B, Hkv, Lk, d]``, v ``[B, Hkv, Lk, Ev]``,
+    y ``[B, Hkv*G, Lq, Ev]``; keep ``[B, Lk]`` uint8 contiguous or ``None``; S ``[B, Hkv, D, F]``
+    (any strides; updated in place).
     """
 
-    def __init__(self, lib, N: int, G: int, Lq: int, Lk: int, d: int, Ev: int, basis, dtype: torch.dtype,
-                 sq: float, sk: float, causal: bool):
+    def __init__(self, lib, B: int, Hkv: int, G: int, Lq: int, Lk: int, d: int, Ev: int, basis,
+                 dtype: torch.dtype, sq: float, sk: float, causal: bool):
         self._prefix_len, self._weight = _hierarchy(basis, dtype)
         self._fn = lib.sata_prefill_f64 if dtype == torch.float64 else lib.sata_prefill_f32
-        self._head = (N, G, Lq, Lk, d, Ev, basis.dim, basis.n_taylor)
+        self._head = (B, Hkv, G, Lq, Lk, d, Ev, basis.dim, basis.n_taylor)
         self._tail = (self._prefix_len.data_ptr(), self._weight.data_ptr(), sq, sk, int(causal))
 
     def __call__(self, q, k, v, keep, S, y) -> None:
-        s_n, s_d, s_f = S.stride()
-        self._fn(*self._head, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
-                 S.data_ptr(), s_n, s_d, s_f, y.data_ptr(), *self._tail, torch.get_num_threads())
+        args = []
+        for t in (q, k, v):
+            args += [t.data_ptr(), *t.stride()[:3]]
+        self._fn(*self._head, *args, None if keep is None else keep.data_ptr(), S.data_ptr(), *S.stride(),
+                 y.data_ptr(), *y.stride()[:3], *self._tail, torch.get_num_threads())

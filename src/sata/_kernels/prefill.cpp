@@ -11,8 +11,9 @@
 // The state of a head lives in a padded workspace [D][Fp] for the whole call, so the
 // two products above are small register-blocked GEMMs over data that stays in cache.
 //
-// Layouts: q [N, G, Lq, d], k [N, Lk, d], v [N, Lk, Ev] contiguous; keep [N, Lk] uint8 or
-// null; S [N] with element (D, f) at S[n * s_n + D * s_d + f * s_f]; y [N, G, Lq, Ev].
+// Layouts: q [B, Hkv * G, Lq, d], k [B, Hkv, Lk, d], v [B, Hkv, Lk, Ev], y [B, Hkv * G, Lq, Ev], each
+// with any strides but a contiguous last dimension; keep [B, Lk] uint8 (0 = ignore key) or null;
+// state element (b, h, D, f) at S[b * s_b + h * s_h + D * s_d + f * s_f], updated in place.
 
 #include <algorithm>
 #include <cstdint>
@@ -27,6 +28,11 @@ constexpr int64_t DB = 8;    // feature rows per update block
 constexpr int64_t VW = 16;   // lanes the update pads value columns to
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// element strides of a [B, H, L, X] tensor whose last dimension is contiguous
+struct Strides {
+  int64_t b, h, l;
+};
 
 // rows 0..D-1 of phi_t [D][C] from scaled inputs x_t [d][C] (degree 1 rows are x_t itself)
 template <typename T>
@@ -162,14 +168,16 @@ struct Head {
         vt(C * round_up(Ev_ + 1, VW)), U(round_up(Ev_ + 1, VW) * C), scores(C * C) {}
 
   // scaled keys kx [d][C] and value rows vt [C][Fp] of tokens t0 .. t0+c-1 (zero beyond c or masked)
+  int64_t k_sl = 0, v_sl = 0, q_sl = 0, q_sh = 0, y_sl = 0, y_sh = 0;
+
   void load_keys(const T* k, const T* v, const uint8_t* keep, int64_t t0, int64_t c) {
     std::fill(kx.begin(), kx.end(), T(0));
     std::fill(vt.begin(), vt.end(), T(0));
     for (int64_t i = 0; i < c; ++i) {
       if (keep != nullptr && !keep[t0 + i]) continue;
-      const T* kr = k + (t0 + i) * d;
+      const T* kr = k + (t0 + i) * k_sl;
       for (int64_t e = 0; e < d; ++e) kx[e * C + i] = kr[e] * sk;
-      const T* vr = v + (t0 + i) * Ev;
+      const T* vr = v + (t0 + i) * v_sl;
       T* row = vt.data() + i * Fp;
       for (int64_t f = 0; f < Ev; ++f) row[f] = vr[f];
       row[Ev] = T(1);
@@ -180,7 +188,7 @@ struct Head {
   void load_queries(const T* q, int64_t t0, int64_t c) {
     std::fill(qx.begin(), qx.end(), T(0));
     for (int64_t i = 0; i < c; ++i) {
-      const T* qr = q + (t0 + i) * d;
+      const T* qr = q + (t0 + i) * q_sl;
       for (int64_t e = 0; e < d; ++e) qx[e * C + i] = qr[e] * sq;
     }
     features_t(qx.data(), d, P, prefix_len, weight, phiq.data());
@@ -217,7 +225,7 @@ struct Head {
   void write_out(T* y, int64_t t0, int64_t c) const {
     for (int64_t i = 0; i < c; ++i) {
       const T z = U[Ev * C + i];
-      T* yr = y + (t0 + i) * Ev;
+      T* yr = y + (t0 + i) * y_sl;
       for (int64_t f = 0; f < Ev; ++f) yr[f] = z > T(0) ? U[f * C + i] / z : T(0);
     }
   }
@@ -232,10 +240,10 @@ struct Head {
         const int64_t c = std::min(C, Lk - t0);
         load_keys(k, v, keep, t0, c);
         for (int64_t g = 0; g < G; ++g) {
-          load_queries(q + g * Lq * d, t0, c);
+          load_queries(q + g * q_sh, t0, c);
           gemm_t(Sp.data(), Fp, F, D, phiq.data(), U.data(), false);
           intra(c);
-          write_out(y + g * Lq * Ev, t0, c);
+          write_out(y + g * y_sh, t0, c);
         }
         update_state(Sp.data(), Fp, D, phik.data(), vt.data());
       }
@@ -247,9 +255,9 @@ struct Head {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t t0 = 0; t0 < Lq; t0 += C) {
           const int64_t c = std::min(C, Lq - t0);
-          load_queries(q + g * Lq * d, t0, c);
+          load_queries(q + g * q_sh, t0, c);
           gemm_t(Sp.data(), Fp, F, D, phiq.data(), U.data(), false);
-          write_out(y + g * Lq * Ev, t0, c);
+          write_out(y + g * y_sh, t0, c);
         }
     }
     for (int64_t r = 0; r < D; ++r)
@@ -258,16 +266,27 @@ struct Head {
 };
 
 template <typename T>
-void prefill(int64_t N, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q,
-             const T* k, const T* v, const uint8_t* keep, T* S, int64_t s_n, int64_t s_d, int64_t s_f, T* y,
-             const int64_t* prefix_len, const T* weight, T sq, T sk, int causal, int n_threads) {
+void prefill(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P,
+             const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, const uint8_t* keep, T* S,
+             int64_t s_b, int64_t s_h, int64_t s_d, int64_t s_f, T* y, Strides ys, const int64_t* prefix_len,
+             const T* weight, T sq, T sk, int causal, int n_threads) {
+  const int64_t N = B * Hkv;
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
   {
     Head<T> head(G, Lq, Lk, d, Ev, D, P, prefix_len, weight, sq, sk);
+    head.k_sl = ks.l;
+    head.v_sl = vs.l;
+    head.q_sl = qs.l;
+    head.q_sh = qs.h;
+    head.y_sl = ys.l;
+    head.y_sh = ys.h;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t n = 0; n < N; ++n)
-      head.run(q + n * G * Lq * d, k + n * Lk * d, v + n * Lk * Ev, keep == nullptr ? nullptr : keep + n * Lk,
-               S + n * s_n, s_d, s_f, y + n * G * Lq * Ev, causal != 0);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t b = n / Hkv, h = n % Hkv;
+      head.run(q + b * qs.b + h * G * qs.h, k + b * ks.b + h * ks.h, v + b * vs.b + h * vs.h,
+               keep == nullptr ? nullptr : keep + b * Lk, S + b * s_b + h * s_h, s_d, s_f,
+               y + b * ys.b + h * G * ys.h, causal != 0);
+    }
   }
 }
 
@@ -275,20 +294,18 @@ void prefill(int64_t N, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev
 
 extern "C" {
 
-void sata_prefill_f32(int64_t N, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P,
-                      const float* q, const float* k, const float* v, const uint8_t* keep, float* S, int64_t s_n,
-                      int64_t s_d, int64_t s_f, float* y, const int64_t* prefix_len, const float* weight, double sq,
-                      double sk, int causal, int n_threads) {
-  prefill<float>(N, G, Lq, Lk, d, Ev, D, P, q, k, v, keep, S, s_n, s_d, s_f, y, prefix_len, weight, float(sq),
-                 float(sk), causal, n_threads);
-}
+#define SATA_PREFILL(NAME, T)                                                                                       \
+  void NAME(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P, \
+            const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, int64_t k_sb, int64_t k_sh,           \
+            int64_t k_sl, const T* v, int64_t v_sb, int64_t v_sh, int64_t v_sl, const uint8_t* keep, T* S,          \
+            int64_t s_b, int64_t s_h, int64_t s_d, int64_t s_f, T* y, int64_t y_sb, int64_t y_sh, int64_t y_sl,    \
+            const int64_t* prefix_len, const T* weight, double sq, double sk, int causal, int n_threads) {          \
+    prefill<T>(B, Hkv, G, Lq, Lk, d, Ev, D, P, q, {q_sb, q_sh, q_sl}, k, {k_sb, k_sh, k_sl}, v, {v_sb, v_sh, v_sl}, \
+               keep, S, s_b, s_h, s_d, s_f, y, {y_sb, y_sh, y_sl}, prefix_len, weight, T(sq), T(sk), causal,       \
+               n_threads);                                                                                          \
+  }
 
-void sata_prefill_f64(int64_t N, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P,
-                      const double* q, const double* k, const double* v, const uint8_t* keep, double* S, int64_t s_n,
-                      int64_t s_d, int64_t s_f, double* y, const int64_t* prefix_len, const double* weight,
-                      double sq, double sk, int causal, int n_threads) {
-  prefill<double>(N, G, Lq, Lk, d, Ev, D, P, q, k, v, keep, S, s_n, s_d, s_f, y, prefix_len, weight, sq, sk, causal,
-                  n_threads);
-}
+SATA_PREFILL(sata_prefill_f32, float)
+SATA_PREFILL(sata_prefill_f64, double)
 
 }  // extern "C"
