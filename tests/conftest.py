@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -13,11 +15,13 @@ KERNELS = _kernels.load() is not None
 needs_kernels = pytest.mark.skipif(not KERNELS, reason=f"fused CPU kernels unavailable: {_kernels.status()}")
 
 # every way of computing the op: internal paths forced through sata.ops._attention, plus "auto"
-# (the public dispatch). The kernels are forward-only (no autograd) and run on the CPU.
-CAUSAL_MODES = ["recurrent", "chunked", "prefill_kernel", "auto"]
-NONCAUSAL_MODES = ["parallel", "prefill_kernel", "auto"]
-TORCH_CAUSAL_MODES = ["recurrent", "chunked", "auto"]      # with autograd
-TORCH_NONCAUSAL_MODES = ["parallel", "auto"]
+# (the public dispatch). The kernels are forward-only (no autograd) and run on the CPU; without
+# autograd "chunked" runs its blocks through the prefill kernel when it can, so "chunked_torch"
+# and "auto_torch" are the same with the kernels unavailable (no compiler, or CUDA).
+CAUSAL_MODES = ["recurrent", "chunked", "chunked_torch", "quadratic", "prefill_kernel", "auto", "auto_torch"]
+NONCAUSAL_MODES = ["parallel", "quadratic", "prefill_kernel", "auto", "auto_torch"]
+TORCH_CAUSAL_MODES = ["recurrent", "chunked", "quadratic", "auto"]      # with autograd
+TORCH_NONCAUSAL_MODES = ["parallel", "quadratic", "auto"]
 
 
 def mode_params(modes):
@@ -39,10 +43,24 @@ def qkv(B, H, L, E, Ev=None, *, Hkv=None, Lk=None, dtype=torch.float64, seed=0, 
             rand(*B, Hkv, Lk, Ev, dtype=dtype, seed=seed + 2))
 
 
-def attend(mode, q, k, v, *, chunk_size=None, **kw):
+@contextlib.contextmanager
+def kernels_unavailable():
+    """As if no compiler were available: every call takes a PyTorch path."""
+    load = _kernels.load
+    _kernels.load = lambda: None
+    try:
+        yield
+    finally:
+        _kernels.load = load
+
+
+def attend(mode, q, k, v, *, chunk_size=None, block_size=None, **kw):
     """``sata.sata_attention`` through one path: ``mode`` in the lists above."""
+    if mode.endswith("_torch"):
+        with kernels_unavailable():
+            return attend(mode.removesuffix("_torch"), q, k, v, chunk_size=chunk_size, block_size=block_size, **kw)
     if mode == "auto":
-        assert chunk_size is None
+        assert chunk_size is None and block_size is None
         return sata.sata_attention(q, k, v, **kw)
     kw = {"n_taylor": 3, "is_causal": False, "scale": None, "enable_gqa": False, "key_padding_mask": None,
           "state": None, "return_state": False, **kw}
@@ -50,7 +68,7 @@ def attend(mode, q, k, v, *, chunk_size=None, **kw):
                         scale=kw["scale"], enable_gqa=kw["enable_gqa"], key_padding_mask=kw["key_padding_mask"],
                         state=kw["state"])
     return ops._attention(q, k, v, spec, kw["is_causal"], kw["key_padding_mask"], kw["state"], kw["return_state"],
-                          mode=mode, chunk_size=chunk_size)
+                          mode=mode, chunk_size=chunk_size, block_size=block_size)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

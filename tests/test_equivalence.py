@@ -118,23 +118,29 @@ def test_small_blocks_forward(causal, how, monkeypatch):
     assert_rel(st.kv, sata.accumulate_state(k, v, n_taylor=4).kv, 1e-12)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(lead=st.lists(st.integers(1, 2), max_size=2), hkv=st.integers(1, 2), group=st.integers(1, 3),
        L=st.integers(1, 40), Lk=st.integers(0, 40), E=st.integers(1, 5), Ev=st.integers(1, 5), P=st.integers(1, 5),
-       causal=st.booleans(), chunk=st.integers(1, 12), scale=st.one_of(st.none(), st.floats(-1.0, 1.0)),
-       seed=st.integers(0, 2**16), prefix=st.integers(0, 6), data=st.data())
-def test_random_shapes_every_path(lead, hkv, group, L, Lk, E, Ev, P, causal, chunk, scale, seed, prefix, data):
+       causal=st.booleans(), chunk=st.integers(1, 12), block=st.one_of(st.none(), st.integers(1, 3)),
+       scale=st.one_of(st.none(), st.floats(-1.0, 1.0)), masked=st.booleans(), seed=st.integers(0, 2**16),
+       prefix=st.integers(0, 6), data=st.data())
+def test_random_shapes_every_path(lead, hkv, group, L, Lk, E, Ev, P, causal, chunk, block, scale, masked, seed, prefix,
+                                  data):
     Lk = L if causal else Lk
     q, k, v = qkv(tuple(lead), hkv * group, L, E, Ev, Hkv=hkv, Lk=Lk, seed=seed)
     pk, pv = rand(*lead, hkv, prefix, E, seed=seed + 5), rand(*lead, hkv, prefix, Ev, seed=seed + 6)
+    mask = (torch.rand(*lead, Lk, generator=torch.Generator().manual_seed(seed)) < 0.3) if masked else None
     kw = dict(n_taylor=P, scale=scale, enable_gqa=group > 1)
     state = sata.accumulate_state(pk, pv, n_taylor=P, scale=scale) if prefix else None
-    want = streamed_oracle(q, k, v, pk, pv, is_causal=causal, **kw)
+    full_mask = None if mask is None else torch.cat([torch.zeros(*lead, prefix, dtype=torch.bool), mask], -1)
+    want = streamed_oracle(q, k, v, pk, pv, is_causal=causal, key_padding_mask=full_mask, **kw)
     modes = [m for m in _modes(causal) if "kernel" not in m or sata._kernels.load() is not None]
     mode = data.draw(st.sampled_from(modes))
-    chunk = chunk if mode == "chunked" else None
-    y = attend(mode, q, k, v, is_causal=causal, state=state, chunk_size=chunk, **kw)
+    sizes = dict(chunk_size=chunk, block_size=block and block * chunk) if mode.startswith("chunked") else {}
+    y, st_ = attend(mode, q, k, v, is_causal=causal, state=state, key_padding_mask=mask, return_state=True, **sizes, **kw)
     assert_rel(y, want, 1e-10, mode)
+    K, V = torch.cat([pk, k], -2), torch.cat([pv, v], -2)
+    assert_rel(st_.kv, sata.accumulate_state(K, V, n_taylor=P, scale=scale, key_padding_mask=full_mask).kv, 1e-12)
 
 
 # ------------------------------------------------------------------ backward against the oracle
@@ -147,9 +153,12 @@ def _grads(fn, inputs, cot):
     return out, torch.autograd.grad(out, inputs, cot)
 
 
+GRAD_PATHS = [pytest.param(m, c, id=f"{m}-{'causal' if c else 'noncausal'}")
+              for c, ms in ((True, TORCH_CAUSAL_MODES), (False, TORCH_NONCAUSAL_MODES)) for m in ms]
+
+
 @pytest.mark.parametrize("blocks", [False, True], ids=["one-block", "tiny-blocks"])
-@pytest.mark.parametrize("mode,causal", [("recurrent", True), ("chunked", True), ("auto", True), ("parallel", False),
-                                         ("auto", False)], ids=lambda x: str(x))
+@pytest.mark.parametrize("mode,causal", GRAD_PATHS)
 @pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
 def test_gradients_match_oracle(mode, causal, with_state, blocks, monkeypatch):
     """Gradients of q, k, v and of the keys/values that built the input state (through the state)."""
@@ -207,7 +216,8 @@ def test_state_gradient_matches_hand_built_reference(mode, causal):
     assert g.abs().max() > 0
 
 
-GRADCHECK_PATHS = [("recurrent", True), ("chunked", True), ("parallel", False), ("parallel+state", False)]
+GRADCHECK_PATHS = [("recurrent", True), ("chunked", True), ("quadratic", True), ("parallel", False),
+                   ("quadratic", False)]
 
 
 @pytest.mark.parametrize("mode,causal", GRADCHECK_PATHS, ids=lambda x: str(x))
@@ -217,7 +227,7 @@ def test_gradcheck(mode, causal, P, monkeypatch):
     E, Ev, L = 2, 2, 5
     q, k, v = qkv((1,), 2, L, E, Ev, Hkv=1, seed=31, scale=0.7)
     S = sata.accumulate_state(rand(1, 1, 3, E, seed=32), rand(1, 1, 3, Ev, seed=33), n_taylor=P).kv.detach()
-    path = mode.split("+")[0]
+    path = mode
 
     def f(q, k, v, S):
         state = sata.SATAState(kv=S, n_taylor=P, d_key=E, d_value=Ev, scale=E**-0.5, n_tokens=3)
@@ -226,9 +236,28 @@ def test_gradcheck(mode, causal, P, monkeypatch):
         return out[0], out[1].kv
 
     assert torch.autograd.gradcheck(f, _leaves(q, k, v, S), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
-    if mode == "parallel":  # also the quadratic variant (no state returned, no state passed)
-        g = lambda q, k, v: attend(path, q, k, v, n_taylor=P, enable_gqa=True)
-        assert torch.autograd.gradcheck(g, _leaves(q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    # no state in, none out (the quadratic path returns no state of its own)
+    g = lambda q, k, v: attend(path, q, k, v, n_taylor=P, is_causal=causal, enable_gqa=True,
+                               chunk_size=2 if path == "chunked" else None)
+    assert torch.autograd.gradcheck(g, _leaves(q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("mode,causal", GRAD_PATHS)
+def test_masked_gradients_match_oracle(mode, causal, monkeypatch):
+    """Padded keys get zero gradient and the rest match the oracle, over several blocks."""
+    monkeypatch.setattr(sata.ops, "_BLOCK_BYTES", 1)
+    q, k, v = qkv((2,), 2, 19, 3, 2, seed=51)
+    mask = torch.rand(2, 19, generator=torch.Generator().manual_seed(52)) < 0.3
+    cot = rand(2, 2, 19, 2, seed=53)
+    kw = dict(n_taylor=3, is_causal=causal, key_padding_mask=mask)
+    chunk = 4 if mode == "chunked" else None
+    y, g = _grads(lambda *a: attend(mode, *a, chunk_size=chunk, **kw), _leaves(q, k, v), cot)
+    y0, g0 = _grads(lambda *a: sata.naive_sata_attention(*a, **kw), _leaves(q, k, v), cot)
+    assert_rel(y, y0, 1e-10)
+    for name, a, b in zip("qkv", g, g0):
+        assert_rel(a, b, 1e-9, f"grad {name}")
+    pad = mask[:, None, :]                                                     # [2, 1, 19]
+    assert (g[1] * pad[..., None]).abs().max() == 0 and (g[2] * pad[..., None]).abs().max() == 0
 
 
 @pytest.mark.parametrize("causal", CAUSAL)

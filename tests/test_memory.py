@@ -15,34 +15,40 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import sata
+from conftest import needs_kernels
+from sata import ops
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, sys, torch, sata
-from sata import ops
+from sata import _kernels
 
 def status(field):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
 
 torch.set_num_threads(2)
-fused = ops._kernel_applies
+load = _kernels.load
 out = {}
 for name, c in json.loads(sys.argv[1]).items():
-    ops._kernel_applies = fused if c.get("kernels", True) else (lambda *a, **k: False)
+    _kernels.load = load if c.get("kernels", True) else (lambda: None)     # as if no compiler
     g = torch.Generator().manual_seed(0)
     L, Lk, H, E, Ev = c["L"], c.get("Lk", c["L"]), c["H"], c["E"], c.get("Ev", c["E"])
     q = torch.randn(1, H, L, E, generator=g)
     k, v = torch.randn(1, H, Lk, E, generator=g), torch.randn(1, H, Lk, Ev, generator=g)
-    kw = dict(n_taylor=c["P"], is_causal=c["causal"])
+    kw = dict(n_taylor=c["P"], is_causal=c["causal"], return_state=c.get("state", False))
     with sata.memory_budget(c.get("budget", "4G")):
         if c.get("grad"):
             for t in (q, k, v):
                 t.requires_grad_(True)
         # warm up (kernels, basis, autograd engine) on a few tokens
         w = sata.sata_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :], **kw)
+        w = w[0] if c.get("state") else w
         if c.get("grad"):
             w.sum().backward()
             for t in (q, k, v):
@@ -51,6 +57,7 @@ for name, c in json.loads(sys.argv[1]).items():
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         y = sata.sata_attention(q, k, v, **kw)
+        y = y[0] if c.get("state") else y
         if c.get("grad"):
             y.sum().backward()
         peak = status("VmHWM")
@@ -65,15 +72,16 @@ CASES = {
     "kernel-32K": dict(L=32768, H=4, E=8, P=4, causal=True),
     "kernel-128K": dict(L=131072, H=4, E=8, P=4, causal=True),
     # length growth, PyTorch chunked path (no compiler, or float64 states)
-    "torch-8K": dict(L=8192, H=1, E=8, P=4, causal=True, kernels=False),
-    "torch-32K": dict(L=32768, H=1, E=8, P=4, causal=True, kernels=False),
+    "torch-2K": dict(L=2048, H=1, E=8, P=4, causal=True, kernels=False, budget="4M"),
+    "torch-8K": dict(L=8192, H=1, E=8, P=4, causal=True, kernels=False, budget="4M"),
     # length growth, forward + backward (checkpointed blocks)
-    "grad-1K": dict(L=1024, H=1, E=8, P=4, causal=True, grad=True, budget="8M"),
-    "grad-4K": dict(L=4096, H=1, E=8, P=4, causal=True, grad=True, budget="8M"),
+    "grad-512": dict(L=512, H=1, E=8, P=4, causal=True, grad=True, budget="4M"),
+    "grad-2K": dict(L=2048, H=1, E=8, P=4, causal=True, grad=True, budget="4M"),
     # working sets against small budgets (the state itself fits them)
-    "budget-quadratic": dict(L=990, H=16, E=16, P=4, causal=False, budget="8M"),
-    "budget-kernel": dict(L=64, H=2, E=32, Ev=1, P=5, causal=True, budget="4M"),
-    "budget-chunked-grad": dict(L=64, H=2, E=32, Ev=1, P=5, causal=True, budget="4M", grad=True),
+    "budget-quadratic": dict(L=700, H=8, E=16, P=4, causal=False, budget="8M"),
+    "budget-quadratic-causal": dict(L=700, H=8, E=16, P=4, causal=True, budget="8M"),
+    "budget-kernel": dict(L=64, H=2, E=32, Ev=1, P=5, causal=True, budget="4M", state=True),
+    "budget-chunked-grad": dict(L=64, H=2, E=32, Ev=1, P=5, causal=True, budget="4M", grad=True, state=True),
 }
 
 
@@ -87,12 +95,12 @@ def extra_mib():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("short,long,limit", [("kernel-32K", "kernel-128K", 4), ("torch-8K", "torch-32K", 32),
-                                              ("grad-1K", "grad-4K", 8)], ids=["kernel", "torch", "grad"])
+@pytest.mark.parametrize("short,long,limit", [("kernel-32K", "kernel-128K", 4), ("torch-2K", "torch-8K", 8),
+                                              ("grad-512", "grad-2K", 8)], ids=["kernel", "torch", "grad"])
 def test_prefill_memory_does_not_grow_with_length(extra_mib, short, long, limit):
-    """4x the tokens: the extra memory stays put (within 4 MiB) and under a path-specific ceiling
-    (kernel: a few chunk buffers; PyTorch: blocks of 16 MiB (sata.ops._BLOCK_BYTES), x2 for
-    temporaries; forward + backward: its 8 MiB budget, i.e. blocks of 2 MiB, checkpointed)."""
+    """4x the tokens: the extra memory stays put (within 4 MiB) and under a ceiling: a few chunk
+    buffers for the kernel; for the PyTorch paths the call's budget (4 MiB, small enough that both
+    lengths span several blocks) plus the 4 MiB of allocator slack the budget test allows."""
     a, b = extra_mib[short], extra_mib[long]
     assert b - a < 4 + 0.05 * a, (a, b)
     assert max(a, b) < limit, (a, b)
@@ -102,8 +110,8 @@ BUDGET_BUG = "core bug: the working set of this path is not bounded by the memor
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param("budget-quadratic", marks=pytest.mark.xfail(strict=True, reason=BUDGET_BUG.format(
-        "ops.parallel's quadratic variant materialises T_P(QK^T) [B, H, Lq, Lk] in one piece"))),
+    pytest.param("budget-quadratic"),
+    pytest.param("budget-quadratic-causal"),
     pytest.param("budget-kernel", marks=pytest.mark.xfail(strict=True, reason=BUDGET_BUG.format(
         "prefill.cpp: per thread D x 16 state copy plus two D x 32 feature chunks"))),
     pytest.param("budget-chunked-grad", marks=pytest.mark.xfail(strict=True, reason=BUDGET_BUG.format(
@@ -112,3 +120,15 @@ BUDGET_BUG = "core bug: the working set of this path is not bounded by the memor
 def test_call_stays_within_memory_budget(extra_mib, case):
     budget = {"4M": 4, "8M": 8}[CASES[case]["budget"]]
     assert extra_mib[case] <= budget + 4, extra_mib[case]       # 4 MiB of slack for the allocator
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug: ops._PREFILL_PLANS keeps one plan per (Spec, causal, heads) forever: a server prefilling "
+    "prompts of many lengths grows it without bound (fix: an LRU like _SPEC_CACHE's 4096 cap, or plans "
+    "that take the lengths as call arguments)"))
+@needs_kernels
+def test_kernel_plan_cache_is_bounded():
+    x = torch.randn(1, 1, 4200, 1)
+    for n in range(1, 4200):                              # 4199 distinct key lengths, one query each
+        sata.sata_attention(x[..., :1, :], x[..., :n, :], x[..., :n, :], n_taylor=2, return_state=True)
+    assert len(ops._PREFILL_PLANS) <= 4096

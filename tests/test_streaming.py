@@ -224,3 +224,36 @@ def test_float64_state_keeps_its_precision(mode, causal):
     want = sata.accumulate_state(k[..., :L, :].double(), v[..., :L, :].double(), n_taylor=3).kv
     # float32 rounding of the increment itself is ~1e-7 relative; the state's own ulp in float32 is 0.06
     assert rel_err(increment, want) < 1e-5
+
+
+@pytest.mark.parametrize("L", [1, 9], ids=["decode", "prefill"])
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=["f32-state", "f64-state"])
+@pytest.mark.parametrize("layout", ["made", "loaded"], ids=["D-contiguous", "F-contiguous"])
+def test_inplace_updates_the_passed_state(L, causal, state_dtype, layout):
+    """``inplace=True``: the documented exception to "never modified": the result is written into
+    ``state.kv`` (same storage) and equals the out-of-place result."""
+    q, k, v = qkv((2,), 2, L, 4, 3, dtype=torch.float32, seed=19)
+    pk, pv = rand(2, 2, 5, 4, dtype=torch.float32, seed=20), rand(2, 2, 5, 3, dtype=torch.float32, seed=21)
+    base = sata.accumulate_state(pk, pv, n_taylor=3).to(dtype=state_dtype)
+    if layout == "loaded":  # the layout SATAState.load returns
+        base = sata.SATAState(kv=base.kv.contiguous(), n_taylor=3, d_key=4, d_value=3, scale=0.5, n_tokens=5)
+    ref_y, ref_st = sata.sata_attention(q, k, v, n_taylor=3, is_causal=causal, state=base.clone(), return_state=True)
+    state = base.clone()
+    ptr = state.kv.data_ptr()
+    y, st_ = sata.sata_attention(q, k, v, n_taylor=3, is_causal=causal, state=state, return_state=True, inplace=True)
+    assert st_.kv.data_ptr() == ptr and st_.n_tokens == 5 + L
+    assert torch.equal(y, ref_y)
+    assert_rel(state.kv, ref_st.kv, 1e-6 if state_dtype == torch.float32 else 1e-12)
+
+
+def test_inplace_refuses_what_it_cannot_do():
+    q, k, v = qkv((1,), 2, 1, 4, 3, dtype=torch.float32, seed=22)
+    state = sata.accumulate_state(k, v, n_taylor=3)
+    with pytest.raises(ValueError, match="inplace=True updates a state"):
+        sata.sata_attention(q, k, v, n_taylor=3, state=state, inplace=True)
+    with pytest.raises(ValueError, match="inplace=True updates a state"):
+        sata.sata_attention(q, k, v, n_taylor=3, return_state=True, inplace=True)
+    grad_state = sata.SATAState(kv=state.kv.clone().requires_grad_(True), n_taylor=3, d_key=4, d_value=3, scale=0.5)
+    with pytest.raises(ValueError, match="inplace=True would break autograd"):
+        sata.sata_attention(q, k, v, n_taylor=3, state=grad_state, return_state=True, inplace=True)
