@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,10 +44,12 @@ def _reset_peak() -> bool:
 
 
 def measure(tokens: int, heads: int, head_dim: int, n_taylor: int, batch: int = 1, dtype: str = "float32",
-            causal: bool = True, grad: bool = False, threads: int | None = None) -> dict:
+            causal: bool = True, grad: bool = False, threads: int | None = None, kernels: bool = True) -> dict:
     """Run one forward (and backward with ``grad``) and return the measured numbers."""
     if threads:
         torch.set_num_threads(threads)
+    if not kernels:  # as if no C++ compiler were available: the PyTorch paths
+        sata._kernels.load = lambda: None
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
     shape = (batch, heads, tokens, head_dim)
@@ -71,7 +72,7 @@ def measure(tokens: int, heads: int, head_dim: int, n_taylor: int, batch: int = 
     return {
         "tokens": tokens, "heads": heads, "head_dim": head_dim, "n_taylor": n_taylor, "batch": batch,
         "dtype": dtype, "causal": causal, "grad": grad, "threads": torch.get_num_threads(),
-        "kernels": os.environ.get("SATA_DISABLE_KERNELS", "") in ("", "0"),
+        "kernels": sata._kernels.load() is not None,
         "inputs_mib": inputs / 2**20, "outputs_mib": outputs / 2**20,
         "extra_mib": (peak - before - outputs) / 2**20,
         "peak_reset": exact, "seconds": seconds,
@@ -90,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--non-causal", action="store_true")
     p.add_argument("--grad", action="store_true", help="also run the backward pass")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-kernels", action="store_true", help="use the PyTorch paths (as without a C++ compiler)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a sentence")
     args = p.parse_args(argv)
     r = measure(args.tokens, args.heads, args.head_dim, args.n_taylor, args.batch, args.dtype,
-                causal=not args.non_causal, grad=args.grad, threads=args.threads)
+                causal=not args.non_causal, grad=args.grad, threads=args.threads, kernels=not args.no_kernels)
     if args.json:
         print(json.dumps(r))
     else:

@@ -23,8 +23,7 @@ def _stream(q, k, v, cuts, *, is_causal, mode="auto", state=None, **kw):
     """Run the sequence as calls over ``[cuts[i], cuts[i+1])``; return outputs and the final state."""
     outs = []
     for a, b in zip(cuts[:-1], cuts[1:]):
-        m = mode if (b - a > 1 or mode != "chunked") else "recurrent"
-        y, state = attend(m, q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], is_causal=is_causal, state=state,
+        y, state = attend(mode, q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], is_causal=is_causal, state=state,
                           return_state=True, **kw)
         outs.append(y)
     return torch.cat(outs, dim=-2), state
@@ -58,7 +57,8 @@ def test_prefill_decode_prefill_equals_one_call(causal, dtype):
     assert st_.n_tokens == 45 and st_.dtype == dtype
 
 
-@pytest.mark.parametrize("mode,causal", [("recurrent", True), ("chunked", True), ("parallel", False),
+@pytest.mark.parametrize("mode,causal", [("recurrent", True), ("chunked", True), ("chunked_torch", True),
+                                         ("quadratic", True), ("quadratic", False), ("parallel", False),
                                          pytest.param("prefill_kernel", True, marks=needs_kernels),
                                          pytest.param("prefill_kernel", False, marks=needs_kernels)],
                          ids=lambda x: str(x))
@@ -81,7 +81,8 @@ def test_any_split(cuts, causal, P, seed):
 
 
 # ------------------------------------------------------------------ a state is a value
-STATE_MODES = [("recurrent", True, 5), ("chunked", True, 9), ("parallel", False, 9),
+STATE_MODES = [("recurrent", True, 5), ("chunked", True, 9), ("chunked_torch", True, 9), ("parallel", False, 9),
+               ("quadratic", True, 9), ("quadratic", False, 9), ("auto_torch", True, 9),
                ("prefill_kernel", True, 9), ("prefill_kernel", False, 9), ("decode_kernel", True, 1),
                ("decode_kernel", False, 1), ("auto", True, 1), ("auto", True, 9), ("auto", False, 1)]
 
@@ -208,6 +209,7 @@ def test_float64_state_with_float32_inputs(mode):
         "core bug: ops.py _causal_block forms the block's state increment as "
         "(S.to(float32) + cumsum) - S.to(float32) in float32, so a float64 state loses its precision"))),
     pytest.param("parallel", False, id="parallel"),
+    pytest.param("quadratic", False, id="quadratic"),
     pytest.param("auto", True, id="auto-causal", marks=pytest.mark.xfail(strict=True, reason=(
         "core bug: the public causal prefill with a float64 state takes the chunked path (see chunked)"))),
 ])
@@ -257,3 +259,16 @@ def test_inplace_refuses_what_it_cannot_do():
     grad_state = sata.SATAState(kv=state.kv.clone().requires_grad_(True), n_taylor=3, d_key=4, d_value=3, scale=0.5)
     with pytest.raises(ValueError, match="inplace=True would break autograd"):
         sata.sata_attention(q, k, v, n_taylor=3, state=grad_state, return_state=True, inplace=True)
+
+
+@pytest.mark.parametrize("L", [1, 9], ids=["decode", "prefill"])
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug: sata_attention checks only state.kv.requires_grad for inplace=True; with inputs that require "
+    "grad the in-place copy (ops._attention, S_in.copy_) detaches the returned state (decode) or overwrites a "
+    "tensor saved for backward (prefill: backward raises 'modified by an inplace operation')"))
+def test_inplace_with_inputs_requiring_grad_is_refused(L):
+    q, k, v = qkv((1,), 2, L, 4, 3, dtype=torch.float32, seed=23)
+    state = sata.accumulate_state(k, v, n_taylor=3)
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="inplace"):
+        sata.sata_attention(q, k, v, n_taylor=3, is_causal=True, state=state, return_state=True, inplace=True)
