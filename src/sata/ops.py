@@ -40,6 +40,7 @@ _RECURRENT_MAX_LEN = 1
 _BLOCK_BYTES = 64 * 2**20
 
 
+@torch.compiler.disable  # opaque to torch.compile: its Python dispatch and C++ kernels run eagerly
 def sata_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -114,6 +115,7 @@ def sata_attention(
     return _attention(query, key, value, spec, is_causal, key_padding_mask, state, return_state, inplace=inplace)
 
 
+@torch.compiler.disable
 def accumulate_state(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -209,7 +211,7 @@ def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
     """The fused CPU decode kernel serves one new token per call, without autograd."""
     return (
         spec.device.type == "cpu"
-        and spec.state_dtype == spec.compute_dtype
+        and _kernels.supports(spec.compute_dtype, spec.state_dtype)
         and not _needs_grad(query, key, value, S)
         and _kernels.load() is not None
     )
@@ -228,15 +230,15 @@ def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddin
     if plan is None:
         plan = spec.plans["decode"] = _kernels.DecodePlan(
             _kernels.load(), spec.batch * spec.n_kv_heads, spec.group, spec.d_key, spec.d_value, basis,
-            spec.compute_dtype, *_split_scale(spec.scale),
+            spec.compute_dtype, *_split_scale(spec.scale), state_dtype=spec.state_dtype,
         )
-    cd, F, D = spec.compute_dtype, spec.d_value + 1, spec.feature_dim
+    cd, sd, F, D = spec.compute_dtype, spec.state_dtype, spec.d_value + 1, spec.feature_dim
     q, k, v = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
     keep = None
     if key_padding_mask is not None:  # [B, 1] -> one flag per (batch, kv head)
         keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
     if S is None:
-        S_in = torch.zeros((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=cd)    # [..., Hkv, F, D]
+        S_in = torch.zeros((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=sd)    # [..., Hkv, F, D]
     elif S.mT.is_contiguous():
         S_in = S.mT
     else:
@@ -257,7 +259,7 @@ def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddi
     B, Hkv, G, F, D, cd = spec.batch, spec.n_kv_heads, spec.group, spec.d_value + 1, spec.feature_dim, spec.compute_dtype
     q4, k4, v4 = (_as_4d(t, B) for t in (query, key, value))                  # [B, H, L, X]
     keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(B, spec.len_k)
-    kvT = torch.empty((B, Hkv, F, D), dtype=cd)                                # [B, Hkv, F, D]
+    kvT = torch.empty((B, Hkv, F, D), dtype=spec.state_dtype)                 # [B, Hkv, F, D]
     if S is None:
         kvT.zero_()
     else:
@@ -274,13 +276,14 @@ def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddi
     if plan is None:
         plan = _PREFILL_PLANS[plan_key] = _kernels.PrefillPlan(
             _kernels.load(), B, hg, G, spec.len_q, spec.len_k, spec.d_key, spec.d_value, basis, cd,
-            *_split_scale(spec.scale), is_causal,
+            *_split_scale(spec.scale), is_causal, state_dtype=spec.state_dtype,
         )
     for h0 in range(0, Hkv, hg):
         h1 = min(h0 + hg, Hkv)
         if h1 - h0 != hg:  # the last, smaller group
             plan = _kernels.PrefillPlan(_kernels.load(), B, h1 - h0, G, spec.len_q, spec.len_k, spec.d_key,
-                                        spec.d_value, basis, cd, *_split_scale(spec.scale), is_causal)
+                                        spec.d_value, basis, cd, *_split_scale(spec.scale), is_causal,
+                                        state_dtype=spec.state_dtype)
         qg, kg, vg = q4[:, h0 * G : h1 * G], k4[:, h0:h1], v4[:, h0:h1]
         if not direct:
             qg, kg, vg = (t.to(cd).contiguous() for t in (qg, kg, vg))
@@ -354,7 +357,7 @@ class _Run:
         per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
         self.block = block or max(c, int(budget // max(per_token, 1)) // c * c)
         # the fused CPU kernel computes blocks without autograd when the state is in the compute dtype
-        self.fused = spec.device.type == "cpu" and self.sd == self.cd and _kernels.load() is not None
+        self.fused = spec.device.type == "cpu" and _kernels.supports(self.cd, self.sd) and _kernels.load() is not None
 
     # ------------------------------------------------------------ shared pieces
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -483,7 +486,7 @@ def _kernel_causal_block(q, k, v, mask, S, *, run: _Run):
     S_new = S.clone()                                                           # [B, Hkv, F, D] (S may be saved)
     y = torch.empty(B, Hkv * g, T, run.spec.d_value, dtype=cd)                  # [B, Hkv g, T, Ev]
     _kernels.PrefillPlan(_kernels.load(), B, Hkv, g, T, T, E, run.spec.d_value, run.basis, cd, run.sq, run.sk,
-                         True)(q4, k, v, keep, S_new.mT, y)
+                         True, state_dtype=run.sd)(q4, k, v, keep, S_new.mT, y)
     return y.view(B, Hkv, g, T, run.spec.d_value).to(run.spec.dtype), S_new
 
 

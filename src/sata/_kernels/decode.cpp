@@ -9,7 +9,8 @@
 // memory-traffic floor of a decode step. Built on first use by sata._kernels (g++ -O3 -fopenmp).
 //
 // Layouts (all contiguous): q [N, G, d], k [N, d], v [N, Ev], keep [N] or null,
-// S_in / S_out [N, F, D] with F = Ev + 1 (the state's kv[..., D, F] stored D-contiguous),
+// S_in / S_out [N, F, D] with F = Ev + 1 (the state's kv[..., D, F] stored D-contiguous), in the
+// state's precision TS (float, or double for long float32 streams),
 // y [N, G, Ev]. prefix_len [(P-2) * d] = C(j+p-1, p-1) for p >= 2 and weight [D-1-d] (the step
 // weights of degrees >= 2, in feature order) describe the colex hierarchy.
 
@@ -43,14 +44,15 @@ inline void features(const T* x, T s, int64_t d, int64_t P, const int64_t* prefi
   }
 }
 
-template <typename T>
+template <typename T, typename TS>
 void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q, const T* k, const T* v,
-            const uint8_t* keep, const T* S_in, T* S_out, T* y, const int64_t* prefix_len, const T* weight, T sq,
+            const uint8_t* keep, const TS* S_in, TS* S_out, T* y, const int64_t* prefix_len, const T* weight, T sq,
             T sk, int n_threads) {
   const int64_t F = Ev + 1;
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
   {
-    std::vector<T> phik(D), phiq(G * D), u(G * F);
+    std::vector<T> phik(D), phiq(G * D);
+    std::vector<TS> u(G * F);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
       const bool use = keep == nullptr || keep[n];
@@ -61,34 +63,34 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
       const T* pk = phik.data();
       for (int64_t f = 0; f < F; ++f) {
         const T vf = use ? (f < Ev ? vn[f] : T(1)) : T(0);
-        const T* src = S_in + (n * F + f) * D;
-        T* dst = S_out + (n * F + f) * D;
+        const TS* src = S_in + (n * F + f) * D;
+        TS* dst = S_out + (n * F + f) * D;
         if (G == 1) {  // update and read in one sweep
           const T* pq = phiq.data();
-          T acc = T(0);
+          TS acc = TS(0);
 #pragma omp simd reduction(+ : acc)
           for (int64_t i = 0; i < D; ++i) {
-            const T s_new = src[i] + vf * pk[i];
+            const TS s_new = src[i] + TS(vf * pk[i]);
             dst[i] = s_new;
-            acc += pq[i] * s_new;
+            acc += TS(pq[i]) * s_new;
           }
           u[f] = acc;
         } else {
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) dst[i] = src[i] + vf * pk[i];
+          for (int64_t i = 0; i < D; ++i) dst[i] = src[i] + TS(vf * pk[i]);
           for (int64_t g = 0; g < G; ++g) {
             const T* pq = phiq.data() + g * D;
-            T acc = T(0);
+            TS acc = TS(0);
 #pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < D; ++i) acc += pq[i] * dst[i];
+            for (int64_t i = 0; i < D; ++i) acc += TS(pq[i]) * dst[i];
             u[g * F + f] = acc;
           }
         }
       }
       for (int64_t g = 0; g < G; ++g) {
-        const T z = u[g * F + Ev];
+        const TS z = u[g * F + Ev];
         T* yg = y + (n * G + g) * Ev;
-        for (int64_t f = 0; f < Ev; ++f) yg[f] = z > T(0) ? u[g * F + f] / z : T(0);
+        for (int64_t f = 0; f < Ev; ++f) yg[f] = z > TS(0) ? T(u[g * F + f] / z) : T(0);
       }
     }
   }
@@ -98,20 +100,17 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
 
 extern "C" {
 
-int sata_kernel_version() { return 2; }
+int sata_kernel_version() { return 3; }
 
-void sata_decode_f32(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const float* q,
-                     const float* k, const float* v, const uint8_t* keep, const float* S_in, float* S_out, float* y,
-                     const int64_t* prefix_len, const float* weight, double sq, double sk, int n_threads) {
-  decode<float>(N, G, d, Ev, D, P, q, k, v, keep, S_in, S_out, y, prefix_len, weight, float(sq), float(sk),
-                n_threads);
-}
+#define SATA_DECODE(NAME, T, TS)                                                                                     \
+  void NAME(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q, const T* k, const T* v,  \
+            const uint8_t* keep, const TS* S_in, TS* S_out, T* y, const int64_t* prefix_len, const T* weight,        \
+            double sq, double sk, int n_threads) {                                                                   \
+    decode<T, TS>(N, G, d, Ev, D, P, q, k, v, keep, S_in, S_out, y, prefix_len, weight, T(sq), T(sk), n_threads);  \
+  }
 
-void sata_decode_f64(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const double* q,
-                     const double* k, const double* v, const uint8_t* keep, const double* S_in, double* S_out,
-                     double* y, const int64_t* prefix_len, const double* weight, double sq, double sk,
-                     int n_threads) {
-  decode<double>(N, G, d, Ev, D, P, q, k, v, keep, S_in, S_out, y, prefix_len, weight, sq, sk, n_threads);
-}
+SATA_DECODE(sata_decode_f32, float, float)
+SATA_DECODE(sata_decode_f32s64, float, double)
+SATA_DECODE(sata_decode_f64, double, double)
 
 }  // extern "C"
