@@ -39,8 +39,9 @@ for name, c in json.loads(sys.argv[1]).items():
     _kernels.load = load if c.get("kernels", True) else (lambda: None)     # as if no compiler
     g = torch.Generator().manual_seed(0)
     L, Lk, H, E, Ev = c["L"], c.get("Lk", c["L"]), c["H"], c["E"], c.get("Ev", c["E"])
-    q = torch.randn(1, H, L, E, generator=g)
-    k, v = torch.randn(1, H, Lk, E, generator=g), torch.randn(1, H, Lk, Ev, generator=g)
+    dt = getattr(torch, c.get("dtype", "float32"))
+    q = torch.randn(1, H, L, E, generator=g).to(dt)
+    k, v = torch.randn(1, H, Lk, E, generator=g).to(dt), torch.randn(1, H, Lk, Ev, generator=g).to(dt)
     kw = dict(n_taylor=c["P"], is_causal=c["causal"], return_state=c.get("state", False))
     with sata.memory_budget(c.get("budget", "4G")):
         if c.get("grad"):
@@ -61,7 +62,7 @@ for name, c in json.loads(sys.argv[1]).items():
         if c.get("grad"):
             y.sum().backward()
         peak = status("VmHWM")
-    outputs = y.numel() * 4 * (4 if c.get("grad") else 1)
+    outputs = y.numel() * y.element_size() * (4 if c.get("grad") else 1)
     out[name] = (peak - before - outputs) / 2**20
     del q, k, v, y
 print(json.dumps(out))
@@ -71,6 +72,8 @@ CASES = {
     # length growth, fused kernel: 4x the tokens
     "kernel-32K": dict(L=32768, H=4, E=8, P=4, causal=True),
     "kernel-128K": dict(L=131072, H=4, E=8, P=4, causal=True),
+    "kernel-bf16-32K": dict(L=32768, H=4, E=8, P=4, causal=True, dtype="bfloat16"),
+    "kernel-bf16-128K": dict(L=131072, H=4, E=8, P=4, causal=True, dtype="bfloat16"),
     # length growth, PyTorch chunked path (no compiler, or float64 states)
     "torch-2K": dict(L=2048, H=1, E=8, P=4, causal=True, kernels=False, budget="4M"),
     "torch-8K": dict(L=8192, H=1, E=8, P=4, causal=True, kernels=False, budget="4M"),
@@ -95,8 +98,14 @@ def extra_mib():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("short,long,limit", [("kernel-32K", "kernel-128K", 4), ("torch-2K", "torch-8K", 8),
-                                              ("grad-512", "grad-2K", 8)], ids=["kernel", "torch", "grad"])
+@pytest.mark.parametrize("short,long,limit", [
+    pytest.param("kernel-32K", "kernel-128K", 4, id="kernel"),
+    pytest.param("kernel-bf16-32K", "kernel-bf16-128K", 4, id="kernel-bfloat16", marks=pytest.mark.xfail(strict=True, reason=(
+        "core bug: for bfloat16/float16 inputs ops._prefill_kernel holds the whole output in float32 "
+        "(y = torch.empty(..., dtype=cd)) and converts whole-length heads: extra memory grows with the length"))),
+    pytest.param("torch-2K", "torch-8K", 8, id="torch"),
+    pytest.param("grad-512", "grad-2K", 8, id="grad"),
+])
 def test_prefill_memory_does_not_grow_with_length(extra_mib, short, long, limit):
     """4x the tokens: the extra memory stays put (within 4 MiB) and under a ceiling: a few chunk
     buffers for the kernel; for the PyTorch paths the call's budget (4 MiB, small enough that both

@@ -90,10 +90,12 @@ STATE_MODES = [("recurrent", True, 5), ("chunked", True, 9), ("chunked_torch", T
 @pytest.mark.parametrize("mode,causal,L", [pytest.param(*c, marks=needs_kernels if "kernel" in c[0] else (),
                                                         id=f"{c[0]}-{'causal' if c[1] else 'noncausal'}-L={c[2]}")
                                            for c in STATE_MODES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_passed_state_is_unchanged(mode, causal, L, dtype):
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.float32, torch.float64),
+                                               (torch.float64, torch.float64)], ids=["f32", "f32-f64state", "f64"])
+def test_passed_state_is_unchanged(mode, causal, L, dtype, state_dtype):
     q, k, v = qkv((2,), 2, L, 4, 3, dtype=dtype, seed=3)
-    state = sata.accumulate_state(rand(2, 2, 6, 4, dtype=dtype, seed=4), rand(2, 2, 6, 3, dtype=dtype, seed=5), n_taylor=3)
+    state = sata.accumulate_state(rand(2, 2, 6, 4, dtype=dtype, seed=4), rand(2, 2, 6, 3, dtype=dtype, seed=5),
+                                  n_taylor=3).to(dtype=state_dtype)
     before = state.kv.clone()
     y1, st1 = attend(mode, q, k, v, n_taylor=3, is_causal=causal, state=state, return_state=True)
     assert torch.equal(state.kv, before) and state.n_tokens == 6       # bit-identical, count untouched
@@ -193,7 +195,8 @@ def test_truncated_bptt_with_detach(mode):
             assert_rel(g[..., a:b, :], g0, 1e-9, f"grad {name}")
 
 
-@pytest.mark.parametrize("mode", [*mode_params(["recurrent", "chunked"]), pytest.param("auto", id="auto")])
+@pytest.mark.parametrize("mode", mode_params(["recurrent", "chunked", "chunked_torch", "prefill_kernel", "auto",
+                                              "auto_torch"]))
 def test_float64_state_with_float32_inputs(mode):
     q, k, v = qkv((1,), 2, 30, 4, 3, dtype=torch.float32, seed=17)
     state = sata.SATAState.zeros((1,), 2, 4, 3, 3, dtype=torch.float64)
@@ -203,15 +206,21 @@ def test_float64_state_with_float32_inputs(mode):
     assert_rel(st_.kv, sata.accumulate_state(k.double(), v.double(), n_taylor=3).kv, 1e-6)
 
 
+F64_STATE_BUG = pytest.mark.xfail(strict=True, reason=(
+    "core bug: ops._causal_block (the PyTorch causal path: no compiler, CUDA) forms a block's state "
+    "increment as (S.to(float32) + cumsum) - S.to(float32) in float32, so a float64 state loses its precision"))
+
+
 @pytest.mark.parametrize("mode,causal", [
     pytest.param("recurrent", True, id="recurrent"),
-    pytest.param("chunked", True, id="chunked", marks=pytest.mark.xfail(strict=True, reason=(
-        "core bug: ops.py _causal_block forms the block's state increment as "
-        "(S.to(float32) + cumsum) - S.to(float32) in float32, so a float64 state loses its precision"))),
+    pytest.param("chunked", True, id="chunked"),
+    pytest.param("chunked_torch", True, id="chunked_torch", marks=F64_STATE_BUG),
     pytest.param("parallel", False, id="parallel"),
     pytest.param("quadratic", False, id="quadratic"),
-    pytest.param("auto", True, id="auto-causal", marks=pytest.mark.xfail(strict=True, reason=(
-        "core bug: the public causal prefill with a float64 state takes the chunked path (see chunked)"))),
+    *[pytest.param(m, c, id=f"{m}-{n}", marks=needs_kernels) for m in ("prefill_kernel", "decode_kernel")
+      for c, n in ((True, "causal"), (False, "noncausal"))],
+    pytest.param("auto", True, id="auto-causal"),
+    pytest.param("auto_torch", True, id="auto_torch-causal", marks=F64_STATE_BUG),
 ])
 def test_float64_state_keeps_its_precision(mode, causal):
     """A float64 state that has seen ~1e6 tokens' worth of mass must still absorb a float32 chunk's
@@ -219,7 +228,7 @@ def test_float64_state_keeps_its_precision(mode, causal):
     k, v, q = qkv((1,), 2, 200, 4, 4, dtype=torch.float32, seed=18)
     empty = sata.SATAState.zeros((1,), 2, 4, 4, 3, dtype=torch.float64)
     big = sata.SATAState(kv=empty.kv + 1e6, n_taylor=3, d_key=4, d_value=4, scale=empty.scale, n_tokens=10**6)
-    L = 1 if mode == "recurrent" else 200
+    L = 1 if mode in ("recurrent", "decode_kernel") else 200
     _, st_ = attend(mode, q[..., :L, :], k[..., :L, :], v[..., :L, :], n_taylor=3, is_causal=causal, state=big,
                     return_state=True)
     increment = st_.kv - big.kv
