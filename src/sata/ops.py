@@ -155,13 +155,15 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
     Tests force a path with ``mode`` (``'decode_kernel'``, ``'prefill_kernel'``, ``'recurrent'``,
     ``'chunked'``, ``'parallel'``) and small ``chunk_size`` / ``block_size`` (tokens).
     """
-    B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
-    basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
     S_in = None if state is None else state.kv
     if mode is None:
         fused = _kernel_applies(spec, query, key, value, S_in)
-        if fused and spec.len_q == 1 and spec.len_k == 1:
-            mode = "decode_kernel"
+        if fused and spec.len_q == 1 and spec.len_k == 1:  # the decode loop: keep this branch lean
+            out, S_new = _decode_kernel(query, key, value, spec, key_padding_mask, S_in, inplace)
+            if not return_state:
+                return out
+            return out, SATAState._unchecked(S_new, spec.n_taylor, spec.d_key, spec.d_value, spec.scale,
+                                             (0 if state is None else state.n_tokens) + 1)
         elif not return_state and spec.len_q > 1 and _quadratic_cheaper(spec, is_causal):
             mode = "quadratic"
         elif fused:
@@ -170,8 +172,10 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
             mode = "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
         else:
             mode = "parallel"
+    B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
+    basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
     if mode == "decode_kernel":
-        out, S_new = _decode_kernel(query, key, value, spec, basis, key_padding_mask, S_in, inplace)
+        out, S_new = _decode_kernel(query, key, value, spec, key_padding_mask, S_in, inplace)
     elif mode == "prefill_kernel":
         out, S_new = _prefill_kernel(query, key, value, spec, basis, key_padding_mask, S_in, is_causal)
     else:
@@ -208,44 +212,53 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
 
 
 def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
-    """The fused CPU decode kernel serves one new token per call, without autograd."""
-    return (
-        spec.device.type == "cpu"
-        and _kernels.supports(spec.compute_dtype, spec.state_dtype)
-        and not _needs_grad(query, key, value, S)
-        and _kernels.load() is not None
-    )
+    """The fused CPU kernels serve calls without autograd."""
+    ok = spec.plans.get("kernel_ok")
+    if ok is None:
+        ok = spec.plans["kernel_ok"] = (
+            spec.device.type == "cpu"
+            and _kernels.supports(spec.compute_dtype, spec.state_dtype)
+            and _kernels.load() is not None
+        )
+    return ok and not _needs_grad(query, key, value, S)
 
 
 _PREFILL_PLANS: dict = {}
 
 
-def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, inplace: bool = False):
+def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, S, inplace: bool = False):
     """One token for every sequence and head through the fused kernel: ``[..., Hq, 1, E] -> [..., Hq, 1, Ev]``.
 
     The kernel reads raw memory, so contiguous inputs in the compute dtype are used as they are and
-    the state is used in place of a copy when it is D-contiguous (as every state this library makes).
+    the state is used without a copy when it is D-contiguous (as every state this library makes).
+    Returns the output and the new state tensor ``[..., Hkv, D, F]``.
     """
     plan = spec.plans.get("decode")
     if plan is None:
+        basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
         plan = spec.plans["decode"] = _kernels.DecodePlan(
             _kernels.load(), spec.batch * spec.n_kv_heads, spec.group, spec.d_key, spec.d_value, basis,
             spec.compute_dtype, *_split_scale(spec.scale), state_dtype=spec.state_dtype,
         )
-    cd, sd, F, D = spec.compute_dtype, spec.state_dtype, spec.d_value + 1, spec.feature_dim
-    q, k, v = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
+    cd = spec.compute_dtype
+    if not (query.dtype == cd and query.is_contiguous()):
+        query = query.to(cd).contiguous()
+    if not (key.dtype == cd and key.is_contiguous()):
+        key = key.to(cd).contiguous()
+    if not (value.dtype == cd and value.is_contiguous()):
+        value = value.to(cd).contiguous()
     keep = None
     if key_padding_mask is not None:  # [B, 1] -> one flag per (batch, kv head)
         keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
     if S is None:
-        S_in = torch.zeros((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=sd)    # [..., Hkv, F, D]
-    elif S.mT.is_contiguous():
-        S_in = S.mT
+        S_in = torch.zeros(plan.state_shape(spec), dtype=spec.state_dtype)    # [..., Hkv, F, D]
     else:
-        S_in, inplace = S.mT.contiguous(), False
+        S_in = S.mT
+        if not S_in.is_contiguous():
+            S_in, inplace = S_in.contiguous(), False
     S_out = S_in if inplace else torch.empty_like(S_in)                       # [..., Hkv, F, D]
-    y = torch.empty((*spec.batch_shape, spec.n_q_heads, 1, spec.d_value), dtype=cd)   # [..., Hq, 1, Ev]
-    plan(q, k, v, keep, S_in, S_out, y)
+    y = torch.empty(plan.out_shape(spec), dtype=cd)                           # [..., Hq, 1, Ev]
+    plan(query, key, value, keep, S_in, S_out, y)
     return (y if spec.dtype == cd else y.to(spec.dtype)), S_out.mT
 
 
@@ -331,7 +344,9 @@ def _normalize(U: torch.Tensor, d_value: int, dtype: torch.dtype) -> torch.Tenso
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8}

@@ -128,7 +128,9 @@ def _hierarchy(basis, dtype: torch.dtype):
     if key not in _tables:
         d = basis.d
         lens = [math.comb(j + p - 1, p - 1) for p in range(2, basis.n_taylor) for j in range(d)]
-        _tables[key] = (torch.tensor(lens, dtype=torch.long), basis.weight.cpu().to(dtype).contiguous())
+        # a vector of zero padding: the decode kernel reads whole vectors past the last segment
+        weight = torch.cat([basis.weight.cpu().to(dtype), torch.zeros(16, dtype=dtype)])
+        _tables[key] = (torch.tensor(lens, dtype=torch.long), weight)
     return _tables[key]
 
 
@@ -146,6 +148,17 @@ class DecodePlan:
         self._fn = _entry(lib, "decode", dtype, state_dtype or dtype)
         self._head = (N, G, d, Ev, basis.dim, basis.n_taylor)
         self._tail = (self._prefix_len.data_ptr(), self._weight.data_ptr(), sq, sk)
+        self._shapes: dict = {}
+
+    def state_shape(self, spec) -> tuple:
+        """``(*batch, Hkv, F, D)``: the kernel's state layout."""
+        return (*spec.batch_shape, spec.n_kv_heads, spec.d_value + 1, spec.feature_dim)
+
+    def out_shape(self, spec) -> tuple:
+        shape = self._shapes.get("out")
+        if shape is None:
+            shape = self._shapes["out"] = (*spec.batch_shape, spec.n_q_heads, 1, spec.d_value)
+        return shape
 
     def __call__(self, q, k, v, keep, S_in, S_out, y) -> None:
         self._fn(*self._head, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
