@@ -237,10 +237,20 @@ def test_float64_state_keeps_its_precision(mode, causal):
     assert rel_err(increment, want) < 1e-5
 
 
-@pytest.mark.parametrize("L", [1, 9], ids=["decode", "prefill"])
+INPLACE_LAYOUT_BUG = pytest.mark.xfail(strict=True, reason=(
+    "core bug: ops._attention's lean decode branch returns before the `if inplace and S_new is not S_in: "
+    "S_in.copy_(S_new)` step, and _decode_kernel drops inplace for a state that is not D-contiguous "
+    "(e.g. SATAState.load's): the passed state silently stays unchanged"))
+
+
+@pytest.mark.parametrize("L,layout", [
+    pytest.param(1, "made", id="decode-D-contiguous"),
+    pytest.param(1, "loaded", id="decode-F-contiguous", marks=INPLACE_LAYOUT_BUG),
+    pytest.param(9, "made", id="prefill-D-contiguous"),
+    pytest.param(9, "loaded", id="prefill-F-contiguous"),
+])
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=["f32-state", "f64-state"])
-@pytest.mark.parametrize("layout", ["made", "loaded"], ids=["D-contiguous", "F-contiguous"])
 def test_inplace_updates_the_passed_state(L, causal, state_dtype, layout):
     """``inplace=True``: the documented exception to "never modified": the result is written into
     ``state.kv`` (same storage) and equals the out-of-place result."""
