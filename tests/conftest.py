@@ -9,7 +9,7 @@ import torch
 
 import sata
 from sata import _kernels, ops
-from sata._checks import check_inputs
+from sata._checks import _SPEC_CACHE, check_inputs
 
 KERNELS = _kernels.load() is not None
 needs_kernels = pytest.mark.skipif(not KERNELS, reason=f"fused CPU kernels unavailable: {_kernels.status()}")
@@ -45,13 +45,18 @@ def qkv(B, H, L, E, Ev=None, *, Hkv=None, Lk=None, dtype=torch.float64, seed=0, 
 
 @contextlib.contextmanager
 def kernels_unavailable():
-    """As if no compiler were available: every call takes a PyTorch path."""
+    """As if no compiler were available: every call takes a PyTorch path.
+
+    Validated call shapes (``Spec``) cache whether the kernels apply, so the cache is emptied on
+    the way in and out: no verdict crosses the boundary."""
     load = _kernels.load
+    _SPEC_CACHE.clear()
     _kernels.load = lambda: None
     try:
         yield
     finally:
         _kernels.load = load
+        _SPEC_CACHE.clear()
 
 
 def attend(mode, q, k, v, *, chunk_size=None, block_size=None, **kw):

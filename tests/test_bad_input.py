@@ -114,7 +114,7 @@ def _vm(field):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("d,P,H", [(64, 6, 8), (64, 8, 1), (32, 8, 4)], ids=lambda x: str(x))
+@pytest.mark.parametrize("d,P,H", [(64, 6, 8), (64, 8, 1), (32, 8, 4)], ids=str)
 def test_over_budget_refused_quickly_without_allocating(d, P, H, causal):
     q = torch.zeros(1, H, 4, d)
     with open("/proc/self/clear_refs", "w") as f:       # reset the peak resident size of this process

@@ -87,7 +87,7 @@ def test_decode_kernel_matches_oracle(causal, dtype):
 
 # ------------------------------------------------------------------ chunks and blocks
 @pytest.mark.parametrize("L,chunk", [(24, 4), (24, 5), (23, 8), (7, 64), (64, 64), (65, 64), (130, 16)],
-                         ids=lambda x: str(x))
+                         ids=str)
 @pytest.mark.parametrize("blocks", [False, True], ids=["one-block", "tiny-blocks"])
 def test_chunked_any_chunk_size(L, chunk, blocks, monkeypatch):
     if blocks:
@@ -189,7 +189,7 @@ def test_gradients_match_oracle(mode, causal, with_state, blocks, monkeypatch):
         assert_rel(a, b, 1e-9, f"grad {name}")
 
 
-@pytest.mark.parametrize("mode,causal", [("recurrent", True), ("chunked", True), ("parallel", False)], ids=lambda x: str(x))
+@pytest.mark.parametrize("mode,causal", [("recurrent", True), ("chunked", True), ("parallel", False)], ids=str)
 def test_state_gradient_matches_hand_built_reference(mode, causal):
     """d loss / d state.kv against y = norm(phi(Q) S + mask(T_P(s QK^T)) [V, 1]) built by hand from taylor_features."""
     P, E, Ev, L = 3, 3, 2, 9
@@ -220,7 +220,7 @@ GRADCHECK_PATHS = [("recurrent", True), ("chunked", True), ("quadratic", True), 
                    ("quadratic", False)]
 
 
-@pytest.mark.parametrize("mode,causal", GRADCHECK_PATHS, ids=lambda x: str(x))
+@pytest.mark.parametrize("mode,causal", GRADCHECK_PATHS, ids=str)
 @pytest.mark.parametrize("P", [2, 3], ids=lambda P: f"P={P}")
 def test_gradcheck(mode, causal, P, monkeypatch):
     monkeypatch.setattr(sata.ops, "_BLOCK_BYTES", 1)   # several checkpointed blocks

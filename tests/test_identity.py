@@ -59,7 +59,7 @@ def test_identity_random_shapes(d, P, scale, lead, seed):
     torch.testing.assert_close((phq * phk).sum(-1), sata.taylor_exp(scale * (q * k).sum(-1), P), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("d,P", [(1, 1), (1, 8), (3, 4), (8, 4), (16, 3), (5, 7)], ids=lambda x: str(x))
+@pytest.mark.parametrize("d,P", [(1, 1), (1, 8), (3, 4), (8, 4), (16, 3), (5, 7)], ids=str)
 def test_per_degree_slices(d, P):
     basis = sata.get_basis(d, P)
     q, k = rand(4, d, seed=1), rand(4, d, seed=2)
@@ -88,7 +88,7 @@ def test_feature_dim_table(d):
     assert [sata.feature_dim(d, P) for P in range(2, 7)] == MATH_TABLE[d]
 
 
-@pytest.mark.parametrize("d,P", [(1, 1), (1, 5), (2, 3), (7, 6), (64, 8), (100, 4)], ids=lambda x: str(x))
+@pytest.mark.parametrize("d,P", [(1, 1), (1, 5), (2, 3), (7, 6), (64, 8), (100, 4)], ids=str)
 def test_counts_and_hockey_stick(d, P):
     m = sata.monomial_counts(d, P)
     assert m == [math.comb(d + p - 1, p) for p in range(P)]
@@ -96,7 +96,7 @@ def test_counts_and_hockey_stick(d, P):
     assert sata.state_size(d, 5, P) == sum(m) * 6
 
 
-@pytest.mark.parametrize("d,P", [(1, 4), (2, 5), (3, 4), (5, 5), (8, 4), (13, 3)], ids=lambda x: str(x))
+@pytest.mark.parametrize("d,P", [(1, 4), (2, 5), (3, 4), (5, 5), (8, 4), (13, 3)], ids=str)
 def test_basis_is_colex_with_parent_and_last(d, P):
     basis = sata.get_basis(d, P)
     assert basis.sizes == tuple(sata.monomial_counts(d, P))
@@ -125,7 +125,7 @@ def test_basis_is_colex_with_parent_and_last(d, P):
     assert lo == basis.dim - 1 - d if P > 2 else lo == 0
 
 
-@pytest.mark.parametrize("d,p", [(1, 5), (2, 4), (3, 3), (4, 5), (6, 4), (10, 3), (16, 2)], ids=lambda x: str(x))
+@pytest.mark.parametrize("d,p", [(1, 5), (2, 4), (3, 3), (4, 5), (6, 4), (10, 3), (16, 2)], ids=str)
 def test_multiplicities_sum_to_d_power_p(d, p):
     rows = [tuple(r) for r in sata.get_basis(d, p + 1).multi_indices(p).tolist()]
     assert sum(_mult(r) for r in rows) == d**p
@@ -149,7 +149,7 @@ SIZE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("d,Ev,P,size,flops", SIZE_CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("d,Ev,P,size,flops", SIZE_CASES, ids=str)
 def test_state_size_and_flops(d, Ev, P, size, flops):
     assert sata.state_size(d, Ev, P) == size
     assert sata.flops_per_token(d, Ev, P) == flops

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, torch, sata
 from sata import _kernels
+from sata._checks import _SPEC_CACHE
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -37,6 +38,7 @@ load = _kernels.load
 out = {}
 for name, c in json.loads(sys.argv[1]).items():
     _kernels.load = load if c.get("kernels", True) else (lambda: None)     # as if no compiler
+    _SPEC_CACHE.clear()                                                     # it caches whether kernels apply
     g = torch.Generator().manual_seed(0)
     L, Lk, H, E, Ev = c["L"], c.get("Lk", c["L"]), c["H"], c["E"], c.get("Ev", c["E"])
     dt = getattr(torch, c.get("dtype", "float32"))

@@ -16,7 +16,7 @@ ALL_MODES = [pytest.param(m, c, id=f"{m}-{'causal' if c else 'noncausal'}", mark
 
 
 @pytest.mark.parametrize("mode,causal", ALL_MODES)
-@pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 2)], ids=lambda b: f"batch={b}")
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 2)], ids=lambda b: "batch=" + "x".join(map(str, b)) if b else "no-batch")
 def test_batch_dims(lead, mode, causal):
     q, k, v = qkv(lead, 2, 11, 3, 4, seed=1)
     y, st = attend(mode, q, k, v, n_taylor=3, is_causal=causal, return_state=True)
@@ -30,7 +30,7 @@ def test_batch_dims(lead, mode, causal):
 
 
 @pytest.mark.parametrize("mode,causal", ALL_MODES)
-@pytest.mark.parametrize("Hq,Hkv", [(6, 1), (6, 2), (6, 3), (4, 4)], ids=lambda x: str(x))
+@pytest.mark.parametrize("Hq,Hkv", [(6, 1), (6, 2), (6, 3), (4, 4)], ids=str)
 def test_gqa_is_repeated_kv_heads_with_one_state_per_kv_head(Hq, Hkv, mode, causal):
     q, k, v = qkv((2,), Hq, 9, 4, 3, Hkv=Hkv, seed=2)
     y, st = attend(mode, q, k, v, n_taylor=4, is_causal=causal, enable_gqa=True, return_state=True)
@@ -43,7 +43,7 @@ def test_gqa_is_repeated_kv_heads_with_one_state_per_kv_head(Hq, Hkv, mode, caus
 
 @pytest.mark.parametrize("mode,causal", ALL_MODES)
 @pytest.mark.parametrize("E,Ev", [(3, 1), (3, 7), (1, 2), (4, 15), (4, 16), (2, 31), (2, 33), (2, 40)],
-                         ids=lambda x: str(x))
+                         ids=str)
 def test_value_size_differs_from_key_size(E, Ev, mode, causal):
     q, k, v = qkv((1,), 2, 35, E, Ev, seed=3)
     y = attend(mode, q, k, v, n_taylor=3, is_causal=causal)
@@ -52,7 +52,7 @@ def test_value_size_differs_from_key_size(E, Ev, mode, causal):
 
 
 @pytest.mark.parametrize("mode", mode_params(NONCAUSAL_MODES))
-@pytest.mark.parametrize("Lq,Lk", [(1, 50), (50, 1), (7, 33), (40, 3)], ids=lambda x: str(x))
+@pytest.mark.parametrize("Lq,Lk", [(1, 50), (50, 1), (7, 33), (40, 3)], ids=str)
 def test_noncausal_lq_differs_from_lk(Lq, Lk, mode):
     q, k, v = qkv((2,), 3, Lq, 4, Lk=Lk, seed=4)
     y = attend(mode, q, k, v, n_taylor=3)

@@ -61,7 +61,7 @@ def test_prefill_decode_prefill_equals_one_call(causal, dtype):
                                          ("quadratic", True), ("quadratic", False), ("parallel", False),
                                          pytest.param("prefill_kernel", True, marks=needs_kernels),
                                          pytest.param("prefill_kernel", False, marks=needs_kernels)],
-                         ids=lambda x: str(x))
+                         ids=str)
 def test_every_path_streams(mode, causal):
     q, k, v = qkv((), 2, 45, 3, 2, seed=2)
     y, st_ = _stream(q, k, v, SPLIT, is_causal=causal, mode=mode, n_taylor=4)
