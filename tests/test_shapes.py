@@ -149,9 +149,7 @@ def test_padded_keys_change_neither_output_nor_state(mode, causal):
 
 
 NAN_MODES = ALL_MODES + [
-    pytest.param("decode_kernel", True, id="decode_kernel", marks=[needs_kernels, pytest.mark.xfail(strict=True, reason=(
-        "core bug: _kernels/decode.cpp multiplies phi(k) of a masked key by v~ = 0 (0 * NaN = NaN) instead of "
-        "skipping it, so a NaN in a padded key poisons the state"))]),
+    pytest.param("decode_kernel", True, id="decode_kernel", marks=needs_kernels),
 ]
 
 
@@ -174,9 +172,6 @@ def test_nonfinite_padded_key_does_not_leak(mode, causal, bad):
     assert_rel(st.kv, st0.kv, 1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: naive.py computes w @ v with w = 0 at padded keys, and 0 * NaN = NaN: the oracle leaks a NaN "
-    "value of a padded key into every row (fix: zero masked v, or masked_fill v, before the product)"))
 def test_oracle_ignores_nan_in_padded_value():
     q, k, v = qkv((1,), 1, 6, 3, seed=21)
     mask = torch.zeros(1, 6, dtype=torch.bool)
@@ -250,14 +245,7 @@ def test_non_contiguous_inputs(mode, causal):
                sata.sata_attention(q1, k1, v1, n_taylor=3, is_causal=causal, state=state), 1e-12)
 
 
-MASK_LAYOUT_BUG = pytest.mark.xfail(strict=True, reason=(
-    "core bug: ops._prefill_kernel passes (~mask).to(uint8).reshape(B, Lk) to the kernel, which reads it as "
-    "contiguous; a column-major mask keeps its strides (fix: add .contiguous())"))
-
-
-@pytest.mark.parametrize("mode,causal", [
-    pytest.param(*p.values, id=p.id, marks=[*p.marks, *([MASK_LAYOUT_BUG] if p.values[0] in ("prefill_kernel", "auto")
-                                                      else [])]) for p in ALL_MODES])
+@pytest.mark.parametrize("mode,causal", ALL_MODES)
 def test_non_contiguous_key_padding_mask(mode, causal):
     q, k, v = qkv((3,), 2, 40, 4, 3, seed=28)
     mask = _mask(3, 40, 29)

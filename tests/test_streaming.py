@@ -206,21 +206,18 @@ def test_float64_state_with_float32_inputs(mode):
     assert_rel(st_.kv, sata.accumulate_state(k.double(), v.double(), n_taylor=3).kv, 1e-6)
 
 
-F64_STATE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "core bug: ops._causal_block (the PyTorch causal path: no compiler, CUDA) forms a block's state "
-    "increment as (S.to(float32) + cumsum) - S.to(float32) in float32, so a float64 state loses its precision"))
 
 
 @pytest.mark.parametrize("mode,causal", [
     pytest.param("recurrent", True, id="recurrent"),
     pytest.param("chunked", True, id="chunked"),
-    pytest.param("chunked_torch", True, id="chunked_torch", marks=F64_STATE_BUG),
+    pytest.param("chunked_torch", True, id="chunked_torch"),
     pytest.param("parallel", False, id="parallel"),
     pytest.param("quadratic", False, id="quadratic"),
     *[pytest.param(m, c, id=f"{m}-{n}", marks=needs_kernels) for m in ("prefill_kernel", "decode_kernel")
       for c, n in ((True, "causal"), (False, "noncausal"))],
     pytest.param("auto", True, id="auto-causal"),
-    pytest.param("auto_torch", True, id="auto_torch-causal", marks=F64_STATE_BUG),
+    pytest.param("auto_torch", True, id="auto_torch-causal"),
 ])
 def test_float64_state_keeps_its_precision(mode, causal):
     """A float64 state that has seen ~1e6 tokens' worth of mass must still absorb a float32 chunk's
@@ -237,15 +234,11 @@ def test_float64_state_keeps_its_precision(mode, causal):
     assert rel_err(increment, want) < 1e-5
 
 
-INPLACE_LAYOUT_BUG = pytest.mark.xfail(strict=True, reason=(
-    "core bug: ops._attention's lean decode branch returns before the `if inplace and S_new is not S_in: "
-    "S_in.copy_(S_new)` step, and _decode_kernel drops inplace for a state that is not D-contiguous "
-    "(e.g. SATAState.load's): the passed state silently stays unchanged"))
 
 
 @pytest.mark.parametrize("L,layout", [
     pytest.param(1, "made", id="decode-D-contiguous"),
-    pytest.param(1, "loaded", id="decode-F-contiguous", marks=INPLACE_LAYOUT_BUG),
+    pytest.param(1, "loaded", id="decode-F-contiguous"),
     pytest.param(9, "made", id="prefill-D-contiguous"),
     pytest.param(9, "loaded", id="prefill-F-contiguous"),
 ])
@@ -276,15 +269,11 @@ def test_inplace_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="inplace=True updates a state"):
         sata.sata_attention(q, k, v, n_taylor=3, return_state=True, inplace=True)
     grad_state = sata.SATAState(kv=state.kv.clone().requires_grad_(True), n_taylor=3, d_key=4, d_value=3, scale=0.5)
-    with pytest.raises(ValueError, match="inplace=True would break autograd"):
+    with pytest.raises(ValueError, match="inplace=True cannot be used under autograd"):
         sata.sata_attention(q, k, v, n_taylor=3, state=grad_state, return_state=True, inplace=True)
 
 
 @pytest.mark.parametrize("L", [1, 9], ids=["decode", "prefill"])
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: sata_attention checks only state.kv.requires_grad for inplace=True; with inputs that require "
-    "grad the in-place copy (ops._attention, S_in.copy_) detaches the returned state (decode) or overwrites a "
-    "tensor saved for backward (prefill: backward raises 'modified by an inplace operation')"))
 def test_inplace_with_inputs_requiring_grad_is_refused(L):
     q, k, v = qkv((1,), 2, L, 4, 3, dtype=torch.float32, seed=23)
     state = sata.accumulate_state(k, v, n_taylor=3)

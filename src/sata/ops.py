@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _kernels
 from ._checks import Spec, check_inputs
 from .basis import TaylorBasis, get_basis
-from .budget import get_memory_budget
+from .budget import MemoryBudgetError, format_bytes, get_memory_budget
 from .features import _phi, _phi_t, taylor_exp
 from .state import SATAState
 
@@ -38,6 +38,8 @@ __all__ = ["accumulate_state", "sata_attention"]
 _RECURRENT_MAX_LEN = 1
 # bytes of features and scores one block may hold (at most a quarter of the budget)
 _BLOCK_BYTES = 64 * 2**20
+# bytes of converted inputs one fused-kernel call may hold (non-float32 inputs)
+_SEGMENT_BYTES = 4 * 2**20
 
 
 @torch.compiler.disable  # opaque to torch.compile: its Python dispatch and C++ kernels run eagerly
@@ -311,7 +313,7 @@ def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_paddi
     else:
         conv = lambda t: t.to(cd).contiguous()
         per_token = B * (spec.n_q_heads * (E + Ev) + Hkv * (E + Ev)) * _ITEMSIZE[cd]
-        seg = max(32, _BLOCK_BYTES // max(per_token, 1) // 32 * 32)
+        seg = max(32, _SEGMENT_BYTES // max(per_token, 1) // 32 * 32)
         if is_causal:  # segments carry the state, exactly like one call
             for a in range(0, Lq, seg):
                 b = min(a + seg, Lq)
@@ -507,14 +509,15 @@ def _quadratic_block(q, S, start: int, *, ks, vt, run: _Run, causal: bool, offse
     return _normalize(U, run.spec.d_value, run.spec.dtype)
 
 
-def _causal_forward(q, k, v, mask, S, run: _Run, saved: list | None):
-    """All blocks of a causal sequence, without autograd; ``saved`` collects each block's start state."""
+def _causal_forward(q, k, v, mask, S, run: _Run, saved: list | None, save_every: int = 1):
+    """All blocks of a causal sequence, without autograd; ``saved`` collects the start state of
+    every ``save_every``-th block."""
     B, Hkv, g, L, E = q.shape
     out = q.new_empty(B, Hkv, g, L, run.spec.d_value)                         # [B, Hkv, g, L, Ev]
     block_fn = _kernel_causal_block if run.fused else _causal_block
-    for a in range(0, L, run.block):
+    for i, a in enumerate(range(0, L, run.block)):
         b = min(a + run.block, L)
-        if saved is not None:
+        if saved is not None and i % save_every == 0:
             saved.append(S)
         out[:, :, :, a:b], S = block_fn(
             q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b], S, run=run
@@ -540,52 +543,78 @@ class _CausalChunked(torch.autograd.Function):
     """Causal chunked attention whose backward recomputes each block instead of storing its features.
 
     Saved for backward: the inputs and the state at the start of every block (one state per
-    ``run.block`` tokens), so activation memory does not grow with ``D`` per token. The backward
-    pass walks the blocks in reverse, re-runs each under autograd and carries the state gradient.
+    ``run.block`` tokens), so activation memory does not grow with ``D`` per token. When those
+    states would not fit the memory budget, only every ``stride``-th is kept and the states in
+    between are recomputed from the keys in the backward pass. The backward pass walks the
+    blocks in reverse, re-runs each under autograd and carries the state gradient.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, S, mask, run: _Run):
+        L = q.shape[-2]
+        n_blocks = max(1, -(-L // run.block))
+        state_bytes = S.numel() * S.element_size()
+        stride = 1
+        if n_blocks * state_bytes > get_memory_budget() // 4:  # keep ~sqrt(n) states, recompute the rest
+            stride = math.isqrt(n_blocks - 1) + 1
+            held = (-(-n_blocks // stride) + stride) * state_bytes
+            if held > get_memory_budget() // 2:
+                raise MemoryBudgetError(
+                    f"sata_attention: the backward pass of {L} tokens in {n_blocks} blocks needs at least "
+                    f"{format_bytes(held)} of saved states ({format_bytes(state_bytes)} each), more than half the memory "
+                    f"budget of {format_bytes(get_memory_budget())}. Use fewer Taylor terms or smaller heads, or raise "
+                    "the budget with sata.set_memory_budget(...) or SATA_MEMORY_BUDGET."
+                )
         starts: list = []
         with torch.no_grad():
-            out, S_end = _causal_forward(q, k, v, mask, S, run, saved=starts)
+            out, S_end = _causal_forward(q, k, v, mask, S, run, saved=starts, save_every=stride)
         ctx.save_for_backward(q, k, v, *starts)
-        ctx.mask, ctx.run = mask, run
+        ctx.mask, ctx.run, ctx.stride = mask, run, stride
         return out, S_end
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_S_end):
-        q, k, v, *starts = ctx.saved_tensors
-        mask, run = ctx.mask, ctx.run
+        q, k, v, *saved = ctx.saved_tensors
+        mask, run, stride = ctx.mask, ctx.run, ctx.stride
         need = ctx.needs_input_grad[:4]
         dq = torch.zeros_like(q) if need[0] else None
         dk = torch.zeros_like(k) if need[1] else None
         dv = torch.zeros_like(v) if need[2] else None
         d_S = d_S_end
         L = q.shape[-2]
-        for i in reversed(range(len(starts))):
-            a = i * run.block
-            b = min(a + run.block, L)
-            with torch.enable_grad():
-                leaves = [
-                    q[:, :, :, a:b].detach().requires_grad_(need[0]),
-                    k[:, :, a:b].detach().requires_grad_(need[1]),
-                    v[:, :, a:b].detach().requires_grad_(need[2]),
-                    starts[i].detach().requires_grad_(True),
-                ]
-                y, S_next = _causal_block(*leaves[:3], None if mask is None else mask[:, a:b], leaves[3], run=run)
-                wrt = [t for t in leaves if t.requires_grad]
-                grads = torch.autograd.grad([y, S_next], wrt, [d_out[:, :, :, a:b], d_S], allow_unused=True)
-            grads = dict(zip([id(t) for t in wrt], grads))
-            for dst, leaf, sl in ((dq, leaves[0], (slice(None),) * 3 + (slice(a, b),)),
-                                  (dk, leaves[1], (slice(None),) * 2 + (slice(a, b),)),
-                                  (dv, leaves[2], (slice(None),) * 2 + (slice(a, b),))):
-                if dst is not None and grads.get(id(leaf)) is not None:
-                    dst[sl] = grads[id(leaf)]
-            d_S = grads[id(leaves[3])]
-            if d_S is None:
-                d_S = torch.zeros_like(starts[i])
+        n_blocks = max(1, -(-L // run.block))
+        span = lambda i: (i * run.block, min((i + 1) * run.block, L))
+        for seg in reversed(range(len(saved))):
+            # the states at the start of this segment's blocks: saved, or recomputed from the keys
+            starts = [saved[seg]]
+            with torch.no_grad():
+                for i in range(seg * stride + 1, min((seg + 1) * stride, n_blocks)):
+                    a, b = span(i - 1)
+                    starts.append(_key_block(k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b],
+                                             starts[-1], run=run)[1])
+            for j in reversed(range(len(starts))):
+                a, b = span(seg * stride + j)
+                with torch.enable_grad():
+                    leaves = [
+                        q[:, :, :, a:b].detach().requires_grad_(need[0]),
+                        k[:, :, a:b].detach().requires_grad_(need[1]),
+                        v[:, :, a:b].detach().requires_grad_(need[2]),
+                        starts[j].detach().requires_grad_(True),
+                    ]
+                    y, S_next = _causal_block(*leaves[:3], None if mask is None else mask[:, a:b], leaves[3], run=run)
+                    wrt = [t for t in leaves if t.requires_grad]
+                    grads = torch.autograd.grad([y, S_next], wrt, [d_out[:, :, :, a:b], d_S], allow_unused=True)
+                grads = dict(zip([id(t) for t in wrt], grads))
+                for dst, leaf, sl in ((dq, leaves[0], (slice(None),) * 3 + (slice(a, b),)),
+                                      (dk, leaves[1], (slice(None),) * 2 + (slice(a, b),)),
+                                      (dv, leaves[2], (slice(None),) * 2 + (slice(a, b),))):
+                    if dst is not None and grads.get(id(leaf)) is not None:
+                        dst[sl] = grads[id(leaf)]
+                d_S = grads[id(leaves[3])]
+                if d_S is None:
+                    d_S = torch.zeros_like(starts[j])
+                starts[j] = None  # free as we go
         return dq, dk, dv, (d_S if need[3] else None), None, None
 
 
