@@ -42,7 +42,6 @@ _BLOCK_BYTES = 64 * 2**20
 _SEGMENT_BYTES = 4 * 2**20
 
 
-@torch.compiler.disable  # opaque to torch.compile: its Python dispatch and C++ kernels run eagerly
 def sata_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -105,6 +104,10 @@ def sata_attention(
         >>> q1, k1, v1 = (torch.randn(2, 8, 1, 16) for _ in range(3))       # one more token
         >>> y1, st = sata.sata_attention(q1, k1, v1, n_taylor=3, is_causal=True, state=st, return_state=True)
     """
+    if torch.compiler.is_compiling():  # opaque to torch.compile: run eagerly behind a graph break
+        return _eager_attention(query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
+                                enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
+                                return_state=return_state, inplace=inplace)
     spec = check_inputs(
         "sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
@@ -118,6 +121,11 @@ def sata_attention(
                 "the state would lose its history; use inplace=False, or torch.no_grad() for serving"
             )
     return _attention(query, key, value, spec, is_causal, key_padding_mask, state, return_state, inplace=inplace)
+
+
+@torch.compiler.disable
+def _eager_attention(*args, **kwargs):
+    return sata_attention(*args, **kwargs)
 
 
 @torch.compiler.disable
@@ -250,7 +258,8 @@ def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, S, inplace: 
 
     The kernel reads raw memory, so contiguous inputs in the compute dtype are used as they are and
     the state is used without a copy when it is D-contiguous (as every state this library makes).
-    Returns the output and the new state tensor ``[..., Hkv, D, F]``.
+    Returns the output and the new state tensor ``[..., Hkv, D, F]``. This is the per-token path
+    of a decode loop: every line here is paid once per token.
     """
     plan = spec.plans.get("decode")
     if plan is None:
@@ -258,31 +267,35 @@ def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, S, inplace: 
         plan = spec.plans["decode"] = _kernels.DecodePlan(
             _kernels.load(), spec.batch * spec.n_kv_heads, spec.group, spec.d_key, spec.d_value, basis,
             spec.compute_dtype, *_split_scale(spec.scale), state_dtype=spec.state_dtype,
+            state_shape=(*spec.batch_shape, spec.n_kv_heads, spec.d_value + 1, spec.feature_dim),
+            out_shape=(*spec.batch_shape, spec.n_q_heads, 1, spec.d_value),
         )
     cd = spec.compute_dtype
-    if not (query.dtype == cd and query.is_contiguous()):
+    if query.dtype is not cd or not query.is_contiguous():
         query = query.to(cd).contiguous()
-    if not (key.dtype == cd and key.is_contiguous()):
+    if key.dtype is not cd or not key.is_contiguous():
         key = key.to(cd).contiguous()
-    if not (value.dtype == cd and value.is_contiguous()):
+    if value.dtype is not cd or not value.is_contiguous():
         value = value.to(cd).contiguous()
     keep = None
     if key_padding_mask is not None:  # [B, 1] -> one flag per (batch, kv head)
         keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
     copy_back = False
     if S is None:
-        S_in = torch.zeros(plan.state_shape(spec), dtype=spec.state_dtype)    # [..., Hkv, F, D]
+        S_in = torch.zeros(plan.state_shape, dtype=spec.state_dtype)          # [..., Hkv, F, D]
     else:
         S_in = S.mT
         if not S_in.is_contiguous():  # a state in another layout (e.g. loaded from a file)
             S_in, copy_back, inplace = S_in.contiguous(), inplace, False
     S_out = S_in if inplace else torch.empty_like(S_in)                       # [..., Hkv, F, D]
-    y = torch.empty(plan.out_shape(spec), dtype=cd)                           # [..., Hq, 1, Ev]
+    y = torch.empty(plan.out_shape, dtype=cd)                                 # [..., Hq, 1, Ev]
     plan(query, key, value, keep, S_in, S_out, y)
+    if spec.dtype is not cd:
+        y = y.to(spec.dtype)
     if copy_back:
         S.copy_(S_out.mT)
-        return (y if spec.dtype == cd else y.to(spec.dtype)), S
-    return (y if spec.dtype == cd else y.to(spec.dtype)), S_out.mT
+        return y, S
+    return y, S_out.mT
 
 
 def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, is_causal: bool):

@@ -143,22 +143,13 @@ class DecodePlan:
     """
 
     def __init__(self, lib, N: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
-                 state_dtype: torch.dtype | None = None):
+                 state_dtype: torch.dtype | None = None, state_shape: tuple = (), out_shape: tuple = ()):
         self._prefix_len, self._weight = _hierarchy(basis, dtype)
         self._fn = _entry(lib, "decode", dtype, state_dtype or dtype)
         self._head = (N, G, d, Ev, basis.dim, basis.n_taylor)
         self._tail = (self._prefix_len.data_ptr(), self._weight.data_ptr(), sq, sk)
-        self._shapes: dict = {}
-
-    def state_shape(self, spec) -> tuple:
-        """``(*batch, Hkv, F, D)``: the kernel's state layout."""
-        return (*spec.batch_shape, spec.n_kv_heads, spec.d_value + 1, spec.feature_dim)
-
-    def out_shape(self, spec) -> tuple:
-        shape = self._shapes.get("out")
-        if shape is None:
-            shape = self._shapes["out"] = (*spec.batch_shape, spec.n_q_heads, 1, spec.d_value)
-        return shape
+        self.state_shape = state_shape   # (*batch, Hkv, F, D): the kernel's state layout
+        self.out_shape = out_shape       # (*batch, Hq, 1, Ev)
 
     def __call__(self, q, k, v, keep, S_in, S_out, y) -> None:
         self._fn(*self._head, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),

@@ -135,7 +135,8 @@ def _decode_title(res: dict) -> str:
     x = res["crossover_vs_sdpa"]
     cross = f"crossover vs SDPA: {x['context']:,} tokens ({x['status']})" if x["context"] else f"crossover vs SDPA: {x['status']}"
     return (f"Decode: one token, B={c['batch']}, {c['n_heads']} heads of {c['d_key']}, n_taylor={c['n_taylor']}, "
-            f"{c['dtype']}; median per step; mem = context held + peak allocated in the step; {cross}")
+            f"{c['dtype']}; median per step ({'steady state: bursts of ~%g ms of consecutive steps, methods round-robin' % (1e3 * c['burst_time']) if c.get('burst_time') else 'single calls, methods round-robin'}); "
+            f"mem = context held + peak allocated in the step; {cross}")
 
 
 def _prefill_title(res: dict) -> str:

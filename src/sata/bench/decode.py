@@ -52,6 +52,8 @@ class DecodeConfig:
     sata_inplace: bool = True              # decode as a serving loop does: the state updated in place
     min_time: float = 0.2
     min_repeat: int = 5
+    # steady state: a sample is ~2 ms of consecutive steps (one layer's loop); 0 = single cold calls
+    burst_time: float = 0.002
     seed: int = 0
     label: str = field(default="")
 
@@ -238,7 +240,7 @@ def _measure(cfg, n, streamed, streams: _Streams, state, paper_state, q1, k1, v1
             peaks[name], out = peak_memory(fn, cfg.device) if cfg.measure_memory else (None, fn())
             outs[name] = out[0] if isinstance(out, tuple) else out
         timings = time_interleaved(fns, device=cfg.device, warmup=1, min_time=cfg.min_time,
-                                   min_repeat=cfg.min_repeat)
+                                   min_repeat=cfg.min_repeat, burst_time=cfg.burst_time)
     for name in fns:
         entry = {"time": timings[name].to_dict(), "held_bytes": int(held[name])}
         if cfg.measure_memory:

@@ -97,22 +97,31 @@ def time_interleaved(
     max_repeat: int = 100,
     min_time: float = 0.2,
     max_time: float = 10.0,
+    burst_time: float = 0.0,
 ) -> dict[str, Timing]:
     """Time several functions round-robin after ``warmup`` calls each (fewer for a function whose
     call takes ``min_time`` or more): each is called once per round until it has at least
     ``min_repeat`` calls and ``min_time`` seconds of them, or ``max_repeat`` calls, or (slow
     functions) at least one call and ``max_time`` seconds.
 
+    ``burst_time > 0``: a sample is the mean of as many consecutive calls as take about that long
+    (steady state: what one call costs when the previous one left its data in cache, as in a
+    loop); otherwise every sample is one call, right after the other functions ran (cold caches).
+
     Returns ``{name: Timing}`` with seconds per call.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
+        elapsed = float("inf")
+        for _ in range(max(warmup, 1)):
             _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
-            if time.perf_counter() - t0 >= min_time:   # slow enough: caches and allocations are warm
+            elapsed = min(elapsed, time.perf_counter() - t0)
+            if elapsed >= min_time:   # slow enough: caches and allocations are warm
                 break
+        calls[name] = max(1, int(burst_time / max(elapsed, 1e-9))) if burst_time > 0 else 1
     samples: dict[str, list[float]] = {name: [] for name in fns}
     def done(name: str) -> bool:
         n, total = len(samples[name]), sum(samples[name])
@@ -124,9 +133,10 @@ def time_interleaved(
                 continue
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            for _ in range(calls[name]):
+                fn()
             _sync(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append((time.perf_counter() - t0) / calls[name])
     return {name: Timing.from_samples(s) for name, s in samples.items()}
 
 
