@@ -24,7 +24,7 @@
 namespace {
 
 constexpr int64_t C = 32;    // tokens per chunk: the vector width of most loops
-constexpr int64_t RB = 4;    // state columns per read block
+constexpr int64_t RB = 6;    // most output rows (value columns) per register block of a product
 constexpr int64_t DB = 8;    // feature rows per update block
 constexpr int64_t VW = 16;   // lanes the update pads value columns to
 
@@ -65,7 +65,8 @@ inline void features_t(const T* x_t, int64_t d, int64_t P, const int64_t* prefix
 
 // U[f][i] (+)= sum_r M[r][f] * X[r][i] for f < F: a [F x K] x [K x C] product, f in register blocks
 template <typename T, int NB>
-inline void gemm_block(const T* M, int64_t ldm, int64_t f0, int64_t K, const T* X, T* U, bool accumulate) {
+inline void gemm_block(const T* __restrict__ M, int64_t ldm, int64_t f0, int64_t K, const T* __restrict__ X,
+                       T* __restrict__ U, bool accumulate) {
   T acc[NB][C];
   for (int64_t b = 0; b < NB; ++b)
 #pragma omp simd
@@ -73,7 +74,7 @@ inline void gemm_block(const T* M, int64_t ldm, int64_t f0, int64_t K, const T* 
   for (int64_t r = 0; r < K; ++r) {
     const T* x = X + r * C;
     const T* m = M + r * ldm + f0;
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int64_t b = 0; b < NB; ++b) {
       const T mb = m[b];
 #pragma omp simd
@@ -85,20 +86,27 @@ inline void gemm_block(const T* M, int64_t ldm, int64_t f0, int64_t K, const T* 
 
 template <typename T>
 inline void gemm_t(const T* M, int64_t ldm, int64_t F, int64_t K, const T* X, T* U, bool accumulate) {
-  int64_t f0 = 0;
-  for (; f0 + RB <= F; f0 += RB) gemm_block<T, RB>(M, ldm, f0, K, X, U, accumulate);
-  switch (F - f0) {
-    case 3: gemm_block<T, 3>(M, ldm, f0, K, X, U, accumulate); break;
-    case 2: gemm_block<T, 2>(M, ldm, f0, K, X, U, accumulate); break;
-    case 1: gemm_block<T, 1>(M, ldm, f0, K, X, U, accumulate); break;
-    default: break;
+  // F rows in as few blocks as possible, of balanced sizes (F = 9: 5 + 4, not 6 + 3 or 4 + 4 + 1)
+  const int64_t blocks = (F + RB - 1) / RB;
+  for (int64_t b = 0, f0 = 0; b < blocks; ++b) {
+    const int64_t n = (F - f0 + (blocks - b) - 1) / (blocks - b);
+    switch (n) {
+      case 6: gemm_block<T, 6>(M, ldm, f0, K, X, U, accumulate); break;
+      case 5: gemm_block<T, 5>(M, ldm, f0, K, X, U, accumulate); break;
+      case 4: gemm_block<T, 4>(M, ldm, f0, K, X, U, accumulate); break;
+      case 3: gemm_block<T, 3>(M, ldm, f0, K, X, U, accumulate); break;
+      case 2: gemm_block<T, 2>(M, ldm, f0, K, X, U, accumulate); break;
+      default: gemm_block<T, 1>(M, ldm, f0, K, X, U, accumulate); break;
+    }
+    f0 += n;
   }
 }
 
 // Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for all f < Fp (Fp a multiple of VW); products summed
 // over the chunk in T, added to the state in its own precision TS
 template <typename T, typename TS, int NV>
-inline void update_state_nv(TS* Sp, int64_t Fp, int64_t D, const T* phi_t, const T* vt) {
+inline void update_state_nv(TS* __restrict__ Sp, int64_t Fp, int64_t D, const T* __restrict__ phi_t,
+                            const T* __restrict__ vt) {
   constexpr int64_t W = NV * VW;
   int64_t r0 = 0;
   for (; r0 + DB <= D; r0 += DB) {
@@ -164,29 +172,41 @@ struct Head {
   const T* weight;
   T sq, sk;
   // workspace
-  std::vector<TS> Sp;      // the head's state [D][Fp], in the state's precision
-  std::vector<T> Spf;      // its copy in the compute precision, read by the products (when TS != T)
-  std::vector<T> kx, qx, phik, phiq, vt, U, scores;
+  // M = [state (D rows); v~ of the chunk (C rows)] x Fp and X = [phi(Q) (D rows); A (C rows)] x C,
+  // so one product U = M^T X reads the earlier chunks' state and the chunk itself
+  std::vector<TS> Sp;      // the head's state [D][Fp] in the state's precision (+ the v~ rows when TS == T)
+  std::vector<T> Mf;       // when TS != T: [state in the compute precision; v~ rows]
+  std::vector<T> kx, qx, phik, X, U;
+  T* M;                    // Sp or Mf
+  T* vt;                   // the v~ rows of M: [C][Fp]
 
   Head(int64_t G_, int64_t Lq_, int64_t Lk_, int64_t d_, int64_t Ev_, int64_t D_, int64_t P_, const int64_t* pl,
        const T* w, T sq_, T sk_)
       : G(G_), Lq(Lq_), Lk(Lk_), d(d_), Ev(Ev_), D(D_), P(P_), F(Ev_ + 1), Fp(round_up(Ev_ + 1, VW)),
         prefix_len(pl), weight(w), sq(sq_), sk(sk_),
-        Sp(D_ * round_up(Ev_ + 1, VW)), Spf(std::is_same<T, TS>::value ? 0 : D_ * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C), phiq(D_ * C),
-        vt(C * round_up(Ev_ + 1, VW)), U(round_up(Ev_ + 1, VW) * C), scores(C * C) {}
+        Sp((D_ + (std::is_same<T, TS>::value ? C : 0)) * round_up(Ev_ + 1, VW)),
+        Mf(std::is_same<T, TS>::value ? 0 : (D_ + C) * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C),
+        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C) {
+    if constexpr (std::is_same<T, TS>::value) {
+      M = reinterpret_cast<T*>(Sp.data());
+    } else {
+      M = Mf.data();
+    }
+    vt = M + D * Fp;
+  }
 
   // scaled keys kx [d][C] and value rows vt [C][Fp] of tokens t0 .. t0+c-1 (zero beyond c or masked)
   int64_t k_sl = 0, v_sl = 0, q_sl = 0, q_sh = 0, y_sl = 0, y_sh = 0;
 
   void load_keys(const T* k, const T* v, const uint8_t* keep, int64_t t0, int64_t c) {
     std::fill(kx.begin(), kx.end(), T(0));
-    std::fill(vt.begin(), vt.end(), T(0));
+    std::fill(vt, vt + C * Fp, T(0));
     for (int64_t i = 0; i < c; ++i) {
       if (keep != nullptr && !keep[t0 + i]) continue;
       const T* kr = k + (t0 + i) * k_sl;
       for (int64_t e = 0; e < d; ++e) kx[e * C + i] = kr[e] * sk;
       const T* vr = v + (t0 + i) * v_sl;
-      T* row = vt.data() + i * Fp;
+      T* row = vt + i * Fp;
       for (int64_t f = 0; f < Ev; ++f) row[f] = vr[f];
       row[Ev] = T(1);
     }
@@ -199,16 +219,17 @@ struct Head {
       const T* qr = q + (t0 + i) * q_sl;
       for (int64_t e = 0; e < d; ++e) qx[e * C + i] = qr[e] * sq;
     }
-    features_t(qx.data(), d, P, prefix_len, weight, phiq.data());
+    features_t(qx.data(), d, P, prefix_len, weight, X.data());
   }
 
-  // U += [V, 1]^T A with A[j][i] = T_P(k_j . q_i) for j <= i (causal within the chunk), 0 otherwise
-  void intra(int64_t c) {
-    T* A = scores.data();
+  // A[j][i] = T_P(k_j . q_i) for j <= i (causal within the chunk), 0 otherwise: rows D.. of X
+  void scores(int64_t c) {
+    T* A = X.data() + D * C;
     for (int64_t j = 0; j < C; ++j) {
       T* a = A + j * C;
 #pragma omp simd
       for (int64_t i = 0; i < C; ++i) a[i] = T(0);
+      if (j >= c) continue;  // a padded key: its v~ row is zero anyway
       for (int64_t e = 0; e < d; ++e) {
         const T kj = kx[e * C + j];
         const T* qe = qx.data() + e * C;
@@ -227,24 +248,22 @@ struct Head {
 #pragma omp simd
       for (int64_t i = 0; i < C; ++i) a[i] = i >= j ? r[i] : T(0);
     }
-    gemm_t(vt.data(), Fp, F, c, A, U.data(), true);
   }
 
   void write_out(T* y, int64_t t0, int64_t c) const {
+    T rz[C];  // one division per token; 0 where the normaliser is not positive (NaN propagates)
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) rz[i] = U[Ev * C + i] <= T(0) ? T(0) : T(1) / U[Ev * C + i];
     for (int64_t i = 0; i < c; ++i) {
-      const T z = U[Ev * C + i];
       T* yr = y + (t0 + i) * y_sl;
-      for (int64_t f = 0; f < Ev; ++f) yr[f] = z <= T(0) ? T(0) : U[f * C + i] / z;  // NaN propagates
+      for (int64_t f = 0; f < Ev; ++f) yr[f] = U[f * C + i] * rz[i];
     }
   }
 
-  // the state as the products read it: Sp itself, or its copy in the compute precision
-  const T* state_view() {
-    if constexpr (std::is_same<T, TS>::value) {
-      return Sp.data();
-    } else {
-      for (size_t i = 0; i < Sp.size(); ++i) Spf[i] = T(Sp[i]);
-      return Spf.data();
+  // refresh the state rows of M from Sp (in the compute precision) when they are not the same memory
+  void sync_state() {
+    if constexpr (!std::is_same<T, TS>::value) {
+      for (int64_t i = 0; i < D * Fp; ++i) Mf[i] = T(Sp[i]);
     }
   }
 
@@ -253,31 +272,31 @@ struct Head {
     std::fill(Sp.begin(), Sp.end(), TS(0));
     for (int64_t r = 0; r < D; ++r)
       for (int64_t f = 0; f < F; ++f) Sp[r * Fp + f] = S[r * s_d + f * s_f];
-    const T* Sr = state_view();
+    sync_state();
     if (causal) {  // Lq == Lk
       for (int64_t t0 = 0; t0 < Lk; t0 += C) {
         const int64_t c = std::min(C, Lk - t0);
         load_keys(k, v, keep, t0, c);
         for (int64_t g = 0; g < G; ++g) {
           load_queries(q + g * q_sh, t0, c);
-          gemm_t(Sr, Fp, F, D, phiq.data(), U.data(), false);
-          intra(c);
+          scores(c);
+          gemm_t(M, Fp, F, D + c, X.data(), U.data(), false);
           write_out(y + g * y_sh, t0, c);
         }
-        update_state(Sp.data(), Fp, D, phik.data(), vt.data());
-        Sr = state_view();
+        update_state(Sp.data(), Fp, D, phik.data(), vt);
+        sync_state();
       }
     } else {
       for (int64_t t0 = 0; t0 < Lk; t0 += C) {
         load_keys(k, v, keep, t0, std::min(C, Lk - t0));
-        update_state(Sp.data(), Fp, D, phik.data(), vt.data());
+        update_state(Sp.data(), Fp, D, phik.data(), vt);
       }
-      Sr = state_view();
+      sync_state();
       for (int64_t g = 0; g < G; ++g)
         for (int64_t t0 = 0; t0 < Lq; t0 += C) {
           const int64_t c = std::min(C, Lq - t0);
           load_queries(q + g * q_sh, t0, c);
-          gemm_t(Sr, Fp, F, D, phiq.data(), U.data(), false);
+          gemm_t(M, Fp, F, D, X.data(), U.data(), false);
           write_out(y + g * y_sh, t0, c);
         }
     }
