@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import math
 import os
 import tempfile
@@ -198,11 +199,12 @@ class SATAState:
         """
         path = Path(path)
         kv = self.kv.detach().cpu().contiguous()
+        config = {**self.config, "n_tokens": self.n_tokens, "dtype": str(kv.dtype)}
         payload = {
             "format": _FORMAT,
             "version": _VERSION,
-            "config": {**self.config, "n_tokens": self.n_tokens, "dtype": str(kv.dtype)},
-            "sha256": _digest(kv),
+            "config": config,
+            "sha256": _digest(kv, config),
             "kv": kv,
         }
         buffer = io.BytesIO()
@@ -252,7 +254,9 @@ class SATAState:
         if payload.get("version") != _VERSION:
             raise StateFileError(f"{path} has state format version {payload.get('version')!r}; this sata reads {_VERSION}")
         kv, config = payload.get("kv"), payload.get("config", {})
-        if not isinstance(kv, torch.Tensor) or _digest(kv.contiguous()) != payload.get("sha256"):
+        if not isinstance(kv, torch.Tensor) or not isinstance(config, dict) or (
+            _digest(kv.contiguous(), config) != payload.get("sha256")
+        ):
             raise StateFileError(f"{path} is corrupt: its checksum does not match its contents")
         try:
             state = cls(
@@ -273,6 +277,10 @@ class SATAState:
         return state.to(device=map_location) if map_location is not None else state
 
 
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest() if t.numel() else hashlib.sha256(b"").hexdigest()
+def _digest(t: torch.Tensor, config: dict) -> str:
+    """SHA-256 of the configuration (canonical JSON) and the tensor's bytes: a change to either is caught."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
