@@ -74,7 +74,7 @@ def _build() -> ctypes.CDLL:
     i64, ptr, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     for name in ("sata_decode_f32", "sata_decode_f32s64", "sata_decode_f64"):
         fn = getattr(lib, name)
-        fn.argtypes = [i64] * 6 + [ptr] * 9 + [f64, f64, ctypes.c_int]
+        fn.argtypes = [ptr] * 8 + [ctypes.c_int]
         fn.restype = None
     for name in ("sata_prefill_f32", "sata_prefill_f32s64", "sata_prefill_f64"):
         fn = getattr(lib, name)
@@ -134,6 +134,12 @@ def _hierarchy(basis, dtype: torch.dtype):
     return _tables[key]
 
 
+class _DecodeArgs(ctypes.Structure):
+    _fields_ = [("N", ctypes.c_int64), ("G", ctypes.c_int64), ("d", ctypes.c_int64), ("Ev", ctypes.c_int64),
+                ("D", ctypes.c_int64), ("P", ctypes.c_int64), ("prefix_len", ctypes.c_void_p),
+                ("weight", ctypes.c_void_p), ("sq", ctypes.c_double), ("sk", ctypes.c_double)]
+
+
 class DecodePlan:
     """The fused decode step for one configuration, with its constant arguments bound once.
 
@@ -146,14 +152,15 @@ class DecodePlan:
                  state_dtype: torch.dtype | None = None, state_shape: tuple = (), out_shape: tuple = ()):
         self._prefix_len, self._weight = _hierarchy(basis, dtype)
         self._fn = _entry(lib, "decode", dtype, state_dtype or dtype)
-        self._head = (N, G, d, Ev, basis.dim, basis.n_taylor)
-        self._tail = (self._prefix_len.data_ptr(), self._weight.data_ptr(), sq, sk)
+        self._args = _DecodeArgs(N, G, d, Ev, basis.dim, basis.n_taylor, self._prefix_len.data_ptr(),
+                                 self._weight.data_ptr(), sq, sk)
+        self._args_ptr = ctypes.addressof(self._args)
         self.state_shape = state_shape   # (*batch, Hkv, F, D): the kernel's state layout
         self.out_shape = out_shape       # (*batch, Hq, 1, Ev)
 
     def __call__(self, q, k, v, keep, S_in, S_out, y) -> None:
-        self._fn(*self._head, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
-                 S_in.data_ptr(), S_out.data_ptr(), y.data_ptr(), *self._tail, torch.get_num_threads())
+        self._fn(self._args_ptr, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
+                 S_in.data_ptr(), S_out.data_ptr(), y.data_ptr(), torch.get_num_threads())
 
 
 class PrefillPlan:

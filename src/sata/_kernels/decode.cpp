@@ -202,15 +202,23 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
 
 }  // namespace
 
+// the constants of a decode plan, bound once (fewer arguments per call: each costs in ctypes)
+struct DecodeArgs {
+  int64_t N, G, d, Ev, D, P;
+  const int64_t* prefix_len;
+  const void* weight;
+  double sq, sk;
+};
+
 extern "C" {
 
-int sata_kernel_version() { return 4; }
+int sata_kernel_version() { return 5; }
 
-#define SATA_DECODE(NAME, T, TS)                                                                                     \
-  void NAME(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q, const T* k, const T* v,  \
-            const uint8_t* keep, const TS* S_in, TS* S_out, T* y, const int64_t* prefix_len, const T* weight,        \
-            double sq, double sk, int n_threads) {                                                                   \
-    decode<T, TS>(N, G, d, Ev, D, P, q, k, v, keep, S_in, S_out, y, prefix_len, weight, T(sq), T(sk), n_threads);  \
+#define SATA_DECODE(NAME, T, TS)                                                                                  \
+  void NAME(const DecodeArgs* a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in,        \
+            TS* S_out, T* y, int n_threads) {                                                                      \
+    decode<T, TS>(a->N, a->G, a->d, a->Ev, a->D, a->P, q, k, v, keep, S_in, S_out, y, a->prefix_len,               \
+                  static_cast<const T*>(a->weight), T(a->sq), T(a->sk), n_threads);                               \
   }
 
 SATA_DECODE(sata_decode_f32, float, float)
