@@ -168,15 +168,14 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
     Tests force a path with ``mode`` (``'decode_kernel'``, ``'prefill_kernel'``, ``'recurrent'``,
     ``'chunked'``, ``'parallel'``) and small ``chunk_size`` / ``block_size`` (tokens).
     """
-    S_in = None if state is None else state.kv
     if mode is None:
-        fused = _kernel_applies(spec, query, key, value, S_in)
+        fused = _kernel_applies(spec, query, key, value, state)
         if fused and spec.len_q == 1 and spec.len_k == 1:  # the decode loop: keep this branch lean
-            out, S_new = _decode_kernel(query, key, value, spec, key_padding_mask, S_in, inplace)
+            out, kvT = _decode_kernel(query, key, value, spec, key_padding_mask, state, inplace)
             if not return_state:
                 return out
-            return out, SATAState._unchecked(S_new, spec.n_taylor, spec.d_key, spec.d_value, spec.scale,
-                                             (0 if state is None else state.n_tokens) + 1)
+            return out, SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale,
+                                             (0 if state is None else state.n_tokens) + 1, kvT=kvT)
         elif not return_state and spec.len_q > 1 and _quadratic_cheaper(spec, is_causal):
             mode = "quadratic"
         elif fused:
@@ -185,10 +184,14 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
             mode = "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
         else:
             mode = "parallel"
+    S_in = None if state is None else state.kv
     B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
     basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
     if mode == "decode_kernel":
-        out, S_new = _decode_kernel(query, key, value, spec, key_padding_mask, S_in, inplace)
+        out, kvT = _decode_kernel(query, key, value, spec, key_padding_mask, state, inplace)
+        S_new = kvT.mT
+        if inplace and state is not None and kvT.data_ptr() == state.kv.mT.data_ptr():
+            S_new = S_in
     elif mode == "prefill_kernel":
         out, S_new = _prefill_kernel(query, key, value, spec, basis, key_padding_mask, S_in, is_causal)
     else:
@@ -224,9 +227,9 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
     return out, new_state
 
 
-def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
+def _kernel_applies(spec: Spec, query, key, value, state) -> bool:
     """The fused CPU kernels serve calls without autograd."""
-    return _kernel_ok(spec) and not _needs_grad(query, key, value, S)
+    return _kernel_ok(spec) and not _needs_grad(query, key, value, None if state is None else state.kv)
 
 
 def _kernel_ok(spec: Spec) -> bool:
@@ -253,13 +256,13 @@ def _kernel_workspace(spec: Spec) -> int:
 
 
 
-def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, S, inplace: bool = False):
+def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, state, inplace: bool = False):
     """One token for every sequence and head through the fused kernel: ``[..., Hq, 1, E] -> [..., Hq, 1, Ev]``.
 
     The kernel reads raw memory, so contiguous inputs in the compute dtype are used as they are and
     the state is used without a copy when it is D-contiguous (as every state this library makes).
-    Returns the output and the new state tensor ``[..., Hkv, D, F]``. This is the per-token path
-    of a decode loop: every line here is paid once per token.
+    Returns the output and the new state as the D-contiguous ``[..., Hkv, F, D]`` tensor. This is the
+    per-token path of a decode loop: every line here is paid once per token.
     """
     plan = spec.plans.get("decode")
     if plan is None:
@@ -281,21 +284,22 @@ def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, S, inplace: 
     if key_padding_mask is not None:  # [B, 1] -> one flag per (batch, kv head)
         keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
     copy_back = False
-    if S is None:
+    if state is None:
         S_in = torch.zeros(plan.state_shape, dtype=spec.state_dtype)          # [..., Hkv, F, D]
     else:
-        S_in = S.mT
-        if not S_in.is_contiguous():  # a state in another layout (e.g. loaded from a file)
-            S_in, copy_back, inplace = S_in.contiguous(), inplace, False
+        S_in = state._fmajor()
+        if S_in is None:  # a state in another layout (e.g. loaded from a file)
+            S_in, copy_back, inplace = state.kv.mT.contiguous(), inplace, False
     S_out = S_in if inplace else torch.empty_like(S_in)                       # [..., Hkv, F, D]
-    y = torch.empty(plan.out_shape, dtype=cd)                                 # [..., Hq, 1, Ev]
+    # the output: like the query when it has the query's shape (the cheapest allocation)
+    y = torch.empty_like(query) if plan.out_like_query else torch.empty(plan.out_shape, dtype=cd)
     plan(query, key, value, keep, S_in, S_out, y)
     if spec.dtype is not cd:
         y = y.to(spec.dtype)
     if copy_back:
-        S.copy_(S_out.mT)
-        return y, S
-    return y, S_out.mT
+        state.kv.copy_(S_out.mT)
+        return y, state.kv.mT  # the passed state's own storage, in its own layout
+    return y, S_out
 
 
 def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, is_causal: bool):

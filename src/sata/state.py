@@ -114,11 +114,38 @@ class SATAState:
         )
 
     @classmethod
-    def _unchecked(cls, kv: torch.Tensor, n_taylor: int, d_key: int, d_value: int, scale: float, n_tokens: int) -> SATAState:
-        """Construct without validation: for the op's hot path, whose inputs were validated already."""
+    def _unchecked(cls, kv: torch.Tensor | None, n_taylor: int, d_key: int, d_value: int, scale: float, n_tokens: int,
+                   kvT: torch.Tensor | None = None) -> SATAState:
+        """Construct without validation: for the op's hot path, whose inputs were validated already.
+
+        Pass ``kvT`` (the D-contiguous ``[..., Hkv, F, D]`` tensor) instead of ``kv`` to skip making
+        the ``kv`` view until someone reads it (a view costs about a microsecond per decode step).
+        """
         self = object.__new__(cls)
-        self.__dict__.update(kv=kv, n_taylor=n_taylor, d_key=d_key, d_value=d_value, scale=scale, n_tokens=n_tokens)
+        self.__dict__.update(n_taylor=n_taylor, d_key=d_key, d_value=d_value, scale=scale, n_tokens=n_tokens)
+        if kv is not None:
+            self.__dict__["kv"] = kv
+        if kvT is not None:
+            self.__dict__["_kvT"] = kvT
         return self
+
+    def __getattr__(self, name: str):
+        # only reached when ``kv`` was not made yet (see _unchecked)
+        if name == "kv" and "_kvT" in self.__dict__:
+            kv = self.__dict__["kv"] = self.__dict__["_kvT"].mT
+            return kv
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _fmajor(self) -> torch.Tensor | None:
+        """``kv`` as the D-contiguous ``[..., Hkv, F, D]`` tensor the kernels read, or ``None`` if
+        it is stored in another layout (a state loaded from a file, say)."""
+        t = self.__dict__.get("_kvT")
+        if t is None:
+            t = self.kv.mT
+            if not t.is_contiguous():
+                return None
+            self.__dict__["_kvT"] = t
+        return t
 
     # ---------------------------------------------------------------- description
     @property

@@ -157,6 +157,7 @@ class DecodePlan:
         self._args_ptr = ctypes.addressof(self._args)
         self.state_shape = state_shape   # (*batch, Hkv, F, D): the kernel's state layout
         self.out_shape = out_shape       # (*batch, Hq, 1, Ev)
+        self.out_like_query = d == Ev    # then the output has the query's shape
 
     def __call__(self, q, k, v, keep, S_in, S_out, y) -> None:
         self._fn(self._args_ptr, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
