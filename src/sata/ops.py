@@ -115,7 +115,7 @@ def sata_attention(
     if inplace:
         if state is None or not return_state:
             raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
-        if _needs_grad(query, key, value, state.kv):
+        if _needs_grad(query, key, value, state):
             raise ValueError(
                 "sata_attention: inplace=True cannot be used under autograd (inputs or state.kv require grad): "
                 "the state would lose its history; use inplace=False, or torch.no_grad() for serving"
@@ -229,7 +229,7 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
 
 def _kernel_applies(spec: Spec, query, key, value, state) -> bool:
     """The fused CPU kernels serve calls without autograd."""
-    return _kernel_ok(spec) and not _needs_grad(query, key, value, None if state is None else state.kv)
+    return _kernel_ok(spec) and not _needs_grad(query, key, value, state)
 
 
 def _kernel_ok(spec: Spec) -> bool:
@@ -392,9 +392,15 @@ def _normalize(U: torch.Tensor, d_value: int, dtype: torch.dtype) -> torch.Tenso
 
 
 def _needs_grad(*tensors) -> bool:
+    """Autograd is on and a tensor (or a SATAState's tensor) requires grad."""
     if not torch.is_grad_enabled():
         return False
-    return any(t is not None and t.requires_grad for t in tensors)
+    for t in tensors:
+        if isinstance(t, SATAState):
+            t = t.__dict__.get("_kvT", None) if "kv" not in t.__dict__ else t.kv   # no view made for this
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8}
