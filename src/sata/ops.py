@@ -211,6 +211,9 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
         else:
             y, S_new = getattr(run, mode)(q, k, v, mask, S, need_state=return_state)
         out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
+        if out.numel() == 0 and not out.requires_grad and _needs_grad(query, key, value, state):
+            # an empty output still belongs to the graph, so that backward() through it works
+            out = out + 0 * (query.sum() + key.sum() + value.sum()).to(out.dtype)
         if S_new is not None:
             S_new = S_new.reshape(*spec.batch_shape, Hkv, F, D).transpose(-1, -2)
     if not return_state:
