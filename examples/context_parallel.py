@@ -66,13 +66,17 @@ def main() -> None:
               f"n_taylor={args.n_taylor}, {args.dtype}")
         print(f"state per rank: {state_size(E, E, args.n_taylor):,} floats per kv head, {format_bytes(vol['state'])}; "
               f"forward sends {format_bytes(vol['sent'])} and receives {format_bytes(vol['received'])} per rank "
-              "(backward: twice that), whatever the length")
-    print(f"rank {rank}: tokens {a:,}..{b - 1:,}  forward+backward {elapsed:.2f} s")
+              "(backward: twice that), whatever the length", flush=True)
+    print(f"rank {rank}: tokens {a:,}..{b - 1:,}  forward+backward {elapsed:.2f} s", flush=True)
 
     if args.check:
         qf, kf, vf = (t.to(device).requires_grad_() for t in (q, k, v))
+        t0 = time.perf_counter()
         ref = sata.sata_attention(qf, kf, vf, **opts)
         ref.square().sum().backward()
+        if rank == 0:
+            print(f"one process, whole sequence: forward+backward {time.perf_counter() - t0:.2f} s "
+                  "(measured while the other ranks do the same)", flush=True)
         errs = torch.tensor([
             _rel(y.detach(), ref.detach()[..., a:b, :]),
             *(_rel(t.grad, f.grad[..., a:b, :]) for t, f in ((ql, qf), (kl, kf), (vl, vf))),

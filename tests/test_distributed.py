@@ -109,6 +109,14 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         except ValueError as e:
             message = str(e)
         torch.save({"message": message}, os.path.join(out_dir, f"mismatch-{rank}.pt"))
+        # invalid arguments on one rank only (causal with Lq != Lk): it raises its error, the others follow
+        x = torch.randn(1, 2, 6, 4)
+        try:
+            context_parallel_attention(x if rank == 0 else x[..., :5, :], x, x)
+            message = None
+        except ValueError as e:
+            message = str(e)
+        torch.save({"message": message}, os.path.join(out_dir, f"invalid-{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -120,6 +128,7 @@ def distributed_results(tmp_path_factory):
     mp.spawn(_worker, args=(WORLD, str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
     results = {c.name: [torch.load(out / f"{c.name}-{r}.pt") for r in range(WORLD)] for c in CASES}
     results["mismatch"] = [torch.load(out / f"mismatch-{r}.pt") for r in range(WORLD)]
+    results["invalid"] = [torch.load(out / f"invalid-{r}.pt") for r in range(WORLD)]
     return results
 
 
@@ -164,6 +173,12 @@ def test_ranks_that_disagree_all_raise(distributed_results):
     messages = [p["message"] for p in distributed_results["mismatch"]]
     assert all(m is not None and "ranks disagree" in m for m in messages), messages
     assert messages[0] == messages[1]
+
+
+def test_invalid_arguments_on_one_rank_stop_every_rank(distributed_results):
+    rank0, rank1 = (p["message"] for p in distributed_results["invalid"])
+    assert rank1 is not None and "as many queries as keys" in rank1
+    assert rank0 is not None and "rank(s) [1]" in rank0
 
 
 def test_exchange_volume_is_one_state_per_rank():

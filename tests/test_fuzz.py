@@ -9,7 +9,8 @@ Tolerances follow a forward error bound. A row's output is ``sum_j w_j v_j / z``
 ``w_j = T_P(s_j)`` and ``z = sum_j w_j``; computing the weights through features sums terms
 bounded by ``A = sum_j T_P(|scale| |q| . |k_j|)``, so rounding errors are ``O(eps A / z)``
 relative to ``max |v|``. Rows with ``A / z`` beyond ``1 / sqrt(eps)`` (an even ``n_taylor``
-whose normaliser nearly cancels) are only required to be finite.
+whose normaliser nearly cancels) are only required to be finite, and in float16/bfloat16 not
+even that: their exact value can exceed the dtype's range (as the oracle's does).
 """
 
 from __future__ import annotations
@@ -132,7 +133,13 @@ def _oracle_and_bound(cfg: Config, q, k, v, mask, is_causal: bool):
 def _check_rows(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, exact_zero: torch.Tensor, what: str):
     assert out.dtype == ref.dtype or out.shape == ref.shape
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != oracle {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite output from finite inputs"
+    # finite inputs give finite outputs, except where the exact value itself overflows the output
+    # dtype: an even n_taylor lets the normaliser nearly cancel, so float16 can overflow (as the oracle)
+    representable = ref.abs().amax(-1, keepdim=True) <= torch.finfo(out.dtype).max / 2
+    if out.dtype in (torch.float16, torch.bfloat16):
+        representable &= torch.isfinite(bound)
+    finite = torch.isfinite(out).all(-1, keepdim=True)
+    assert (finite | ~representable).all(), f"{what}: non-finite output from finite inputs"
     err = (out.double() - ref).abs().amax(-1, keepdim=True)
     bad = err > bound
     assert not bad.any(), (

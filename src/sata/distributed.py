@@ -90,9 +90,21 @@ def context_parallel_attention(
         )
     if not isinstance(is_causal, bool):
         raise TypeError(f"context_parallel_attention: is_causal must be a bool, got {is_causal!r}")
-    local = accumulate_state(key, value, n_taylor=n_taylor, scale=scale, key_padding_mask=key_padding_mask)
-    if state is not None:
-        state.check_compatible(local, what="context_parallel_attention: state")
+    # validate locally, then agree: a rank that fails alone must not leave the others waiting
+    try:
+        if is_causal and query.shape[-2] != key.shape[-2]:
+            raise ValueError(
+                f"context_parallel_attention: is_causal=True needs as many queries as keys in each segment, "
+                f"got {query.shape[-2]} and {key.shape[-2]}"
+            )
+        sata_attention(query[..., :0, :], key[..., :0, :], value[..., :0, :], n_taylor=n_taylor, scale=scale,
+                       enable_gqa=enable_gqa)                                  # checks the query side; no work
+        local = accumulate_state(key, value, n_taylor=n_taylor, scale=scale, key_padding_mask=key_padding_mask)
+        if state is not None:
+            state.check_compatible(local, what="context_parallel_attention: state")
+    except (ValueError, TypeError):
+        _check_agreement(None, group, dist.get_world_size(group))
+        raise
     # q, k, v ride along so that every rank joins the backward collective, even with an empty segment
     prefix, total = exclusive_prefix_states(local, group=group, _anchors=(query, key, value))
     if state is not None:
@@ -153,31 +165,45 @@ def state_exchange_bytes(batch: int, n_kv_heads: int, d_key: int, d_value: int, 
     return {"state": state, "sent": state, "received": state * (world_size - 1)}
 
 
-def _check_agreement(local: SATAState, group, world: int) -> list[int]:
-    """All-gather ``[n_tokens, settings...]``; raise the same ``ValueError`` on every rank if they differ."""
-    mine = [local.n_tokens, _DTYPE_CODES[local.dtype], local.n_taylor, local.d_key, local.d_value,
-            local.n_heads, local.kv.numel(), *local.batch_shape]
-    scale_bits = int(torch.tensor([local.scale], dtype=torch.float64).view(torch.int64))
-    meta = torch.tensor([len(mine), *mine, scale_bits], dtype=torch.int64)
-    width = torch.tensor([meta.numel()], dtype=torch.int64)
-    device = local.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    widths = [torch.empty_like(width, device=device) for _ in range(world)]
-    dist.all_gather(widths, width.to(device), group=group)
+def _check_agreement(local: SATAState | None, group, world: int) -> list[int]:
+    """All-gather ``[n_tokens, failed, settings...]``; raise the same ``ValueError`` on every rank if they differ.
+
+    ``local=None``: this rank's arguments were invalid; it joins the exchange so the others raise too.
+    """
+    if local is None:
+        mine = [0, 1]
+    else:
+        scale_bits = int(torch.tensor([local.scale], dtype=torch.float64).view(torch.int64))
+        mine = [local.n_tokens, 0, _DTYPE_CODES[local.dtype], local.n_taylor, local.d_key, local.d_value,
+                local.n_heads, local.kv.numel(), *local.batch_shape, scale_bits]
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":  # nccl moves CUDA tensors only
+        device = local.device if local is not None and local.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    widths = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(widths, torch.tensor([len(mine)], dtype=torch.int64, device=device), group=group)
     n = max(int(w) for w in widths)
     padded = torch.full((n,), -1, dtype=torch.int64)
-    padded[: meta.numel()] = meta
+    padded[: len(mine)] = torch.tensor(mine, dtype=torch.int64)
     rows = [torch.empty(n, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(rows, padded.to(device), group=group)
     rows = [r.cpu() for r in rows]
+    failed = [i for i, r in enumerate(rows) if int(r[1])]
+    if failed:
+        if local is None:
+            return []                       # the caller raises its own error
+        raise ValueError(
+            f"context_parallel_attention: rank(s) {failed} of the group got invalid arguments (see the error "
+            "raised there); every rank stops"
+        )
     settings = [r[2:].tolist() for r in rows]
     if any(s != settings[0] for s in settings):
-        names = "dtype, n_taylor, d_key, d_value, kv heads, state size, batch shape, scale"
+        names = "dtype, n_taylor, d_key, d_value, kv heads, state size, batch shape, scale bits"
         detail = "; ".join(f"rank {i}: {s}" for i, s in enumerate(settings))
         raise ValueError(
             "context_parallel_attention: the ranks disagree on the shape or settings of their segments "
             f"({names}): {detail}; every rank must pass the same batch, heads, head sizes, dtype, n_taylor and scale"
         )
-    return [int(r[1]) for r in rows]
+    return [int(r[0]) for r in rows]
 
 
 class _PrefixSum(torch.autograd.Function):
