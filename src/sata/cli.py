@@ -12,6 +12,8 @@ import sys
 
 # (name, module, one-line help): add a line here to add a command
 COMMANDS: list[tuple[str, str, str]] = [
+    ("replicate", "sata.replicate.cli", "reproduce the paper's evaluation: figures, report.md, results.json"),
+    ("bench", "sata.bench.cli", "speed and memory against SDPA with a KV cache and the paper's formulation"),
 ]
 
 

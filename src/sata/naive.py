@@ -51,7 +51,9 @@ def naive_sata_attention(
         w = w.masked_fill(future, 0.0)
     if key_padding_mask is not None:
         w = w.masked_fill(key_padding_mask[..., None, None, :], 0.0)
+        # a padded key's value must not reach the product either (0 * NaN is NaN)
+        v = v.masked_fill(key_padding_mask[..., None, :, None], 0.0)
     num = w @ v                                                                 # [..., Hq, Lq, Ev]
     z = w.sum(dim=-1, keepdim=True)                                             # [..., Hq, Lq, 1]
-    pos = z > 0
-    return torch.where(pos, num / torch.where(pos, z, torch.ones_like(z)), 0.0).to(query.dtype)
+    dead = z <= 0  # False for NaN: a NaN normaliser propagates, as in SDPA
+    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(z), z)).to(query.dtype)

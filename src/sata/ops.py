@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _kernels
 from ._checks import Spec, check_inputs
 from .basis import TaylorBasis, get_basis
-from .budget import get_memory_budget
+from .budget import MemoryBudgetError, format_bytes, get_memory_budget
 from .features import _phi, _phi_t, taylor_exp
 from .state import SATAState
 
@@ -38,6 +38,8 @@ __all__ = ["accumulate_state", "sata_attention"]
 _RECURRENT_MAX_LEN = 1
 # bytes of features and scores one block may hold (at most a quarter of the budget)
 _BLOCK_BYTES = 64 * 2**20
+# bytes of converted inputs one fused-kernel call may hold (non-float32 inputs)
+_SEGMENT_BYTES = 4 * 2**20
 
 
 def sata_attention(
@@ -102,6 +104,10 @@ def sata_attention(
         >>> q1, k1, v1 = (torch.randn(2, 8, 1, 16) for _ in range(3))       # one more token
         >>> y1, st = sata.sata_attention(q1, k1, v1, n_taylor=3, is_causal=True, state=st, return_state=True)
     """
+    if torch.compiler.is_compiling():  # opaque to torch.compile: run eagerly behind a graph break
+        return _eager_attention(query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
+                                enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
+                                return_state=return_state, inplace=inplace)
     spec = check_inputs(
         "sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
@@ -109,11 +115,20 @@ def sata_attention(
     if inplace:
         if state is None or not return_state:
             raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
-        if state.kv.requires_grad and torch.is_grad_enabled():
-            raise ValueError("sata_attention: inplace=True would break autograd through state.kv; use inplace=False")
+        if _needs_grad(query, key, value, state.kv):
+            raise ValueError(
+                "sata_attention: inplace=True cannot be used under autograd (inputs or state.kv require grad): "
+                "the state would lose its history; use inplace=False, or torch.no_grad() for serving"
+            )
     return _attention(query, key, value, spec, is_causal, key_padding_mask, state, return_state, inplace=inplace)
 
 
+@torch.compiler.disable
+def _eager_attention(*args, **kwargs):
+    return sata_attention(*args, **kwargs)
+
+
+@torch.compiler.disable
 def accumulate_state(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -153,13 +168,15 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
     Tests force a path with ``mode`` (``'decode_kernel'``, ``'prefill_kernel'``, ``'recurrent'``,
     ``'chunked'``, ``'parallel'``) and small ``chunk_size`` / ``block_size`` (tokens).
     """
-    B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
-    basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
     S_in = None if state is None else state.kv
     if mode is None:
         fused = _kernel_applies(spec, query, key, value, S_in)
-        if fused and spec.len_q == 1 and spec.len_k == 1:
-            mode = "decode_kernel"
+        if fused and spec.len_q == 1 and spec.len_k == 1:  # the decode loop: keep this branch lean
+            out, S_new = _decode_kernel(query, key, value, spec, key_padding_mask, S_in, inplace)
+            if not return_state:
+                return out
+            return out, SATAState._unchecked(S_new, spec.n_taylor, spec.d_key, spec.d_value, spec.scale,
+                                             (0 if state is None else state.n_tokens) + 1)
         elif not return_state and spec.len_q > 1 and _quadratic_cheaper(spec, is_causal):
             mode = "quadratic"
         elif fused:
@@ -168,8 +185,10 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
             mode = "recurrent" if spec.len_q <= _RECURRENT_MAX_LEN else "chunked"
         else:
             mode = "parallel"
+    B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
+    basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
     if mode == "decode_kernel":
-        out, S_new = _decode_kernel(query, key, value, spec, basis, key_padding_mask, S_in, inplace)
+        out, S_new = _decode_kernel(query, key, value, spec, key_padding_mask, S_in, inplace)
     elif mode == "prefill_kernel":
         out, S_new = _prefill_kernel(query, key, value, spec, basis, key_padding_mask, S_in, is_causal)
     else:
@@ -206,88 +225,129 @@ def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask,
 
 
 def _kernel_applies(spec: Spec, query, key, value, S) -> bool:
-    """The fused CPU decode kernel serves one new token per call, without autograd."""
-    return (
-        spec.device.type == "cpu"
-        and spec.state_dtype == spec.compute_dtype
-        and not _needs_grad(query, key, value, S)
-        and _kernels.load() is not None
-    )
+    """The fused CPU kernels serve calls without autograd."""
+    return _kernel_ok(spec) and not _needs_grad(query, key, value, S)
 
 
-_PREFILL_PLANS: dict = {}
+def _kernel_ok(spec: Spec) -> bool:
+    """Device, dtypes, workspace and compiler allow the fused kernels (cached per call shape)."""
+    ok = spec.plans.get("kernel_ok")
+    if ok is None:
+        ok = spec.plans["kernel_ok"] = (
+            spec.device.type == "cpu"
+            and _kernels.supports(spec.compute_dtype, spec.state_dtype)
+            and _kernel_workspace(spec) <= get_memory_budget() // 4
+            and _kernels.load() is not None
+        )
+    return ok
 
 
-def _decode_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, inplace: bool = False):
+def _kernel_workspace(spec: Spec) -> int:
+    """Bytes the fused kernels allocate besides inputs, outputs and the state (all threads)."""
+    D, F, c, s = spec.feature_dim, spec.d_value + 1, _ITEMSIZE[spec.compute_dtype], _ITEMSIZE[spec.state_dtype]
+    Fp = -(-F // 16) * 16
+    prefill = D * Fp * (s + (c if s != c else 0)) + (1 + spec.group) * D * 32 * c   # state copy, features of a chunk
+    decode = -(-spec.batch * spec.n_kv_heads // torch.get_num_threads()) * (1 + spec.group) * (D + 16) * c
+    return torch.get_num_threads() * max(prefill, decode)
+
+
+
+
+def _decode_kernel(query, key, value, spec: Spec, key_padding_mask, S, inplace: bool = False):
     """One token for every sequence and head through the fused kernel: ``[..., Hq, 1, E] -> [..., Hq, 1, Ev]``.
 
     The kernel reads raw memory, so contiguous inputs in the compute dtype are used as they are and
-    the state is used in place of a copy when it is D-contiguous (as every state this library makes).
+    the state is used without a copy when it is D-contiguous (as every state this library makes).
+    Returns the output and the new state tensor ``[..., Hkv, D, F]``. This is the per-token path
+    of a decode loop: every line here is paid once per token.
     """
     plan = spec.plans.get("decode")
     if plan is None:
+        basis = get_basis(spec.d_key, spec.n_taylor, spec.device, spec.compute_dtype)
         plan = spec.plans["decode"] = _kernels.DecodePlan(
             _kernels.load(), spec.batch * spec.n_kv_heads, spec.group, spec.d_key, spec.d_value, basis,
-            spec.compute_dtype, *_split_scale(spec.scale),
+            spec.compute_dtype, *_split_scale(spec.scale), state_dtype=spec.state_dtype,
+            state_shape=(*spec.batch_shape, spec.n_kv_heads, spec.d_value + 1, spec.feature_dim),
+            out_shape=(*spec.batch_shape, spec.n_q_heads, 1, spec.d_value),
         )
-    cd, F, D = spec.compute_dtype, spec.d_value + 1, spec.feature_dim
-    q, k, v = (t if t.dtype == cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
+    cd = spec.compute_dtype
+    if query.dtype is not cd or not query.is_contiguous():
+        query = query.to(cd).contiguous()
+    if key.dtype is not cd or not key.is_contiguous():
+        key = key.to(cd).contiguous()
+    if value.dtype is not cd or not value.is_contiguous():
+        value = value.to(cd).contiguous()
     keep = None
     if key_padding_mask is not None:  # [B, 1] -> one flag per (batch, kv head)
         keep = (~key_padding_mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
+    copy_back = False
     if S is None:
-        S_in = torch.zeros((*spec.batch_shape, spec.n_kv_heads, F, D), dtype=cd)    # [..., Hkv, F, D]
-    elif S.mT.is_contiguous():
-        S_in = S.mT
+        S_in = torch.zeros(plan.state_shape, dtype=spec.state_dtype)          # [..., Hkv, F, D]
     else:
-        S_in, inplace = S.mT.contiguous(), False
+        S_in = S.mT
+        if not S_in.is_contiguous():  # a state in another layout (e.g. loaded from a file)
+            S_in, copy_back, inplace = S_in.contiguous(), inplace, False
     S_out = S_in if inplace else torch.empty_like(S_in)                       # [..., Hkv, F, D]
-    y = torch.empty((*spec.batch_shape, spec.n_q_heads, 1, spec.d_value), dtype=cd)   # [..., Hq, 1, Ev]
-    plan(q, k, v, keep, S_in, S_out, y)
-    return (y if spec.dtype == cd else y.to(spec.dtype)), S_out.mT
+    y = torch.empty(plan.out_shape, dtype=cd)                                 # [..., Hq, 1, Ev]
+    plan(query, key, value, keep, S_in, S_out, y)
+    if spec.dtype is not cd:
+        y = y.to(spec.dtype)
+    if copy_back:
+        S.copy_(S_out.mT)
+        return y, S
+    return y, S_out.mT
 
 
 def _prefill_kernel(query, key, value, spec: Spec, basis: TaylorBasis, key_padding_mask, S, is_causal: bool):
     """Causal chunked prefill, or non-causal state build then read, through the fused kernel.
 
     Inputs in the compute dtype are read in place through their strides (a ``[B, L, H, E]``
-    tensor transposed to ``[B, H, L, E]`` is not copied); other dtypes are converted a few
-    heads at a time, so the extra memory stays bounded however long the sequence.
+    tensor transposed to ``[B, H, L, E]`` is not copied) and the output is written in place.
+    Other dtypes go through in segments of tokens, converted one segment at a time, so the
+    extra memory stays bounded however long the sequence.
     """
     B, Hkv, G, F, D, cd = spec.batch, spec.n_kv_heads, spec.group, spec.d_value + 1, spec.feature_dim, spec.compute_dtype
+    Lq, Lk, E, Ev = spec.len_q, spec.len_k, spec.d_key, spec.d_value
     q4, k4, v4 = (_as_4d(t, B) for t in (query, key, value))                  # [B, H, L, X]
-    keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(B, spec.len_k)
-    kvT = torch.empty((B, Hkv, F, D), dtype=cd)                                # [B, Hkv, F, D]
+    keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(B, Lk).contiguous()
+    kvT = torch.empty((B, Hkv, F, D), dtype=spec.state_dtype)                 # [B, Hkv, F, D]
     if S is None:
         kvT.zero_()
     else:
         kvT.copy_(S.reshape(B, Hkv, D, F).mT)
-    y = torch.empty((B, spec.n_q_heads, spec.len_q, spec.d_value), dtype=cd)  # [B, Hq, Lq, Ev]
-    direct = all(t.dtype == cd and t.stride(-1) == 1 for t in (q4, k4, v4))
-    if direct:
-        hg = Hkv
-    else:  # convert a group of heads at a time
-        per_head = B * (G * spec.len_q * spec.d_key + spec.len_k * (spec.d_key + spec.d_value)) * _ITEMSIZE[cd]
-        hg = max(1, min(Hkv, _BLOCK_BYTES // max(per_head, 1)))
-    plan_key = (spec, is_causal, hg)
-    plan = _PREFILL_PLANS.get(plan_key)
-    if plan is None:
-        plan = _PREFILL_PLANS[plan_key] = _kernels.PrefillPlan(
-            _kernels.load(), B, hg, G, spec.len_q, spec.len_k, spec.d_key, spec.d_value, basis, cd,
-            *_split_scale(spec.scale), is_causal,
-        )
-    for h0 in range(0, Hkv, hg):
-        h1 = min(h0 + hg, Hkv)
-        if h1 - h0 != hg:  # the last, smaller group
-            plan = _kernels.PrefillPlan(_kernels.load(), B, h1 - h0, G, spec.len_q, spec.len_k, spec.d_key,
-                                        spec.d_value, basis, cd, *_split_scale(spec.scale), is_causal)
-        qg, kg, vg = q4[:, h0 * G : h1 * G], k4[:, h0:h1], v4[:, h0:h1]
-        if not direct:
-            qg, kg, vg = (t.to(cd).contiguous() for t in (qg, kg, vg))
-        plan(qg, kg, vg, keep, kvT[:, h0:h1].mT, y[:, h0 * G : h1 * G])       # updates kvT in place
-    y = y.view(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
-    kv = kvT.view(*spec.batch_shape, Hkv, F, D).mT
-    return (y if spec.dtype == cd else y.to(spec.dtype)), kv
+    y = torch.empty((B, spec.n_q_heads, Lq, Ev), dtype=spec.dtype)           # [B, Hq, Lq, Ev]
+
+    def run(q, k, v, keep, y, causal):
+        _kernels.PrefillPlan(_kernels.load(), B, Hkv, G, q.shape[-2], k.shape[-2], E, Ev, basis, cd,
+                             *_split_scale(spec.scale), causal, state_dtype=spec.state_dtype)(q, k, v, keep, kvT.mT, y)
+
+    if spec.dtype == cd and all(t.stride(-1) == 1 for t in (q4, k4, v4)):
+        run(q4, k4, v4, keep, y, is_causal)                                  # updates kvT in place
+    else:
+        conv = lambda t: t.to(cd).contiguous()
+        per_token = B * (spec.n_q_heads * (E + Ev) + Hkv * (E + Ev)) * _ITEMSIZE[cd]
+        seg = max(32, _SEGMENT_BYTES // max(per_token, 1) // 32 * 32)
+        if is_causal:  # segments carry the state, exactly like one call
+            for a in range(0, Lq, seg):
+                b = min(a + seg, Lq)
+                y_seg = torch.empty((B, spec.n_q_heads, b - a, Ev), dtype=cd)
+                run(conv(q4[:, :, a:b]), conv(k4[:, :, a:b]), conv(v4[:, :, a:b]),
+                    None if keep is None else keep[:, a:b].contiguous(), y_seg, True)
+                y[:, :, a:b] = y_seg
+        else:  # absorb every key segment, then read every query segment
+            no_q, no_y = q4.new_empty((B, spec.n_q_heads, 0, E), dtype=cd), y.new_empty((B, spec.n_q_heads, 0, Ev), dtype=cd)
+            for a in range(0, Lk, seg):
+                b = min(a + seg, Lk)
+                run(no_q, conv(k4[:, :, a:b]), conv(v4[:, :, a:b]),
+                    None if keep is None else keep[:, a:b].contiguous(), no_y, False)
+            no_k, no_v = k4.new_empty((B, Hkv, 0, E), dtype=cd), v4.new_empty((B, Hkv, 0, Ev), dtype=cd)
+            for a in range(0, Lq, seg):
+                b = min(a + seg, Lq)
+                y_seg = torch.empty((B, spec.n_q_heads, b - a, Ev), dtype=cd)
+                run(conv(q4[:, :, a:b]), no_k, no_v, None, y_seg, False)
+                y[:, :, a:b] = y_seg
+    y = y.view(*spec.batch_shape, spec.n_q_heads, Lq, Ev)
+    return y, kvT.view(*spec.batch_shape, Hkv, F, D).mT
 
 
 def _as_4d(t: torch.Tensor, B: int) -> torch.Tensor:
@@ -322,13 +382,15 @@ def _default_chunk(spec: Spec) -> int:
 def _normalize(U: torch.Tensor, d_value: int, dtype: torch.dtype) -> torch.Tensor:
     """``[..., Ev + 1] -> [..., Ev]``: numerator / normaliser; 0 where the normaliser is not positive."""
     num, z = U[..., :d_value], U[..., d_value:]
-    pos = z > 0
+    dead = z <= 0  # False for NaN: a NaN normaliser propagates, as in SDPA
     # the inner where keeps the unused branch finite so its gradient is 0, not NaN
-    return torch.where(pos, num / torch.where(pos, z, torch.ones_like(z)), 0.0).to(dtype)
+    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(z), z)).to(dtype)
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8}
@@ -344,17 +406,19 @@ class _Run:
     def __init__(self, spec: Spec, basis: TaylorBasis, chunk: int, block: int | None = None):
         self.spec = spec
         self.basis = basis
-        self.chunk = chunk
         self.cd = spec.compute_dtype
         self.sd = spec.state_dtype
         self.sq, self.sk = _split_scale(spec.scale)
-        D, F, E, g, c = spec.feature_dim, spec.d_value + 1, spec.d_key, spec.group, chunk
+        D, F, E, g = spec.feature_dim, spec.d_value + 1, spec.d_key, spec.group
         self.budget = budget = min(_BLOCK_BYTES, get_memory_budget() // 4)
+        # a chunk's features (x3 under autograd) must fit the block budget: large D, shorter chunks
+        feature_bytes = 3 * D * (1 + g) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
+        self.chunk = c = max(1, min(chunk, budget // max(feature_bytes, 1)))
         # bytes per token of a causal block, all heads (x3: temporaries under autograd)
         per_token = 3 * (D * (1 + g) + g * c + D * F / c + (1 + g) * (E + F)) * _ITEMSIZE[self.cd] * spec.batch * spec.n_kv_heads
         self.block = block or max(c, int(budget // max(per_token, 1)) // c * c)
         # the fused CPU kernel computes blocks without autograd when the state is in the compute dtype
-        self.fused = spec.device.type == "cpu" and self.sd == self.cd and _kernels.load() is not None
+        self.fused = _kernel_ok(spec)
 
     # ------------------------------------------------------------ shared pieces
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
@@ -458,14 +522,15 @@ def _quadratic_block(q, S, start: int, *, ks, vt, run: _Run, causal: bool, offse
     return _normalize(U, run.spec.d_value, run.spec.dtype)
 
 
-def _causal_forward(q, k, v, mask, S, run: _Run, saved: list | None):
-    """All blocks of a causal sequence, without autograd; ``saved`` collects each block's start state."""
+def _causal_forward(q, k, v, mask, S, run: _Run, saved: list | None, save_every: int = 1):
+    """All blocks of a causal sequence, without autograd; ``saved`` collects the start state of
+    every ``save_every``-th block."""
     B, Hkv, g, L, E = q.shape
     out = q.new_empty(B, Hkv, g, L, run.spec.d_value)                         # [B, Hkv, g, L, Ev]
     block_fn = _kernel_causal_block if run.fused else _causal_block
-    for a in range(0, L, run.block):
+    for i, a in enumerate(range(0, L, run.block)):
         b = min(a + run.block, L)
-        if saved is not None:
+        if saved is not None and i % save_every == 0:
             saved.append(S)
         out[:, :, :, a:b], S = block_fn(
             q[:, :, :, a:b], k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b], S, run=run
@@ -483,7 +548,7 @@ def _kernel_causal_block(q, k, v, mask, S, *, run: _Run):
     S_new = S.clone()                                                           # [B, Hkv, F, D] (S may be saved)
     y = torch.empty(B, Hkv * g, T, run.spec.d_value, dtype=cd)                  # [B, Hkv g, T, Ev]
     _kernels.PrefillPlan(_kernels.load(), B, Hkv, g, T, T, E, run.spec.d_value, run.basis, cd, run.sq, run.sk,
-                         True)(q4, k, v, keep, S_new.mT, y)
+                         True, state_dtype=run.sd)(q4, k, v, keep, S_new.mT, y)
     return y.view(B, Hkv, g, T, run.spec.d_value).to(run.spec.dtype), S_new
 
 
@@ -491,52 +556,78 @@ class _CausalChunked(torch.autograd.Function):
     """Causal chunked attention whose backward recomputes each block instead of storing its features.
 
     Saved for backward: the inputs and the state at the start of every block (one state per
-    ``run.block`` tokens), so activation memory does not grow with ``D`` per token. The backward
-    pass walks the blocks in reverse, re-runs each under autograd and carries the state gradient.
+    ``run.block`` tokens), so activation memory does not grow with ``D`` per token. When those
+    states would not fit the memory budget, only every ``stride``-th is kept and the states in
+    between are recomputed from the keys in the backward pass. The backward pass walks the
+    blocks in reverse, re-runs each under autograd and carries the state gradient.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, S, mask, run: _Run):
+        L = q.shape[-2]
+        n_blocks = max(1, -(-L // run.block))
+        state_bytes = S.numel() * S.element_size()
+        stride = 1
+        if n_blocks * state_bytes > get_memory_budget() // 4:  # keep ~sqrt(n) states, recompute the rest
+            stride = math.isqrt(n_blocks - 1) + 1
+            held = (-(-n_blocks // stride) + stride) * state_bytes
+            if held > get_memory_budget() // 2:
+                raise MemoryBudgetError(
+                    f"sata_attention: the backward pass of {L} tokens in {n_blocks} blocks needs at least "
+                    f"{format_bytes(held)} of saved states ({format_bytes(state_bytes)} each), more than half the memory "
+                    f"budget of {format_bytes(get_memory_budget())}. Use fewer Taylor terms or smaller heads, or raise "
+                    "the budget with sata.set_memory_budget(...) or SATA_MEMORY_BUDGET."
+                )
         starts: list = []
         with torch.no_grad():
-            out, S_end = _causal_forward(q, k, v, mask, S, run, saved=starts)
+            out, S_end = _causal_forward(q, k, v, mask, S, run, saved=starts, save_every=stride)
         ctx.save_for_backward(q, k, v, *starts)
-        ctx.mask, ctx.run = mask, run
+        ctx.mask, ctx.run, ctx.stride = mask, run, stride
         return out, S_end
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_S_end):
-        q, k, v, *starts = ctx.saved_tensors
-        mask, run = ctx.mask, ctx.run
+        q, k, v, *saved = ctx.saved_tensors
+        mask, run, stride = ctx.mask, ctx.run, ctx.stride
         need = ctx.needs_input_grad[:4]
         dq = torch.zeros_like(q) if need[0] else None
         dk = torch.zeros_like(k) if need[1] else None
         dv = torch.zeros_like(v) if need[2] else None
         d_S = d_S_end
         L = q.shape[-2]
-        for i in reversed(range(len(starts))):
-            a = i * run.block
-            b = min(a + run.block, L)
-            with torch.enable_grad():
-                leaves = [
-                    q[:, :, :, a:b].detach().requires_grad_(need[0]),
-                    k[:, :, a:b].detach().requires_grad_(need[1]),
-                    v[:, :, a:b].detach().requires_grad_(need[2]),
-                    starts[i].detach().requires_grad_(True),
-                ]
-                y, S_next = _causal_block(*leaves[:3], None if mask is None else mask[:, a:b], leaves[3], run=run)
-                wrt = [t for t in leaves if t.requires_grad]
-                grads = torch.autograd.grad([y, S_next], wrt, [d_out[:, :, :, a:b], d_S], allow_unused=True)
-            grads = dict(zip([id(t) for t in wrt], grads))
-            for dst, leaf, sl in ((dq, leaves[0], (slice(None),) * 3 + (slice(a, b),)),
-                                  (dk, leaves[1], (slice(None),) * 2 + (slice(a, b),)),
-                                  (dv, leaves[2], (slice(None),) * 2 + (slice(a, b),))):
-                if dst is not None and grads.get(id(leaf)) is not None:
-                    dst[sl] = grads[id(leaf)]
-            d_S = grads[id(leaves[3])]
-            if d_S is None:
-                d_S = torch.zeros_like(starts[i])
+        n_blocks = max(1, -(-L // run.block))
+        span = lambda i: (i * run.block, min((i + 1) * run.block, L))
+        for seg in reversed(range(len(saved))):
+            # the states at the start of this segment's blocks: saved, or recomputed from the keys
+            starts = [saved[seg]]
+            with torch.no_grad():
+                for i in range(seg * stride + 1, min((seg + 1) * stride, n_blocks)):
+                    a, b = span(i - 1)
+                    starts.append(_key_block(k[:, :, a:b], v[:, :, a:b], None if mask is None else mask[:, a:b],
+                                             starts[-1], run=run)[1])
+            for j in reversed(range(len(starts))):
+                a, b = span(seg * stride + j)
+                with torch.enable_grad():
+                    leaves = [
+                        q[:, :, :, a:b].detach().requires_grad_(need[0]),
+                        k[:, :, a:b].detach().requires_grad_(need[1]),
+                        v[:, :, a:b].detach().requires_grad_(need[2]),
+                        starts[j].detach().requires_grad_(True),
+                    ]
+                    y, S_next = _causal_block(*leaves[:3], None if mask is None else mask[:, a:b], leaves[3], run=run)
+                    wrt = [t for t in leaves if t.requires_grad]
+                    grads = torch.autograd.grad([y, S_next], wrt, [d_out[:, :, :, a:b], d_S], allow_unused=True)
+                grads = dict(zip([id(t) for t in wrt], grads))
+                for dst, leaf, sl in ((dq, leaves[0], (slice(None),) * 3 + (slice(a, b),)),
+                                      (dk, leaves[1], (slice(None),) * 2 + (slice(a, b),)),
+                                      (dv, leaves[2], (slice(None),) * 2 + (slice(a, b),))):
+                    if dst is not None and grads.get(id(leaf)) is not None:
+                        dst[sl] = grads[id(leaf)]
+                d_S = grads[id(leaves[3])]
+                if d_S is None:
+                    d_S = torch.zeros_like(starts[j])
+                starts[j] = None  # free as we go
         return dq, dk, dv, (d_S if need[3] else None), None, None
 
 
@@ -584,7 +675,7 @@ def _causal_block(q, k, v, mask, S, *, run: _Run):
 
     y = _normalize(U.view(B, Hkv, g, n * c, F)[:, :, :, :T], run.spec.d_value, run.spec.dtype)  # [B, Hkv, g, T, Ev]
     # the new state sums in the state dtype: earlier state + this block's chunks
-    return y, run._grow(S, before[:, :, -1] - S_c[:, :, 0] + dS[:, :, -1])    # [B, Hkv, F, D]
+    return y, run._grow(S, dS.sum(dim=2))                                      # [B, Hkv, F, D]
 
 
 @functools.lru_cache(maxsize=32)

@@ -72,11 +72,11 @@ def _build() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(target))
     i64, ptr, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-    for name in ("sata_decode_f32", "sata_decode_f64"):
+    for name in ("sata_decode_f32", "sata_decode_f32s64", "sata_decode_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [i64] * 6 + [ptr] * 9 + [f64, f64, ctypes.c_int]
         fn.restype = None
-    for name in ("sata_prefill_f32", "sata_prefill_f64"):
+    for name in ("sata_prefill_f32", "sata_prefill_f32s64", "sata_prefill_f64"):
         fn = getattr(lib, name)
         fn.argtypes = ([i64] * 9 + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [ptr] + [i64] * 3 + [ptr, ptr]
                        + [i64] * 4 + [ptr] + [i64] * 3 + [ptr, ptr, f64, f64, ctypes.c_int, ctypes.c_int])
@@ -109,13 +109,28 @@ def status() -> str:
     return _status
 
 
+def _entry(lib, kind: str, dtype: torch.dtype, state_dtype: torch.dtype):
+    """The compiled function for (compute dtype, state dtype)."""
+    suffix = {(torch.float32, torch.float32): "f32", (torch.float32, torch.float64): "f32s64",
+              (torch.float64, torch.float64): "f64"}[(dtype, state_dtype)]
+    return getattr(lib, f"sata_{kind}_{suffix}")
+
+
+def supports(dtype: torch.dtype, state_dtype: torch.dtype) -> bool:
+    """Whether the kernels handle inputs computed in ``dtype`` with a state in ``state_dtype``."""
+    return (dtype, state_dtype) in ((torch.float32, torch.float32), (torch.float32, torch.float64),
+                                    (torch.float64, torch.float64))
+
+
 def _hierarchy(basis, dtype: torch.dtype):
     """``prefix_len [(P-2) d]`` and ``weight [D-1-d]`` as contiguous CPU tensors (cached)."""
     key = (basis.d, basis.n_taylor, dtype)
     if key not in _tables:
         d = basis.d
         lens = [math.comb(j + p - 1, p - 1) for p in range(2, basis.n_taylor) for j in range(d)]
-        _tables[key] = (torch.tensor(lens, dtype=torch.long), basis.weight.cpu().to(dtype).contiguous())
+        # a vector of zero padding: the decode kernel reads whole vectors past the last segment
+        weight = torch.cat([basis.weight.cpu().to(dtype), torch.zeros(16, dtype=dtype)])
+        _tables[key] = (torch.tensor(lens, dtype=torch.long), weight)
     return _tables[key]
 
 
@@ -127,11 +142,14 @@ class DecodePlan:
     S_in / S_out ``[N, F, D]`` (may be the same tensor: in-place), y ``[N, G, Ev]``.
     """
 
-    def __init__(self, lib, N: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float):
+    def __init__(self, lib, N: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
+                 state_dtype: torch.dtype | None = None, state_shape: tuple = (), out_shape: tuple = ()):
         self._prefix_len, self._weight = _hierarchy(basis, dtype)
-        self._fn = lib.sata_decode_f64 if dtype == torch.float64 else lib.sata_decode_f32
+        self._fn = _entry(lib, "decode", dtype, state_dtype or dtype)
         self._head = (N, G, d, Ev, basis.dim, basis.n_taylor)
         self._tail = (self._prefix_len.data_ptr(), self._weight.data_ptr(), sq, sk)
+        self.state_shape = state_shape   # (*batch, Hkv, F, D): the kernel's state layout
+        self.out_shape = out_shape       # (*batch, Hq, 1, Ev)
 
     def __call__(self, q, k, v, keep, S_in, S_out, y) -> None:
         self._fn(*self._head, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
@@ -148,9 +166,9 @@ class PrefillPlan:
     """
 
     def __init__(self, lib, B: int, Hkv: int, G: int, Lq: int, Lk: int, d: int, Ev: int, basis,
-                 dtype: torch.dtype, sq: float, sk: float, causal: bool):
+                 dtype: torch.dtype, sq: float, sk: float, causal: bool, state_dtype: torch.dtype | None = None):
         self._prefix_len, self._weight = _hierarchy(basis, dtype)
-        self._fn = lib.sata_prefill_f64 if dtype == torch.float64 else lib.sata_prefill_f32
+        self._fn = _entry(lib, "prefill", dtype, state_dtype or dtype)
         self._head = (B, Hkv, G, Lq, Lk, d, Ev, basis.dim, basis.n_taylor)
         self._tail = (self._prefix_len.data_ptr(), self._weight.data_ptr(), sq, sk, int(causal))
 

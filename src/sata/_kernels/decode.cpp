@@ -9,86 +9,192 @@
 // memory-traffic floor of a decode step. Built on first use by sata._kernels (g++ -O3 -fopenmp).
 //
 // Layouts (all contiguous): q [N, G, d], k [N, d], v [N, Ev], keep [N] or null,
-// S_in / S_out [N, F, D] with F = Ev + 1 (the state's kv[..., D, F] stored D-contiguous),
-// y [N, G, Ev]. prefix_len [(P-2) * d] = C(j+p-1, p-1) for p >= 2 and weight [D-1-d] (the step
-// weights of degrees >= 2, in feature order) describe the colex hierarchy.
+// S_in / S_out [N, F, D] with F = Ev + 1 (the state's kv[..., D, F] stored D-contiguous), in the
+// state's precision TS (float, or double for long float32 streams), y [N, G, Ev].
+// prefix_len [(P-2) * d] = C(j+p-1, p-1) for p >= 2 and weight [D-1-d, plus VW of padding] (the
+// step weights of degrees >= 2, in feature order) describe the colex hierarchy.
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
-// phi(x): the degree-p monomials whose largest index is j are the first C(j+p-1, p-1)
-// degree-(p-1) monomials (a contiguous prefix) times x_j, each with its step weight.
+// one 64-byte vector of T (GCC/Clang vector extension: SIMD where the target has it)
 template <typename T>
-inline void features(const T* x, T s, int64_t d, int64_t P, const int64_t* prefix_len, const T* weight, T* phi) {
-  phi[0] = T(1);
-  if (P == 1) return;
-  T* xs = phi + 1;
-  for (int64_t j = 0; j < d; ++j) xs[j] = x[j] * s;
-  const T* prev = xs;
-  T* out = xs + d;
-  const T* w = weight;
-  for (int64_t p = 2; p < P; ++p) {
-    T* block = out;
+struct Vec {
+  static constexpr int W = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(64)));
+  static type load(const T* p) {
+    type x;
+    std::memcpy(&x, p, sizeof(x));
+    return x;
+  }
+  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
+};
+
+// half a vector: feature segments are short (C(j+p-1, p-1) entries), so narrower vectors waste
+// fewer lanes and split fewer cache lines
+template <typename T>
+struct HalfVec {
+  static constexpr int W = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(32)));
+  static type load(const T* p) {
+    type x;
+    std::memcpy(&x, p, sizeof(x));
+    return x;
+  }
+  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
+};
+
+// phi(x) built degree by degree: the degree-p monomials whose largest index is j are the first
+// C(j+p-1, p-1) degree-(p-1) monomials (a contiguous prefix) times x_j, each with its step weight.
+// Whole vectors are written: a segment's overhang lands where the next segment (or the padding
+// after D) is written afterwards, so no lane is ever masked. Rows need D + W entries.
+template <typename T>
+struct Features {
+  int64_t d, P;
+  const int64_t* prefix_len;
+  const T* weight;
+
+  // degree 0 and 1; x == nullptr stands for a zero input (a masked key: its NaNs must not be read)
+  void degree01(const T* x, T s, T* phi) const {
+    phi[0] = T(1);
+    for (int64_t j = 0; j < d && P > 1; ++j) phi[1 + j] = x == nullptr ? T(0) : x[j] * s;
+  }
+
+  // degree p (>= 2) of one row, from its degree p - 1 block at prev; returns the block's size
+  int64_t degree(T* phi, const T* prev, T* out, const T* w, int64_t p) const {
+    using V = HalfVec<T>;
+    const T* xs = phi + 1;
+    T* start = out;
     for (int64_t j = 0; j < d; ++j) {
       const int64_t len = prefix_len[(p - 2) * d + j];
       const T xj = xs[j];
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) out[i] = prev[i] * xj * w[i];
+      for (int64_t i = 0; i < len; i += V::W) V::store(out + i, V::load(prev + i) * V::load(w + i) * xj);
       out += len;
       w += len;
     }
-    prev = block;
+    return out - start;
+  }
+
+  // all degrees of `rows` rows (stride ld), one degree at a time across the rows, so a row's
+  // fresh stores have retired before its next degree reads them
+  void build(T* phi, int64_t rows, int64_t ld) const {
+    int64_t prev = 1, cur = 1 + d, wo = 0;
+    for (int64_t p = 2; p < P; ++p) {
+      int64_t size = 0;
+      for (int64_t r = 0; r < rows; ++r) size = degree(phi + r * ld, phi + r * ld + prev, phi + r * ld + cur, weight + wo, p);
+      prev = cur;
+      cur += size;
+      wo += size;
+    }
+  }
+};
+
+// One head with one query head and F = Ev + 1 known at compile time: a single sweep over the
+// feature index updates all F state rows and accumulates all F read-outs in registers.
+template <typename T, typename TS, int F>
+inline void sweep_fixed(const TS* src, TS* dst, int64_t D, const T* pk, const T* pq, const T* vt, TS* u) {
+  using V = Vec<TS>;
+  typename V::type acc[F];
+  for (int f = 0; f < F; ++f) acc[f] = typename V::type{};
+  int64_t i = 0;
+  for (; i + V::W <= D; i += V::W) {
+    typename V::type p, q;
+    for (int w = 0; w < V::W; ++w) {  // widen T -> TS lane by lane (a no-op copy when equal)
+      p[w] = TS(pk[i + w]);
+      q[w] = TS(pq[i + w]);
+    }
+#pragma GCC unroll 17
+    for (int f = 0; f < F; ++f) {
+      const typename V::type s = V::load(src + f * D + i) + TS(vt[f]) * p;
+      V::store(dst + f * D + i, s);
+      acc[f] += q * s;
+    }
+  }
+  TS tail[F] = {};
+  for (; i < D; ++i)
+    for (int f = 0; f < F; ++f) {
+      const TS s = src[f * D + i] + TS(vt[f] * pk[i]);
+      dst[f * D + i] = s;
+      tail[f] += TS(pq[i]) * s;
+    }
+  for (int f = 0; f < F; ++f) {
+    TS t = tail[f];
+    for (int w = 0; w < V::W; ++w) t += acc[f][w];
+    u[f] = t;
   }
 }
 
-template <typename T>
+// Any G and F: update every row, then read it once per query head.
+template <typename T, typename TS>
+inline void sweep_rows(const TS* src, TS* dst, int64_t D, int64_t F, int64_t G, const T* pk, const T* pq,
+                       int64_t ldq, const T* vt, TS* u) {
+  for (int64_t f = 0; f < F; ++f) {
+    const TS vf = TS(vt[f]);
+    const TS* s_in = src + f * D;
+    TS* s_out = dst + f * D;
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) s_out[i] = s_in[i] + vf * TS(pk[i]);
+    for (int64_t g = 0; g < G; ++g) {
+      const T* q = pq + g * ldq;
+      TS acc = TS(0);
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < D; ++i) acc += TS(q[i]) * s_out[i];
+      u[g * F + f] = acc;
+    }
+  }
+}
+
+template <typename T, typename TS>
 void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q, const T* k, const T* v,
-            const uint8_t* keep, const T* S_in, T* S_out, T* y, const int64_t* prefix_len, const T* weight, T sq,
+            const uint8_t* keep, const TS* S_in, TS* S_out, T* y, const int64_t* prefix_len, const T* weight, T sq,
             T sk, int n_threads) {
   const int64_t F = Ev + 1;
+  const int64_t ld = D + Vec<T>::W;  // feature rows carry a vector of padding
+  const Features<T> feat{d, P, prefix_len, weight};
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
   {
-    std::vector<T> phik(D), phiq(G * D), u(G * F);
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
+#ifdef _OPENMP
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    const int64_t nt = 1, t = 0;
+#endif
+    const int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt, rows = (n1 - n0) * (1 + G);
+    // this thread's features: per head, its key row then its G query rows
+    std::vector<T> phi(rows * ld), vt(F);
+    std::vector<TS> u(G * F);
+    for (int64_t n = n0; n < n1; ++n) {
+      T* base = phi.data() + (n - n0) * (1 + G) * ld;
+      feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, sk, base);
+      for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, sq, base + (1 + g) * ld);
+    }
+    feat.build(phi.data(), rows, ld);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* pk = phi.data() + (n - n0) * (1 + G) * ld;
+      const T* pq = pk + ld;
       const bool use = keep == nullptr || keep[n];
-      features(k + n * d, sk, d, P, prefix_len, weight, phik.data());
-      for (int64_t g = 0; g < G; ++g)
-        features(q + (n * G + g) * d, sq, d, P, prefix_len, weight, phiq.data() + g * D);
-      const T* vn = v + n * Ev;
-      const T* pk = phik.data();
-      for (int64_t f = 0; f < F; ++f) {
-        const T vf = use ? (f < Ev ? vn[f] : T(1)) : T(0);
-        const T* src = S_in + (n * F + f) * D;
-        T* dst = S_out + (n * F + f) * D;
-        if (G == 1) {  // update and read in one sweep
-          const T* pq = phiq.data();
-          T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-          for (int64_t i = 0; i < D; ++i) {
-            const T s_new = src[i] + vf * pk[i];
-            dst[i] = s_new;
-            acc += pq[i] * s_new;
-          }
-          u[f] = acc;
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) dst[i] = src[i] + vf * pk[i];
-          for (int64_t g = 0; g < G; ++g) {
-            const T* pq = phiq.data() + g * D;
-            T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < D; ++i) acc += pq[i] * dst[i];
-            u[g * F + f] = acc;
-          }
-        }
+      for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
+      vt[Ev] = use ? T(1) : T(0);
+      const TS* src = S_in + n * F * D;
+      TS* dst = S_out + n * F * D;
+      if (G == 1 && F == 5) {
+        sweep_fixed<T, TS, 5>(src, dst, D, pk, pq, vt.data(), u.data());
+      } else if (G == 1 && F == 9) {
+        sweep_fixed<T, TS, 9>(src, dst, D, pk, pq, vt.data(), u.data());
+      } else if (G == 1 && F == 17) {
+        sweep_fixed<T, TS, 17>(src, dst, D, pk, pq, vt.data(), u.data());
+      } else {
+        sweep_rows<T, TS>(src, dst, D, F, G, pk, pq, ld, vt.data(), u.data());
       }
       for (int64_t g = 0; g < G; ++g) {
-        const T z = u[g * F + Ev];
+        const TS z = u[g * F + Ev];
         T* yg = y + (n * G + g) * Ev;
-        for (int64_t f = 0; f < Ev; ++f) yg[f] = z > T(0) ? u[g * F + f] / z : T(0);
+        for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
       }
     }
   }
@@ -98,20 +204,17 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
 
 extern "C" {
 
-int sata_kernel_version() { return 2; }
+int sata_kernel_version() { return 4; }
 
-void sata_decode_f32(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const float* q,
-                     const float* k, const float* v, const uint8_t* keep, const float* S_in, float* S_out, float* y,
-                     const int64_t* prefix_len, const float* weight, double sq, double sk, int n_threads) {
-  decode<float>(N, G, d, Ev, D, P, q, k, v, keep, S_in, S_out, y, prefix_len, weight, float(sq), float(sk),
-                n_threads);
-}
+#define SATA_DECODE(NAME, T, TS)                                                                                     \
+  void NAME(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q, const T* k, const T* v,  \
+            const uint8_t* keep, const TS* S_in, TS* S_out, T* y, const int64_t* prefix_len, const T* weight,        \
+            double sq, double sk, int n_threads) {                                                                   \
+    decode<T, TS>(N, G, d, Ev, D, P, q, k, v, keep, S_in, S_out, y, prefix_len, weight, T(sq), T(sk), n_threads);  \
+  }
 
-void sata_decode_f64(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const double* q,
-                     const double* k, const double* v, const uint8_t* keep, const double* S_in, double* S_out,
-                     double* y, const int64_t* prefix_len, const double* weight, double sq, double sk,
-                     int n_threads) {
-  decode<double>(N, G, d, Ev, D, P, q, k, v, keep, S_in, S_out, y, prefix_len, weight, sq, sk, n_threads);
-}
+SATA_DECODE(sata_decode_f32, float, float)
+SATA_DECODE(sata_decode_f32s64, float, double)
+SATA_DECODE(sata_decode_f64, double, double)
 
 }  // extern "C"

@@ -16,6 +16,7 @@
 // state element (b, h, D, f) at S[b * s_b + h * s_h + D * s_d + f * s_f], updated in place.
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -94,9 +95,10 @@ inline void gemm_t(const T* M, int64_t ldm, int64_t F, int64_t K, const T* X, T*
   }
 }
 
-// Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for all f < Fp (Fp a multiple of VW)
-template <typename T, int NV>
-inline void update_state_nv(T* Sp, int64_t Fp, int64_t D, const T* phi_t, const T* vt) {
+// Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for all f < Fp (Fp a multiple of VW); products summed
+// over the chunk in T, added to the state in its own precision TS
+template <typename T, typename TS, int NV>
+inline void update_state_nv(TS* Sp, int64_t Fp, int64_t D, const T* phi_t, const T* vt) {
   constexpr int64_t W = NV * VW;
   int64_t r0 = 0;
   for (; r0 + DB <= D; r0 += DB) {
@@ -114,9 +116,9 @@ inline void update_state_nv(T* Sp, int64_t Fp, int64_t D, const T* phi_t, const 
       }
     }
     for (int64_t b = 0; b < DB; ++b) {
-      T* s = Sp + (r0 + b) * Fp;
+      TS* s = Sp + (r0 + b) * Fp;
 #pragma omp simd
-      for (int64_t f = 0; f < W; ++f) s[f] += acc[b][f];
+      for (int64_t f = 0; f < W; ++f) s[f] += TS(acc[b][f]);
     }
   }
   for (; r0 < D; ++r0) {
@@ -127,44 +129,50 @@ inline void update_state_nv(T* Sp, int64_t Fp, int64_t D, const T* phi_t, const 
 #pragma omp simd
       for (int64_t f = 0; f < W; ++f) acc[f] += w * vi[f];
     }
-    T* s = Sp + r0 * Fp;
+    TS* s = Sp + r0 * Fp;
 #pragma omp simd
-    for (int64_t f = 0; f < W; ++f) s[f] += acc[f];
+    for (int64_t f = 0; f < W; ++f) s[f] += TS(acc[f]);
   }
 }
 
-template <typename T>
-inline void update_state(T* Sp, int64_t Fp, int64_t D, const T* phi_t, const T* vt) {
+template <typename T, typename TS>
+inline void update_state(TS* Sp, int64_t Fp, int64_t D, const T* phi_t, const T* vt) {
   switch (Fp / VW) {
-    case 1: update_state_nv<T, 1>(Sp, Fp, D, phi_t, vt); return;
-    case 2: update_state_nv<T, 2>(Sp, Fp, D, phi_t, vt); return;
-    default:  // wide values: blocks of two vectors' worth of columns at a time
+    case 1: update_state_nv<T, TS, 1>(Sp, Fp, D, phi_t, vt); return;
+    case 2: update_state_nv<T, TS, 2>(Sp, Fp, D, phi_t, vt); return;
+    default:  // wide values: one feature row at a time
+      std::vector<T> acc(Fp);
       for (int64_t r = 0; r < D; ++r) {
-        T* s = Sp + r * Fp;
+        std::fill(acc.begin(), acc.end(), T(0));
         for (int64_t i = 0; i < C; ++i) {
           const T w = phi_t[r * C + i];
           const T* vi = vt + i * Fp;
 #pragma omp simd
-          for (int64_t f = 0; f < Fp; ++f) s[f] += w * vi[f];
+          for (int64_t f = 0; f < Fp; ++f) acc[f] += w * vi[f];
         }
+        TS* s = Sp + r * Fp;
+#pragma omp simd
+        for (int64_t f = 0; f < Fp; ++f) s[f] += TS(acc[f]);
       }
   }
 }
 
-template <typename T>
+template <typename T, typename TS>
 struct Head {
   int64_t G, Lq, Lk, d, Ev, D, P, F, Fp;
   const int64_t* prefix_len;
   const T* weight;
   T sq, sk;
   // workspace
-  std::vector<T> Sp, kx, qx, phik, phiq, vt, U, scores;
+  std::vector<TS> Sp;      // the head's state [D][Fp], in the state's precision
+  std::vector<T> Spf;      // its copy in the compute precision, read by the products (when TS != T)
+  std::vector<T> kx, qx, phik, phiq, vt, U, scores;
 
   Head(int64_t G_, int64_t Lq_, int64_t Lk_, int64_t d_, int64_t Ev_, int64_t D_, int64_t P_, const int64_t* pl,
        const T* w, T sq_, T sk_)
       : G(G_), Lq(Lq_), Lk(Lk_), d(d_), Ev(Ev_), D(D_), P(P_), F(Ev_ + 1), Fp(round_up(Ev_ + 1, VW)),
         prefix_len(pl), weight(w), sq(sq_), sk(sk_),
-        Sp(D_ * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C), phiq(D_ * C),
+        Sp(D_ * round_up(Ev_ + 1, VW)), Spf(std::is_same<T, TS>::value ? 0 : D_ * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C), phiq(D_ * C),
         vt(C * round_up(Ev_ + 1, VW)), U(round_up(Ev_ + 1, VW) * C), scores(C * C) {}
 
   // scaled keys kx [d][C] and value rows vt [C][Fp] of tokens t0 .. t0+c-1 (zero beyond c or masked)
@@ -226,37 +234,50 @@ struct Head {
     for (int64_t i = 0; i < c; ++i) {
       const T z = U[Ev * C + i];
       T* yr = y + (t0 + i) * y_sl;
-      for (int64_t f = 0; f < Ev; ++f) yr[f] = z > T(0) ? U[f * C + i] / z : T(0);
+      for (int64_t f = 0; f < Ev; ++f) yr[f] = z <= T(0) ? T(0) : U[f * C + i] / z;  // NaN propagates
     }
   }
 
-  void run(const T* q, const T* k, const T* v, const uint8_t* keep, T* S, int64_t s_d, int64_t s_f, T* y,
+  // the state as the products read it: Sp itself, or its copy in the compute precision
+  const T* state_view() {
+    if constexpr (std::is_same<T, TS>::value) {
+      return Sp.data();
+    } else {
+      for (size_t i = 0; i < Sp.size(); ++i) Spf[i] = T(Sp[i]);
+      return Spf.data();
+    }
+  }
+
+  void run(const T* q, const T* k, const T* v, const uint8_t* keep, TS* S, int64_t s_d, int64_t s_f, T* y,
            bool causal) {
-    std::fill(Sp.begin(), Sp.end(), T(0));
+    std::fill(Sp.begin(), Sp.end(), TS(0));
     for (int64_t r = 0; r < D; ++r)
       for (int64_t f = 0; f < F; ++f) Sp[r * Fp + f] = S[r * s_d + f * s_f];
+    const T* Sr = state_view();
     if (causal) {  // Lq == Lk
       for (int64_t t0 = 0; t0 < Lk; t0 += C) {
         const int64_t c = std::min(C, Lk - t0);
         load_keys(k, v, keep, t0, c);
         for (int64_t g = 0; g < G; ++g) {
           load_queries(q + g * q_sh, t0, c);
-          gemm_t(Sp.data(), Fp, F, D, phiq.data(), U.data(), false);
+          gemm_t(Sr, Fp, F, D, phiq.data(), U.data(), false);
           intra(c);
           write_out(y + g * y_sh, t0, c);
         }
         update_state(Sp.data(), Fp, D, phik.data(), vt.data());
+        Sr = state_view();
       }
     } else {
       for (int64_t t0 = 0; t0 < Lk; t0 += C) {
         load_keys(k, v, keep, t0, std::min(C, Lk - t0));
         update_state(Sp.data(), Fp, D, phik.data(), vt.data());
       }
+      Sr = state_view();
       for (int64_t g = 0; g < G; ++g)
         for (int64_t t0 = 0; t0 < Lq; t0 += C) {
           const int64_t c = std::min(C, Lq - t0);
           load_queries(q + g * q_sh, t0, c);
-          gemm_t(Sp.data(), Fp, F, D, phiq.data(), U.data(), false);
+          gemm_t(Sr, Fp, F, D, phiq.data(), U.data(), false);
           write_out(y + g * y_sh, t0, c);
         }
     }
@@ -265,15 +286,15 @@ struct Head {
   }
 };
 
-template <typename T>
+template <typename T, typename TS>
 void prefill(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P,
-             const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, const uint8_t* keep, T* S,
+             const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, const uint8_t* keep, TS* S,
              int64_t s_b, int64_t s_h, int64_t s_d, int64_t s_f, T* y, Strides ys, const int64_t* prefix_len,
              const T* weight, T sq, T sk, int causal, int n_threads) {
   const int64_t N = B * Hkv;
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
   {
-    Head<T> head(G, Lq, Lk, d, Ev, D, P, prefix_len, weight, sq, sk);
+    Head<T, TS> head(G, Lq, Lk, d, Ev, D, P, prefix_len, weight, sq, sk);
     head.k_sl = ks.l;
     head.v_sl = vs.l;
     head.q_sl = qs.l;
@@ -294,18 +315,19 @@ void prefill(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t 
 
 extern "C" {
 
-#define SATA_PREFILL(NAME, T)                                                                                       \
+#define SATA_PREFILL(NAME, T, TS)                                                                                       \
   void NAME(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P, \
             const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, int64_t k_sb, int64_t k_sh,           \
-            int64_t k_sl, const T* v, int64_t v_sb, int64_t v_sh, int64_t v_sl, const uint8_t* keep, T* S,          \
+            int64_t k_sl, const T* v, int64_t v_sb, int64_t v_sh, int64_t v_sl, const uint8_t* keep, TS* S,         \
             int64_t s_b, int64_t s_h, int64_t s_d, int64_t s_f, T* y, int64_t y_sb, int64_t y_sh, int64_t y_sl,    \
             const int64_t* prefix_len, const T* weight, double sq, double sk, int causal, int n_threads) {          \
-    prefill<T>(B, Hkv, G, Lq, Lk, d, Ev, D, P, q, {q_sb, q_sh, q_sl}, k, {k_sb, k_sh, k_sl}, v, {v_sb, v_sh, v_sl}, \
+    prefill<T, TS>(B, Hkv, G, Lq, Lk, d, Ev, D, P, q, {q_sb, q_sh, q_sl}, k, {k_sb, k_sh, k_sl}, v, {v_sb, v_sh, v_sl}, \
                keep, S, s_b, s_h, s_d, s_f, y, {y_sb, y_sh, y_sl}, prefix_len, weight, T(sq), T(sk), causal,       \
                n_threads);                                                                                          \
   }
 
-SATA_PREFILL(sata_prefill_f32, float)
-SATA_PREFILL(sata_prefill_f64, double)
+SATA_PREFILL(sata_prefill_f32, float, float)
+SATA_PREFILL(sata_prefill_f32s64, float, double)
+SATA_PREFILL(sata_prefill_f64, double, double)
 
 }  // extern "C"

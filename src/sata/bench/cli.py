@@ -1,0 +1,180 @@
+"""Benchmark sata against SDPA with a KV cache and the paper's formulation (speed and memory).
+
+    sata bench decode   [--quick]   time and memory per generated token by context length
+    sata bench prefill  [--quick]   causal prefill by prompt length
+    sata bench targets  [--quick]   issue 4's targets 1-6, PASS/FAIL (includes both sweeps)
+    sata bench all      [--quick]   the same as targets, printing every table
+
+Every comparison is measured in one run on the same inputs; we report medians of repeated
+timings after warm-up, and ratios sata / baseline. ``--quick`` uses smaller contexts (minutes on
+2 cores) and says so in every row; without it the sizes are those of the targets (1M-token
+decode, 1e7-token streaming, 64K-token prefill and training: allow an hour on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all"),
+                        help="what to measure")
+    parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores%(default).0s")
+    parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file%(default).0s")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/PERFORMANCE.md)%(default).0s")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype of queries, keys and values")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)%(default).0s")
+    parser.add_argument("--max-memory", default=None,
+                        help="most memory a baseline's context may take, e.g. 8G (default: min(8G, half the free RAM))%(default).0s")
+    parser.add_argument("--only", default=None, help="targets to run, e.g. 1,4 (targets/all only)%(default).0s")
+    parser.add_argument("--batch", type=int, default=None, help="decode/prefill: batch size (default 1)%(default).0s")
+    parser.add_argument("--heads", type=int, default=None, help="decode/prefill: heads (default 64)%(default).0s")
+    parser.add_argument("--head-size", type=int, default=None, help="decode/prefill: head size (default 8)%(default).0s")
+    parser.add_argument("--n-taylor", type=int, default=None, help="decode/prefill: Taylor terms (default 4)%(default).0s")
+    parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536%(default).0s")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars%(default).0s")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: seconds, meaningless numbers
+
+
+def _max_memory(text: str | None) -> int:
+    from sata.budget import _parse
+
+    from .timing import mem_available
+
+    if text is not None:
+        return _parse(text)
+    avail = mem_available()
+    return min(8 * 2**30, avail // 2) if avail else 4 * 2**30
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from .decode import DecodeConfig, run_decode
+    from .prefill import PrefillConfig, run_prefill
+    from .tables import decode_table, prefill_table, scaling_table, targets_table
+    from .targets import FULL, QUICK, TINY, run_targets
+    from .timing import busy_warning, command_line, machine_info, set_threads, write_json
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("sata bench: --device cuda requested but CUDA is not available; use --device cpu", file=sys.stderr)
+        return 2
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        print("sata bench needs tqdm for its progress bars: pip install 'sata-attention[plot]'", file=sys.stderr)
+        return 2
+    threads = set_threads(args.threads)
+    sizes = TINY if args.tiny else QUICK if args.quick else FULL
+    dtype = getattr(torch, args.dtype)
+    max_bytes = _max_memory(args.max_memory)
+    progress = not args.no_progress
+    contexts = tuple(int(x) for x in args.contexts.split(",")) if args.contexts else None
+    shape = {"batch": args.batch or 1, "n_heads": args.heads or sizes.heads, "d_key": args.head_size or sizes.d_key,
+             "n_taylor": args.n_taylor or sizes.n_taylor}
+    common = {"device": args.device, "dtype": dtype, "max_bytes": max_bytes}
+    run = {"command": command_line("bench", args, add_arguments), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "sizes": sizes.name, "what": args.what, "max_memory_bytes": max_bytes,
+           "machine": machine_info(args.device)}
+    print(f"sata bench {args.what} ({sizes.name} sizes) on {run['machine']['cpu']}, {threads} thread(s), "
+          f"{args.device}, {args.dtype}; baseline memory limit {max_bytes / 2**30:.1f} GiB", flush=True)
+    if sizes is FULL and args.what in ("targets", "all"):
+        print("full sizes (1M-token decode, 1e7-token stream, 64K-token prefill and training): allow an hour "
+              "on 2 cores; --quick takes minutes", flush=True)
+    run["warning"] = busy_warning(run["machine"])
+    if run["warning"]:
+        print(f"warning: {run['warning']}", file=sys.stderr, flush=True)
+
+    sections = []   # (title, text table, markdown table)
+    if args.what == "decode":
+        cfg = DecodeConfig(**shape, contexts=contexts or sizes.decode_contexts, stream_limit=sizes.decode_stream_limit,
+                           min_time=sizes.min_time, **common)
+        res = run["decode"] = run_decode(cfg, progress)
+        sections.append((_decode_title(res), decode_table(res), decode_table(res, True)))
+    elif args.what == "prefill":
+        cfg = PrefillConfig(**shape, lengths=contexts or sizes.prefill_lengths, paper_max_length=sizes.paper_prefill_max,
+                            min_time=sizes.min_time, **common)
+        res = run["prefill"] = run_prefill(cfg, progress)
+        sections.append((_prefill_title(res), prefill_table(res), prefill_table(res, True)))
+    else:
+        only = tuple(x.strip() for x in args.only.split(",")) if args.only else None
+        res = run["targets"] = run_targets(sizes, only=only, progress=progress, **common)
+        m = res["measurements"]
+        bw, mm = m["copy_bandwidth"]["bytes_per_s"], m["matmul"]["flops_per_s"]
+        sections.append((f"Targets (issue 4), {sizes.name} sizes; this machine: copy bandwidth {bw / 1e9:.1f} GB/s, "
+                         f"fp32 matmul {mm / 1e9:.1f} GFLOP/s ({m['matmul']['size']}^3)",
+                         targets_table(res), targets_table(res, True)))
+        if "decode" in m:
+            sections.append((_decode_title(m["decode"]), decode_table(m["decode"]), decode_table(m["decode"], True)))
+        if "prefill" in m:
+            sections.append((_prefill_title(m["prefill"]), prefill_table(m["prefill"]),
+                             prefill_table(m["prefill"], True)))
+        if "scaling" in m:
+            sections.append((f"Scaling at model width {m['scaling']['width']} (target 6; prefill over "
+                             f"{m['scaling']['prefill_length']} tokens; rel. = relative to the smallest head, same terms)",
+                             scaling_table(m["scaling"]), scaling_table(m["scaling"], True)))
+
+    for title, text, _ in sections:
+        print(f"\n{title}\n{text}")
+    if args.json:
+        write_json(args.json, run)
+        print(f"\nwrote {args.json}")
+    if args.markdown:
+        _write_markdown(args.markdown, run, sections)
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+def _decode_title(res: dict) -> str:
+    c = res["config"]
+    x = res["crossover_vs_sdpa"]
+    cross = f"crossover vs SDPA: {x['context']:,} tokens ({x['status']})" if x["context"] else f"crossover vs SDPA: {x['status']}"
+    return (f"Decode: one token, B={c['batch']}, {c['n_heads']} heads of {c['d_key']}, n_taylor={c['n_taylor']}, "
+            f"{c['dtype']}; median per step ({'steady state: bursts of ~%g ms of consecutive steps, methods round-robin' % (1e3 * c['burst_time']) if c.get('burst_time') else 'single calls, methods round-robin'}); "
+            f"mem = context held + peak allocated in the step; {cross}")
+
+
+def _prefill_title(res: dict) -> str:
+    c = res["config"]
+    x = res["crossover_vs_sdpa"]
+    cross = f"sata faster than SDPA from ~{x['context']:,} tokens ({x['status']})" if x["context"] else x["status"]
+    return (f"Causal prefill: B={c['batch']}, {c['n_heads']} heads of {c['d_key']}, n_taylor={c['n_taylor']}, "
+            f"{c['dtype']}; median per call; mem = peak allocated in the call; {cross}")
+
+
+def _write_markdown(path: str, run: dict, sections: list) -> None:
+    import os
+
+    mach = run["machine"]
+    lines = [
+        "# Performance",
+        "",
+        "<!-- generated by `sata bench --markdown`; regenerate rather than edit -->",
+        "sata against conventional attention (SDPA with a preallocated KV cache; SDPA's causal kernel for "
+        "prefill) and against the paper's formulation (one pass per Taylor term, `sata.bench.baselines`), "
+        "every ratio measured in one run on the same inputs (medians of repeated timings after warm-up). "
+        "The targets are those of issue 4; rows measured at reduced sizes say so.",
+        "",
+        f"Measured {run['date']} with:",
+        "",
+        "```bash",
+        run["command"],
+        "```",
+        "",
+        f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} with {mach['torch_threads']} thread(s), "
+        f"{mach['device']}; sata {mach['sata']} (commit {mach['sata_git_commit'] or 'unknown'}); "
+        f"load average at start {', '.join(f'{x:.1f}' for x in mach['load_average'] or [])}.",
+        "",
+    ]
+    if run.get("warning"):
+        lines += [f"> Warning: {run['warning']}", ""]
+    for title, _, md in sections:
+        lines += [f"**{title}**", "", md, ""]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))

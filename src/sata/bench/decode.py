@@ -1,0 +1,256 @@
+"""Decode benchmark: time and memory per generated token as the context grows.
+
+For every context length, in one run on the same tokens: ``sata`` (one decode step of
+:func:`sata.sata_attention` with the context's state), conventional attention (SDPA over a
+preallocated KV cache, :class:`~sata.bench.baselines.KVCacheAttention`) and the paper's
+formulation (:class:`~sata.bench.baselines.PaperTaylorAttention`), timed round-robin.
+
+Contexts are built by streaming prefill: tokens are generated chunk by chunk and absorbed
+into the ``sata`` state (:func:`sata.accumulate_state`) and the paper's state, and written
+into the KV cache as long as it fits in ``max_bytes``; a baseline that cannot hold a context
+is skipped there, never materialised. With ``stream_limit = T``, only the first ``T`` tokens
+are streamed and longer contexts repeat that segment (``n = r T``): their states are ``r``
+times the segment's state, exactly, since states of disjoint segments add, and the KV cache
+holds the same ``r`` copies. Time and memory per decode step do not depend on token values,
+so this keeps long contexts affordable in quick runs; ``streamed_tokens`` records it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+import sata
+
+from .baselines import KVCacheAttention, PaperTaylorAttention
+from .compare import agreement, crossover
+from .timing import peak_memory, time_interleaved
+
+__all__ = ["DecodeConfig", "run_decode", "sata_step"]
+
+METHODS = ("sata", "sdpa", "paper")
+
+
+@dataclass
+class DecodeConfig:
+    """One decode sweep: shapes, contexts and measurement settings."""
+
+    batch: int = 1
+    n_heads: int = 64
+    d_key: int = 8
+    d_value: int | None = None            # default: d_key
+    n_taylor: int = 4
+    contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    stream_limit: int | None = None       # tokens streamed; longer contexts repeat them
+    max_bytes: int = 4 * 2**30            # a baseline's context (KV cache, state) may hold at most this
+    methods: tuple[str, ...] = METHODS
+    measure_memory: bool = True
+    sata_inplace: bool = True              # decode as a serving loop does: the state updated in place
+    min_time: float = 0.2
+    min_repeat: int = 5
+    # steady state: a sample is ~2 ms of consecutive steps (one layer's loop); 0 = single cold calls
+    burst_time: float = 0.002
+    seed: int = 0
+    label: str = field(default="")
+
+    @property
+    def dv(self) -> int:
+        return self.d_key if self.d_value is None else self.d_value
+
+
+def sata_step(state: sata.SATAState, query, key, value, n_taylor: int, inplace: bool = True):
+    """A decode step to time: ``sata_attention`` on one token with the context's state.
+
+    ``inplace=True`` (a serving loop) updates a private copy of the state in place, so timed calls
+    leave ``state`` as it was (the copy drifts by one token per call, which changes no cost);
+    ``inplace=False`` returns a new state per call, leaving the old one valid.
+    """
+    st = state.clone() if inplace else state
+    return lambda: sata.sata_attention(query, key, value, n_taylor=n_taylor, is_causal=True, state=st,
+                                       return_state=True, inplace=inplace)
+
+
+def _chunk_tokens(cfg: DecodeConfig) -> int:
+    """Tokens per streamed chunk: inputs of ~16 MiB at most."""
+    per_token = cfg.batch * cfg.n_heads * (cfg.d_key + cfg.dv) * 4
+    return max(64, min(65536, (16 * 2**20) // max(per_token, 1)))
+
+
+def _plan(cfg: DecodeConfig) -> tuple[list[int], int]:
+    """Contexts to measure (rounded to multiples of the streamed segment beyond it) and the segment length."""
+    contexts = sorted({int(n) for n in cfg.contexts if n >= 1})
+    if not contexts:
+        raise ValueError("contexts must hold at least one positive length")
+    seg = contexts[-1] if cfg.stream_limit is None else min(cfg.stream_limit, contexts[-1])
+    planned = sorted({n if n <= seg else max(seg, round(n / seg) * seg) for n in contexts})
+    return planned, seg
+
+
+class _Streams:
+    """The growing context: sata state, paper state and KV cache fed from one token stream."""
+
+    def __init__(self, cfg: DecodeConfig, capacity: int):
+        self.cfg = cfg
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.pos = 0
+        self.state: sata.SATAState | None = None
+        self.paper = PaperTaylorAttention(cfg.d_key, cfg.n_taylor, device=cfg.device) if "paper" in cfg.methods else None
+        self.paper_state = None
+        self.cache = None
+        if "sdpa" in cfg.methods and capacity > 0:
+            self.cache = KVCacheAttention(cfg.batch, cfg.n_heads, cfg.d_key, cfg.dv, capacity,
+                                          dtype=cfg.dtype, device=cfg.device)
+
+    def _tokens(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        k = torch.randn(c.batch, c.n_heads, n, c.d_key, generator=self.gen).to(c.device, c.dtype)   # [B, H, n, E]
+        v = torch.randn(c.batch, c.n_heads, n, c.dv, generator=self.gen).to(c.device, c.dtype)      # [B, H, n, Ev]
+        return k, v
+
+    def stream_to(self, n: int, progress=None) -> None:
+        """Absorb tokens until ``n`` have been streamed."""
+        chunk = _chunk_tokens(self.cfg)
+        while self.pos < n:
+            t = min(chunk, n - self.pos)
+            k, v = self._tokens(t)
+            with torch.no_grad():
+                if "sata" in self.cfg.methods:
+                    self.state = sata.accumulate_state(k, v, n_taylor=self.cfg.n_taylor, state=self.state)
+                if self.paper is not None:
+                    self.paper_state = self.paper.absorb(k, v, self.paper_state)
+            if self.cache is not None and self.cache.length + t <= self.cache.capacity - 1:
+                self.cache.extend(k, v)
+            self.pos += t
+            if progress is not None:
+                progress.update(t)
+
+    def fill_cache_periodic(self, n: int, seg: int) -> None:
+        """Extend the KV cache to ``n`` positions by repeating its first ``seg`` ones."""
+        cache = self.cache
+        if cache is None or n > cache.capacity - 1:
+            return
+        while cache.length < n:
+            t = min(seg, n - cache.length)
+            cache.k[:, :, cache.length:cache.length + t].copy_(cache.k[:, :, :t])
+            cache.v[:, :, cache.length:cache.length + t].copy_(cache.v[:, :, :t])
+            cache.length += t
+
+
+def _scaled_state(state: sata.SATAState, r: int, n: int) -> sata.SATAState:
+    """The state of ``r`` repetitions of a segment: ``r`` times its state."""
+    return dataclasses.replace(state, kv=state.kv * r, n_tokens=n)
+
+
+def run_decode(cfg: DecodeConfig, progress: bool = True) -> dict:
+    """Measure one decode step at every context of ``cfg``. Returns a JSON-ready dict."""
+    from tqdm.auto import tqdm
+
+    contexts, seg = _plan(cfg)
+    itemsize = torch.empty((), dtype=cfg.dtype).element_size()
+    kv_per_token = cfg.batch * cfg.n_heads * (cfg.d_key + cfg.dv) * itemsize
+    fit = cfg.max_bytes // kv_per_token - 1            # longest context the cache may hold (+1 decode slot)
+    capacity = min(fit, contexts[-1]) + 1 if fit >= 1 else 0
+    streams = _Streams(cfg, capacity)
+    if streams.paper is not None:
+        paper_state_bytes = cfg.batch * cfg.n_heads * streams.paper.state_numel(cfg.dv) * itemsize
+        if paper_state_bytes > cfg.max_bytes // 4:
+            streams.paper = None
+
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    shape = (cfg.batch, cfg.n_heads, 1)
+    q1 = torch.randn(*shape, cfg.d_key, generator=g).to(cfg.device, cfg.dtype)   # [B, H, 1, E]
+    k1 = torch.randn(*shape, cfg.d_key, generator=g).to(cfg.device, cfg.dtype)   # [B, H, 1, E]
+    v1 = torch.randn(*shape, cfg.dv, generator=g).to(cfg.device, cfg.dtype)      # [B, H, 1, Ev]
+
+    rows = []
+    desc = cfg.label or f"decode B={cfg.batch} H={cfg.n_heads} d={cfg.d_key} P={cfg.n_taylor}"
+    bar = tqdm(total=min(seg, contexts[-1]), desc=f"{desc}: streaming", unit="tok", unit_scale=True,
+               disable=not progress, leave=False)
+    seg_state = seg_paper = None
+    for n in tqdm(contexts, desc=desc, unit="ctx", disable=not progress, leave=False):
+        if n <= seg:
+            streams.stream_to(n, bar)
+            state, paper_state = streams.state, streams.paper_state
+            if n == seg:
+                seg_state, seg_paper = state, paper_state
+        else:
+            if seg_state is None:
+                streams.stream_to(seg, bar)
+                seg_state, seg_paper = streams.state, streams.paper_state
+            r = n // seg
+            state = _scaled_state(seg_state, r, n) if seg_state is not None else None
+            paper_state = None if seg_paper is None else [(a * r, b * r) for a, b in seg_paper]
+            streams.fill_cache_periodic(n, seg)
+        rows.append(_measure(cfg, n, min(n, seg), streams, state, paper_state, q1, k1, v1))
+    bar.close()
+
+    ns = [r["context"] for r in rows]
+    med = lambda m: [r[m]["time"]["median"] if "time" in r.get(m, {}) else None for r in rows]
+    return {
+        "config": _config_dict(cfg),
+        "rows": rows,
+        "crossover_vs_sdpa": crossover(ns, med("sata"), med("sdpa")),
+    }
+
+
+def _config_dict(cfg: DecodeConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["dtype"] = str(cfg.dtype).replace("torch.", "")
+    d["d_value"] = cfg.dv
+    d["contexts"] = list(cfg.contexts)
+    d["methods"] = list(cfg.methods)
+    return d
+
+
+def _measure(cfg, n, streamed, streams: _Streams, state, paper_state, q1, k1, v1) -> dict:
+    row: dict = {"context": n, "streamed_tokens": streamed}
+    fns, held = {}, {}
+    if "sata" in cfg.methods:
+        if state is None:
+            row["sata"] = {"skipped": "no state"}
+        else:
+            fns["sata"] = sata_step(state, q1, k1, v1, cfg.n_taylor, cfg.sata_inplace)
+            held["sata"] = state.nbytes
+    if "sdpa" in cfg.methods:
+        cache = streams.cache
+        if cache is None or cache.length < n or n + 1 > cache.capacity:
+            need = KVCacheAttention.nbytes_for(cfg.batch, cfg.n_heads, cfg.d_key, cfg.dv, n + 1, cfg.dtype)
+            row["sdpa"] = {"skipped": f"KV cache of {n + 1} tokens needs {need / 2**30:.2f} GiB, "
+                                      f"over the memory limit of {cfg.max_bytes / 2**30:.2f} GiB"}
+        else:
+            def sdpa_step(cache=cache, n=n):
+                cache.length = n          # every timed step decodes token n+1 of the same context
+                return cache.step(q1, k1, v1)
+            fns["sdpa"] = sdpa_step
+            held["sdpa"] = cache.context_nbytes(n + 1)
+    if "paper" in cfg.methods:
+        if paper_state is None or streams.paper is None:
+            row["paper"] = {"skipped": "the paper's state does not fit in the memory limit"}
+        else:
+            fns["paper"] = lambda: streams.paper.step(q1, k1, v1, paper_state)
+            held["paper"] = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in paper_state)
+
+    with torch.no_grad():
+        outs, peaks = {}, {}
+        for name, fn in fns.items():          # the first call, profiled for memory, also warms up
+            peaks[name], out = peak_memory(fn, cfg.device) if cfg.measure_memory else (None, fn())
+            outs[name] = out[0] if isinstance(out, tuple) else out
+        timings = time_interleaved(fns, device=cfg.device, warmup=1, min_time=cfg.min_time,
+                                   min_repeat=cfg.min_repeat, burst_time=cfg.burst_time)
+    for name in fns:
+        entry = {"time": timings[name].to_dict(), "held_bytes": int(held[name])}
+        if cfg.measure_memory:
+            entry["transient_peak_bytes"] = peaks[name]
+            entry["peak_bytes"] = None if peaks[name] is None else int(held[name] + peaks[name])
+        row[name] = entry
+    for name in ("sdpa", "paper"):
+        if "sata" in outs and name in outs:
+            row["sata"][f"vs_{name}"] = agreement(outs["sata"], outs[name])
+    for base in ("sdpa", "paper"):
+        if "time" in row.get("sata", {}) and "time" in row.get(base, {}):
+            row[f"sata_over_{base}"] = row["sata"]["time"]["median"] / row[base]["time"]["median"]
+    return row

@@ -1,0 +1,338 @@
+"""Measuring: repeated timings (median, IQR), peak memory, machine limits, machine description.
+
+What is measured:
+
+- Time: wall clock (``time.perf_counter``) of one call, after warm-up calls, synchronising
+  the device around every call on CUDA. Repeated until both a minimum count and a minimum
+  total time are reached; we report the median and the inter-quartile range. Functions
+  compared with each other are timed round-robin (:func:`time_interleaved`) so that load from
+  other processes on a shared machine hits all of them alike.
+- Memory: bytes allocated by torch's allocator during one call, at their peak, above what was
+  allocated when the call started (:func:`peak_memory`). On CUDA from the caching allocator's
+  statistics (``max_memory_allocated``); on CPU from the allocation events of the torch
+  profiler (every tensor allocation and free, in order). Tensors held before the call (a KV
+  cache, a state) are not included: callers add them explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "Timing",
+    "copy_bandwidth",
+    "cpu_count",
+    "machine_info",
+    "matmul_throughput",
+    "peak_memory",
+    "set_threads",
+    "time_fn",
+    "time_interleaved",
+]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over ``n`` timed calls."""
+
+    median: float
+    q25: float
+    q75: float
+    n: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q75 - self.q25
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "iqr": self.iqr}
+
+    @classmethod
+    def from_samples(cls, samples: list[float]) -> Timing:
+        s = sorted(samples)
+        if len(s) == 1:
+            return cls(s[0], s[0], s[0], 1)
+        q = statistics.quantiles(s, n=4, method="inclusive")
+        return cls(statistics.median(s), q[0], q[2], len(s))
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` torch threads (default: one per core). Returns the number set."""
+    n = cpu_count() if n is None else int(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: torch.device | str | None = None,
+    warmup: int = 2,
+    min_repeat: int = 5,
+    max_repeat: int = 100,
+    min_time: float = 0.2,
+    max_time: float = 10.0,
+    burst_time: float = 0.0,
+) -> dict[str, Timing]:
+    """Time several functions round-robin after ``warmup`` calls each (fewer for a function whose
+    call takes ``min_time`` or more): each is called once per round until it has at least
+    ``min_repeat`` calls and ``min_time`` seconds of them, or ``max_repeat`` calls, or (slow
+    functions) at least one call and ``max_time`` seconds.
+
+    ``burst_time > 0``: a sample is the mean of as many consecutive calls as take about that long
+    (steady state: what one call costs when the previous one left its data in cache, as in a
+    loop); otherwise every sample is one call, right after the other functions ran (cold caches).
+
+    Returns ``{name: Timing}`` with seconds per call.
+    """
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
+        elapsed = float("inf")
+        for _ in range(max(warmup, 1)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            elapsed = min(elapsed, time.perf_counter() - t0)
+            if elapsed >= min_time:   # slow enough: caches and allocations are warm
+                break
+        calls[name] = max(1, int(burst_time / max(elapsed, 1e-9))) if burst_time > 0 else 1
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    def done(name: str) -> bool:
+        n, total = len(samples[name]), sum(samples[name])
+        return n >= max_repeat or (n >= min_repeat and total >= min_time) or (n >= 1 and total >= max_time)
+
+    while not all(done(name) for name in fns):
+        for name, fn in fns.items():
+            if done(name):
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / calls[name])
+    return {name: Timing.from_samples(s) for name, s in samples.items()}
+
+
+def time_fn(fn: Callable[[], object], **kwargs) -> Timing:
+    """Time one function; keyword arguments as :func:`time_interleaved`."""
+    return time_interleaved({"fn": fn}, **kwargs)["fn"]
+
+
+# ---------------------------------------------------------------------------- memory
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[int | None, object]:
+    """Run ``fn`` once; return ``(peak_bytes, result)``: the peak of bytes allocated by torch during
+    the call, above the bytes allocated at its start.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum of the allocation events the
+    torch profiler records (``profile_memory=True``). ``peak_bytes`` is ``None`` if this torch cannot tell.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base), result
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:  # pragma: no cover - a torch without these internals
+        return None, fn()
+    if device.type != "cpu":
+        return None, fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation:
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    events.sort()
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return int(peak), result
+
+
+# ---------------------------------------------------------------------------- machine limits
+def copy_bandwidth(nbytes: int = 256 * 2**20, *, device: torch.device | str = "cpu", min_time: float = 0.3) -> dict:
+    """Memory bandwidth of ``dst.copy_(src)`` on buffers of ``nbytes`` (larger than the caches).
+
+    Counted as STREAM does for its Copy kernel: bytes read plus bytes written, per second.
+    """
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device=device, warmup=2, min_repeat=5, min_time=min_time)
+    return {"bytes_per_s": 2 * n * 4 / t.median, "buffer_bytes": n * 4, "time": t.to_dict()}
+
+
+def matmul_throughput(size: int = 2048, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      min_time: float = 0.3) -> dict:
+    """FLOP/s of a large square ``torch.mm`` (``2 n^3`` FLOPs per call)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+    t = time_fn(lambda: torch.mm(a, b, out=out), device=device, warmup=2, min_repeat=3, min_time=min_time)
+    return {"flops_per_s": 2 * size**3 / t.median, "size": size, "dtype": str(dtype).replace("torch.", ""),
+            "time": t.to_dict()}
+
+
+# ---------------------------------------------------------------------------- description
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _mem_total() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def mem_available() -> int | None:
+    """Bytes of RAM available to new allocations (Linux ``MemAvailable``), or ``None``."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return None
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """The machine, the software and the settings a measurement ran with."""
+    import sata
+
+    device = torch.device(device)
+    info = {
+        "cpu": _cpu_model(),
+        "cores": cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _mem_total(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "sata": sata.__version__,
+        "sata_git_commit": _git_commit(),
+        "packages": {p: _version(p) for p in ("numpy", "matplotlib", "tqdm", "transformers", "safetensors")},
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def busy_warning(machine: dict) -> str | None:
+    """A warning if other processes already keep the cores busy (timings will be noisy)."""
+    load = (machine.get("load_average") or [0])[0]
+    if machine["device"] == "cpu" and load > 0.5 * machine["cores"]:
+        return (f"the machine is busy (load average {load:.1f} on {machine['cores']} cores): timings will be "
+                f"noisy and slow; ratios measured in the same run remain comparable"
+                + ("; with several torch threads, --threads 1 may be steadier" if machine["torch_threads"] > 1 else ""))
+    return None
+
+
+def command_line(name: str, args, add_arguments) -> str:
+    """The ``sata <name> ...`` command being run: as typed when run from the console, else
+    rebuilt from the parsed ``args`` (the options that differ from their defaults)."""
+    import argparse
+    import shlex
+
+    argv = sys.argv
+    if len(argv) > 1 and argv[1] == name and os.path.basename(argv[0]) in ("sata", "cli.py", "__main__.py"):
+        return "sata " + " ".join(shlex.quote(a) for a in argv[1:])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words = ["sata", name]
+    for action in parser._actions:
+        if action.dest == "help" or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if not action.option_strings:                      # positional
+            words.append(str(value))
+        elif value != action.default:
+            flag = action.option_strings[-1]
+            if action.const is not None and value == action.const:
+                words.append(flag)
+            elif isinstance(value, bool):
+                words.append(flag)
+            else:
+                words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Write ``data`` as JSON atomically (a temporary file renamed over the target)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, torch.dtype):
+        return str(o).replace("torch.", "")
+    if isinstance(o, torch.device):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,136 @@
+"""sata replicate: the float64 references are right, the statistics are right, and a tiny run
+writes every figure, report.md and results.json; Ctrl-C keeps finished parts and --resume
+continues from them."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sata
+from sata import cli
+from sata.replicate import costs
+from sata.replicate.config import QUICK, preset
+from sata.replicate.decode import stream_limit
+from sata.replicate.error import FLOOR, error_stats, reference_attention
+from sata.replicate.figures import FIGURES
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _qkv(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, dtype=torch.float64, generator=g) for _ in range(3))
+
+
+# ---------------------------------------------------------------------------- references and statistics
+def test_blocked_softmax_reference_matches_sdpa():
+    q, k, v = _qkv((3, 50, 8))
+    y = reference_attention(q, k, v, kernel="softmax", block=16)
+    torch.testing.assert_close(y, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_taylor", [3, 4], ids=["P3", "P4"])
+def test_blocked_taylor_reference_matches_oracle(n_taylor):
+    q, k, v = _qkv((3, 50, 8), seed=1)
+    y = reference_attention(q, k, v, kernel="taylor", n_taylor=n_taylor, block=16)
+    ref = sata.naive_sata_attention(q, k, v, n_taylor=n_taylor, is_causal=True)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_error_stats_locate_a_known_error():
+    y = torch.zeros(2, 64, 4, dtype=torch.float64)
+    y_hat = y.clone()
+    y_hat[:, 32:] = 1e-3                               # second half of the tokens off by 1e-3
+    stats = error_stats(y, y_hat, y_hat, block=16)
+    assert stats["max_abs"] == pytest.approx(1e-3)
+    assert stats["median_log10"] == pytest.approx((FLOOR - 3) / 2)   # half the elements exact, half at 1e-3
+    assert stats["by_position"]["median_log10"] == pytest.approx([FLOOR, FLOOR, -3, -3])
+    assert stats["vs_taylor_max_abs"] == 0.0
+    assert sum(stats["hist_counts"]) == y.numel()
+
+
+def test_stream_limit_divides_every_longer_context():
+    for d in QUICK.decode_heads:
+        lim = stream_limit(QUICK, d)
+        assert lim in (10**3, 10**4, 10**5, 10**6)
+        assert all(n % lim == 0 for n in QUICK.decode_contexts if n > lim)
+
+
+def test_analytic_parts_match_the_formulas():
+    cfg = preset("tiny")
+    c = costs.run_costs(cfg)
+    row = next(r for r in c["by_context"] if r["d_key"] == 8 and r["context"] == 1000)
+    assert row["state_ratio"] == pytest.approx(sata.state_size(8, 8, cfg.cost_terms) / (2 * 8 * 1000))
+    p = costs.run_packing(cfg)
+    r = next(r for r in p["rows"] if r["d_key"] == 8 and r["degree"] == 3)
+    assert r["state_ratio"] == pytest.approx(math.comb(10, 3) / 8**3)
+    pr = costs.run_precision(cfg)
+    a = next(r for r in pr["rows"] if r["d_key"] == 16 and r["degree"] == 2)
+    assert a["alpha"] == pytest.approx(1 / (2 * 16))
+    bf16 = next(r for r in pr["first_below"] if r["d_key"] == 16 and r["format"] == "bfloat16")
+    assert bf16["alpha_below_resolution_from_degree"] == 3   # 1/(3! 16^1.5) = 2.6e-3 < 1e-2 < 1/(2! 16)
+
+
+# ---------------------------------------------------------------------------- the command
+def _run(out, *extra):
+    return cli.main(["replicate", "--tiny", "--out", str(out), "--no-progress",
+                     "--threads", str(torch.get_num_threads()), *extra])
+
+
+def test_replicate_tiny_writes_figures_report_and_results(tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    # Ctrl-C during part 4: parts 1-3 are on disk, the report says what is missing
+    def interrupt(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(costs, "run_packing", interrupt)
+    assert _run(out) == 130
+    first = json.loads((out / "results.json").read_text())
+    assert first["status"] == {"error": "done", "decode": "done", "costs": "done", "packing": "not run",
+                               "precision": "not run"}
+    assert "not run" in (out / "report.md").read_text()
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "parts").glob("*.json")}
+    assert any(n.startswith("error") for n in kept) and any(n.startswith("decode") for n in kept)
+
+    # --resume finishes the rest without recomputing what was kept
+    monkeypatch.undo()
+    assert _run(out, "--resume") == 0
+    for name, mtime in kept.items():
+        if name != "_config.json":
+            assert (out / "parts" / name).stat().st_mtime_ns == mtime, name
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["status"].values()) == {"done"}
+    assert {"command", "date", "config", "machine", "parts", "summary", "figures", "wall_seconds"} <= set(results)
+    assert results["command"].startswith("sata replicate") and "--tiny" in results["command"]
+    assert results["machine"]["torch"] == torch.__version__
+    for name in FIGURES:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG and len(data) > 10_000, name
+    report = (out / "report.md").read_text()
+    for name in FIGURES:
+        assert name in report, name
+    # the summary numbers of the issue
+    summ = results["summary"]["decode"]
+    assert {s["d_key"] for s in summ} == {8, 16}
+    for s in summ:
+        assert s["sata"]["last_seconds"] > 0 and s["sdpa"]["last_seconds"] > 0
+        assert "status" in s["crossover_vs_sdpa"] and "memory_ratio_at_largest" in s
+    err = results["parts"]["error"]["combos"]
+    assert len(err) == 4 and all(-16 <= c["median_log10"] < 0 for c in err)
+    assert all(c["vs_taylor_max_abs"] < 1e-4 for c in err)        # exact up to float32 rounding
+    assert f"{err[0]['median_log10']:.2f}" in report               # report numbers come from results.json
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert _run(out, "--parts", "precision") == 0
+    assert _run(out, "--parts", "precision", "--dtype", "float64", "--resume") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_unknown_part_is_refused(tmp_path, capsys):
+    assert _run(tmp_path, "--parts", "errors") == 2
+    assert "unknown part" in capsys.readouterr().err
