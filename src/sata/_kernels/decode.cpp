@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -166,16 +167,19 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
 #endif
     const int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt, rows = (n1 - n0) * (1 + G);
     // this thread's features: per head, its key row then its G query rows
-    std::vector<T> phi(rows * ld), vt(F);
+    // uninitialised on purpose: every entry the sweeps read is written first (no memset per step)
+    std::unique_ptr<T[]> phi_buf(new T[rows * ld]);
+    T* const phi = phi_buf.get();
+    std::vector<T> vt(F);
     std::vector<TS> u(G * F);
     for (int64_t n = n0; n < n1; ++n) {
-      T* base = phi.data() + (n - n0) * (1 + G) * ld;
+      T* base = phi + (n - n0) * (1 + G) * ld;
       feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, sk, base);
       for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, sq, base + (1 + g) * ld);
     }
-    feat.build(phi.data(), rows, ld);
+    feat.build(phi, rows, ld);
     for (int64_t n = n0; n < n1; ++n) {
-      const T* pk = phi.data() + (n - n0) * (1 + G) * ld;
+      const T* pk = phi + (n - n0) * (1 + G) * ld;
       const T* pq = pk + ld;
       const bool use = keep == nullptr || keep[n];
       for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
