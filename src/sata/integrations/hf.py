@@ -1,0 +1,521 @@
+r"""Hugging Face transformers integration: ``attn_implementation="sata"`` and a constant-size cache.
+
+Importing this module registers two attention implementations (with matching mask
+functions, so padding and causality are never silently dropped):
+
+- ``"sata"``: :func:`sata.sata_attention`, the truncated Taylor series of ``exp`` computed
+  through its symmetric features (linear in the context, constant per decoded token with
+  :class:`SATACache`).
+- ``"sata_oracle"``: the same attention computed eagerly, ``T_P`` applied to the
+  ``[B, H, Lq, Lk]`` score matrix; the O(n^2) reference the tests compare against.
+
+.. code-block:: python
+
+    import sata.integrations.hf as sata_hf
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sata")
+    cache = sata_hf.SATACache(model.config)            # one SATAState per layer, no keys/values
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=100)
+
+``n_taylor`` (number of Taylor terms, default 3) is read from ``config.sata_n_taylor`` when the
+model's config has it (it is saved with the model), else from :func:`register`.
+
+How the pieces meet (transformers 5.x): an attention module calls
+``past_key_values.update(k, v, layer_idx)`` *before* the attention function, and the
+attention function never sees the cache. :class:`SATACacheLayer.update` therefore keeps
+no keys: it returns this step's keys and values tagged with the layer, and the attention
+function reads the layer's :class:`~sata.SATAState`, attends over state plus new keys, and
+stores the new state back. With any other cache (``DynamicCache``, ``StaticCache``) the
+attention function receives the full keys and folds the earlier ones into a state on
+the fly, so the standard KV-cache path gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+
+import torch
+
+import sata
+from sata._checks import check_n_taylor
+from sata.basis import feature_dim
+
+try:
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        bidirectional_mask_function,
+        causal_mask_function,
+        prepare_padding_mask,
+    )
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "sata.integrations.hf needs transformers>=5.0: pip install 'sata-attention[hf]'"
+    ) from e
+
+__all__ = [
+    "DEFAULT_N_TAYLOR",
+    "ORACLE_NAME",
+    "SATACache",
+    "SATACacheLayer",
+    "SATAMask",
+    "check_model_budget",
+    "n_taylor_for",
+    "register",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_N_TAYLOR = 3
+ORACLE_NAME = "sata_oracle"
+# n_taylor per registered implementation name (a config's ``sata_n_taylor`` overrides it)
+_REGISTERED: dict[str, int] = {}
+# attribute by which SATACacheLayer.update hands its layer to the attention function
+_TAG = "_sata_cache_layer"
+# attribute by which the mask tensor carries its SATAMask
+_MASK_TAG = "_sata_mask"
+
+
+# --------------------------------------------------------------------------- registration
+def register(n_taylor: int = DEFAULT_N_TAYLOR, *, name: str = "sata", oracle: bool = False) -> str:
+    """Register an attention implementation and its mask function with transformers.
+
+    Args:
+        n_taylor (int): Taylor terms used by models whose config has no ``sata_n_taylor``.
+            Default: ``3``.
+        name (str): the ``attn_implementation`` name. Default: ``"sata"``. Register several
+            names to compare settings side by side (``register(4, name="sata4")``).
+        oracle (bool): register the eager O(n^2) reference (``T_P`` on the score matrix)
+            instead of the linear-time attention. Default: ``False``.
+
+    Returns:
+        ``name``, for ``from_pretrained(..., attn_implementation=name)``.
+    """
+    check_n_taylor(n_taylor, "register: n_taylor")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register: name must be a non-empty string, got {name!r}")
+    fn = _oracle_forward if oracle else _sata_forward
+    _REGISTERED[name] = n_taylor
+    AttentionInterface.register(name, functools.partial(fn, impl_name=name))
+    AttentionMaskInterface.register(name, sata_mask)
+    return name
+
+
+def n_taylor_for(config, name: str | None = None) -> int:
+    """Taylor terms a model uses: ``config.sata_n_taylor`` if set, else what ``name`` was registered with."""
+    value = getattr(config, "sata_n_taylor", None)
+    if value is not None:
+        return check_n_taylor(value, "config.sata_n_taylor")
+    name = name if name is not None else getattr(config, "_attn_implementation", None)
+    return _REGISTERED.get(name, DEFAULT_N_TAYLOR)
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def check_model_budget(config, batch_size: int, n_taylor: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one :class:`~sata.SATAState` per layer for the whole model; raise if over the budget.
+
+    A single attention call may fit the budget while the model's states together do not
+    (SmolLM2-135M at ``n_taylor=5``: 0.6 GiB per layer, 19 GiB for 30 layers), so decoders are
+    checked as a whole, before anything is allocated.
+
+    Raises:
+        sata.MemoryBudgetError: with the sizes and the fix.
+    """
+    cfg = _text_config(config)
+    n_layers = int(cfg.num_hidden_layers)
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    D = feature_dim(head, n_taylor)
+    itemsize = 8 if dtype == torch.float64 else 4
+    per_layer = batch_size * n_kv * D * (head + 1) * itemsize
+    total = n_layers * per_layer
+    budget = sata.get_memory_budget()
+    if total > budget:
+        fits = [p for p in range(1, n_taylor) if n_layers * batch_size * n_kv * feature_dim(head, p) * (head + 1) * itemsize <= budget]
+        hint = f"n_taylor<={fits[-1]} fits this model" if fits else "no n_taylor fits this model"
+        raise sata.MemoryBudgetError(
+            f"SATA attention with n_taylor={n_taylor} and head size {head} has D={D:,} features per head; "
+            f"one state per layer for {n_layers} layers x {n_kv} key/value heads x batch {batch_size} needs "
+            f"{_gib(total)} ({_gib(per_layer)} per layer), more than the memory budget of {_gib(budget)}. "
+            f"Use fewer Taylor terms ({hint}) or a smaller batch, or raise the budget with "
+            f"sata.set_memory_budget(...) / SATA_MEMORY_BUDGET."
+        )
+    return total
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------- masks
+@dataclasses.dataclass(frozen=True)
+class SATAMask:
+    """What SATA attention needs to know about a mask, in O(L) memory instead of ``[B, 1, Lq, Lk]``.
+
+    Attributes:
+        key_padding_mask (torch.Tensor | None): ``[B, Lk]`` bool, ``True`` = ignore that key
+            (padding); ``None`` when no key is padded.
+        causal (bool): query ``i`` sees keys at absolute positions ``<= q_offset + i``.
+        q_offset (int): absolute position of the first query.
+        kv_offset (int): absolute position of the first key.
+    """
+
+    key_padding_mask: torch.Tensor | None
+    causal: bool
+    q_offset: int
+    kv_offset: int
+
+    def dense(self, q_length: int, kv_length: int, device=None) -> torch.Tensor:
+        """The equivalent boolean mask ``[B or 1, 1, Lq, Lk]``, ``True`` = attend (for the oracle)."""
+        keep = torch.ones(1, 1, q_length, kv_length, dtype=torch.bool, device=device)
+        if self.causal:
+            q_pos = torch.arange(q_length, device=device)[:, None] + self.q_offset
+            k_pos = torch.arange(kv_length, device=device)[None, :] + self.kv_offset
+            keep = keep & (k_pos <= q_pos)
+        if self.key_padding_mask is not None:
+            keep = keep & ~self.key_padding_mask[:, None, None, :].to(device)
+        return keep
+
+
+def sata_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Mask function for ``AttentionMaskInterface``: causal or bidirectional attention with key padding.
+
+    Returns the key-padding mask as a boolean ``[B, 1, 1, Lk]`` tensor (``True`` = attend)
+    carrying a :class:`SATAMask` (causality and positions) that the SATA attention
+    functions read; being a 4D tensor, it passes through ``generate``'s mask handling
+    (static caches precompute masks) untouched. It never materialises ``[Lq, Lk]``.
+
+    Patterns a fixed-size state cannot express (sliding windows, chunked attention, packed
+    sequences, or/and overlays) raise ``NotImplementedError`` instead of being dropped.
+    """
+    if mask_function is causal_mask_function:
+        causal = True
+    elif mask_function is bidirectional_mask_function:
+        causal = False
+    else:
+        raise NotImplementedError(
+            f"SATA attention supports causal and bidirectional attention with padding masks; this model asked for "
+            f"the mask pattern {getattr(mask_function, '__qualname__', mask_function)!r} (sliding window, chunked "
+            "attention, packed sequences or a mask overlay), which one state per layer cannot express. Use a "
+            "full-attention config (e.g. sliding_window=None), pass an attention_mask instead of packed "
+            "position_ids, or another attn_implementation."
+        )
+    q_offset, kv_offset = int(q_offset), int(kv_offset)
+    key_padding = None
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)      # [B, >= kv_offset + Lk], True = keep
+    if padding is not None:
+        key_padding = ~padding[:, kv_offset : kv_offset + kv_length].to(torch.bool)   # [B, Lk], True = ignore
+        if not key_padding.any():
+            key_padding = None
+    info = SATAMask(key_padding_mask=key_padding, causal=causal, q_offset=q_offset, kv_offset=kv_offset)
+    if key_padding is None:
+        keep = torch.ones(batch_size, 1, 1, kv_length, dtype=torch.bool, device=device)
+    else:
+        keep = (~key_padding)[:, None, None, :].contiguous()                  # [B, 1, 1, Lk]
+    keep.__dict__[_MASK_TAG] = info
+    return keep
+
+
+def _keep_from_tensor(mask: torch.Tensor, q_length: int, kv_length: int) -> torch.Tensor:
+    """A user-given 4D mask (bool ``True`` = attend, or additive float) as bool ``[B|1, H|1, Lq, Lk]``."""
+    if mask.dim() != 4:
+        raise ValueError(f"sata attention: a tensor attention_mask must be 4D [B, 1, Lq, Lk], got shape {tuple(mask.shape)}")
+    mask = mask[..., -q_length:, :kv_length]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+# --------------------------------------------------------------------------- attention functions
+def _resolve_mask(module, attention_mask, is_causal, q_length: int, kv_length: int) -> SATAMask | torch.Tensor:
+    """The mask's :class:`SATAMask`, or a plain 4D tensor mask given by the user (only the quadratic form can use it)."""
+    if isinstance(attention_mask, torch.Tensor):
+        return attention_mask.__dict__.get(_MASK_TAG, attention_mask)
+    if attention_mask is not None:
+        raise TypeError(
+            f"sata attention: unsupported attention_mask of type {type(attention_mask).__name__}; "
+            "expected the mask built by the 'sata' mask function, a 4D tensor or None"
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # no mask: queries are the last q_length keys (decoding convention)
+    return SATAMask(key_padding_mask=None, causal=bool(causal), q_offset=kv_length - q_length, kv_offset=0)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(msg)
+
+
+def _sata_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    impl_name: str = "sata",
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` function: query ``[B, Hq, Lq, E]``, key/value ``[B, Hkv, Lk, E]`` -> ``[B, Lq, Hq, Ev]``."""
+    n_taylor = n_taylor_for(module.config, impl_name)
+    B, Hq, Lq, E = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    if dropout:
+        _warn_once("dropout", f"sata attention does not apply attention dropout (p={dropout}); it is ignored")
+    common = dict(n_taylor=n_taylor, scale=scaling, enable_gqa=Hq != Hkv)
+    mask = _resolve_mask(module, attention_mask, is_causal, Lq, Lk)
+    layer = key.__dict__.get(_TAG)
+    if mask.causal if isinstance(mask, SATAMask) else getattr(module, "is_causal", False):
+        state_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        check_model_budget(module.config, B, n_taylor, state_dtype)
+
+    if layer is not None:  # SATACache: key/value are this step's only; earlier ones live in the layer's state
+        if not isinstance(mask, SATAMask) or not mask.causal:
+            raise ValueError(
+                "SATACache needs causal attention with the 'sata' mask function (decoders); got "
+                f"{'a tensor mask' if isinstance(mask, torch.Tensor) else 'a bidirectional mask'}"
+            )
+        out, layer.state = sata.sata_attention(
+            query, key, value, is_causal=True, key_padding_mask=mask.key_padding_mask, state=layer.state,
+            return_state=True, **common,
+        )                                                                        # [B, Hq, Lq, Ev]
+        layer._pending = False
+        return out.transpose(1, 2).contiguous(), None
+
+    if isinstance(mask, torch.Tensor):  # arbitrary 4D mask: only the quadratic form can honour it
+        _warn_once("dense", "sata attention got a 4D tensor mask: computing T_P on the full score matrix (O(L^2))")
+        keep = _keep_from_tensor(mask, Lq, Lk)
+        out = _taylor_eager(query, key, value, keep, n_taylor, scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    kpm = mask.key_padding_mask
+    if not mask.causal:
+        out = sata.sata_attention(query, key, value, is_causal=False, key_padding_mask=kpm, **common)
+        return out.transpose(1, 2).contiguous(), None
+
+    # causal over a standard KV cache: keys [0, p) are seen by every query, keys [p, p + Lq) causally,
+    # keys after the last query (unfilled StaticCache slots) by none
+    p = mask.q_offset - mask.kv_offset
+    if p < 0 or p + Lq > Lk:
+        raise ValueError(
+            f"sata attention: queries at positions {mask.q_offset}..{mask.q_offset + Lq - 1} are not among the "
+            f"keys at positions {mask.kv_offset}..{mask.kv_offset + Lk - 1}"
+        )
+    state = None
+    if p > 0:
+        state = sata.accumulate_state(
+            key[:, :, :p], value[:, :, :p], n_taylor=n_taylor, scale=scaling,
+            key_padding_mask=None if kpm is None else kpm[:, :p],
+        )
+    out = sata.sata_attention(
+        query, key[:, :, p : p + Lq], value[:, :, p : p + Lq], is_causal=True,
+        key_padding_mask=None if kpm is None else kpm[:, p : p + Lq], state=state, **common,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _taylor_eager(query, key, value, keep: torch.Tensor, n_taylor: int, scaling: float | None) -> torch.Tensor:
+    """``rownorm(keep * T_P(scale Q K^T)) V`` with an explicit mask ``keep`` ``[B|1, H|1, Lq, Lk]``: ``[B, Hq, Lq, Ev]``."""
+    B, Hq, Lq, E = query.shape
+    group = Hq // key.shape[1]
+    scale = E**-0.5 if scaling is None else scaling
+    cd = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, k, v = query.to(cd), key.to(cd), value.to(cd)
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)                                   # [B, Hq, Lk, E]
+        v = v.repeat_interleave(group, dim=1)                                   # [B, Hq, Lk, Ev]
+    w = sata.taylor_exp(scale * (q @ k.transpose(-1, -2)), n_taylor)           # [B, Hq, Lq, Lk]
+    w = torch.where(keep, w, 0.0)
+    z = w.sum(-1, keepdim=True)                                                 # [B, Hq, Lq, 1]
+    pos = z > 0
+    return torch.where(pos, (w @ v) / torch.where(pos, z, torch.ones_like(z)), 0.0).to(query.dtype)
+
+
+def _oracle_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    impl_name: str = ORACLE_NAME,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager reference: ``T_P`` applied to the full score matrix, then masked and row-normalised."""
+    if key.__dict__.get(_TAG) is not None:
+        raise ValueError("the oracle attention keeps no state: use it with DynamicCache or no cache, not SATACache")
+    n_taylor = n_taylor_for(module.config, impl_name)
+    Lq, Lk = query.shape[2], key.shape[2]
+    mask = _resolve_mask(module, attention_mask, is_causal, Lq, Lk)
+    keep = _keep_from_tensor(mask, Lq, Lk) if isinstance(mask, torch.Tensor) else mask.dense(Lq, Lk, query.device)
+    out = _taylor_eager(query, key, value, keep, n_taylor, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------- cache
+class SATACacheLayer(CacheLayerMixin):
+    """One decoder layer's cache: a :class:`~sata.SATAState` (fixed size) instead of keys and values.
+
+    ``update`` stores no keys: it counts the positions and hands this step's keys and
+    values, tagged with this layer, to the ``"sata"`` attention function, which attends over
+    ``state`` plus the new keys and writes the new state back.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.state: sata.SATAState | None = None
+        self.n_seen = 0
+        self._pending = False
+
+    def __repr__(self) -> str:
+        return f"SATACacheLayer(n_seen={self.n_seen}, state={self.state!r})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._pending:
+            raise RuntimeError(
+                "SATACache: the previous keys of this layer were never consumed. SATACache works only with "
+                "attn_implementation='sata' (model.set_attn_implementation('sata')); other attention functions "
+                "would see only the newest keys."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.n_seen += key_states.shape[-2]
+        self._pending = True
+        keys = key_states.view_as(key_states)          # a fresh tensor object to carry the tag
+        keys.__dict__[_TAG] = self
+        return keys, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the attention sees only this step's keys, at absolute positions n_seen .. n_seen + Lq - 1
+        return query_length, self.n_seen
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.nbytes
+
+    def reset(self) -> None:
+        self.state, self.n_seen, self._pending = None, 0, False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotImplementedError("SATACache cannot forget tokens: a state is a sum over all tokens seen")
+
+    def _map_state(self, fn) -> None:
+        if self.state is not None:
+            self.state = dataclasses.replace(self.state, kv=fn(self.state.kv))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_state(lambda kv: kv.index_select(0, beam_idx.to(kv.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_state(lambda kv: kv.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_state(lambda kv: kv[indices])
+
+    def offload(self) -> None:
+        self._map_state(lambda kv: kv.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map_state(lambda kv: kv.to(self.device, non_blocking=True))
+
+
+class SATACache(Cache):
+    """Generation cache holding one :class:`~sata.SATAState` per layer: memory constant in the number of tokens.
+
+    Use with a model running ``attn_implementation="sata"``::
+
+        cache = SATACache(model.config)
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+        cache.nbytes        # the same after 10 or 10,000 tokens
+
+    Args:
+        config (PreTrainedConfig, optional): the model's config; gives the number of layers and
+            lets the whole model's state size be checked against ``sata``'s memory budget up front.
+            Without it, layers are added as they are first used.
+
+    Raises:
+        sata.MemoryBudgetError: if one state per layer (batch 1 at construction, the real batch
+            at the first update) exceeds the memory budget.
+        ValueError: if ``config`` selects an attention implementation other than a SATA one.
+    """
+
+    def __init__(self, config=None):
+        self.config = config
+        if config is None:
+            super().__init__(layer_class_to_replicate=SATACacheLayer)
+            return
+        impl = getattr(config, "_attn_implementation", None)
+        if impl not in _REGISTERED or impl == ORACLE_NAME:
+            raise ValueError(
+                f"SATACache needs a model with attn_implementation='sata' (a name registered with "
+                f"sata.integrations.hf.register), but config._attn_implementation is {impl!r}; call "
+                "model.set_attn_implementation('sata') first"
+            )
+        check_model_budget(config, 1, n_taylor_for(config))
+        n_layers = _text_config(config).num_hidden_layers
+        super().__init__(layers=[SATACacheLayer() for _ in range(n_layers)])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.config is not None and layer_idx == 0 and self.get_seq_length(0) == 0:
+            state_dtype = torch.float64 if key_states.dtype == torch.float64 else torch.float32
+            check_model_budget(self.config, key_states.shape[0], n_taylor_for(self.config), state_dtype)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def states(self) -> list[sata.SATAState | None]:
+        """The per-layer states (``None`` before the first token)."""
+        return [layer.state for layer in self.layers]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all layers' states."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+register(DEFAULT_N_TAYLOR, name="sata")
+register(DEFAULT_N_TAYLOR, name=ORACLE_NAME, oracle=True)
