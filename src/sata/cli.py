@@ -14,6 +14,7 @@ import sys
 COMMANDS: list[tuple[str, str, str]] = [
     ("replicate", "sata.replicate.cli", "reproduce the paper's evaluation: figures, report.md, results.json"),
     ("bench", "sata.bench.cli", "speed and memory against SDPA with a KV cache and the paper's formulation"),
+    ("convert", "sata.integrations.convert_cli", "adapt a pretrained transformers model to SATA attention; perplexity"),
 ]
 
 

@@ -290,9 +290,6 @@ def _sata_forward(
     common = dict(n_taylor=n_taylor, scale=scaling, enable_gqa=Hq != Hkv)
     mask = _resolve_mask(module, attention_mask, is_causal, Lq, Lk)
     layer = key.__dict__.get(_TAG)
-    if mask.causal if isinstance(mask, SATAMask) else getattr(module, "is_causal", False):
-        state_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        check_model_budget(module.config, B, n_taylor, state_dtype)
 
     if layer is not None:  # SATACache: key/value are this step's only; earlier ones live in the layer's state
         if not isinstance(mask, SATAMask) or not mask.causal:
@@ -300,6 +297,9 @@ def _sata_forward(
                 "SATACache needs causal attention with the 'sata' mask function (decoders); got "
                 f"{'a tensor mask' if isinstance(mask, torch.Tensor) else 'a bidirectional mask'}"
             )
+        if layer.state is None:  # the cache keeps one state per layer: check them all before the first
+            state_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+            check_model_budget(module.config, B, n_taylor, state_dtype)
         out, layer.state = sata.sata_attention(
             query, key, value, is_causal=True, key_padding_mask=mask.key_padding_mask, state=layer.state,
             return_state=True, **common,
