@@ -407,6 +407,20 @@ def test_attention_transfer_improves_and_the_folded_model_runs_it():
     assert err == pytest.approx(report.layers[0].loss_after, rel=1e-4)
 
 
+def test_distillation_trains_only_queries_and_keys():
+    teacher = tiny_llama(impl="sdpa", initializer_range=0.6).float()
+    student = tiny_llama(impl="sata_oracle", initializer_range=0.6).float()
+    student.config.sata_n_taylor = 3
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    windows = torch.randint(1, VOCAB, (8, 32), generator=torch.Generator().manual_seed(8))
+    report = convert.distill(student, teacher, windows, steps=40, batch=4, lr=1e-2, progress=False)
+    assert report.kl_last < 0.8 * report.kl_first
+    for n, p in student.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (".q_proj." in n or ".k_proj." in n), n
+        assert p.requires_grad                                # restored
+
+
 @pytest.mark.parametrize(
     "call, error, match",
     [

@@ -36,6 +36,7 @@ __all__ = [
     "ConvertConfig",
     "attention_transfer",
     "capture",
+    "distill",
     "load_text",
     "perplexity",
     "smollm2_gguf",
@@ -351,3 +352,71 @@ def _fold(proj: torch.nn.Linear, M: torch.Tensor) -> None:
     proj.weight.copy_(torch.einsum("hde,hdi->hei", M, W).reshape(H * d, -1))
     if proj.bias is not None:
         proj.bias.copy_(torch.einsum("hde,hd->he", M, proj.bias.view(H, d)).reshape(-1))
+
+
+# --------------------------------------------------------------------------- end-to-end distillation
+@dataclass
+class FinetuneReport:
+    steps: int
+    kl_first: float        # mean KL(teacher || student) per token over the first tenth of the steps
+    kl_last: float         # ... over the last tenth
+    seconds: float
+
+
+def distill(student, teacher, windows: torch.Tensor, steps: int, batch: int = 2, lr: float = 2e-4,
+            seed: int = 0, progress: bool = True) -> FinetuneReport:
+    """Fine-tune the student's ``q_proj``/``k_proj`` end to end so its next-token distribution matches the teacher's.
+
+    After :func:`attention_transfer` each layer's attention is close to its softmax original on
+    the original inputs; the errors still add up through the layers. This trains every layer's
+    query and key projections jointly on ``KL(teacher || student)`` of the output distributions
+    (the teacher: the original softmax model), all other weights frozen. The student runs its
+    own attention implementation (use ``"sata_oracle"``: the same function as ``"sata"``, its
+    quadratic form, cheapest for windows of a few hundred tokens).
+
+    Args:
+        student, teacher: ``*ForCausalLM`` models with the same tokenizer; ``student`` is modified in place.
+        windows (torch.Tensor): ``[N, L]`` token ids of training text.
+        steps (int): optimiser steps (Adam, cosine-decayed to 10%), ``batch`` windows each.
+    """
+    attn = _attention_modules(student)
+    params = [p for a in attn for p in (a.q_proj.weight, a.k_proj.weight)]
+    trainable = {id(p) for p in params}
+    saved = {n: p.requires_grad for n, p in student.named_parameters()}
+    for p in student.parameters():
+        p.requires_grad_(id(p) in trainable)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="distill q/k end to end", leave=False)
+    kls: list[float] = []
+    t0 = time.perf_counter()
+    student.train(False)
+    try:
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+            ids = windows[torch.randint(0, len(windows), (batch,), generator=gen)]            # [b, L]
+            with torch.no_grad():
+                target = torch.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)   # [b, L, V]
+            logp = torch.log_softmax(student(ids, use_cache=False).logits.float(), -1)       # [b, L, V]
+            kl = (target.exp() * (target - logp)).sum(-1).mean()
+            opt.zero_grad()
+            if torch.isfinite(kl):
+                kl.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+            kls.append(kl.item())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kl=f"{kls[-1]:.3f}")
+    finally:
+        for n, p in student.named_parameters():
+            p.requires_grad_(saved[n])
+        if bar is not None:
+            bar.close()
+    tenth = max(1, steps // 10)
+    return FinetuneReport(steps, sum(kls[:tenth]) / tenth, sum(kls[-tenth:]) / tenth, time.perf_counter() - t0)

@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=60, help="optimiser steps per layer")
     p.add_argument("--batch", type=int, default=8, help="windows per step")
     p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (cosine-decayed)")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="then fine-tune all q/k projections end to end on KL to the original (0: skip)")
+    p.add_argument("--distill-batch", type=int, default=2, help="windows per distillation step")
+    p.add_argument("--distill-lr", type=float, default=2e-4, help="Adam learning rate of the distillation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="convert-smollm2", help="output directory for results.json and report.md")
@@ -83,6 +87,12 @@ def main(args) -> int:
             out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
         return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), cache.nbytes
 
+    teacher = None
+    if args.distill_steps > 0:
+        import copy
+
+        teacher = copy.deepcopy(model).eval()
+        teacher.set_attn_implementation("sdpa")
     rows = {"softmax": {"ppl": ppl("sdpa")}}
     say(f"original softmax perplexity {rows['softmax']['ppl']:.2f}")
     for p in ps:
@@ -112,12 +122,20 @@ def main(args) -> int:
                 a.k_proj.weight.copy_(wk)
         cfg = convert.ConvertConfig(n_taylor=p, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
         rep = convert.attention_transfer(model, data, cfg, progress=True)
-        text, nbytes = sample(p)
-        row = {"n_taylor": p, "ppl": ppl("sata", p), "seconds": rep.seconds, "sample": text, "cache_bytes": nbytes,
-               "layers": [asdict(r) for r in rep.layers]}
+        row = {"n_taylor": p, "ppl": ppl("sata", p), "seconds": rep.seconds, "layers": [asdict(r) for r in rep.layers]}
+        say(f"sata n_taylor={p} attention transfer in {rep.seconds:.0f}s: perplexity {row['ppl']:.4g}")
+        if teacher is not None:
+            model.set_attn_implementation("sata_oracle")
+            ft = convert.distill(model, teacher, train, args.distill_steps, batch=args.distill_batch,
+                                 lr=args.distill_lr, seed=args.seed)
+            row["distill"] = asdict(ft)
+            row["ppl_distilled"] = ppl("sata", p)
+            say(f"sata n_taylor={p} distilled in {ft.seconds:.0f}s (KL {ft.kl_first:.3f} -> {ft.kl_last:.3f}): "
+                f"perplexity {row['ppl_distilled']:.4g}")
+        row["sample"], row["cache_bytes"] = sample(p)
         rows[f"converted_{p}"] = row
         transfers[p] = rep
-        say(f"sata n_taylor={p} converted in {rep.seconds:.0f}s: perplexity {row['ppl']:.4g}; sample: {text!r}")
+        say(f"sample n_taylor={p}: {row['sample']!r}")
     if args.save:
         model.save_pretrained(args.save)
         tok.save_pretrained(args.save)
@@ -133,7 +151,8 @@ def main(args) -> int:
         "eval_windows": int(held.shape[0]),
         "eval_tokens": int(held.shape[0] * (held.shape[1] - 1)),
         "settings": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "threads": args.threads,
-                     "seed": args.seed},
+                     "seed": args.seed, "distill_steps": args.distill_steps, "distill_batch": args.distill_batch,
+                     "distill_lr": args.distill_lr},
         "capture_seconds": capture_s,
         "total_seconds": total_s,
         "n_taylor_5_refusal": refusal,
@@ -153,14 +172,18 @@ def main(args) -> int:
         f"| softmax (original) | - | {base:.2f} | 1.00x |",
     ]
     for p in ps:
-        for kind in ("unconverted", "converted"):
-            r = rows[f"{kind}_{p}"]
-            lines.append(f"| sata, {kind} | {p} | {_fmt(r['ppl'])} | {_fmt(r['ppl'] / base)}x |")
+        stages = [("unconverted", rows[f"unconverted_{p}"]["ppl"]), ("attention transfer", rows[f"converted_{p}"]["ppl"])]
+        if "ppl_distilled" in rows[f"converted_{p}"]:
+            stages.append(("attention transfer + distillation", rows[f"converted_{p}"]["ppl_distilled"]))
+        for kind, value in stages:
+            lines.append(f"| sata, {kind} | {p} | {_fmt(value)} | {_fmt(value / base)}x |")
     lines += [
         "",
         f"Conversion: attention transfer on {train.shape[0]} windows of {args.window} tokens, {args.steps} Adam steps "
         f"per layer (batch {args.batch}, lr {args.lr}), {args.threads} thread(s); capture {capture_s:.0f}s; "
         + ", ".join(f"n_taylor={p}: {transfers[p].seconds:.0f}s" for p in ps)
+        + (f"; then {args.distill_steps} distillation steps (batch {args.distill_batch}, lr {args.distill_lr}): "
+           + ", ".join(f"{rows[f'converted_{p}']['distill']['seconds']:.0f}s" for p in ps) if teacher is not None else "")
         + f"; whole run {total_s / 60:.1f} min.",
         "",
         "Greedy samples with SATACache after conversion (prompt: " + repr(PROMPT) + "):",
