@@ -53,7 +53,7 @@ try:
     )
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "sata.integrations.hf needs transformers>=5.0: pip install 'sata-attention[hf]'"
+        "sata.integrations.hf needs transformers (tested: 5.23): pip install 'sata-attention[hf]'"
     ) from e
 
 __all__ = [
