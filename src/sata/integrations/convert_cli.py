@@ -136,10 +136,6 @@ def main(args) -> int:
         rows[f"converted_{p}"] = row
         transfers[p] = rep
         say(f"sample n_taylor={p}: {row['sample']!r}")
-    if args.save:
-        model.save_pretrained(args.save)
-        tok.save_pretrained(args.save)
-        say(f"saved the n_taylor={ps[-1]} model to {args.save}")
     total_s = time.perf_counter() - t_start
 
     base = rows["softmax"]["ppl"]
@@ -194,8 +190,23 @@ def main(args) -> int:
     lines += ["", f"n_taylor=5: {refusal or 'not refused'}", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
     say(f"wrote {out_dir / 'results.json'} and {out_dir / 'report.md'}")
+    if args.save:
+        _save(model, tok, args.save)
+        say(f"saved the n_taylor={ps[-1]} model to {args.save}")
     print("\n".join(lines))
     return 0
+
+
+def _save(model, tok, directory: str) -> None:
+    """save_pretrained of a model loaded from GGUF: its weights were dequantized to float32 on load,
+    so the GGUF quantizer (which refuses to serialize) is dropped and a plain checkpoint written."""
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        if hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    model.is_quantized = False
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
 
 
 def _fmt(x: float) -> str:
