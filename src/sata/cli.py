@@ -14,6 +14,8 @@ import sys
 COMMANDS: list[tuple[str, str, str]] = [
     ("replicate", "sata.replicate.cli", "reproduce the paper's evaluation: figures, report.md, results.json"),
     ("bench", "sata.bench.cli", "speed and memory against SDPA with a KV cache and the paper's formulation"),
+    ("train", "sata.train.cli", "train a byte-level language model with SATA or softmax attention"),
+    ("generate", "sata.train.generate", "stream text from a trained checkpoint at constant memory per token"),
     ("convert", "sata.integrations.convert_cli", "adapt a pretrained transformers model to SATA attention; perplexity"),
 ]
 

@@ -1,0 +1,357 @@
+"""Attention layers with an explicit state: SATA (constant-size state) and softmax (KV cache).
+
+Both layers share one constructor and one call::
+
+    y, state = layer(x, state=None, key_padding_mask=None)       # x [B, L, d_model]
+
+so a model switches attention with one config field. The state is a value passed in and
+returned, never stored on the module:
+
+- :class:`SATAAttention` returns a :class:`sata.SATAState` whose size does not depend on the
+  number of tokens seen: ``[B, Hkv, D, head_dim + 1]`` floats, ``D = C(head_dim + P - 1, P - 1)``.
+- :class:`SoftmaxAttention` returns a :class:`KVCache` holding every key and value seen:
+  ``2 x [B, Hkv, n_tokens, head_dim]``.
+
+Both know how many tokens they have seen (``state.n_tokens``), which is where rotary
+embeddings of the next call start: positions are absolute.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import sata_attention
+from .state import SATAState
+
+__all__ = ["KVCache", "RotaryEmbedding", "SATAAttention", "SoftmaxAttention", "ATTENTION_CLASSES"]
+
+
+# ---------------------------------------------------------------------------- rotary embeddings
+class RotaryEmbedding(nn.Module):
+    r"""Rotary position embedding (rotate-half convention) at absolute positions.
+
+    Rotates feature pairs ``(x_i, x_{i + E/2})`` of the token at position ``t`` by the angle
+    ``t * base^(-2i/E)``, so that ``<R_t q, R_u k>`` depends on ``t - u`` only.
+
+    Args:
+        head_dim (int): ``E``, even.
+        base (float): frequency base. Default: ``10000``.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}; use rope=False or an even head_dim")
+        self.head_dim = head_dim
+        self.base = float(base)
+        inv_freq = self.base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [E/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``x [..., L, E]`` at positions ``offset .. offset + L - 1`` -> rotated ``[..., L, E]``."""
+        L = x.shape[-2]
+        # angles in float64: positions reach 1e5 and more while streaming
+        pos = torch.arange(offset, offset + L, device=x.device, dtype=torch.float64)      # [L]
+        ang = pos[:, None] * self.inv_freq.to(x.device)[None, :]                            # [L, E/2]
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)                            # [L, E/2]
+        x1, x2 = x[..., : self.head_dim // 2], x[..., self.head_dim // 2 :]                  # [..., L, E/2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)                # [..., L, E]
+
+
+# ---------------------------------------------------------------------------- KV cache
+@dataclass(frozen=True, eq=False)
+class KVCache:
+    r"""Keys and values one softmax attention layer has seen: its state, growing with the tokens.
+
+    Storage is preallocated and grows by doubling (like a Python list): appending ``L`` tokens
+    costs ``O(L)`` amortised, and the buffers hold between ``n_tokens`` and ``2 n_tokens``
+    positions. Preallocate with ``KVCache.empty(..., capacity=N)`` to avoid regrowth.
+
+    A cache behaves as a value, like :class:`sata.SATAState`: :meth:`append` returns a new cache
+    and the old one still describes its own tokens. New tokens are written in place only into
+    buffer space no other cache uses; appending to an older cache copies. Under autograd
+    appends always copy (no in-place writes into tensors of a graph).
+
+    Attributes:
+        key_buffer (torch.Tensor): ``[B, Hkv, capacity, E]``; positions ``< n_tokens`` are valid.
+        value_buffer (torch.Tensor): ``[B, Hkv, capacity, Ev]``.
+        pad_buffer (torch.Tensor): ``[B, capacity]`` bool, ``True`` = a padded key to ignore.
+        n_tokens (int): positions seen so far (padded positions included).
+    """
+
+    key_buffer: torch.Tensor
+    value_buffer: torch.Tensor
+    pad_buffer: torch.Tensor
+    n_tokens: int = 0
+    # how far the shared buffers are filled, by any cache that shares them
+    _tip: list = field(default_factory=lambda: [0], repr=False)
+
+    @classmethod
+    def empty(cls, batch: int, n_heads: int, d_key: int, d_value: int | None = None, *, capacity: int = 0,
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> KVCache:
+        """A cache with no tokens and room for ``capacity`` positions."""
+        d_value = d_key if d_value is None else d_value
+        return cls(
+            key_buffer=torch.empty(batch, n_heads, capacity, d_key, dtype=dtype, device=device),
+            value_buffer=torch.empty(batch, n_heads, capacity, d_value, dtype=dtype, device=device),
+            pad_buffer=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """``[B, Hkv, n_tokens, E]``."""
+        return self.key_buffer[:, :, : self.n_tokens]
+
+    @property
+    def values(self) -> torch.Tensor:
+        """``[B, Hkv, n_tokens, Ev]``."""
+        return self.value_buffer[:, :, : self.n_tokens]
+
+    @property
+    def padding(self) -> torch.Tensor:
+        """``[B, n_tokens]`` bool, ``True`` = ignore."""
+        return self.pad_buffer[:, : self.n_tokens]
+
+    @property
+    def capacity(self) -> int:
+        return self.key_buffer.shape[-2]
+
+    @property
+    def n_heads(self) -> int:
+        return self.key_buffer.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by the buffers (up to twice those of the tokens seen)."""
+        return sum(t.numel() * t.element_size() for t in (self.key_buffer, self.value_buffer, self.pad_buffer))
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> KVCache:
+        """A cache with ``key [B, Hkv, L, E]``, ``value [B, Hkv, L, Ev]`` added after this one's tokens."""
+        B, H, L, _ = key.shape
+        if key.shape[:2] != self.key_buffer.shape[:2] or key.shape[-1] != self.key_buffer.shape[-1] \
+                or value.shape[-1] != self.value_buffer.shape[-1]:
+            raise ValueError(
+                f"KVCache.append: keys {tuple(key.shape)} / values {tuple(value.shape)} do not match the cache "
+                f"(batch, heads, head sizes) = {tuple(self.key_buffer.shape[:2])}, {self.key_buffer.shape[-1]}, "
+                f"{self.value_buffer.shape[-1]}"
+            )
+        pad = torch.zeros(B, L, dtype=torch.bool, device=key.device) if key_padding_mask is None else key_padding_mask
+        n, new_n = self.n_tokens, self.n_tokens + L
+        key, value = key.to(self.key_buffer.dtype), value.to(self.value_buffer.dtype)
+        if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad or self.key_buffer.requires_grad):
+            # autograd: no in-place writes, the cache is exactly the concatenation
+            return KVCache(torch.cat([self.keys, key], 2), torch.cat([self.values, value], 2),
+                           torch.cat([self.padding, pad], 1), new_n, [new_n])
+        if self._tip[0] == n and new_n <= self.capacity:
+            kb, vb, pb, tip = self.key_buffer, self.value_buffer, self.pad_buffer, self._tip
+        else:  # grow (doubling) or fork from an older cache
+            cap = max(2 * new_n, 16)
+            kb = self.key_buffer.new_empty(B, H, cap, self.key_buffer.shape[-1])
+            vb = self.value_buffer.new_empty(B, H, cap, self.value_buffer.shape[-1])
+            pb = self.pad_buffer.new_zeros(B, cap)
+            kb[:, :, :n], vb[:, :, :n], pb[:, :n] = self.keys, self.values, self.padding
+            tip = [n]
+        kb[:, :, n:new_n], vb[:, :, n:new_n], pb[:, n:new_n] = key, value, pad
+        tip[0] = new_n
+        return KVCache(kb, vb, pb, new_n, tip)
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.key_buffer.shape[0]}, n_heads={self.n_heads}, d_key={self.key_buffer.shape[-1]}, "
+                f"n_tokens={self.n_tokens}, capacity={self.capacity}, dtype={self.key_buffer.dtype})")
+
+
+# ---------------------------------------------------------------------------- layers
+class _Attention(nn.Module):
+    """Projections, head split and rotary embeddings shared by both layers."""
+
+    state_type: type = object
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, n_kv_heads: int | None = None, *,
+                 causal: bool = True, rope: bool = True, rope_base: float = 10000.0, scale: float | None = None,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("n_heads", n_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {value!r}")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(f"{type(self).__name__}: d_model={d_model} is not divisible by n_heads={n_heads}; "
+                                 "pass head_dim explicitly")
+            head_dim = d_model // n_heads
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if not isinstance(n_kv_heads, int) or n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"{type(self).__name__}: n_kv_heads={n_kv_heads!r} must divide n_heads={n_heads} "
+                             "(grouped-query attention)")
+        self.d_model, self.n_heads, self.head_dim, self.n_kv_heads = d_model, n_heads, head_dim, n_kv_heads
+        self.causal = bool(causal)
+        self.scale = head_dim**-0.5 if scale is None else float(scale)
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, **kw)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, **kw)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, **kw)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, **kw)
+        self.rotary = RotaryEmbedding(head_dim, rope_base) if rope else None
+
+    def _qkv(self, x: torch.Tensor, offset: int):
+        """``x [B, L, d_model]`` -> ``q [B, H, L, E]``, ``k, v [B, Hkv, L, E]`` (rotary at ``offset``)."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)        # [B, H, L, E]
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)     # [B, Hkv, L, E]
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)     # [B, Hkv, L, E]
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        return q, k, v
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B, H, L, E]`` -> ``[B, L, d_model]``."""
+        B, H, L, E = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, H * E))
+
+    def _check(self, x, state, key_padding_mask) -> None:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"{name}: x must be [batch, length, d_model={self.d_model}], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if state is not None and not isinstance(state, self.state_type):
+            raise TypeError(f"{name}: state must be a {self.state_type.__name__} or None, got {type(state).__name__}; "
+                            "states of one attention type cannot continue in the other")
+        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.shape != x.shape[:2]):
+            raise ValueError(f"{name}: key_padding_mask must be bool [batch, length] = {tuple(x.shape[:2])} "
+                             f"(True = ignore), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, n_kv_heads={self.n_kv_heads}, "
+                f"causal={self.causal}, rope={self.rotary is not None}")
+
+
+class SATAAttention(_Attention):
+    r"""Multi-head attention with symmetry-aware Taylor attention: constant cost per token.
+
+    .. math::
+        y_i = W_o \,\mathrm{concat}_h \frac{\sum_{j \le i} T_P(s_{ij}) v_j}{\sum_{j \le i} T_P(s_{ij})},
+        \qquad s_{ij} = \mathrm{scale}\; \mathrm{RoPE}_i(q_i) \cdot \mathrm{RoPE}_j(k_j)
+
+    Args:
+        d_model (int): model width.
+        n_heads (int): query heads ``H``.
+        head_dim (int, optional): ``E``. Default: ``d_model // n_heads``.
+        n_kv_heads (int, optional): key/value heads ``Hkv`` (grouped-query attention, divides ``H``).
+            Default: ``n_heads``.
+        n_taylor (int): Taylor terms ``P``. Default: ``3``. Each key/value head keeps a state of
+            ``D (E + 1)`` floats, ``D = C(E + P - 1, P - 1)``.
+        causal (bool): token ``i`` attends to tokens ``<= i`` (and the state). Default: ``True``.
+        rope (bool): rotary position embeddings at absolute positions ``state.n_tokens + t``.
+            Default: ``True``.
+        rope_base (float): Default: ``10000``.
+        scale (float, optional): score scale. Default: ``1 / sqrt(E)``.
+        bias (bool): biases in the projections. Default: ``False``.
+
+    Shapes:
+        ``x [B, L, d_model]`` -> ``y [B, L, d_model]``; state ``kv [B, Hkv, D, E + 1]``.
+    """
+
+    state_type = SATAState
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, n_kv_heads: int | None = None, *,
+                 n_taylor: int = 3, causal: bool = True, rope: bool = True, rope_base: float = 10000.0,
+                 scale: float | None = None, bias: bool = False, device=None, dtype=None):
+        super().__init__(d_model, n_heads, head_dim, n_kv_heads, causal=causal, rope=rope, rope_base=rope_base,
+                         scale=scale, bias=bias, device=device, dtype=dtype)
+        if not isinstance(n_taylor, int) or isinstance(n_taylor, bool) or n_taylor < 1:
+            raise ValueError(f"SATAAttention: n_taylor must be a positive int, got {n_taylor!r}")
+        self.n_taylor = n_taylor
+
+    def forward(self, x: torch.Tensor, state: SATAState | None = None, key_padding_mask: torch.Tensor | None = None,
+                *, return_state: bool = True) -> tuple[torch.Tensor, SATAState | None]:
+        """Attend over ``state`` (earlier tokens) and ``x``.
+
+        Args:
+            x (torch.Tensor): ``[B, L, d_model]``, the tokens at positions ``state.n_tokens + (0 .. L-1)``.
+            state (SATAState, optional): earlier tokens, ``kv [B, Hkv, D, E + 1]``; never modified.
+            key_padding_mask (torch.Tensor, optional): ``[B, L]`` bool, ``True`` = ignore that token as a key.
+            return_state (bool): build the state after ``x`` (costs nothing extra when causal).
+                Default: ``True``; training passes ``False``.
+
+        Returns:
+            ``(y [B, L, d_model], state after x or None)``.
+        """
+        self._check(x, state, key_padding_mask)
+        offset = 0 if state is None else state.n_tokens
+        q, k, v = self._qkv(x, offset)
+        out = sata_attention(q, k, v, n_taylor=self.n_taylor, is_causal=self.causal, scale=self.scale,
+                             enable_gqa=self.n_kv_heads != self.n_heads, key_padding_mask=key_padding_mask,
+                             state=state, return_state=return_state)
+        y, new_state = out if return_state else (out, None)                                  # [B, H, L, E]
+        return self._out(y), new_state
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", n_taylor={self.n_taylor}"
+
+
+class SoftmaxAttention(_Attention):
+    r"""Multi-head softmax attention (SDPA) with a :class:`KVCache`, same interface as :class:`SATAAttention`.
+
+    Args:
+        d_model, n_heads, head_dim, n_kv_heads, causal, rope, rope_base, scale, bias: as in
+            :class:`SATAAttention`.
+
+    Shapes:
+        ``x [B, L, d_model]`` -> ``y [B, L, d_model]``; cache ``2 x [B, Hkv, n_tokens, E]``.
+
+    Notes:
+        A query with no key to attend to (all masked) outputs 0, as in :class:`SATAAttention`
+        (SDPA alone would give NaN).
+    """
+
+    state_type = KVCache
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, n_kv_heads: int | None = None, *,
+                 causal: bool = True, rope: bool = True, rope_base: float = 10000.0, scale: float | None = None,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__(d_model, n_heads, head_dim, n_kv_heads, causal=causal, rope=rope, rope_base=rope_base,
+                         scale=scale, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None, key_padding_mask: torch.Tensor | None = None,
+                *, return_state: bool = True) -> tuple[torch.Tensor, KVCache | None]:
+        """Attend over ``state`` (cached keys/values) and ``x``; arguments as in :meth:`SATAAttention.forward`.
+
+        Returns:
+            ``(y [B, L, d_model], cache after x or None)``.
+        """
+        self._check(x, state, key_padding_mask)
+        B, L, _ = x.shape
+        offset = 0 if state is None else state.n_tokens
+        q, k, v = self._qkv(x, offset)
+        cache = None
+        if state is not None or return_state:
+            if state is None:
+                state = KVCache.empty(B, self.n_kv_heads, self.head_dim, dtype=k.dtype, device=k.device)
+            cache = state.append(k, v, key_padding_mask)
+            k, v, pad = cache.keys, cache.values, cache.padding                               # [B, Hkv, n+L, E], [B, n+L]
+        else:
+            pad = key_padding_mask
+        gqa = self.n_kv_heads != self.n_heads
+        Lk = k.shape[-2]
+        if pad is None and (not self.causal or offset == 0 or L == 1):
+            # fast paths: plain causal from position 0, or one new token that sees everything
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and L > 1, scale=self.scale,
+                                               enable_gqa=gqa)                                   # [B, H, L, E]
+            return self._out(y), cache
+        allowed = torch.ones(L, Lk, dtype=torch.bool, device=x.device)                          # [L, Lk]
+        if self.causal:
+            allowed = torch.ones(L, Lk, dtype=torch.bool, device=x.device).tril(Lk - L)       # key j <= offset + i
+        allowed = allowed[None, None].expand(B, 1, L, Lk)                                       # [B, 1, L, Lk]
+        if pad is not None:
+            allowed = allowed & ~pad[:, None, None, :]
+        empty = ~allowed.any(-1, keepdim=True)                                                  # [B, 1, L, 1]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=self.scale, enable_gqa=gqa)
+        y = y.masked_fill(empty, 0.0)                                                           # [B, H, L, E]
+        return self._out(y), cache
+
+
+ATTENTION_CLASSES: dict[str, type[_Attention]] = {"sata": SATAAttention, "softmax": SoftmaxAttention}

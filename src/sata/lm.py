@@ -1,0 +1,224 @@
+"""A small decoder-only language model whose attention is SATA or softmax (one config field).
+
+Pre-norm blocks (RMSNorm), SwiGLU or GELU MLP, tied input/output embeddings, byte-level
+vocabulary of 256 by default (no tokenizer). Saved as ``model.safetensors`` + ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ATTENTION_CLASSES
+
+__all__ = ["LMConfig", "TransformerLM"]
+
+_MODEL_TYPE = "sata-lm"
+_CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class LMConfig:
+    """Configuration of :class:`TransformerLM`.
+
+    Attributes:
+        vocab_size: tokens; 256 = raw bytes. Default: 256.
+        d_model: width. Default: 256.
+        n_layers: blocks. Default: 4.
+        n_heads: query heads. Default: 4.
+        head_dim: per head; ``None`` = ``d_model // n_heads``.
+        n_kv_heads: key/value heads (grouped-query attention); ``None`` = ``n_heads``.
+        attention: ``"sata"`` or ``"softmax"``. Default: ``"sata"``.
+        n_taylor: Taylor terms of SATA attention (ignored by softmax). Default: 3.
+        mlp: ``"swiglu"`` or ``"gelu"``. Default: ``"swiglu"``.
+        d_ff: MLP hidden width; ``None`` = ``8/3 d_model`` rounded up to 32 (swiglu) or ``4 d_model`` (gelu).
+        rope: rotary position embeddings. Default: True.
+        rope_base: Default: 10000.
+        norm_eps: RMSNorm epsilon. Default: 1e-5.
+        init_std: std of the normal initialisation. Default: 0.02.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: int | None = None
+    n_kv_heads: int | None = None
+    attention: str = "sata"
+    n_taylor: int = 3
+    mlp: str = "swiglu"
+    d_ff: int | None = None
+    rope: bool = True
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_CLASSES:
+            raise ValueError(f"LMConfig.attention must be one of {sorted(ATTENTION_CLASSES)}, got {self.attention!r}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"LMConfig.mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_taylor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LMConfig.{name} must be a positive int, got {value!r}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(f"LMConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def resolved_d_ff(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        return 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"model_type", "format_version"})
+        if unknown:
+            raise ValueError(f"LMConfig: unknown fields {unknown} (written by a newer sata?)")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class MLP(nn.Module):
+    """SwiGLU ``W_down (silu(W_gate x) * W_up x)`` or GELU ``W_down gelu(W_up x)``: ``[..., d] -> [..., d]``."""
+
+    def __init__(self, d_model: int, d_ff: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.up = nn.Linear(d_model, d_ff, bias=False)
+        self.gate = nn.Linear(d_model, d_ff, bias=False) if kind == "swiglu" else None
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.gate(x)) * self.up(x) if self.gate is not None else F.gelu(self.up(x))
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``."""
+
+    def __init__(self, c: LMConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        kw = dict(causal=True, rope=c.rope, rope_base=c.rope_base)
+        if c.attention == "sata":
+            kw["n_taylor"] = c.n_taylor
+        self.attn = ATTENTION_CLASSES[c.attention](c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, **kw)
+        self.mlp_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.mlp = MLP(c.d_model, c.resolved_d_ff, c.mlp)
+
+    def forward(self, x, state=None, key_padding_mask=None, return_state=False):
+        a, state = self.attn(self.attn_norm(x), state, key_padding_mask, return_state=return_state)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class TransformerLM(nn.Module):
+    r"""Decoder-only language model: embeddings, ``n_layers`` pre-norm blocks, RMSNorm, tied output.
+
+    ``forward(tokens [B, L], states=None) -> (logits [B, L, vocab], states)`` where ``states`` is
+    one attention state per layer (:class:`sata.SATAState` or :class:`sata.layers.KVCache`),
+    ``None`` for an empty context. Decoding one token at a time with the returned states gives
+    the same logits as a full forward pass.
+    """
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by ``1/sqrt(2 n_layers)`` (GPT-2)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down.weight")) else std
+                nn.init.normal_(p, 0.0, s)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:  # norm weights
+                nn.init.ones_(p)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, states: list | None = None, key_padding_mask: torch.Tensor | None = None,
+                *, return_states: bool = False) -> tuple[torch.Tensor, list | None]:
+        """Next-token logits.
+
+        Args:
+            tokens (torch.Tensor): ``[B, L]`` int64 in ``[0, vocab_size)``.
+            states (list, optional): per layer, the state after the earlier tokens (or ``None``).
+            key_padding_mask (torch.Tensor, optional): ``[B, L]`` bool, ``True`` = padding.
+            return_states (bool): return the states after ``tokens``. Default: ``False``.
+
+        Returns:
+            ``(logits [B, L, vocab_size] float32, states or None)``.
+        """
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise ValueError(f"TransformerLM: tokens must be an integer tensor [batch, length], got "
+                             f"{tokens.dtype} {tuple(tokens.shape)}")
+        if states is not None and len(states) != len(self.blocks):
+            raise ValueError(f"TransformerLM: states must hold one state per layer ({len(self.blocks)}), got {len(states)}")
+        x = self.embed(tokens.long())                                                     # [B, L, d]
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, None if states is None else states[i], key_padding_mask, return_states)
+            new_states.append(s)
+        logits = F.linear(self.norm(x), self.embed.weight)                                # [B, L, V]
+        return logits, (new_states if return_states else None)
+
+    def state_nbytes(self, states: list | None) -> int:
+        """Bytes held by ``states`` (constant for SATA; growing with the context for softmax)."""
+        return 0 if states is None else sum(s.nbytes for s in states if s is not None)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / _WEIGHTS_FILE), metadata={"format": "pt", "model_type": _MODEL_TYPE})
+        config = {"model_type": _MODEL_TYPE, "format_version": 1, **self.config.to_dict()}
+        (directory / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TransformerLM:
+        """Load a model written by :meth:`save_pretrained`."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / _CONFIG_FILE, directory / _WEIGHTS_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise FileNotFoundError(f"{directory} does not hold a sata model ({_CONFIG_FILE} and {_WEIGHTS_FILE}); "
+                                    "pass the output folder of `sata train` or its checkpoint folder")
+        raw = json.loads(cfg_path.read_text())
+        if raw.get("model_type") != _MODEL_TYPE:
+            raise ValueError(f"{cfg_path} is not a {_MODEL_TYPE} config (model_type={raw.get('model_type')!r})")
+        model = cls(LMConfig.from_dict(raw))
+        model.load_state_dict(load_file(str(w_path), device=str(map_location)))
+        return model.to(map_location)

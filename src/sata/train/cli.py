@@ -1,0 +1,78 @@
+"""Train a byte-level language model with SATA or softmax attention.
+
+Default data: the Python standard library's sources (fixed file-level train/validation split).
+Writes OUT/checkpoint (resumable), OUT/model (final weights: model.safetensors + config.json),
+OUT/log.csv, OUT/log.json and OUT/loss.png. Runs unchanged under
+``torchrun --nproc_per_node N -m sata.cli train ...`` (DistributedDataParallel; gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument("--attention", choices=["sata", "softmax"], default="sata", help="attention of every layer")
+    m.add_argument("--n-taylor", type=int, default=3, help="Taylor terms of SATA attention")
+    m.add_argument("--d-model", type=int, default=256, help="model width")
+    m.add_argument("--n-layers", type=int, default=4, help="transformer blocks")
+    m.add_argument("--n-heads", type=int, default=16, help="query heads")
+    m.add_argument("--head-dim", type=int, default=None, help="head size (default: d_model / n_heads)")
+    m.add_argument("--n-kv-heads", type=int, default=None, help="key/value heads, grouped-query (default: n_heads)")
+    m.add_argument("--no-rope", action="store_true", help="no rotary position embeddings")
+    t = p.add_argument_group("training")
+    t.add_argument("--data", nargs="*", default=[], help="text files or folders (default: the standard library's .py files)")
+    t.add_argument("--out", default="runs/sata", help="output folder")
+    t.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=16, help="global batch, windows per step")
+    t.add_argument("--seq-len", type=int, default=256, help="bytes per window")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (cosine)")
+    t.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices")
+    t.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (0 = off)")
+    t.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
+    t.add_argument("--eval-tokens", type=int, default=65536, help="validation bytes")
+    t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args):
+    from ..lm import LMConfig
+    from .loop import TrainConfig
+
+    model = LMConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, head_dim=args.head_dim,
+                     n_kv_heads=args.n_kv_heads, attention=args.attention, n_taylor=args.n_taylor,
+                     rope=not args.no_rope)
+    return TrainConfig(out=args.out, data=list(args.data), model=model, steps=args.steps, batch_size=args.batch_size,
+                       seq_len=args.seq_len, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+                       weight_decay=args.weight_decay, clip=args.clip, eval_every=args.eval_every,
+                       eval_tokens=args.eval_tokens, save_every=args.save_every, seed=args.seed)
+
+
+def main(args) -> int:
+    import torch
+
+    from .loop import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg, resume=args.resume, device=args.device, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sata train: {e}", file=sys.stderr)
+        return 2
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        bpb = result["final_val_bpb"]
+        print(f"{result['parameters']:,} parameters, {result['step']} steps; validation "
+              f"{'-' if bpb is None else f'{bpb:.4f}'} bits per byte; {result['out']}/model, log.csv, loss.png")
+    return 0

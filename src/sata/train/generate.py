@@ -1,0 +1,132 @@
+"""Stream text from a checkpoint written by ``sata train``, reporting time per token and memory.
+
+A SATA model carries one fixed-size state per layer, so time per token and resident memory
+stay flat however many tokens are generated; a softmax checkpoint carries a KV cache that grows
+with every token. Text goes to stdout, measurements to stderr (``--quiet`` prints only them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["GenerationStep", "generate", "sample_next", "resident_mib"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="folder with model.safetensors + config.json (OUT/model or OUT/checkpoint)")
+    p.add_argument("--prompt", default="def ", help="text to start from")
+    p.add_argument("--tokens", type=int, default=400, help="bytes to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-every", type=int, default=None,
+                   help="print time per token and resident memory every N tokens (default: tokens / 10)")
+    p.add_argument("--quiet", action="store_true", help="do not print the text, only the measurements")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from ``logits [B, V]`` -> ``[B]``; ``temperature=0`` is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature                                        # [B, V]
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]                         # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)              # [B, V]
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p                          # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)                                                   # [B, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationStep:
+    token: int
+    seconds: float
+    state_bytes: int
+
+
+@torch.no_grad()
+def generate(model, prompt: bytes, n_tokens: int, *, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0) -> Iterator[GenerationStep]:
+    """Yield ``n_tokens`` sampled bytes after ``prompt``, one model call per byte on the carried states."""
+    if not prompt:
+        raise ValueError("generate: the prompt must hold at least one byte")
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    tokens = torch.tensor(list(prompt), dtype=torch.long, device=dev)[None]      # [1, L]
+    logits, states = model(tokens, return_states=True)                            # [1, L, V]
+    last = logits[:, -1]                                                          # [1, V]
+    for _ in range(n_tokens):
+        t0 = time.perf_counter()
+        nxt = sample_next(last.cpu(), temperature=temperature, top_k=top_k, top_p=top_p, generator=g)  # [1]
+        logits, states = model(nxt.to(dev)[:, None], states, return_states=True)   # [1, 1, V]
+        last = logits[:, -1]
+        yield GenerationStep(int(nxt), time.perf_counter() - t0, model.state_nbytes(states))
+
+
+def resident_mib() -> float:
+    """Resident set size of this process in MiB (Linux /proc; elsewhere the peak from ``resource``)."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(args) -> int:
+    from ..lm import TransformerLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tokens < 1:
+        print("sata generate: --tokens must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        model = TransformerLM.from_pretrained(args.checkpoint).eval()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"sata generate: {e}", file=sys.stderr)
+        return 2
+    c = model.config
+    every = args.report_every or max(1, args.tokens // 10)
+    print(f"# {c.attention}{f' P={c.n_taylor}' if c.attention == 'sata' else ''}, {c.n_heads} heads of "
+          f"{c.resolved_head_dim}, {model.num_parameters():,} parameters; {args.tokens:,} tokens", file=sys.stderr)
+    print(f"# {'tokens':>9} {'ms/token':>9} {'tokens/s':>9} {'state MiB':>10} {'RSS MiB':>8}", file=sys.stderr)
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if not args.quiet:
+        sys.stdout.write(args.prompt)
+    window: list[float] = []
+    t_start = time.perf_counter()
+    for i, step in enumerate(generate(model, args.prompt.encode(), args.tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed), 1):
+        if not args.quiet:
+            sys.stdout.write(dec.decode(bytes([step.token])))
+            sys.stdout.flush()
+        window.append(step.seconds)
+        if i % every == 0 or i == args.tokens:
+            ms = 1e3 * statistics.median(window)
+            if not args.quiet:
+                sys.stdout.write("\n")
+            print(f"# {i:>9,} {ms:>9.3f} {1e3 / ms:>9,.0f} {step.state_bytes / 2**20:>10.2f} {resident_mib():>8.0f}",
+                  file=sys.stderr, flush=True)
+            window = []
+    total = time.perf_counter() - t_start
+    print(f"# {args.tokens:,} tokens in {total:.1f} s: {args.tokens / total:,.0f} tokens/s", file=sys.stderr)
+    return 0

@@ -1,0 +1,212 @@
+"""`sata train` / `sata generate`: exact resume, distributed == single process, data, sampling, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sata.cli import main as cli_main
+from sata.lm import LMConfig, TransformerLM
+from sata.train.data import load_corpus
+from sata.train.generate import generate, sample_next
+from sata.train.loop import TrainConfig, lr_factor, train
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory) -> Path:
+    """A small corpus of real text: this package's own sources."""
+    d = tmp_path_factory.mktemp("corpus")
+    for f in sorted((Path(SRC) / "sata").rglob("*.py")):
+        (d / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    return d
+
+
+def _tiny(out, data, attention="sata", **kw) -> TrainConfig:
+    model = LMConfig(d_model=32, n_layers=2, n_heads=4, attention=attention, n_taylor=3)
+    base = dict(out=str(out), data=[str(data)], model=model, steps=6, batch_size=4, seq_len=32, warmup=2,
+                eval_every=3, eval_tokens=512, save_every=2, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _params(out) -> dict:
+    return TransformerLM.from_pretrained(Path(out) / "checkpoint").state_dict()
+
+
+# ---------------------------------------------------------------------------- data
+class TestData:
+    def test_split_is_by_file_and_deterministic(self, text_dir):
+        a, b = load_corpus([str(text_dir)]), load_corpus([str(text_dir)])
+        assert torch.equal(a.train, b.train) and torch.equal(a.validation, b.validation)
+        assert a.n_files[0] > 0 and a.n_files[1] > 0
+        # every validation file is absent from the training stream
+        val_files = bytes(a.validation.tolist()).split(b"\0")
+        assert all(f not in bytes(a.train.tolist()) for f in val_files if len(f) > 200)
+
+    def test_batch_is_a_function_of_the_step_and_ranks_partition_it(self, text_dir):
+        c = load_corpus([str(text_dir)])
+        x, y = c.batch(5, 8, 16, seed=1)
+        assert torch.equal(x, c.batch(5, 8, 16, seed=1)[0]) and not torch.equal(x, c.batch(6, 8, 16, seed=1)[0])
+        assert torch.equal(x[:, 1:], y[:, :-1])                            # targets are the next bytes
+        parts = [c.batch(5, 8, 16, seed=1, rank=r, world=2)[0] for r in range(2)]
+        assert torch.equal(torch.stack(parts, 1).flatten(0, 1), x)
+
+    def test_default_corpus_is_the_standard_library(self):
+        c = load_corpus(max_bytes=2_000_000)
+        assert "standard library" in c.describe() and c.train.numel() > 1_000_000
+
+    def test_too_little_text_is_refused(self, tmp_path):
+        (tmp_path / "a.txt").write_text("hi")
+        with pytest.raises(ValueError, match="too little text"):
+            load_corpus([str(tmp_path)])
+
+    def test_missing_path(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="no such file or folder"):
+            load_corpus([str(tmp_path / "nope")])
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg) for s in range(100)]
+    assert all(a < b for a, b in zip(f[:10], f[1:11]))
+    assert max(f) == pytest.approx(1.0) and f[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+# ---------------------------------------------------------------------------- training
+class TestTraining:
+    @pytest.mark.parametrize("attention", ["sata", "softmax"])
+    def test_resume_after_interruption_is_bit_identical(self, tmp_path, text_dir, attention):
+        straight = train(_tiny(tmp_path / "a", text_dir, attention), progress=False)
+        cfg = _tiny(tmp_path / "b", text_dir, attention)
+        first = train(cfg, progress=False, stop_after=3)                   # "interrupted" after step 3
+        assert first["step"] == 3
+        resumed = train(cfg, resume=True, progress=False)
+        pa, pb = _params(tmp_path / "a"), _params(tmp_path / "b")
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), k
+        la = [r["loss"] for r in straight["rows"]]
+        lb = [r["loss"] for r in resumed["rows"]]
+        assert la == lb and len(la) == 6
+
+    def test_learns(self, tmp_path, text_dir):
+        res = train(_tiny(tmp_path, text_dir, steps=30, eval_every=30, lr=1e-2), progress=False)
+        rows = res["rows"]
+        assert rows[-1]["loss"] < rows[0]["loss"] - 1.5                   # from ~ln 256 = 5.5
+        assert res["final_val_bpb"] < 6.0
+        for name in ("log.csv", "log.json", "loss.png", "model/model.safetensors", "checkpoint/trainer.pt"):
+            assert (tmp_path / name).is_file(), name
+
+    def test_resume_with_other_settings_is_refused(self, tmp_path, text_dir):
+        train(_tiny(tmp_path, text_dir, steps=2), progress=False)
+        with pytest.raises(ValueError, match="different settings.*lr"):
+            train(_tiny(tmp_path, text_dir, steps=2, lr=1e-3), resume=True, progress=False)
+
+    def test_resume_without_checkpoint(self, tmp_path, text_dir):
+        with pytest.raises(FileNotFoundError, match="no checkpoint"):
+            train(_tiny(tmp_path, text_dir), resume=True, progress=False)
+
+    def test_batch_not_divisible_by_processes(self, tmp_path, text_dir, monkeypatch):
+        cfg = _tiny(tmp_path, text_dir, batch_size=3)
+        with pytest.raises(ValueError, match="not divisible by the 2 processes"):
+            cfg.check(world=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, text_dir):
+    """Two DDP processes (gloo) with half the batch each follow the single-process loss curve."""
+    args = ["train", "--data", str(text_dir), "--d-model", "32", "--n-layers", "2", "--n-heads", "4",
+            "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--warmup", "1", "--eval-every", "2",
+            "--eval-tokens", "512", "--save-every", "4", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "sata.cli", *args, "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert cli_main([*args, "--out", str(tmp_path / "one")]) == 0
+    logs = {k: json.loads((tmp_path / k / "log.json").read_text()) for k in ("ddp", "one")}
+    assert logs["ddp"]["world_size"] == 2 and logs["one"]["world_size"] == 1
+    for a, b in zip(logs["ddp"]["rows"], logs["one"]["rows"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        if "val_bpb" in b:
+            assert a["val_bpb"] == pytest.approx(b["val_bpb"], rel=1e-5)
+    pa, pb = _params(tmp_path / "ddp"), _params(tmp_path / "one")
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- generation
+class TestGeneration:
+    def test_greedy_generation_equals_argmax_of_full_recomputation(self):
+        torch.manual_seed(0)
+        m = TransformerLM(LMConfig(d_model=32, n_layers=2, n_heads=4)).double().eval()
+        toks = [s.token for s in generate(m, b"def f", 12, temperature=0)]
+        seq = list(b"def f")
+        for t in toks:
+            with torch.no_grad():
+                logits, _ = m(torch.tensor([seq]))
+            assert int(logits[0, -1].argmax()) == t
+            seq.append(t)
+
+    def test_sata_state_stays_constant_softmax_cache_grows(self):
+        torch.manual_seed(0)
+        sizes = {}
+        for attention in ("sata", "softmax"):
+            m = TransformerLM(LMConfig(d_model=32, n_layers=2, n_heads=4, attention=attention)).eval()
+            steps = list(generate(m, b"x", 300, seed=1))
+            sizes[attention] = (steps[0].state_bytes, steps[-1].state_bytes)
+        assert sizes["sata"][0] == sizes["sata"][1]
+        assert sizes["softmax"][1] > 8 * sizes["softmax"][0]
+
+    def test_sampling_options(self):
+        logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.0]]).repeat(2000, 1)
+        g = torch.Generator().manual_seed(0)
+        assert sample_next(logits[:1], temperature=0).item() == 3
+        top2 = sample_next(logits, top_k=2, generator=g)
+        assert set(top2.tolist()) == {2, 3}
+        # top-p 0.6 keeps {3} (p=0.64) only
+        assert set(sample_next(logits, top_p=0.6, generator=g).tolist()) == {3}
+        assert set(sample_next(logits, top_p=0.85, generator=g).tolist()) == {2, 3}    # 0.64 + 0.23
+        same = [sample_next(logits[:50], generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+        assert torch.equal(*same)
+
+
+# ---------------------------------------------------------------------------- command line
+def test_cli_train_then_generate(tmp_path, text_dir, capsys):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--data", str(text_dir), "--out", str(out), "--d-model", "32", "--n-layers", "1",
+                     "--n-heads", "4", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
+                     "--eval-tokens", "256", "--no-progress"]) == 0
+    assert "bits per byte" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and rows[-1]["val_bpb"]
+    assert cli_main(["generate", str(out / "model"), "--tokens", "40", "--report-every", "20", "--prompt", "import "]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("import ")
+    assert "ms/token" in cap.err and "tokens/s" in cap.err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--steps", "0"], "--steps must be a positive integer"),
+    (["train", "--data", "/nonexistent/corpus"], "no such file or folder"),
+    (["generate", "/nonexistent/model"], "does not hold a sata model"),
+], ids=["steps", "data", "checkpoint"])
+def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):
+    if argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path)]
+    assert cli_main(argv) == 2
+    assert match in capsys.readouterr().err
