@@ -59,6 +59,12 @@ def config_from_args(args):
 def main(args) -> int:
     import torch
 
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        print("sata train needs safetensors (checkpoints), tqdm and matplotlib: pip install 'sata-attention[train]'",
+              file=sys.stderr)
+        return 2
     from .loop import train
 
     if args.threads:
