@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sata
-from sata.layers import KVCache, RotaryEmbedding, SATAAttention, SoftmaxAttention
+from sata.layers import KVCache, RotaryEmbedding, SATAAttention, ShortConv, SoftmaxAttention
 from sata.lm import LMConfig, TransformerLM
 
 GEOMETRIES = [  # (d_model, n_heads, head_dim, n_kv_heads)
@@ -258,3 +258,56 @@ def test_layer_in_half_precision_keeps_float32_state():
     y, st = layer(torch.randn(1, 5, 32, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and st.kv.dtype == torch.float32
     assert torch.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------- short convolution
+class TestShortConv:
+    def test_matches_a_written_out_causal_convolution_and_streams(self):
+        torch.manual_seed(0)
+        conv = ShortConv(3, 4).double()
+        with torch.no_grad():
+            conv.weight.normal_()
+        x = torch.randn(2, 9, 3, dtype=torch.float64)
+        y, tail = conv(x)
+        w = conv.weight[:, 0]                                           # [C, K]
+        ref = torch.zeros_like(x)
+        for t in range(9):
+            for j in range(4):
+                if t - 3 + j >= 0:
+                    ref[:, t] += w[:, j] * x[:, t - 3 + j]
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        y1, st = conv(x[:, :5])
+        y2, st = conv(x[:, 5:6], st)
+        y3, st = conv(x[:, 6:], st)
+        torch.testing.assert_close(torch.cat([y1, y2, y3], 1), y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(st, tail, rtol=0, atol=0)
+
+    def test_starts_as_the_identity(self):
+        x = torch.randn(1, 5, 3)
+        assert torch.equal(ShortConv(3, 4)(x)[0], x)
+        m = TransformerLM(LMConfig(d_model=32, n_layers=1, n_heads=4, short_conv=4))
+        assert torch.equal(m.blocks[0].conv.weight[:, 0, -1], torch.ones(32))
+        assert m.blocks[0].conv.weight[:, 0, :-1].abs().sum() == 0
+
+    @pytest.mark.parametrize("attention", ["sata", "softmax"])
+    def test_lm_with_short_conv_decodes_like_a_full_pass(self, attention):
+        torch.manual_seed(0)
+        m = TransformerLM(LMConfig(d_model=32, n_layers=2, n_heads=4, attention=attention, short_conv=4)).double()
+        with torch.no_grad():
+            for b in m.blocks:
+                b.conv.weight.normal_()
+        t = torch.randint(0, 256, (2, 16))
+        full, _ = m(t)
+        logits, st = m(t[:, :2], return_states=True)                    # shorter than the kernel
+        outs = [logits]
+        for i in range(2, 16):
+            logits, st = m(t[:, i:i + 1], st, return_states=True)
+            outs.append(logits)
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-11)
+        assert m.state_nbytes(st) > 0
+
+    def test_bad_kernel_and_state(self):
+        with pytest.raises(ValueError, match="short_conv must be 0"):
+            LMConfig(short_conv=1)
+        with pytest.raises(ValueError, match="state must be \\[batch, kernel_size - 1, channels\\]"):
+            ShortConv(3, 4)(torch.randn(1, 2, 3), torch.zeros(1, 2, 3))

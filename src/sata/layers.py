@@ -28,7 +28,7 @@ from torch import nn
 from .ops import sata_attention
 from .state import SATAState
 
-__all__ = ["KVCache", "RotaryEmbedding", "SATAAttention", "SoftmaxAttention", "ATTENTION_CLASSES"]
+__all__ = ["KVCache", "RotaryEmbedding", "SATAAttention", "ShortConv", "SoftmaxAttention", "ATTENTION_CLASSES"]
 
 
 # ---------------------------------------------------------------------------- rotary embeddings
@@ -61,6 +61,47 @@ class RotaryEmbedding(nn.Module):
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)                            # [L, E/2]
         x1, x2 = x[..., : self.head_dim // 2], x[..., self.head_dim // 2 :]                  # [..., L, E/2]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)                # [..., L, E]
+
+
+# ---------------------------------------------------------------------------- short convolution
+class ShortConv(nn.Module):
+    r"""Causal depthwise convolution over the last ``kernel_size`` tokens, with an explicit state.
+
+    .. math:: y_t = \sum_{j<K} w_{c,j}\, x_{t-K+1+j}
+
+    The local token mixing that linear-attention models (H3, Based, Mamba, fla's layers) put before
+    their feature maps: it gives every position exact access to its neighbours, which a
+    constant-size attention state approximates poorly. Its state is the last ``K - 1`` inputs, so
+    the cost per token stays constant. Initialised as the identity (``w_{c,K-1} = 1``).
+
+    Args:
+        channels (int): ``C``.
+        kernel_size (int): ``K >= 2``. Default: ``4``.
+
+    Shapes:
+        ``x [B, L, C]``, state ``[B, K - 1, C]`` (``None`` = zeros: the start of a sequence).
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 2:
+            raise ValueError(f"ShortConv: kernel_size must be an int >= 2, got {kernel_size!r}")
+        self.kernel_size = kernel_size
+        weight = torch.zeros(channels, 1, kernel_size, device=device, dtype=dtype)
+        weight[:, 0, -1] = 1.0
+        self.weight = nn.Parameter(weight)                                                   # [C, 1, K]
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [B, L, C]`` after ``state [B, K-1, C]`` -> ``(y [B, L, C], state after x [B, K-1, C])``."""
+        B, L, C = x.shape
+        if state is None:
+            state = x.new_zeros(B, self.kernel_size - 1, C)
+        elif state.shape != (B, self.kernel_size - 1, C):
+            raise ValueError(f"ShortConv: state must be [batch, kernel_size - 1, channels] = "
+                             f"{(B, self.kernel_size - 1, C)}, got {tuple(state.shape)}")
+        xx = torch.cat([state.to(x.dtype), x], dim=1)                                        # [B, K-1+L, C]
+        y = F.conv1d(xx.transpose(1, 2), self.weight, groups=C)                              # [B, C, L]
+        return y.transpose(1, 2), xx[:, L:]                                                  # [B, L, C], [B, K-1, C]
 
 
 # ---------------------------------------------------------------------------- KV cache

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ATTENTION_CLASSES
+from .layers import ATTENTION_CLASSES, ShortConv
 
 __all__ = ["LMConfig", "TransformerLM"]
 
@@ -41,6 +41,9 @@ class LMConfig:
         mlp: ``"swiglu"`` or ``"gelu"``. Default: ``"swiglu"``.
         d_ff: MLP hidden width; ``None`` = ``8/3 d_model`` rounded up to 32 (swiglu) or ``4 d_model`` (gelu).
         rope: rotary position embeddings. Default: True.
+        short_conv: kernel of a causal depthwise convolution on the attention input (the local
+            mixing of linear-attention models; state = the last ``short_conv - 1`` inputs);
+            0 = none. Default: 0.
         rope_base: Default: 10000.
         norm_eps: RMSNorm epsilon. Default: 1e-5.
         init_std: std of the normal initialisation. Default: 0.02.
@@ -57,6 +60,7 @@ class LMConfig:
     mlp: str = "swiglu"
     d_ff: int | None = None
     rope: bool = True
+    short_conv: int = 0
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -70,6 +74,8 @@ class LMConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LMConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.short_conv, int) or self.short_conv < 0 or self.short_conv == 1:
+            raise ValueError(f"LMConfig.short_conv must be 0 (none) or a kernel size >= 2, got {self.short_conv!r}")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"LMConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
 
@@ -122,11 +128,20 @@ class Block(nn.Module):
         if c.attention == "sata":
             kw["n_taylor"] = c.n_taylor
         self.attn = ATTENTION_CLASSES[c.attention](c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, **kw)
+        self.conv = ShortConv(c.d_model, c.short_conv) if c.short_conv else None
         self.mlp_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.mlp = MLP(c.d_model, c.resolved_d_ff, c.mlp)
 
     def forward(self, x, state=None, key_padding_mask=None, return_state=False):
-        a, state = self.attn(self.attn_norm(x), state, key_padding_mask, return_state=return_state)
+        """State: the attention's, or ``(attention state, convolution state)`` with a short convolution."""
+        h = self.attn_norm(x)                                                             # [B, L, d]
+        if self.conv is not None:
+            attn_state, conv_state = (None, None) if state is None else state
+            h, conv_state = self.conv(h, conv_state)
+            a, attn_state = self.attn(h, attn_state, key_padding_mask, return_state=return_state)
+            state = (attn_state, conv_state) if return_state else None
+        else:
+            a, state = self.attn(h, state, key_padding_mask, return_state=return_state)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -157,6 +172,9 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(p, 0.0, s)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+            elif name.endswith("conv.weight"):  # the identity: the block starts as one without it
+                with torch.no_grad():
+                    p.zero_()[:, 0, -1] = 1.0
             else:  # norm weights
                 nn.init.ones_(p)
 
@@ -191,7 +209,14 @@ class TransformerLM(nn.Module):
 
     def state_nbytes(self, states: list | None) -> int:
         """Bytes held by ``states`` (constant for SATA; growing with the context for softmax)."""
-        return 0 if states is None else sum(s.nbytes for s in states if s is not None)
+        def nbytes(s) -> int:
+            if isinstance(s, tuple):
+                return sum(nbytes(t) for t in s)
+            if isinstance(s, torch.Tensor):
+                return s.numel() * s.element_size()
+            return 0 if s is None else s.nbytes
+
+        return 0 if states is None else sum(nbytes(s) for s in states)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

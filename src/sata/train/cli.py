@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--head-dim", type=int, default=None, help="head size (default: d_model / n_heads)")
     m.add_argument("--n-kv-heads", type=int, default=None, help="key/value heads, grouped-query (default: n_heads)")
     m.add_argument("--no-rope", action="store_true", help="no rotary position embeddings")
+    m.add_argument("--short-conv", type=int, default=0,
+                   help="kernel of a causal depthwise convolution before attention (0 = none)")
     t = p.add_argument_group("training")
     t.add_argument("--data", nargs="*", default=[], help="text files or folders (default: the standard library's .py files)")
     t.add_argument("--out", default="runs/sata", help="output folder")
@@ -49,7 +51,7 @@ def config_from_args(args):
 
     model = LMConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, head_dim=args.head_dim,
                      n_kv_heads=args.n_kv_heads, attention=args.attention, n_taylor=args.n_taylor,
-                     rope=not args.no_rope)
+                     rope=not args.no_rope, short_conv=args.short_conv)
     return TrainConfig(out=args.out, data=list(args.data), model=model, steps=args.steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
                        weight_decay=args.weight_decay, clip=args.clip, eval_every=args.eval_every,
