@@ -311,3 +311,49 @@ class TestShortConv:
             LMConfig(short_conv=1)
         with pytest.raises(ValueError, match="state must be \\[batch, kernel_size - 1, channels\\]"):
             ShortConv(3, 4)(torch.randn(1, 2, 3), torch.zeros(1, 2, 3))
+
+
+# ---------------------------------------------------------------------------- sliding window / hybrid
+class TestSlidingWindow:
+    def test_window_matches_banded_softmax_and_streams_with_a_bounded_cache(self):
+        layer = _layer(SoftmaxAttention, (32, 4, 8, 2), window=5)
+        x = torch.randn(2, 23, 32, dtype=torch.float64)
+        full, _ = layer(x, return_state=False)
+        ref_layer = _layer(SoftmaxAttention, (32, 4, 8, 2))             # same weights, no window
+        ys = []
+        for t in range(23):                                             # reference: each token alone over its window
+            lo = max(0, t - 4)
+            y, _ = ref_layer(x[:, lo:t + 1])                            # rotary is relative: positions shift freely
+            ys.append(y[:, -1:])
+        torch.testing.assert_close(full, torch.cat(ys, 1), rtol=1e-10, atol=1e-12)
+        y1, st = layer(x[:, :7])
+        outs = [y1]
+        for t in range(7, 23):
+            yt, st = layer(x[:, t:t + 1], st)
+            outs.append(yt)
+            assert st.n_stored <= 10
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-12)
+        assert st.n_tokens == 23
+
+    def test_hybrid_lm_decodes_like_a_full_pass_with_constant_state(self):
+        torch.manual_seed(0)
+        cfg = LMConfig(d_model=32, n_layers=3, n_heads=4, attention="sata", local_layers=[0, 2], local_window=6,
+                       short_conv=3)
+        m = TransformerLM(cfg).double()
+        assert isinstance(m.blocks[0].attn, SoftmaxAttention) and isinstance(m.blocks[1].attn, SATAAttention)
+        t = torch.randint(0, 256, (1, 40))
+        full, _ = m(t)
+        logits, st = m(t[:, :9], return_states=True)
+        outs, sizes = [logits], []
+        for i in range(9, 40):
+            logits, st = m(t[:, i:i + 1], st, return_states=True)
+            outs.append(logits)
+            sizes.append(m.state_nbytes(st))
+        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-11)
+        assert max(sizes[10:]) <= max(sizes[:10])                      # bounded: no growth with the context
+
+    def test_bad_window(self):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            SoftmaxAttention(32, 4, window=0)
+        with pytest.raises(ValueError, match="local_layers must be layer indices"):
+            LMConfig(n_layers=2, local_layers=[2])

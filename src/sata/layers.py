@@ -123,12 +123,15 @@ class KVCache:
         value_buffer (torch.Tensor): ``[B, Hkv, capacity, Ev]``.
         pad_buffer (torch.Tensor): ``[B, capacity]`` bool, ``True`` = a padded key to ignore.
         n_tokens (int): positions seen so far (padded positions included).
+        start (int): absolute position of buffer slot 0: a sliding-window layer drops keys older
+            than its window (:meth:`keep_last`), so the cache holds positions ``start .. n_tokens - 1``.
     """
 
     key_buffer: torch.Tensor
     value_buffer: torch.Tensor
     pad_buffer: torch.Tensor
     n_tokens: int = 0
+    start: int = 0
     # how far the shared buffers are filled, by any cache that shares them
     _tip: list = field(default_factory=lambda: [0], repr=False)
 
@@ -144,19 +147,31 @@ class KVCache:
         )
 
     @property
+    def n_stored(self) -> int:
+        """Positions held: ``n_tokens - start``."""
+        return self.n_tokens - self.start
+
+    @property
     def keys(self) -> torch.Tensor:
-        """``[B, Hkv, n_tokens, E]``."""
-        return self.key_buffer[:, :, : self.n_tokens]
+        """``[B, Hkv, n_stored, E]``."""
+        return self.key_buffer[:, :, : self.n_stored]
 
     @property
     def values(self) -> torch.Tensor:
-        """``[B, Hkv, n_tokens, Ev]``."""
-        return self.value_buffer[:, :, : self.n_tokens]
+        """``[B, Hkv, n_stored, Ev]``."""
+        return self.value_buffer[:, :, : self.n_stored]
 
     @property
     def padding(self) -> torch.Tensor:
-        """``[B, n_tokens]`` bool, ``True`` = ignore."""
-        return self.pad_buffer[:, : self.n_tokens]
+        """``[B, n_stored]`` bool, ``True`` = ignore."""
+        return self.pad_buffer[:, : self.n_stored]
+
+    def keep_last(self, n: int) -> KVCache:
+        """A compact copy holding only the last ``n`` positions (``start`` moves forward)."""
+        if self.n_stored <= n:
+            return self
+        return KVCache(self.keys[:, :, -n:].clone(), self.values[:, :, -n:].clone(), self.padding[:, -n:].clone(),
+                       self.n_tokens, self.n_tokens - n, [n])
 
     @property
     def capacity(self) -> int:
@@ -182,12 +197,12 @@ class KVCache:
                 f"{self.value_buffer.shape[-1]}"
             )
         pad = torch.zeros(B, L, dtype=torch.bool, device=key.device) if key_padding_mask is None else key_padding_mask
-        n, new_n = self.n_tokens, self.n_tokens + L
+        n, new_n = self.n_stored, self.n_stored + L          # buffer slots
         key, value = key.to(self.key_buffer.dtype), value.to(self.value_buffer.dtype)
         if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad or self.key_buffer.requires_grad):
             # autograd: no in-place writes, the cache is exactly the concatenation
             return KVCache(torch.cat([self.keys, key], 2), torch.cat([self.values, value], 2),
-                           torch.cat([self.padding, pad], 1), new_n, [new_n])
+                           torch.cat([self.padding, pad], 1), self.n_tokens + L, self.start, [new_n])
         if self._tip[0] == n and new_n <= self.capacity:
             kb, vb, pb, tip = self.key_buffer, self.value_buffer, self.pad_buffer, self._tip
         else:  # grow (doubling) or fork from an older cache
@@ -199,7 +214,7 @@ class KVCache:
             tip = [n]
         kb[:, :, n:new_n], vb[:, :, n:new_n], pb[:, n:new_n] = key, value, pad
         tip[0] = new_n
-        return KVCache(kb, vb, pb, new_n, tip)
+        return KVCache(kb, vb, pb, self.n_tokens + L, self.start, tip)
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.key_buffer.shape[0]}, n_heads={self.n_heads}, d_key={self.key_buffer.shape[-1]}, "
@@ -340,9 +355,12 @@ class SoftmaxAttention(_Attention):
     Args:
         d_model, n_heads, head_dim, n_kv_heads, causal, rope, rope_base, scale, bias: as in
             :class:`SATAAttention`.
+        window (int, optional): sliding-window attention: token ``i`` attends to tokens
+            ``i - window + 1 .. i`` only (causal), and the cache keeps at most ``2 window``
+            positions, so memory and time per token stay constant. Default: ``None`` (all tokens).
 
     Shapes:
-        ``x [B, L, d_model]`` -> ``y [B, L, d_model]``; cache ``2 x [B, Hkv, n_tokens, E]``.
+        ``x [B, L, d_model]`` -> ``y [B, L, d_model]``; cache ``2 x [B, Hkv, n_stored, E]``.
 
     Notes:
         A query with no key to attend to (all masked) outputs 0, as in :class:`SATAAttention`
@@ -353,9 +371,12 @@ class SoftmaxAttention(_Attention):
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, n_kv_heads: int | None = None, *,
                  causal: bool = True, rope: bool = True, rope_base: float = 10000.0, scale: float | None = None,
-                 bias: bool = False, device=None, dtype=None):
+                 bias: bool = False, window: int | None = None, device=None, dtype=None):
         super().__init__(d_model, n_heads, head_dim, n_kv_heads, causal=causal, rope=rope, rope_base=rope_base,
                          scale=scale, bias=bias, device=device, dtype=dtype)
+        if window is not None and (not isinstance(window, int) or window < 1 or not causal):
+            raise ValueError(f"SoftmaxAttention: window must be a positive int with causal=True, got {window!r}")
+        self.window = window
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None, key_padding_mask: torch.Tensor | None = None,
                 *, return_state: bool = True) -> tuple[torch.Tensor, KVCache | None]:
@@ -368,24 +389,31 @@ class SoftmaxAttention(_Attention):
         B, L, _ = x.shape
         offset = 0 if state is None else state.n_tokens
         q, k, v = self._qkv(x, offset)
-        cache = None
+        cache, first = None, offset                     # first: absolute position of the first key attended
         if state is not None or return_state:
             if state is None:
                 state = KVCache.empty(B, self.n_kv_heads, self.head_dim, dtype=k.dtype, device=k.device)
             cache = state.append(k, v, key_padding_mask)
-            k, v, pad = cache.keys, cache.values, cache.padding                               # [B, Hkv, n+L, E], [B, n+L]
+            k, v, pad, first = cache.keys, cache.values, cache.padding, cache.start    # [B, Hkv, n, E], [B, n]
+            if self.window is not None and cache.n_stored > 2 * self.window:
+                cache = cache.keep_last(self.window)    # amortised: a copy every `window` tokens
         else:
             pad = key_padding_mask
         gqa = self.n_kv_heads != self.n_heads
         Lk = k.shape[-2]
-        if pad is None and (not self.causal or offset == 0 or L == 1):
-            # fast paths: plain causal from position 0, or one new token that sees everything
+        windowed = self.window is not None and offset + L - first > self.window
+        if pad is None and not windowed and (not self.causal or offset == first or L == 1):
+            # fast paths: plain causal over every key, or one new token that sees every key held
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and L > 1, scale=self.scale,
                                                enable_gqa=gqa)                                   # [B, H, L, E]
             return self._out(y), cache
         allowed = torch.ones(L, Lk, dtype=torch.bool, device=x.device)                          # [L, Lk]
         if self.causal:
-            allowed = torch.ones(L, Lk, dtype=torch.bool, device=x.device).tril(Lk - L)       # key j <= offset + i
+            qpos = torch.arange(offset, offset + L, device=x.device)[:, None]                   # [L, 1]
+            kpos = torch.arange(first, first + Lk, device=x.device)[None, :]                     # [1, Lk]
+            allowed = kpos <= qpos
+            if self.window is not None:
+                allowed = allowed & (kpos > qpos - self.window)
         allowed = allowed[None, None].expand(B, 1, L, Lk)                                       # [B, 1, L, Lk]
         if pad is not None:
             allowed = allowed & ~pad[:, None, None, :]
@@ -393,6 +421,9 @@ class SoftmaxAttention(_Attention):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=self.scale, enable_gqa=gqa)
         y = y.masked_fill(empty, 0.0)                                                           # [B, H, L, E]
         return self._out(y), cache
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.window is None else f", window={self.window}")
 
 
 ATTENTION_CLASSES: dict[str, type[_Attention]] = {"sata": SATAAttention, "softmax": SoftmaxAttention}

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ATTENTION_CLASSES, ShortConv
+from .layers import ATTENTION_CLASSES, ShortConv, SoftmaxAttention
 
 __all__ = ["LMConfig", "TransformerLM"]
 
@@ -44,6 +44,10 @@ class LMConfig:
         short_conv: kernel of a causal depthwise convolution on the attention input (the local
             mixing of linear-attention models; state = the last ``short_conv - 1`` inputs);
             0 = none. Default: 0.
+        local_layers: indices of layers that use sliding-window softmax attention over the last
+            ``local_window`` tokens instead of ``attention`` (a hybrid, as in Based: exact local
+            attention plus a constant-size global state; cost per token stays constant). Default: none.
+        local_window: window of those layers. Default: 64.
         rope_base: Default: 10000.
         norm_eps: RMSNorm epsilon. Default: 1e-5.
         init_std: std of the normal initialisation. Default: 0.02.
@@ -61,6 +65,8 @@ class LMConfig:
     d_ff: int | None = None
     rope: bool = True
     short_conv: int = 0
+    local_layers: list[int] = field(default_factory=list)
+    local_window: int = 64
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -76,6 +82,11 @@ class LMConfig:
                 raise ValueError(f"LMConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.short_conv, int) or self.short_conv < 0 or self.short_conv == 1:
             raise ValueError(f"LMConfig.short_conv must be 0 (none) or a kernel size >= 2, got {self.short_conv!r}")
+        self.local_layers = sorted(set(self.local_layers))
+        if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.local_layers):
+            raise ValueError(f"LMConfig.local_layers must be layer indices in [0, {self.n_layers}), got {self.local_layers}")
+        if not isinstance(self.local_window, int) or self.local_window < 1:
+            raise ValueError(f"LMConfig.local_window must be a positive int, got {self.local_window!r}")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"LMConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
 
@@ -121,13 +132,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``."""
 
-    def __init__(self, c: LMConfig):
+    def __init__(self, c: LMConfig, index: int = 0):
         super().__init__()
         self.attn_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         kw = dict(causal=True, rope=c.rope, rope_base=c.rope_base)
-        if c.attention == "sata":
-            kw["n_taylor"] = c.n_taylor
-        self.attn = ATTENTION_CLASSES[c.attention](c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, **kw)
+        if index in c.local_layers:
+            self.attn = SoftmaxAttention(c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, window=c.local_window, **kw)
+        else:
+            if c.attention == "sata":
+                kw["n_taylor"] = c.n_taylor
+            self.attn = ATTENTION_CLASSES[c.attention](c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, **kw)
         self.conv = ShortConv(c.d_model, c.short_conv) if c.short_conv else None
         self.mlp_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.mlp = MLP(c.d_model, c.resolved_d_ff, c.mlp)
@@ -159,7 +173,7 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.reset_parameters()
 
