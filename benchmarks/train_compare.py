@@ -33,27 +33,25 @@ from sata.lm import LMConfig, TransformerLM
 from sata.train.data import load_corpus
 from sata.train.loop import TrainConfig, train
 
-# name -> (attention, n_heads, n_taylor, short_conv[, local_layers, local_window]); d_model 256 for
-# all, so parameter counts are equal (a short convolution adds 4 x 256 per layer)
+# name -> LMConfig fields besides d_model / n_layers (equal for all: equal parameter counts; a short
+# convolution adds 4 x 256 parameters per layer, a learned query gain one per head)
 CONFIGS = {
-    "softmax-4x64": ("softmax", 4, 3, 0),
-    "sata-16x16-p3": ("sata", 16, 3, 0),
-    "sata-16x16-p4": ("sata", 16, 4, 0),
-    "sata-32x8-p3": ("sata", 32, 3, 0),
-    "sata-32x8-p4": ("sata", 32, 4, 0),
-    "sata-32x8-p5": ("sata", 32, 5, 0),
-    "softmax-4x64-conv4": ("softmax", 4, 3, 4),
-    "sata-16x16-p3-conv4": ("sata", 16, 3, 4),
-    "sata-32x8-p4-conv4": ("sata", 32, 4, 4),
+    "softmax-4x64": dict(attention="softmax", n_heads=4),
+    "softmax-4x64-conv4": dict(attention="softmax", n_heads=4, short_conv=4),
+    "sata-16x16-p3": dict(n_heads=16, n_taylor=3),
+    "sata-16x16-p4": dict(n_heads=16, n_taylor=4),
+    "sata-32x8-p3": dict(n_heads=32, n_taylor=3),
+    "sata-32x8-p4": dict(n_heads=32, n_taylor=4),
+    "sata-32x8-p5": dict(n_heads=32, n_taylor=5),
+    "sata-16x16-p3-conv4": dict(n_heads=16, n_taylor=3, short_conv=4),
+    "sata-16x16-p3-conv4-gain": dict(n_heads=16, n_taylor=3, short_conv=4, learn_scale=True),
     # hybrid: layers 0 and 2 sliding-window softmax over 64 tokens, layers 1 and 3 SATA
-    "hybrid-16x16-p3-w64-conv4": ("sata", 16, 3, 4, [0, 2], 64),
+    "hybrid-16x16-p3-w64-conv4": dict(n_heads=16, n_taylor=3, short_conv=4, local_layers=[0, 2], local_window=64),
 }
 
 
 def run_config(name: str, args) -> TrainConfig:
-    attention, heads, p, conv, *local = CONFIGS[name]
-    model = LMConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=heads, attention=attention, n_taylor=p,
-                     short_conv=conv, local_layers=local[0] if local else [], local_window=local[1] if local else 64)
+    model = LMConfig(d_model=args.d_model, n_layers=args.n_layers, **{"attention": "sata", **CONFIGS[name]})
     return TrainConfig(out=str(Path(args.runs) / name), model=model, steps=args.steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, eval_every=50, save_every=50)
 

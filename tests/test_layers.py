@@ -357,3 +357,19 @@ class TestSlidingWindow:
             SoftmaxAttention(32, 4, window=0)
         with pytest.raises(ValueError, match="local_layers must be layer indices"):
             LMConfig(n_layers=2, local_layers=[2])
+
+
+def test_learned_query_gain_scales_the_scores_and_starts_at_one():
+    torch.manual_seed(0)
+    m = TransformerLM(LMConfig(d_model=32, n_layers=1, n_heads=4, learn_scale=True)).double()
+    layer = m.blocks[0].attn
+    assert torch.equal(layer.log_gain, torch.zeros(4, dtype=torch.float64))
+    x = torch.randn(1, 7, 32, dtype=torch.float64)
+    plain = _layer(SATAAttention, (32, 4, 8, 4), n_taylor=3)
+    gained = _layer(SATAAttention, (32, 4, 8, 4), n_taylor=3, learn_scale=True)
+    with torch.no_grad():
+        gained.log_gain.fill_(math.log(2.0))
+    ref = SATAAttention(32, 4, 8, 4, n_taylor=3, scale=2.0 / math.sqrt(8)).double()
+    ref.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(gained(x)[0], ref(x)[0], rtol=1e-10, atol=1e-12)
+    assert layer.log_gain.dim() == 1                                   # a vector: not weight-decayed

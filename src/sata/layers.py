@@ -315,12 +315,15 @@ class SATAAttention(_Attention):
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, n_kv_heads: int | None = None, *,
                  n_taylor: int = 3, causal: bool = True, rope: bool = True, rope_base: float = 10000.0,
-                 scale: float | None = None, bias: bool = False, device=None, dtype=None):
+                 scale: float | None = None, bias: bool = False, learn_scale: bool = False, device=None, dtype=None):
         super().__init__(d_model, n_heads, head_dim, n_kv_heads, causal=causal, rope=rope, rope_base=rope_base,
                          scale=scale, bias=bias, device=device, dtype=dtype)
         if not isinstance(n_taylor, int) or isinstance(n_taylor, bool) or n_taylor < 1:
             raise ValueError(f"SATAAttention: n_taylor must be a positive int, got {n_taylor!r}")
         self.n_taylor = n_taylor
+        # a learned per-head gain on the queries, exp(log_gain) (starts at 1): a polynomial kernel needs
+        # larger scores than exp to concentrate, and weight decay holds the projections back
+        self.log_gain = nn.Parameter(torch.zeros(n_heads, device=device, dtype=dtype)) if learn_scale else None
 
     def forward(self, x: torch.Tensor, state: SATAState | None = None, key_padding_mask: torch.Tensor | None = None,
                 *, return_state: bool = True) -> tuple[torch.Tensor, SATAState | None]:
@@ -339,6 +342,8 @@ class SATAAttention(_Attention):
         self._check(x, state, key_padding_mask)
         offset = 0 if state is None else state.n_tokens
         q, k, v = self._qkv(x, offset)
+        if self.log_gain is not None:
+            q = q * self.log_gain.exp()[:, None, None]                                           # [B, H, L, E]
         out = sata_attention(q, k, v, n_taylor=self.n_taylor, is_causal=self.causal, scale=self.scale,
                              enable_gqa=self.n_kv_heads != self.n_heads, key_padding_mask=key_padding_mask,
                              state=state, return_state=return_state)

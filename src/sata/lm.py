@@ -48,6 +48,8 @@ class LMConfig:
             ``local_window`` tokens instead of ``attention`` (a hybrid, as in Based: exact local
             attention plus a constant-size global state; cost per token stays constant). Default: none.
         local_window: window of those layers. Default: 64.
+        learn_scale: SATA layers learn a per-head gain on the queries (``exp`` of a parameter
+            starting at 0, not weight-decayed). Default: False.
         rope_base: Default: 10000.
         norm_eps: RMSNorm epsilon. Default: 1e-5.
         init_std: std of the normal initialisation. Default: 0.02.
@@ -67,6 +69,7 @@ class LMConfig:
     short_conv: int = 0
     local_layers: list[int] = field(default_factory=list)
     local_window: int = 64
+    learn_scale: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -140,7 +143,7 @@ class Block(nn.Module):
             self.attn = SoftmaxAttention(c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, window=c.local_window, **kw)
         else:
             if c.attention == "sata":
-                kw["n_taylor"] = c.n_taylor
+                kw.update(n_taylor=c.n_taylor, learn_scale=c.learn_scale)
             self.attn = ATTENTION_CLASSES[c.attention](c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, **kw)
         self.conv = ShortConv(c.d_model, c.short_conv) if c.short_conv else None
         self.mlp_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
@@ -185,6 +188,8 @@ class TransformerLM(nn.Module):
                 s = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down.weight")) else std
                 nn.init.normal_(p, 0.0, s)
             elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.endswith("log_gain"):
                 nn.init.zeros_(p)
             elif name.endswith("conv.weight"):  # the identity: the block starts as one without it
                 with torch.no_grad():

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--local-layers", type=int, nargs="*", default=[],
                    help="layer indices that use sliding-window softmax instead (a hybrid; e.g. 0 2)")
     m.add_argument("--local-window", type=int, default=64, help="window of --local-layers")
+    m.add_argument("--learn-scale", action="store_true", help="SATA layers learn a per-head query gain")
     t = p.add_argument_group("training")
     t.add_argument("--data", nargs="*", default=[], help="text files or folders (default: the standard library's .py files)")
     t.add_argument("--out", default="runs/sata", help="output folder")
@@ -55,7 +56,8 @@ def config_from_args(args):
     model = LMConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, head_dim=args.head_dim,
                      n_kv_heads=args.n_kv_heads, attention=args.attention, n_taylor=args.n_taylor,
                      rope=not args.no_rope, short_conv=args.short_conv,
-                     local_layers=list(args.local_layers), local_window=args.local_window)
+                     local_layers=list(args.local_layers), local_window=args.local_window,
+                     learn_scale=args.learn_scale)
     return TrainConfig(out=args.out, data=list(args.data), model=model, steps=args.steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
                        weight_decay=args.weight_decay, clip=args.clip, eval_every=args.eval_every,
