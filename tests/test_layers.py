@@ -253,6 +253,22 @@ class TestBadInput:
             m(torch.zeros(1, 2, dtype=torch.long), return_states=True)
 
 
+def test_rotary_frequencies_survive_a_cast_to_bfloat16():
+    rot = RotaryEmbedding(16)
+    x = torch.randn(1, 2, 5, 16)
+    ref = rot(x.double(), offset=50_000)
+    rot_bf16 = rot.to(torch.bfloat16)
+    got = rot_bf16(x.bfloat16(), offset=50_000).double()
+    # only the bfloat16 rounding of x and of cos/sin, not of the frequencies (which would scramble the angles)
+    torch.testing.assert_close(got, ref, rtol=0.02, atol=0.03)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    m = TransformerLM(LMConfig(d_model=16, n_layers=1, n_heads=2, vocab_size=100))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 100\)"):
+        m(torch.tensor([[1, 2, 100]]))
+
+
 def test_layer_in_half_precision_keeps_float32_state():
     layer = SATAAttention(32, 4, n_taylor=3).to(torch.bfloat16)
     y, st = layer(torch.randn(1, 5, 32, dtype=torch.bfloat16))

@@ -115,10 +115,29 @@ class TestTraining:
         with pytest.raises(FileNotFoundError, match="no checkpoint"):
             train(_tiny(tmp_path, text_dir), resume=True, progress=False)
 
-    def test_batch_not_divisible_by_processes(self, tmp_path, text_dir, monkeypatch):
+    def test_batch_not_divisible_by_processes(self, tmp_path, text_dir):
         cfg = _tiny(tmp_path, text_dir, batch_size=3)
         with pytest.raises(ValueError, match="not divisible by the 2 processes"):
             cfg.check(world=2)
+
+
+    def test_resume_survives_a_save_killed_between_its_renames(self, tmp_path, text_dir):
+        cfg = _tiny(tmp_path, text_dir, steps=4, save_every=2)
+        train(cfg, progress=False, stop_after=2)
+        ckpt = tmp_path / "checkpoint"
+        ckpt.rename(tmp_path / "checkpoint.old")        # the state a kill after the first rename leaves
+        res = train(cfg, resume=True, progress=False)
+        assert res["step"] == 4 and (ckpt / "trainer.pt").is_file()
+        assert not (tmp_path / "checkpoint.old").exists()
+
+    def test_resume_from_a_moved_run_folder(self, tmp_path, text_dir):
+        train(_tiny(tmp_path / "a", text_dir, steps=4), progress=False, stop_after=2)
+        (tmp_path / "a").rename(tmp_path / "b")
+        assert train(_tiny(tmp_path / "b", text_dir, steps=4), resume=True, progress=False)["step"] == 4
+
+    def test_windows_longer_than_the_data_are_refused(self, tmp_path, text_dir):
+        with pytest.raises(ValueError, match="--seq-len 10000000 needs more"):
+            train(_tiny(tmp_path, text_dir, seq_len=10_000_000), progress=False)
 
 
 def _free_port() -> int:
@@ -184,6 +203,30 @@ class TestGeneration:
         same = [sample_next(logits[:50], generator=torch.Generator().manual_seed(7)) for _ in range(2)]
         assert torch.equal(*same)
 
+    @pytest.mark.parametrize("kw", [dict(top_p=1e-9), dict(temperature=1e-30), dict(temperature=1e-30, top_p=0.5)],
+                             ids=["tiny-top-p", "tiny-temperature", "both"])
+    def test_extreme_sampling_settings_fall_back_to_the_most_likely_token(self, kw):
+        logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.0]]).repeat(100, 1)
+        assert set(sample_next(logits, generator=torch.Generator().manual_seed(0), **kw).tolist()) == {3}
+
+    @pytest.mark.parametrize("kw", [dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-2)],
+                             ids=["top-p-0", "top-p-above-1", "negative-temperature", "negative-top-k"])
+    def test_bad_sampling_settings_are_refused(self, kw):
+        with pytest.raises(ValueError, match="sample_next"):
+            sample_next(torch.zeros(1, 5), **kw)
+
+    def test_softmax_decoding_takes_the_unmasked_kernel_and_matches(self):
+        torch.manual_seed(0)
+        m = TransformerLM(LMConfig(d_model=32, n_layers=2, n_heads=4, attention="softmax")).double().eval()
+        seq = torch.randint(0, 256, (1, 20))
+        with torch.no_grad():
+            full, _ = m(seq)
+            _, states = m(seq[:, :12], return_states=True)
+            assert not any(s.has_padding for s in states)
+            for t in range(12, 20):
+                step, states = m(seq[:, t:t + 1], states, return_states=True)
+                torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-10, atol=1e-10)
+
 
 # ---------------------------------------------------------------------------- command line
 def test_cli_train_then_generate(tmp_path, text_dir, capsys):
@@ -204,9 +247,16 @@ def test_cli_train_then_generate(tmp_path, text_dir, capsys):
     (["train", "--steps", "0"], "--steps must be a positive integer"),
     (["train", "--data", "/nonexistent/corpus"], "no such file or folder"),
     (["generate", "/nonexistent/model"], "does not hold a sata model"),
-], ids=["steps", "data", "checkpoint"])
+    (["generate", "MODEL", "--prompt", ""], "--prompt must hold at least one character"),
+    (["generate", "MODEL", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "MODEL", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "MODEL", "--tokens", "0"], "--tokens must be >= 1"),
+], ids=["steps", "data", "checkpoint", "empty-prompt", "top-p", "temperature", "tokens"])
 def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):
     if argv[0] == "train":
         argv = [*argv, "--out", str(tmp_path)]
+    if "MODEL" in argv:
+        TransformerLM(LMConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "m")
+        argv = [str(tmp_path / "m") if a == "MODEL" else a for a in argv]
     assert cli_main(argv) == 2
     assert match in capsys.readouterr().err

@@ -49,15 +49,15 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}; use rope=False or an even head_dim")
         self.head_dim = head_dim
         self.base = float(base)
-        inv_freq = self.base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [E/2]
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+        self._inv_freq = self.base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # [E/2]
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """``x [..., L, E]`` at positions ``offset .. offset + L - 1`` -> rotated ``[..., L, E]``."""
         L = x.shape[-2]
         # angles in float64: positions reach 1e5 and more while streaming
         pos = torch.arange(offset, offset + L, device=x.device, dtype=torch.float64)      # [L]
-        ang = pos[:, None] * self.inv_freq.to(x.device)[None, :]                            # [L, E/2]
+        ang = pos[:, None] * self._inv_freq.to(x.device)[None, :]                           # [L, E/2]
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)                            # [L, E/2]
         x1, x2 = x[..., : self.head_dim // 2], x[..., self.head_dim // 2 :]                  # [..., L, E/2]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)                # [..., L, E]
@@ -134,6 +134,8 @@ class KVCache:
     start: int = 0
     # how far the shared buffers are filled, by any cache that shares them
     _tip: list = field(default_factory=lambda: [0], repr=False)
+    # whether any position held was padded: without padding the layer takes SDPA's unmasked kernels
+    has_padding: bool = False
 
     @classmethod
     def empty(cls, batch: int, n_heads: int, d_key: int, d_value: int | None = None, *, capacity: int = 0,
@@ -171,7 +173,7 @@ class KVCache:
         if self.n_stored <= n:
             return self
         return KVCache(self.keys[:, :, -n:].clone(), self.values[:, :, -n:].clone(), self.padding[:, -n:].clone(),
-                       self.n_tokens, self.n_tokens - n, [n])
+                       self.n_tokens, self.n_tokens - n, [n], self.has_padding)
 
     @property
     def capacity(self) -> int:
@@ -197,12 +199,13 @@ class KVCache:
                 f"{self.value_buffer.shape[-1]}"
             )
         pad = torch.zeros(B, L, dtype=torch.bool, device=key.device) if key_padding_mask is None else key_padding_mask
+        padded = self.has_padding or (key_padding_mask is not None and bool(key_padding_mask.any()))
         n, new_n = self.n_stored, self.n_stored + L          # buffer slots
         key, value = key.to(self.key_buffer.dtype), value.to(self.value_buffer.dtype)
         if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad or self.key_buffer.requires_grad):
             # autograd: no in-place writes, the cache is exactly the concatenation
             return KVCache(torch.cat([self.keys, key], 2), torch.cat([self.values, value], 2),
-                           torch.cat([self.padding, pad], 1), self.n_tokens + L, self.start, [new_n])
+                           torch.cat([self.padding, pad], 1), self.n_tokens + L, self.start, [new_n], padded)
         if self._tip[0] == n and new_n <= self.capacity:
             kb, vb, pb, tip = self.key_buffer, self.value_buffer, self.pad_buffer, self._tip
         else:  # grow (doubling) or fork from an older cache
@@ -214,7 +217,7 @@ class KVCache:
             tip = [n]
         kb[:, :, n:new_n], vb[:, :, n:new_n], pb[:, n:new_n] = key, value, pad
         tip[0] = new_n
-        return KVCache(kb, vb, pb, self.n_tokens + L, self.start, tip)
+        return KVCache(kb, vb, pb, self.n_tokens + L, self.start, tip, padded)
 
     def __repr__(self) -> str:
         return (f"KVCache(batch={self.key_buffer.shape[0]}, n_heads={self.n_heads}, d_key={self.key_buffer.shape[-1]}, "
@@ -399,7 +402,8 @@ class SoftmaxAttention(_Attention):
             if state is None:
                 state = KVCache.empty(B, self.n_kv_heads, self.head_dim, dtype=k.dtype, device=k.device)
             cache = state.append(k, v, key_padding_mask)
-            k, v, pad, first = cache.keys, cache.values, cache.padding, cache.start    # [B, Hkv, n, E], [B, n]
+            k, v, first = cache.keys, cache.values, cache.start                         # [B, Hkv, n, E]
+            pad = cache.padding if cache.has_padding else None                          # [B, n]
             if self.window is not None and cache.n_stored > 2 * self.window:
                 cache = cache.keep_last(self.window)    # amortised: a copy every `window` tokens
         else:
@@ -411,7 +415,7 @@ class SoftmaxAttention(_Attention):
             # fast paths: plain causal over every key, or one new token that sees every key held
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and L > 1, scale=self.scale,
                                                enable_gqa=gqa)                                   # [B, H, L, E]
-            return self._out(y), cache
+            return self._out(y), cache if return_state else None
         allowed = torch.ones(L, Lk, dtype=torch.bool, device=x.device)                          # [L, Lk]
         if self.causal:
             qpos = torch.arange(offset, offset + L, device=x.device)[:, None]                   # [L, 1]
@@ -425,7 +429,7 @@ class SoftmaxAttention(_Attention):
         empty = ~allowed.any(-1, keepdim=True)                                                  # [B, 1, L, 1]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, scale=self.scale, enable_gqa=gqa)
         y = y.masked_fill(empty, 0.0)                                                           # [B, H, L, E]
-        return self._out(y), cache
+        return self._out(y), cache if return_state else None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.window is None else f", window={self.window}")

@@ -68,7 +68,9 @@ def main(args) -> int:
     import torch
 
     try:
+        import matplotlib  # noqa: F401
         import safetensors  # noqa: F401
+        import tqdm  # noqa: F401
     except ImportError:
         print("sata train needs safetensors (checkpoints), tqdm and matplotlib: pip install 'sata-attention[train]'",
               file=sys.stderr)
@@ -83,6 +85,9 @@ def main(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"sata train: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # diverged; the last checkpoint stays intact
+        print(f"sata train: training diverged: {e}", file=sys.stderr)
+        return 1
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

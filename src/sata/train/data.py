@@ -67,6 +67,9 @@ class ByteCorpus:
         The global batch of ``batch_size`` windows depends only on ``(seed, step)``; process
         ``rank`` of ``world`` takes rows ``rank::world``.
         """
+        if self.train.numel() < seq_len + 2:
+            raise ValueError(f"--seq-len {seq_len} needs more than {seq_len + 1} training bytes, the data has "
+                             f"{self.train.numel():,}; lower --seq-len or add --data")
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         starts = torch.randint(0, self.train.numel() - seq_len - 1, (batch_size,), generator=g)  # [B]
         starts = starts[rank::world]                                                             # [B / world]
@@ -77,6 +80,9 @@ class ByteCorpus:
     def validation_windows(self, seq_len: int, max_tokens: int) -> torch.Tensor:
         """Non-overlapping windows ``[n, seq_len + 1]`` evenly spread over the validation stream."""
         n_all = (self.validation.numel() - 1) // seq_len
+        if n_all < 1:
+            raise ValueError(f"--seq-len {seq_len} needs more than {seq_len} validation bytes, the held-out files "
+                             f"have {self.validation.numel():,}; lower --seq-len or add --data")
         n = max(1, min(n_all, max_tokens // seq_len))
         starts = torch.linspace(0, (n_all - 1) * seq_len, n).long() // seq_len * seq_len           # [n]
         idx = starts[:, None] + torch.arange(seq_len + 1)                                          # [n, T + 1]

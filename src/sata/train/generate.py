@@ -36,10 +36,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample from ``logits [B, V]`` -> ``[B]``; ``temperature=0`` is greedy."""
-    if temperature <= 0:
+    """Sample from ``logits [B, V]`` -> ``[B]``; ``temperature=0`` is greedy.
+
+    ``top_k`` keeps the k most likely tokens (0 = all), ``top_p`` the smallest set whose
+    probability reaches ``top_p`` (always at least the most likely token).
+    """
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"sample_next: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
+                         f"got temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature                                        # [B, V]
+    # float64 so a tiny temperature saturates to greedy instead of overflowing to NaN
+    logits = logits.double() / temperature                                       # [B, V]
+    logits = logits - logits.amax(-1, keepdim=True)                              # [B, V]
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]                         # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -47,6 +56,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 
         sorted_logits, order = logits.sort(dim=-1, descending=True)              # [B, V]
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p                          # keep the token that crosses top_p
+        drop[..., 0] = False                                                     # and always the most likely one
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)                                                   # [B, V]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -96,8 +106,21 @@ def main(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    problems = []
     if args.tokens < 1:
-        print("sata generate: --tokens must be >= 1", file=sys.stderr)
+        problems.append("--tokens must be >= 1")
+    if not args.prompt:
+        problems.append("--prompt must hold at least one character")
+    if args.temperature < 0:
+        problems.append("--temperature must be >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        problems.append("--top-k must be >= 0 (0 = all)")
+    if not 0 < args.top_p <= 1:
+        problems.append("--top-p must be in (0, 1]")
+    if args.report_every is not None and args.report_every < 1:
+        problems.append("--report-every must be >= 1")
+    if problems:
+        print("sata generate: " + "; ".join(problems), file=sys.stderr)
         return 2
     try:
         model = TransformerLM.from_pretrained(args.checkpoint).eval()
@@ -122,11 +145,14 @@ def main(args) -> int:
         window.append(step.seconds)
         if i % every == 0 or i == args.tokens:
             ms = 1e3 * statistics.median(window)
-            if not args.quiet:
-                sys.stdout.write("\n")
+            if not args.quiet and sys.stdout.isatty() and sys.stderr.isatty():
+                sys.stdout.write("\n")  # keep the report on its own line; never alter redirected text
             print(f"# {i:>9,} {ms:>9.3f} {1e3 / ms:>9,.0f} {step.state_bytes / 2**20:>10.2f} {resident_mib():>8.0f}",
                   file=sys.stderr, flush=True)
             window = []
     total = time.perf_counter() - t_start
+    if not args.quiet:
+        sys.stdout.write(dec.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
     print(f"# {args.tokens:,} tokens in {total:.1f} s: {args.tokens / total:,.0f} tokens/s", file=sys.stderr)
     return 0

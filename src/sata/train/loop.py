@@ -111,6 +111,8 @@ class _Dist:
             import torch.distributed as dist
 
             if not dist.is_initialized():
+                if device.type == "cuda":
+                    torch.cuda.set_device(device)  # NCCL needs each rank on its own GPU before the group forms
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.dist = dist
 
@@ -165,6 +167,17 @@ def _save_checkpoint(path: Path, model: TransformerLM, opt, step: int, rows: lis
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete_checkpoint(path: Path) -> Path:
+    """The newest complete checkpoint: ``path``, or if a save was interrupted between its two
+    renames, the ``.old`` (previous) or ``.tmp`` (finished new) folder it left behind."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    # .tmp is known complete only once the previous checkpoint was moved aside to .old
+    for p in (path, tmp if old.exists() else None, old):
+        if p is not None and (p / "trainer.pt").is_file() and (p / "config.json").is_file():
+            return p
+    raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start")
 
 
 def _write_logs(out: Path, rows: list[dict], cfg: TrainConfig, meta: dict) -> None:
@@ -239,14 +252,15 @@ def _train(cfg, resume, device, progress, corpus, stop_after, dist: _Dist) -> di
     opt = _optimizer(model, cfg)
     start, rows, elapsed0 = 0, [], 0.0
     if resume:
-        if not (ckpt / "trainer.pt").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}; run without --resume to start")
-        saved = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
-        if saved["train_config"] != cfg.to_dict():
-            diff = sorted(k for k in cfg.to_dict() if saved["train_config"].get(k) != cfg.to_dict()[k])
+        found = _complete_checkpoint(ckpt)
+        saved = torch.load(found / "trainer.pt", map_location=device, weights_only=False)
+        mine = {k: v for k, v in cfg.to_dict().items() if k != "out"}  # a moved run folder still resumes
+        theirs = {k: v for k, v in saved["train_config"].items() if k != "out"}
+        if theirs != mine:
+            diff = sorted(k for k in mine if theirs.get(k) != mine[k])
             raise ValueError(f"--resume: the checkpoint in {ckpt} was made with different settings ({', '.join(diff)}); "
                              "pass the same arguments, or a new --out")
-        model.load_state_dict(TransformerLM.from_pretrained(ckpt, map_location=device).state_dict())
+        model.load_state_dict(TransformerLM.from_pretrained(found, map_location=device).state_dict())
         opt.load_state_dict(saved["optimizer"])
         start, rows, elapsed0 = saved["step"], saved["rows"], saved["elapsed_s"]
     if dist.main:
