@@ -47,6 +47,11 @@ CONFIGS = {
     "sata-16x16-p3-conv4-gain": dict(n_heads=16, n_taylor=3, short_conv=4, learn_scale=True),
     # hybrid: layers 0 and 2 sliding-window softmax over 64 tokens, layers 1 and 3 SATA
     "hybrid-16x16-p3-w64-conv4": dict(n_heads=16, n_taylor=3, short_conv=4, local_layers=[0, 2], local_window=64),
+    # hybrid with one local layer of four (layer 0)
+    "hybrid-16x16-p3-w64-conv4-l0": dict(n_heads=16, n_taylor=3, short_conv=4, local_layers=[0], local_window=64),
+    # ablation: every layer sliding-window softmax over 64 tokens, no SATA (what does SATA add to the hybrid?)
+    "local-16x16-w64-conv4": dict(attention="softmax", n_heads=16, short_conv=4, local_layers=[0, 1, 2, 3],
+                                  local_window=64),
 }
 
 
@@ -165,6 +170,13 @@ def main() -> int:
     return 0
 
 
+def _style(name: str) -> dict:
+    """Softmax baselines in black (dashed with a convolution), the rest in colour."""
+    if name.startswith("softmax"):
+        return dict(color="black", marker="o", ms=3, ls="--" if "conv" in name else "-")
+    return dict(marker=".", ms=4, ls=":" if name.startswith("local") else "-")
+
+
 def _figures(results: dict, out: Path, contexts: list[int]) -> None:
     import matplotlib
 
@@ -177,8 +189,7 @@ def _figures(results: dict, out: Path, contexts: list[int]) -> None:
         for name, r in runs.items():
             s, b = zip(*r["val_bpb"])
             x = s if kind == "steps" else [v * r["step_seconds"] / 60 for v in s]
-            ax.plot(x, b, "o-" if name.startswith("softmax") else ".-", ms=3, label=name,
-                    color="black" if name.startswith("softmax") else None)
+            ax.plot(x, b, **_style(name), label=name)
         ax.set(xlabel="step" if kind == "steps" else "training time, minutes (steps x measured s/step)",
                ylabel="validation bits per byte", title=f"byte-level LM on stdlib sources: bits per byte vs {kind}")
         lo = min(min(b for _, b in r["val_bpb"]) for r in runs.values())
@@ -190,8 +201,8 @@ def _figures(results: dict, out: Path, contexts: list[int]) -> None:
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, r in runs.items():
-        ax.plot([g["context"] for g in r["generation"]], [g["ms_per_token"] for g in r["generation"]], "o-",
-                label=name, color="black" if name.startswith("softmax") else None)
+        ax.plot([g["context"] for g in r["generation"]], [g["ms_per_token"] for g in r["generation"]],
+                **_style(name), label=name)
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per generated token",
            title="generation cost per token (median, batch 1)")
     ax.grid(alpha=0.3, which="both")
