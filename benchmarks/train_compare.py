@@ -117,6 +117,8 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--step-repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", action="store_true",
+                    help="add these configurations to --out/compare.json instead of starting a new one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = [n for n in args.configs.split(",") if n]
@@ -129,6 +131,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": " ".join(["python", *sys.argv]), "machine": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": args.threads, "data": corpus.describe(), "runs": {}}
+    if args.merge and (out / "compare.json").is_file():
+        previous = json.loads((out / "compare.json").read_text())
+        results["runs"] = previous["runs"]
+        results["command"] = previous["command"] + "\n" + results["command"]
 
     for name in names:
         cfg = run_config(name, args)
