@@ -43,6 +43,7 @@ CONFIGS = {
     "sata-32x8-p3": dict(n_heads=32, n_taylor=3),
     "sata-32x8-p4": dict(n_heads=32, n_taylor=4),
     "sata-32x8-p5": dict(n_heads=32, n_taylor=5),
+    "sata-32x8-p5-conv4": dict(n_heads=32, n_taylor=5, short_conv=4),
     "sata-16x16-p3-conv4": dict(n_heads=16, n_taylor=3, short_conv=4),
     "sata-16x16-p3-conv4-gain": dict(n_heads=16, n_taylor=3, short_conv=4, learn_scale=True),
     # hybrid: layers 0 and 2 sliding-window softmax over 64 tokens, layers 1 and 3 SATA
