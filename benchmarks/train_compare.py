@@ -192,7 +192,7 @@ def _figures(results: dict, out: Path, contexts: list[int]) -> None:
 
     runs = results["runs"]
     for kind in ("steps", "time"):
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(9.5, 4.8))
         for name, r in runs.items():
             s, b = zip(*r["val_bpb"])
             x = s if kind == "steps" else [v * r["step_seconds"] / 60 for v in s]
@@ -200,20 +200,21 @@ def _figures(results: dict, out: Path, contexts: list[int]) -> None:
         ax.set(xlabel="step" if kind == "steps" else "training time, minutes (steps x measured s/step)",
                ylabel="validation bits per byte", title=f"byte-level LM on stdlib sources: bits per byte vs {kind}")
         lo = min(min(b for _, b in r["val_bpb"]) for r in runs.values())
-        ax.set_ylim(lo * 0.97, lo * 1.6)
+        hi = max(r["val_bpb"][-1][1] for r in runs.values())                 # every run's end in view
+        ax.set_ylim(lo * 0.97, max(hi * 1.05, lo * 1.6))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"bpb_vs_{kind}.png", dpi=120)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     for name, r in runs.items():
         ax.plot([g["context"] for g in r["generation"]], [g["ms_per_token"] for g in r["generation"]],
                 **_style(name), label=name)
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per generated token",
            title="generation cost per token (median, batch 1)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "generation_cost.png", dpi=120)
     plt.close(fig)

@@ -100,6 +100,9 @@ class ShortConv(nn.Module):
             raise ValueError(f"ShortConv: state must be [batch, kernel_size - 1, channels] = "
                              f"{(B, self.kernel_size - 1, C)}, got {tuple(state.shape)}")
         xx = torch.cat([state.to(x.dtype), x], dim=1)                                        # [B, K-1+L, C]
+        if L == 1:  # decoding: a weighted sum; conv1d's setup costs ~100x more for one token
+            y = torch.einsum("bkc,ck->bc", xx, self.weight[:, 0])[:, None]                    # [B, 1, C]
+            return y, xx[:, 1:]                                                              # [B, 1, C], [B, K-1, C]
         y = F.conv1d(xx.transpose(1, 2), self.weight, groups=C)                              # [B, C, L]
         return y.transpose(1, 2), xx[:, L:]                                                  # [B, L, C], [B, K-1, C]
 
