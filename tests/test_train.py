@@ -120,7 +120,6 @@ class TestTraining:
         with pytest.raises(ValueError, match="not divisible by the 2 processes"):
             cfg.check(world=2)
 
-
     def test_resume_survives_a_save_killed_between_its_renames(self, tmp_path, text_dir):
         cfg = _tiny(tmp_path, text_dir, steps=4, save_every=2)
         train(cfg, progress=False, stop_after=2)

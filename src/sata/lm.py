@@ -216,9 +216,10 @@ class TransformerLM(nn.Module):
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.uint8):
             raise ValueError(f"TransformerLM: tokens must be an integer tensor [batch, length], got "
                              f"{tokens.dtype} {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"TransformerLM: token ids must be in [0, {self.config.vocab_size}), got "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        if tokens.numel():
+            lo, hi = (int(t) for t in torch.aminmax(tokens))
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"TransformerLM: token ids must be in [0, {self.config.vocab_size}), got [{lo}, {hi}]")
         if states is not None and len(states) != len(self.blocks):
             raise ValueError(f"TransformerLM: states must hold one state per layer ({len(self.blocks)}), got {len(states)}")
         x = self.embed(tokens.long())                                                     # [B, L, d]

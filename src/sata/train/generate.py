@@ -41,9 +41,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 
     ``top_k`` keeps the k most likely tokens (0 = all), ``top_p`` the smallest set whose
     probability reaches ``top_p`` (always at least the most likely token).
     """
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"sample_next: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
-                         f"got temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    problems = _sampling_problems(temperature, top_k, top_p)
+    if problems:
+        raise ValueError(f"sample_next: {'; '.join(problems)}; got temperature={temperature}, top_k={top_k}, "
+                         f"top_p={top_p}")
     if temperature == 0:
         return logits.argmax(-1)
     # float64 so a tiny temperature saturates to greedy instead of overflowing to NaN
@@ -54,12 +55,25 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)              # [B, V]
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p                          # keep the token that crosses top_p
+        p = sorted_logits.softmax(-1)                                            # [B, V]
+        drop = p.cumsum(-1) - p >= top_p                                         # keep the token that crosses top_p
         drop[..., 0] = False                                                     # and always the most likely one
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)                                                   # [B, V]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _sampling_problems(temperature: float, top_k: int, top_p: float,
+                       names: tuple[str, str, str] = ("temperature", "top_k", "top_p")) -> list[str]:
+    """What is wrong with these sampling settings (empty if nothing), in the caller's argument names."""
+    problems = []
+    if temperature < 0:
+        problems.append(f"{names[0]} must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        problems.append(f"{names[1]} must be >= 0 (0 = all)")
+    if not 0 < top_p <= 1:
+        problems.append(f"{names[2]} must be in (0, 1]")
+    return problems
 
 
 @dataclass
@@ -111,12 +125,7 @@ def main(args) -> int:
         problems.append("--tokens must be >= 1")
     if not args.prompt:
         problems.append("--prompt must hold at least one character")
-    if args.temperature < 0:
-        problems.append("--temperature must be >= 0 (0 = greedy)")
-    if args.top_k < 0:
-        problems.append("--top-k must be >= 0 (0 = all)")
-    if not 0 < args.top_p <= 1:
-        problems.append("--top-p must be in (0, 1]")
+    problems += _sampling_problems(args.temperature, args.top_k, args.top_p, ("--temperature", "--top-k", "--top-p"))
     if args.report_every is not None and args.report_every < 1:
         problems.append("--report-every must be >= 1")
     if problems:
