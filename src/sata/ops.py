@@ -30,7 +30,9 @@ from ._checks import Spec, check_inputs
 from .basis import TaylorBasis, get_basis
 from .budget import MemoryBudgetError, format_bytes, get_memory_budget
 from .features import _phi, _phi_t, taylor_exp
-from .state import SATAState
+from .hybrid import PLAIN, Hybrid, check_hybrid
+from .state import ExactKeys, SATAState
+from ._paths.window import window_attention
 
 __all__ = ["accumulate_state", "sata_attention"]
 
@@ -55,6 +57,10 @@ def sata_attention(
     state: SATAState | None = None,
     return_state: bool = False,
     inplace: bool = False,
+    window: int = 0,
+    sinks: int = 0,
+    taylor_mix: float | torch.Tensor = 1.0,
+    recentre: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SATAState]:
     r"""Attention with ``exp`` replaced by its Taylor series truncated to ``n_taylor`` terms.
 
@@ -107,11 +113,17 @@ def sata_attention(
     if torch.compiler.is_compiling():  # opaque to torch.compile: run eagerly behind a graph break
         return _eager_attention(query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
                                 enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
-                                return_state=return_state, inplace=inplace)
+                                return_state=return_state, inplace=inplace, window=window, sinks=sinks,
+                                taylor_mix=taylor_mix, recentre=recentre)
     spec = check_inputs(
         "sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
     )
+    hybrid = PLAIN
+    if window or sinks or recentre is not None or (state is not None and state.exact is not None):
+        hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
+                              n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
+        return _window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state)
     if inplace:
         if state is None or not return_state:
             raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
@@ -137,6 +149,8 @@ def accumulate_state(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     state: SATAState | None = None,
+    window: int = 0,
+    sinks: int = 0,
 ) -> SATAState:
     r"""Absorb keys and values into a state without reading it: ``S + phi(K)^T [V, 1]``.
 
@@ -146,7 +160,7 @@ def accumulate_state(
     Args:
         key (torch.Tensor): ``[..., Hkv, Lk, E]``.
         value (torch.Tensor): ``[..., Hkv, Lk, Ev]``.
-        n_taylor, scale, key_padding_mask: as in :func:`sata_attention`.
+        n_taylor, scale, key_padding_mask, window, sinks: as in :func:`sata_attention`.
         state (SATAState, optional): state to continue; never modified.
 
     Returns:
@@ -157,8 +171,53 @@ def accumulate_state(
         "accumulate_state", query, key, value, n_taylor=n_taylor, is_causal=False, scale=scale,
         enable_gqa=False, key_padding_mask=key_padding_mask, state=state,
     )
+    if window or sinks or (state is not None and state.exact is not None):
+        hybrid = check_hybrid("accumulate_state", window=window, sinks=sinks, taylor_mix=1.0, recentre=None,
+                              n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
+        return _window_call(query, key, value, spec, hybrid, False, key_padding_mask, state, True)[1]
     _, new_state = _attention(query, key, value, spec, False, key_padding_mask, state, True)
     return new_state
+
+
+def _window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state):
+    """The window mode (``MATH.md`` section 6): reshape, run :func:`window_attention`, wrap the new state."""
+    fn = "accumulate_state" if spec.len_q == 0 and not is_causal else "sata_attention"
+    if state is not None and (state.window, state.sinks) != (hybrid.window, hybrid.sinks):
+        raise ValueError(
+            f"{fn}: state has window={state.window}, sinks={state.sinks} but the call asks for window={hybrid.window}, "
+            f"sinks={hybrid.sinks}; continue a stream with the window and sinks it was started with"
+        )
+    if not is_causal and spec.len_q not in (0, spec.len_k):
+        raise ValueError(
+            f"{fn}: non-causal calls with window, sinks or recentre need Lq == Lk (query i sits at key i's position), "
+            f"got Lq={spec.len_q}, Lk={spec.len_k}; absorb earlier keys into a state with sata.accumulate_state"
+        )
+    B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
+    q = query.reshape(B, Hkv, g, spec.len_q, spec.d_key)                      # [B, Hkv, g, Lq, E]
+    k = key.reshape(B, Hkv, spec.len_k, spec.d_key)                           # [B, Hkv, Lk, E]
+    v = value.reshape(B, Hkv, spec.len_k, spec.d_value)                       # [B, Hkv, Lk, Ev]
+    mask = None if key_padding_mask is None else key_padding_mask.reshape(B, spec.len_k)
+    if state is None:
+        exact = ExactKeys.empty((B, Hkv), hybrid.window, hybrid.sinks, spec.d_key, spec.d_value, spec.state_dtype, spec.device)
+        far, n0 = None, 0
+    else:
+        flat = lambda t: t.reshape(B, *t.shape[len(spec.batch_shape):])
+        exact = ExactKeys.empty((B, Hkv), 0, 0, spec.d_key, spec.d_value, spec.state_dtype, spec.device) \
+            if state.exact is None else state.exact.map(flat)
+        far, n0 = flat(state.kv).mT.to(spec.state_dtype), state.n_tokens          # [B, Hkv, F, D]
+    y, far, exact = window_attention(q, k, v, mask, far, exact, n0, spec, hybrid, is_causal)
+    out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
+    if not return_state:
+        return out
+    if far is None:
+        far = torch.zeros(B, Hkv, F, D, dtype=spec.state_dtype, device=spec.device)
+    unflat = lambda t: t.reshape(*spec.batch_shape, *t.shape[1:])
+    has_exact = hybrid.window > 0 or hybrid.sinks > 0
+    new_state = SATAState._unchecked(
+        unflat(far).mT, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, n0 + spec.len_k,
+        window=hybrid.window, sinks=hybrid.sinks, exact=exact.map(unflat) if has_exact else None,
+    )
+    return out, new_state
 
 
 def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask, state, return_state, mode=None,

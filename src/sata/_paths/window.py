@@ -18,52 +18,22 @@ carried between blocks, so memory holds one state per block, never features per 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..basis import TaylorBasis, get_basis
 from ..features import _phi_t
+from ..state import ExactKeys
 from ..hybrid import Hybrid, centre, centre_coefficients, combine, exact_part, per_head
 
 # bytes of scores and features one block may hold
 _BLOCK_BYTES = 32 * 2**20
 
 
-@dataclass(frozen=True, eq=False)
-class WindowParts:
-    """The window mode's part of a state, per batch row and key/value head (``W``: window, ``S``: sinks).
-
-    ``far`` is the Taylor state of the keys outside every query's reach, F-major ``[B, Hkv, Ev + 1, D]``;
-    ``win_k [B, Hkv, W, E]``/``win_v [B, Hkv, W, Ev]`` the last ``W`` positions in ring order (position
-    ``p`` in slot ``p % W``), ``win_keep [B, W]`` whether a slot holds a kept, non-sink key;
-    ``sink_k [B, Hkv, S, E]``/``sink_v`` the first ``S`` kept keys, ``sink_pos [B, S]`` their positions
-    (-1: not filled yet).
-    """
-
-    far: torch.Tensor
-    win_k: torch.Tensor
-    win_v: torch.Tensor
-    win_keep: torch.Tensor
-    sink_k: torch.Tensor
-    sink_v: torch.Tensor
-    sink_pos: torch.Tensor
-
-
-def empty_parts(B: int, Hkv: int, E: int, Ev: int, D: int, W: int, S: int, dtype, device) -> WindowParts:
-    z = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)
-    return WindowParts(
-        far=z(B, Hkv, Ev + 1, D), win_k=z(B, Hkv, W, E), win_v=z(B, Hkv, W, Ev),
-        win_keep=torch.zeros(B, W, dtype=torch.bool, device=device), sink_k=z(B, Hkv, S, E), sink_v=z(B, Hkv, S, Ev),
-        sink_pos=torch.full((B, S), -1, dtype=torch.long, device=device),
-    )
-
-
 class _Call:
     """Constants of one call: dtypes, the split scale, the basis and its degree of every feature."""
 
-    def __init__(self, spec, hybrid: Hybrid, chunk: int = 64):
+    def __init__(self, spec, hybrid: Hybrid, chunk: int = 64, block: int | None = None):
         self.spec, self.hybrid = spec, hybrid
         self.cd, self.sd = spec.compute_dtype, spec.state_dtype
         root = math.sqrt(abs(spec.scale))
@@ -77,39 +47,51 @@ class _Call:
         self.chunk = chunk
         W, S, D, F, g = hybrid.window, hybrid.sinks, spec.feature_dim, spec.d_value + 1, spec.group
         per_query = (g * (chunk + 2 * W + S) + (1 + g) * D + D * F / chunk) * 4 * 8 * spec.batch * spec.n_kv_heads
-        self.block = max(chunk, int(_BLOCK_BYTES // max(per_query, 1)) // chunk * chunk)
+        self.block = block or max(chunk, int(_BLOCK_BYTES // max(per_query, 1)) // chunk * chunk)
         self.alpha = per_head(hybrid.recentre, (spec.n_kv_heads, g, 1), self.cd)
         self.beta = per_head(hybrid.taylor_mix, (spec.n_kv_heads, g, 1), self.cd)
 
 
-def window_attention(q, k, v, mask, parts: WindowParts, n_tokens: int, spec, hybrid: Hybrid, causal: bool):
+def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool):
     """The window mode for one call.
 
     Args:
-        q: ``[B, Hkv, g, L, E]``; k: ``[B, Hkv, L, E]``; v: ``[B, Hkv, L, Ev]``;
-        mask: ``[B, L]`` bool, True = padded key, or None;
-        parts: the state's window-mode part before the call; n_tokens: positions seen before the call.
+        q: ``[B, Hkv, g, Lq, E]`` with ``Lq == Lk`` (query ``i`` at key ``i``'s position), or ``Lq == 0``
+            to absorb keys only; k: ``[B, Hkv, Lk, E]``; v: ``[B, Hkv, Lk, Ev]``;
+        mask: ``[B, Lk]`` bool, True = padded key, or None;
+        far: the far Taylor state before the call, F-major ``[B, Hkv, Ev + 1, D]``, or None (empty);
+        exact: the window and sink keys before the call, batch flattened to ``B``;
+        n_tokens: positions seen before the call.
 
     Returns:
-        ``y [B, Hkv, g, L, Ev]`` and the :class:`WindowParts` after the call.
+        ``y [B, Hkv, g, Lq, Ev]``, the far state and the :class:`ExactKeys` after the call.
     """
     run = _Call(spec, hybrid)
     B, Hkv, g, L, E = q.shape
-    W = hybrid.window
-    kept = torch.ones(B, L, dtype=torch.bool, device=q.device) if mask is None else ~mask
-    sink_k, sink_v, sink_pos, is_sink = _take_sinks(parts, k, v, kept, n_tokens)
-    flag = kept & ~is_sink                                                       # [B, L] window/far keys
+    Lk, W = k.shape[-2], hybrid.window
+    kept = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else ~mask
+    sink_k, sink_v, sink_pos, is_sink = _take_sinks(exact, k, v, kept, n_tokens)
+    flag = kept & ~is_sink                                                       # [B, Lk] window/far keys
     # the extended stream, oldest first: the state's window, then the call
     shift = n_tokens % W if W else 0
-    ext_k = torch.cat([parts.win_k.roll(-shift, dims=-2).to(k.dtype), k], dim=-2)        # [B, Hkv, W + L, E]
-    ext_v = torch.cat([parts.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + L, Ev]
-    ext_f = torch.cat([parts.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + L]
-    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + L, E | F]
+    ext_k = torch.cat([exact.win_k.roll(-shift, dims=-2).to(k.dtype), k], dim=-2)        # [B, Hkv, W + Lk, E]
+    ext_v = torch.cat([exact.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + Lk, Ev]
+    ext_f = torch.cat([exact.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + Lk]
+    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
+    shift = (n_tokens + Lk) % W if W else 0
+    new_exact = ExactKeys(                                                      # the last W positions, ring order
+        ext_k[:, :, Lk:].roll(shift, dims=-2).to(run.sd), ext_v[:, :, Lk:].roll(shift, dims=-2).to(run.sd),
+        ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(run.sd), sink_v.to(run.sd), sink_pos,
+    )
+    if L == 0:  # absorb only: the keys that left the window
+        return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks[:, :, :Lk], vt[:, :, :Lk], far), new_exact
     qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E]
     sinks = (sink_k.to(run.cd) * run.sk, sink_v.to(run.cd), sink_pos)
 
     # how many far keys each query has, and their centre
-    n_far = parts.far[:, :, -1, 0, None, None].to(run.cd) + ext_f[:, None, :L, None].to(run.cd).cumsum(-2)   # [B, Hkv, L, 1]
+    n_far = ext_f[:, None, :L, None].to(run.cd).cumsum(-2)                      # [B, 1, L, 1]
+    if far is not None:
+        n_far = n_far + far[:, :, -1, 0, None, None].to(run.cd)                 # [B, Hkv, L, 1]
     right = None
     if not causal:
         sR = max(W, 1)  # right far keys: j >= i + max(W, 1)
@@ -120,27 +102,29 @@ def window_attention(q, k, v, mask, parts: WindowParts, n_tokens: int, spec, hyb
         c = qs.new_zeros(B, Hkv, g, L)
         coef = None
     else:
-        mom = _moments(run, qs, ks[:, :, :L], vt[:, :, :L, -1:], parts.far)     # [B, Hkv, g, L, 3]
+        mom = _moments(run, qs, ks[:, :, :L], vt[:, :, :L, -1:], far)           # [B, Hkv, g, L, 3]
         if right is not None:
             mom = mom + _moments(run, qs.flip(-2), right[0], right[1][..., -1:], None).flip(-2)
         c = centre(mom, run.alpha)                                              # [B, Hkv, g, L]
         coef = centre_coefficients(c, run.P)                                    # [B, Hkv, g, L, P]
 
-    U, far = _scan(run, qs, ks[:, :, :L], vt[:, :, :L], parts.far, coef)        # [B, Hkv, g, L, F]
+    U, far = _scan(run, qs, ks[:, :, :L], vt[:, :, :L], far, coef)             # [B, Hkv, g, L, F]
     if right is not None:
         U = U + _scan(run, qs.flip(-2), *right, None, None if coef is None else coef.flip(-2))[0].flip(-2)
     m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
     y = combine(m, num, den, U, c, has_far, run.beta, spec.d_value, spec.dtype)  # [B, Hkv, g, L, Ev]
-
-    shift = (n_tokens + L) % W if W else 0
-    new = WindowParts(                                                          # the last W positions, ring order
-        far=far, win_k=ext_k[:, :, L:].roll(shift, dims=-2).to(run.sd), win_v=ext_v[:, :, L:].roll(shift, dims=-2).to(run.sd),
-        win_keep=ext_f[:, L:].roll(shift, dims=-1), sink_k=sink_k.to(run.sd), sink_v=sink_v.to(run.sd), sink_pos=sink_pos,
-    )
-    return y, new
+    return y, far, new_exact
 
 
-def _take_sinks(parts: WindowParts, k, v, kept, n_tokens: int):
+def absorb(run: _Call, ks, vt, S):
+    """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``."""
+    for a in range(0, ks.shape[-2], run.block):
+        inc = (vt[:, :, a:a + run.block].mT @ _phi_t(ks[:, :, a:a + run.block].mT, run.basis).mT).to(run.sd)
+        S = inc if S is None else S + inc
+    return S
+
+
+def _take_sinks(parts: ExactKeys, k, v, kept, n_tokens: int):
     """The sink slots after the call, and which of the call's keys fill them (the first kept keys of the stream)."""
     S = parts.sink_pos.shape[-1]
     B, Hkv, L, _ = k.shape
