@@ -30,7 +30,7 @@ from ._checks import Spec, check_inputs
 from .basis import TaylorBasis, get_basis
 from .budget import MemoryBudgetError, format_bytes, get_memory_budget
 from .features import _phi, _phi_t, taylor_exp
-from .hybrid import PLAIN, Hybrid, check_hybrid
+from .hybrid import Hybrid, check_hybrid
 from .state import ExactKeys, SATAState
 from ._paths.window import window_attention
 
@@ -42,6 +42,8 @@ _RECURRENT_MAX_LEN = 1
 _BLOCK_BYTES = 64 * 2**20
 # bytes of converted inputs one fused-kernel call may hold (non-float32 inputs)
 _SEGMENT_BYTES = 4 * 2**20
+# the default weight of the Taylor part: its identity tells a decode loop that nothing needs checking
+_DEFAULT_MIX = 1.0
 
 
 def sata_attention(
@@ -59,7 +61,7 @@ def sata_attention(
     inplace: bool = False,
     window: int = 0,
     sinks: int = 0,
-    taylor_mix: float | torch.Tensor = 1.0,
+    taylor_mix: float | torch.Tensor = _DEFAULT_MIX,
     recentre: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SATAState]:
     r"""Attention with ``exp`` replaced by its Taylor series truncated to ``n_taylor`` terms.
@@ -92,7 +94,26 @@ def sata_attention(
         inplace (bool): write the new state into ``state.kv`` instead of a new tensor, for serving
             loops that drop the old state anyway (no allocation per token; about a third less memory
             traffic). The returned state shares that tensor. Not allowed when ``state.kv`` requires
-            grad. Default: ``False`` (the passed-in state stays valid).
+            grad. Default: ``False`` (the passed-in state stays valid). Ignored in the window mode.
+        window (int): each query also attends *exactly* (softmax weights ``exp``) to the ``window``
+            most recent positions, itself included (non-causal: ``|i - j| < window``); the Taylor state
+            holds only the keys further back. ``window >= L`` is exact softmax attention. Default: ``0``.
+        sinks (int): and exactly to the first ``sinks`` kept keys of the stream (across calls; padded
+            keys do not count, so each row of a left-padded batch gets its own first keys). Default: ``0``.
+        taylor_mix (float | torch.Tensor): ``beta >= 0``, scalar or per query head ``[Hq]``, the weight of
+            the Taylor part beside the exact keys in the shared normaliser; differentiable. ``0`` is a
+            sliding window with sinks. Default: ``1.0`` (no effect without a window or sinks).
+        recentre (float | torch.Tensor, optional): ``alpha``, scalar or ``[Hq]``: expand the series of
+            query ``i`` around ``c_i = mu_i - alpha sd_i``, the mean and standard deviation of its scores
+            over the keys in the Taylor part, read from the same state (the mean needs ``n_taylor >= 2``,
+            the deviation ``n_taylor >= 3``); differentiable. Default: ``None``, the series around 0.
+
+            With any of these (``MATH.md`` section 6), for query ``i`` with exact keys ``E_i`` and
+            Taylor keys ``F_i``, ``m_i = max(max_{E_i} s_ij, c_i)``:
+            ``y_i = (sum_{E_i} e^{s_ij - m_i} v_j + beta e^{c_i - m_i} sum_{F_i} T_P(s_ij - c_i) v_j) / (same with 1)``.
+            The state then also keeps the window's and the sinks' keys and values
+            (``SATAState.exact``, in the state's dtype): memory per head
+            ``D (Ev + 1) + (window + sinks)(E + Ev)`` floats, still constant per token.
 
     Returns:
         ``[..., Hq, Lq, Ev]`` in the input dtype, or ``(output, state)`` with ``return_state=True``.
@@ -119,11 +140,13 @@ def sata_attention(
         "sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
     )
-    hybrid = PLAIN
-    if window or sinks or recentre is not None or (state is not None and state.exact is not None):
+    if window or sinks or recentre is not None or taylor_mix is not _DEFAULT_MIX or (
+        state is not None and state.exact is not None
+    ):
         hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
-        return _window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state)
+        if not hybrid.plain or (state is not None and state.exact is not None):
+            return _window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state)
     if inplace:
         if state is None or not return_state:
             raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
