@@ -129,6 +129,39 @@ class TestTraining:
         assert res["step"] == 4 and (ckpt / "trainer.pt").is_file()
         assert not (tmp_path / "checkpoint.old").exists()
 
+    def test_resume_unpickles_no_code(self, tmp_path, text_dir):
+        """A checkpoint from elsewhere whose trainer state would run code when unpickled is refused, unrun."""
+        cfg = _tiny(tmp_path, text_dir, steps=4)
+        train(cfg, progress=False, stop_after=2)
+        state = tmp_path / "checkpoint" / "trainer.pt"
+        saved = torch.load(state, weights_only=True)
+        marker = tmp_path / "code-ran"
+        saved["rows"].append(_RunsCodeWhenUnpickled(marker))
+        torch.save(saved, state)
+        with pytest.raises(ValueError, match="never unpickled"):
+            train(cfg, resume=True, progress=False)
+        assert not marker.exists()
+
+    def test_next_save_removes_what_a_killed_save_left(self, tmp_path, text_dir):
+        cfg = _tiny(tmp_path, text_dir, steps=4, save_every=2)
+        train(cfg, progress=False, stop_after=2)
+        partial = tmp_path / "checkpoint.tmp"               # a save killed while writing its folder
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"torn")
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        model = tmp_path / "model"
+        model.mkdir()
+        torn = model / f".model.safetensors.{dead}.0123abcd.tmp"   # killed inside the final save_pretrained
+        torn.write_bytes(b"torn")
+        train(cfg, resume=True, progress=False)
+        assert not partial.exists() and not torn.exists()
+        assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in (model / "model.safetensors", model / "config.json", tmp_path / "checkpoint" / "model.safetensors"):
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
     def test_resume_from_a_moved_run_folder(self, tmp_path, text_dir):
         train(_tiny(tmp_path / "a", text_dir, steps=4), progress=False, stop_after=2)
         (tmp_path / "a").rename(tmp_path / "b")
@@ -137,6 +170,14 @@ class TestTraining:
     def test_windows_longer_than_the_data_are_refused(self, tmp_path, text_dir):
         with pytest.raises(ValueError, match="--seq-len 10000000 needs more"):
             train(_tiny(tmp_path, text_dir, seq_len=10_000_000), progress=False)
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickling ran code"))
 
 
 def _free_port() -> int:

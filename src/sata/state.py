@@ -9,18 +9,17 @@ It is the sum over the tokens it has seen, so the states of disjoint segments ad
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ._files import write_atomic
 from .basis import feature_dim
 from .budget import check_budget, format_bytes
 
@@ -220,7 +219,8 @@ class SATAState:
     def save(self, path: str | os.PathLike) -> None:
         """Write the state to ``path`` atomically (write to a temporary file, fsync, rename).
 
-        A crash during the save leaves the previous file intact. The file holds the
+        A crash during the save leaves the previous file intact (and the next save removes the
+        temporary it left). The file holds the
         tensor bit for bit, the configuration and a SHA-256 checksum, in
         ``torch.save`` format (loaded with ``weights_only=True``: no code is unpickled).
         """
@@ -236,24 +236,7 @@ class SATAState:
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_atomic(path, buffer.getbuffer())
 
     @classmethod
     def load(

@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from .._files import write_atomic
+
 __all__ = [
     "Timing",
     "copy_bandwidth",
@@ -318,14 +320,8 @@ def command_line(name: str, args, add_arguments) -> str:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write ``data`` as JSON atomically (a temporary file renamed over the target)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``data`` as JSON atomically (:func:`sata._files.write_atomic`)."""
+    write_atomic(path, (json.dumps(data, indent=1, default=_json_default) + "\n").encode())
 
 
 def _json_default(o):
