@@ -3,6 +3,10 @@ and ``sata bench`` runs end to end and writes what it promises."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from sata.bench.baselines import KVCacheAttention, PaperTaylorAttention, sdpa_ca
 from sata.bench.compare import agreement, crossover
 from sata.bench.decode import DecodeConfig, _scaled_state, run_decode
 from sata.bench.timing import Timing, peak_memory, time_interleaved
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _qkv(shape, seed=0, scale=1.0):
@@ -104,6 +110,23 @@ def test_peak_memory_sees_a_temporary_allocation():
     peak, result = peak_memory(fn, "cpu")
     assert result == n
     assert peak is not None and 16 * 2**20 <= peak < 20 * 2**20
+
+
+def test_peak_memory_keeps_the_profilers_lines_off_stderr_and_passes_the_rest():
+    """The torch profiler (kineto) writes start/stop lines to file descriptor 2 on every use; they
+    must not reach the terminal, while what the measured code writes there must."""
+    code = ("import os, sys, torch\n"
+            "from sata.bench.timing import peak_memory\n"
+            "def fn():\n"
+            "    print('from python', file=sys.stderr)\n"
+            "    os.write(2, b'from C\\n')\n"
+            "    return torch.ones(256, 1024)\n"
+            "print(peak_memory(fn)[0], peak_memory(fn)[0])\n")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1048576", "1048576"]
+    assert r.stderr.splitlines() == ["from python", "from C"] * 2
 
 
 @pytest.mark.parametrize("ours,theirs,expected", [

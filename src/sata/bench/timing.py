@@ -20,9 +20,11 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -153,7 +155,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     the call, above the bytes allocated at its start.
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum of the allocation events the
-    torch profiler records (``profile_memory=True``). ``peak_bytes`` is ``None`` if this torch cannot tell.
+    torch profiler records (``profile_memory=True``; the lines it writes to stderr are dropped).
+    ``peak_bytes`` is ``None`` if this torch cannot tell.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -170,7 +173,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         return None, fn()
     if device.type != "cpu":
         return None, fn()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -185,6 +188,36 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         running += nbytes
         peak = max(peak, running)
     return int(peak), result
+
+
+# kineto (the profiler's C++ side) writes lines like "USDT:2026-01-01 10:00:00 123:123 SyncActivityProfilerHandler.cpp:52]
+# profiler_start" to file descriptor 2 on every use, whatever its log level
+_PROFILER_LINE = re.compile(rb"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ [\w.]+\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def _without_profiler_lines():
+    """Capture file descriptor 2 during the block, then pass every captured line that is not the
+    profiler's on to ``sys.stderr`` (a warning raised by the measured code is delayed, not lost)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:      # no stderr to capture
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = b"".join(line for line in captured.read().splitlines(keepends=True) if not _PROFILER_LINE.match(line))
+            if kept:
+                sys.stderr.write(kept.decode(errors="replace"))
+                sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------- machine limits
