@@ -23,21 +23,21 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all"),
                         help="what to measure")
-    parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores%(default).0s")
-    parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file%(default).0s")
-    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/PERFORMANCE.md)%(default).0s")
+    parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores")
+    parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/PERFORMANCE.md)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype of queries, keys and values")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)%(default).0s")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--max-memory", default=None,
-                        help="most memory a baseline's context may take, e.g. 8G (default: min(8G, half the free RAM))%(default).0s")
-    parser.add_argument("--only", default=None, help="targets to run, e.g. 1,4 (targets/all only)%(default).0s")
-    parser.add_argument("--batch", type=int, default=None, help="decode/prefill: batch size (default 1)%(default).0s")
-    parser.add_argument("--heads", type=int, default=None, help="decode/prefill: heads (default 64)%(default).0s")
-    parser.add_argument("--head-size", type=int, default=None, help="decode/prefill: head size (default 8)%(default).0s")
-    parser.add_argument("--n-taylor", type=int, default=None, help="decode/prefill: Taylor terms (default 4)%(default).0s")
-    parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536%(default).0s")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars%(default).0s")
+                        help="most memory a baseline's context may take, e.g. 8G (default: min(8G, half the free RAM))")
+    parser.add_argument("--only", default=None, help="targets to run, e.g. 1,4 (targets/all only)")
+    parser.add_argument("--batch", type=int, default=None, help="decode/prefill: batch size (default 1)")
+    parser.add_argument("--heads", type=int, default=None, help="decode/prefill: heads (default 64)")
+    parser.add_argument("--head-size", type=int, default=None, help="decode/prefill: head size (default 8)")
+    parser.add_argument("--n-taylor", type=int, default=None, help="decode/prefill: Taylor terms (default 4)")
+    parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: seconds, meaningless numbers
 
 

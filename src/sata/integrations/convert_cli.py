@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-batch", type=int, default=2, help="windows per distillation step")
     p.add_argument("--distill-lr", type=float, default=2e-4, help="Adam learning rate of the distillation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and of the order of training windows")
     p.add_argument("--out", default="convert-smollm2", help="output directory for results.json and report.md")
     p.add_argument("--save", default=None, help="save the converted model (last --n-taylor) to this directory")
 

@@ -24,24 +24,24 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="minutes on a laptop CPU (the default)%(default).0s")
+                      help="minutes on a laptop CPU (the default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="the paper's sizes: 100K-token errors, contexts to 1e8 (GPU, hours)%(default).0s")
+                      help="the paper's sizes: 100K-token errors, contexts to 1e8 (GPU, hours)")
     mode.add_argument("--tiny", dest="mode", action="store_const", const="tiny", help=argparse.SUPPRESS)
     parser.set_defaults(mode="quick")
     parser.add_argument("--out", default="sata-replicate", help="output directory")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES,
                         help="dtype of the inputs sata runs on (references are float64)")
-    parser.add_argument("--resume", action="store_true", help="keep finished parts in --out and run the rest%(default).0s")
+    parser.add_argument("--resume", action="store_true", help="keep finished parts in --out and run the rest")
     parser.add_argument("--parts", default="error,decode,costs,packing,precision",
                         help="comma-separated parts to run")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)%(default).0s")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     parser.add_argument("--max-memory", default=None,
-                        help="most memory a KV cache may take (default: min(8G, half the free RAM))%(default).0s")
+                        help="most memory a KV cache may take (default: min(8G, half the free RAM))")
     parser.add_argument("--memory-budget", default=None,
-                        help="sata's per-call memory budget, e.g. 16G (default: sata's, 4 GiB)%(default).0s")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars%(default).0s")
+                        help="sata's per-call memory budget, e.g. 16G (default: sata's, 4 GiB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:

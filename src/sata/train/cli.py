@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
     t.add_argument("--eval-tokens", type=int, default=65536, help="validation bytes")
     t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial parameters and of the batch order")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

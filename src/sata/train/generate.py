@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--report-every", type=int, default=None,
                    help="print time per token and resident memory every N tokens (default: tokens / 10)")
     p.add_argument("--quiet", action="store_true", help="do not print the text, only the measurements")
