@@ -17,7 +17,7 @@ from sata import cli
 from sata.bench.baselines import KVCacheAttention, PaperTaylorAttention, sdpa_causal
 from sata.bench.compare import agreement, crossover
 from sata.bench.decode import DecodeConfig, _scaled_state, run_decode
-from sata.bench.timing import Timing, peak_memory, time_interleaved
+from sata.bench.timing import LoadProbe, Timing, peak_memory, time_interleaved
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -90,6 +90,32 @@ def test_kv_cache_refuses_to_overflow():
 def test_timing_quartiles():
     t = Timing.from_samples([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (t.median, t.q25, t.q75, t.n, t.iqr) == (3.0, 2.0, 4.0, 5, 2.0)
+
+
+def test_timing_says_when_it_was_contaminated():
+    assert Timing.from_samples([1.0, 1.05, 1.1, 0.98, 1.02]).contaminated is None
+    spread = Timing.from_samples([1.0, 1.0, 3.0, 3.0, 1.1])               # q75/q25 = 3
+    assert "repeats spread x3.00" in spread.contaminated
+    loaded = dataclasses.replace(Timing.from_samples([1.0] * 5), load=2.5)
+    assert "reference workload ran x2.50 slower" in loaded.contaminated
+    assert loaded.to_dict()["contaminated"] == loaded.contaminated
+
+
+def test_load_probe_compares_with_its_quiet_time():
+    probe = LoadProbe()
+    quiet = probe.quiet_seconds()
+    assert 0 < quiet < 0.01
+    assert probe.load(3 * quiet) == pytest.approx(3.0)
+    assert probe.load(quiet / 2) == 1.0 and probe.quiet_seconds() == quiet / 2   # a faster run lowers the quiet time
+
+
+def test_time_interleaved_probes_the_machine_beside_the_functions(monkeypatch):
+    t = time_interleaved({"f": lambda: sum(range(100))}, warmup=1, min_repeat=5, min_time=0.0)["f"]
+    assert t.load is not None and t.load >= 1.0
+    monkeypatch.setattr(LoadProbe, "quiet_seconds", lambda self: 1e-12)      # as if the machine had been idle, far faster
+    t = time_interleaved({"f": lambda: sum(range(100))}, warmup=1, min_repeat=5, min_time=0.0)["f"]
+    assert "reference workload" in t.contaminated
+    assert time_interleaved({"f": lambda: None}, min_repeat=2, min_time=0.0, probe=False)["f"].load is None
 
 
 def test_time_interleaved_repeats_every_function():
