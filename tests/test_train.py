@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from sata.cli import main as cli_main
 from sata.lm import LMConfig, TransformerLM
 from sata.train.data import load_corpus
-from sata.train.generate import generate, sample_next
+from sata.train.generate import generate, printable, sample_next
 from sata.train.loop import TrainConfig, lr_factor, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -281,6 +282,28 @@ def test_cli_train_then_generate(tmp_path, text_dir, capsys):
     cap = capsys.readouterr()
     assert cap.out.startswith("import ")
     assert "ms/token" in cap.err and "tokens/s" in cap.err
+
+
+def test_printable_shows_control_characters_instead_of_sending_them():
+    assert printable("a\x1b[31mb\rc\x07\x7f\x85d\n\te\u00e9") == "a\\x1b[31mb\\x0dc\\x07\\x7f\\x85d\n\te\u00e9"
+
+
+def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_path):
+    """Near-uniform bytes (an untrained model, high temperature) hold control characters; with stdout and
+    stderr on one terminal, the text comes out whole, escaped, and the measurements after it."""
+    torch.manual_seed(0)
+    TransformerLM(LMConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "m")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "sata.cli", "generate", str(tmp_path / "m"), "--tokens", "300",
+                        "--temperature", "100", "--report-every", "100", "--prompt", "START"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout
+    header, _, rest = r.stdout.partition("START")
+    assert header.startswith("# sata P=3") and "1 torch thread(s)" in header and header.count("\n") == 1
+    text, _, table = rest.rpartition("\n# " + " " * 3 + "tokens")
+    assert "ms/token" not in text and "\\x" in text                      # control bytes were generated, escaped
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", r.stdout)
+    assert [line.split()[1] for line in table.splitlines()[1:4]] == ["100", "200", "300"]
 
 
 @pytest.mark.parametrize("argv, match", [
