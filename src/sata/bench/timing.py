@@ -432,10 +432,15 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
+def is_busy(load_average: float, cores: int) -> bool:
+    """Whether other processes already keep the cores busy (a load average above half of them)."""
+    return load_average > 0.5 * cores
+
+
 def busy_warning(machine: dict) -> str | None:
     """A warning if other processes already keep the cores busy (timings will be noisy)."""
     load = (machine.get("load_average") or [0])[0]
-    if machine["device"] == "cpu" and load > 0.5 * machine["cores"]:
+    if machine["device"] == "cpu" and is_busy(load, machine["cores"]):
         return (f"the machine is busy (load average {load:.1f} on {machine['cores']} cores): timings will be "
                 f"noisy and slow; ratios measured in the same run remain comparable"
                 + ("; with several torch threads, --threads 1 may be steadier" if machine["torch_threads"] > 1 else ""))
