@@ -235,3 +235,14 @@ def test_bench_decode_subcommand(tmp_path):
     data = json.loads(js.read_text())
     assert [r["context"] for r in data["decode"]["rows"]] == [16, 48]
     assert data["decode"]["config"]["n_heads"] == 2
+
+
+def test_bench_and_replicate_print_no_profiler_lines(tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for argv in (["bench", "decode", "--tiny", "--heads", "2", "--contexts", "16,32"],
+                 ["replicate", "--tiny", "--parts", "decode", "--out", str(tmp_path / "rep")]):
+        r = subprocess.run([sys.executable, "-m", "sata.cli", *argv], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        noise = [line for line in (r.stdout + r.stderr).splitlines() if "USDT" in line or ".cpp:" in line]
+        assert noise == [], noise[:3]

@@ -215,20 +215,7 @@ def time_interleaved(
     if probe:
         _probe().quiet_seconds()          # calibrated before, not during, the measurement
         fns = {**fns, _PROBE_KEY: _probe()}
-    calls: dict[str, int] = {}
-    for name, fn in fns.items():
-        elapsed = float("inf")
-        for _ in range(max(warmup, 1)):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            elapsed = min(elapsed, time.perf_counter() - t0)
-            if elapsed >= min_time:   # slow enough: caches and allocations are warm
-                break
-        if burst_time > 0 and elapsed < burst_time:   # per call in a loop: a lone call may still be cold
-            elapsed = _loop_seconds(fn, device, burst_time / 2)
-        calls[name] = max(1, int(burst_time / max(elapsed, 1e-9))) if burst_time > 0 else 1
+    calls = {name: _warm_up(fn, device, warmup, min_time, burst_time) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     def done(name: str) -> bool:
         n, total = len(samples[name]), sum(samples[name])
@@ -249,6 +236,25 @@ def time_interleaved(
         load = _probe().load(timings.pop(_PROBE_KEY).median)
         timings = {name: dataclasses.replace(t, load=load) for name, t in timings.items()}
     return timings
+
+
+def _warm_up(fn: Callable[[], object], device, warmup: int, min_time: float, burst_time: float) -> int:
+    """Call ``fn`` ``warmup`` times (at least once; fewer if a call takes ``min_time``); return the
+    calls per sample: as many as take ``burst_time`` back to back, or 1."""
+    elapsed = float("inf")
+    for _ in range(max(warmup, 1)):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        elapsed = min(elapsed, time.perf_counter() - t0)
+        if elapsed >= min_time:   # slow enough: caches and allocations are warm
+            break
+    if burst_time <= 0:
+        return 1
+    if elapsed < burst_time:      # per call in a loop: a lone call may still be cold
+        elapsed = _loop_seconds(fn, device, burst_time / 2)
+    return max(1, int(burst_time / max(elapsed, 1e-9)))
 
 
 def _loop_seconds(fn: Callable[[], object], device, budget: float) -> float:
