@@ -142,14 +142,15 @@ def evaluate(model: TransformerLM, windows: torch.Tensor, dist: _Dist, batch_siz
              progress: bool = False) -> float:
     """Mean next-byte cross-entropy (nats) over ``windows [n, T + 1]``, split across processes.
     ``progress``: a transient progress bar (validation can take a minute on a CPU)."""
-    from tqdm.auto import tqdm
-
     mine = windows[dist.rank::dist.world]
     dev = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=dev)                # [sum of losses, count]
     starts = range(0, mine.shape[0], batch_size)
-    for i in tqdm(starts, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
-                  disable=not progress):
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="validation", unit="batch", leave=False, dynamic_ncols=True)
+    for i in starts:
         w = mine[i:i + batch_size].to(dev)                                 # [b, T + 1]
         logits, _ = model(w[:, :-1])                                       # [b, T, V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum")
