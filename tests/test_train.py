@@ -107,6 +107,11 @@ class TestTraining:
         for name in ("log.csv", "log.json", "loss.png", "model/model.safetensors", "checkpoint/trainer.pt"):
             assert (tmp_path / name).is_file(), name
 
+    def test_validation_shows_its_progress(self, tmp_path, text_dir, capsys):
+        train(_tiny(tmp_path, text_dir, steps=2, eval_every=2, eval_tokens=2048), progress=True)
+        err = capsys.readouterr().err
+        assert "validation" in err and "batch" in err
+
     def test_resume_with_other_settings_is_refused(self, tmp_path, text_dir):
         train(_tiny(tmp_path, text_dir, steps=2), progress=False)
         with pytest.raises(ValueError, match="different settings.*lr"):
