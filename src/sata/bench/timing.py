@@ -159,7 +159,8 @@ class LoadProbe:
         if threads not in self._fastest:   # the fastest of a few short runs: one likely found a core free
             with torch_threads(threads):
                 self._fastest[threads] = min(
-                    time_fn(self, min_repeat=10, min_time=0.01, burst_time=0.002, probe=False).median for _ in range(5))
+                    time_fn(self, min_repeat=10, min_time=0.01, burst_time=_PROBE_BURST, probe=False).median
+                    for _ in range(5))
         return self._fastest[threads]
 
     def quiet_seconds(self) -> float:
@@ -178,6 +179,7 @@ def _probe() -> LoadProbe:
 
 
 _PROBE_KEY = "\0probe"
+_PROBE_BURST = 0.002    # seconds of back-to-back probe calls per sample, in calibration and in measurements
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -215,7 +217,9 @@ def time_interleaved(
     if probe:
         _probe().quiet_seconds()          # calibrated before, not during, the measurement
         fns = {**fns, _PROBE_KEY: _probe()}
-    calls = {name: _warm_up(fn, device, warmup, min_time, burst_time) for name, fn in fns.items()}
+    # the probe runs in bursts as when it was calibrated, whatever the measured functions do
+    calls = {name: _warm_up(fn, device, warmup, min_time, _PROBE_BURST if name == _PROBE_KEY else burst_time)
+             for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     def done(name: str) -> bool:
         n, total = len(samples[name]), sum(samples[name])
