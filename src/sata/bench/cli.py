@@ -4,6 +4,7 @@
     sata bench prefill  [--quick]   causal prefill by prompt length
     sata bench targets  [--quick]   issue 4's targets 1-6, PASS/FAIL (includes both sweeps)
     sata bench all      [--quick]   the same as targets, printing every table
+    sata bench mqar     [--preset]  recall accuracy against state size (sata.bench.mqar)
 
 Every comparison is measured in one run on the same inputs; we report medians of repeated
 timings after warm-up, and ratios sata / baseline. ``--quick`` uses smaller contexts (minutes on
@@ -21,7 +22,7 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all"),
+    parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all", "mqar"),
                         help="what to measure")
     parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores")
     parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file")
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: seconds, meaningless numbers
+    from .mqar import add_arguments as mqar_arguments
+
+    mqar_arguments(parser)
 
 
 def _max_memory(text: str | None) -> int:
@@ -71,6 +75,10 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         print("sata bench needs tqdm for its progress bars: pip install 'sata-attention[plot]'", file=sys.stderr)
         return 2
+    if args.what == "mqar":
+        from .mqar import main as mqar_main
+
+        return mqar_main(args)
     threads = set_threads(args.threads)
     latency = args.threads or LATENCY_THREADS
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
