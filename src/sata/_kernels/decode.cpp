@@ -6,7 +6,7 @@
 //   u[g, f]  = <phi(q_g), S'[f, :]>
 //   y[g, :]  = u[g, :Ev] / u[g, Ev]                (0 where the normaliser is not positive)
 // The state is read once and written once (in place when S_out == S_in), which is the
-// memory-traffic floor of a decode step. Built on first use by sata._kernels (g++ -O3 -fopenmp).
+// memory-traffic floor of a decode step. Built on first use by sata._kernels; threads as in kernels.h.
 //
 // Layouts (all contiguous): q [N, G, d], k [N, d], v [N, Ev], keep [N] or null,
 // S_in / S_out [N, F, D] with F = Ev + 1 (the state's kv[..., D, F] stored D-contiguous), in the
@@ -15,41 +15,14 @@
 // step weights of degrees >= 2, in feature order) describe the colex hierarchy.
 
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "kernels.h"
 
 namespace {
 
-// one 64-byte vector of T (GCC/Clang vector extension: SIMD where the target has it)
-template <typename T>
-struct Vec {
-  static constexpr int W = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
-  static type load(const T* p) {
-    type x;
-    std::memcpy(&x, p, sizeof(x));
-    return x;
-  }
-  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
-};
-
-// half a vector: feature segments are short (C(j+p-1, p-1) entries), so narrower vectors waste
-// fewer lanes and split fewer cache lines
-template <typename T>
-struct HalfVec {
-  static constexpr int W = 32 / sizeof(T);
-  typedef T type __attribute__((vector_size(32)));
-  static type load(const T* p) {
-    type x;
-    std::memcpy(&x, p, sizeof(x));
-    return x;
-  }
-  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
-};
+using sata::Vec;
 
 // phi(x) built degree by degree: the degree-p monomials whose largest index is j are the first
 // C(j+p-1, p-1) degree-(p-1) monomials (a contiguous prefix) times x_j, each with its step weight.
@@ -69,7 +42,9 @@ struct Features {
 
   // degree p (>= 2) of one row, from its degree p - 1 block at prev; returns the block's size
   int64_t degree(T* phi, const T* prev, T* out, const T* w, int64_t p) const {
-    using V = HalfVec<T>;
+    // half vectors: feature segments are short (C(j+p-1, p-1) entries), so narrower vectors waste
+    // fewer lanes and split fewer cache lines
+    using V = Vec<T, 32>;
     const T* xs = phi + 1;
     T* start = out;
     for (int64_t j = 0; j < d; ++j) {
@@ -152,20 +127,15 @@ inline void sweep_rows(const TS* src, TS* dst, int64_t D, int64_t F, int64_t G, 
 }
 
 template <typename T, typename TS>
-void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q, const T* k, const T* v,
-            const uint8_t* keep, const TS* S_in, TS* S_out, T* y, const int64_t* prefix_len, const T* weight, T sq,
-            T sk, int n_threads) {
-  const int64_t F = Ev + 1;
+void decode(const DecodeArgs& a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in, TS* S_out,
+            T* y) {
+  const int64_t N = a.N, G = a.G, d = a.d, Ev = a.Ev, D = a.D, F = Ev + 1;
   const int64_t ld = D + Vec<T>::W;  // feature rows carry a vector of padding
-  const Features<T> feat{d, P, prefix_len, weight};
-#pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
-  {
-#ifdef _OPENMP
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-    const int64_t nt = 1, t = 0;
-#endif
-    const int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt, rows = (n1 - n0) * (1 + G);
+  const Features<T> feat{d, a.P, a.prefix_len, static_cast<const T*>(a.weight)};
+  const T sq = T(a.sq), sk = T(a.sk);
+  const int64_t nt = sata::threads_for(N, sata::work(N, 1, G, F, D), a.work_per_thread);
+  sata::on_threads(nt, [&](int64_t t, int64_t team) {
+    const int64_t n0 = N * t / team, n1 = N * (t + 1) / team, rows = (n1 - n0) * (1 + G);
     // this thread's features: per head, its key row then its G query rows
     // uninitialised on purpose: every entry the sweeps read is written first (no memset per step)
     std::unique_ptr<T[]> phi_buf(new T[rows * ld]);
@@ -201,28 +171,26 @@ void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, c
         for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
       }
     }
-  }
+  });
 }
 
 }  // namespace
 
-// the constants of a decode plan, bound once (fewer arguments per call: each costs in ctypes)
-struct DecodeArgs {
-  int64_t N, G, d, Ev, D, P;
-  const int64_t* prefix_len;
-  const void* weight;
-  double sq, sk;
-};
-
 extern "C" {
 
-int sata_kernel_version() { return 5; }
+int64_t sata_kernel_abi() { return SATA_KERNEL_ABI; }
 
-#define SATA_DECODE(NAME, T, TS)                                                                                  \
-  void NAME(const DecodeArgs* a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in,        \
-            TS* S_out, T* y, int n_threads) {                                                                      \
-    decode<T, TS>(a->N, a->G, a->d, a->Ev, a->D, a->P, q, k, v, keep, S_in, S_out, y, a->prefix_len,               \
-                  static_cast<const T*>(a->weight), T(a->sq), T(a->sk), n_threads);                               \
+// sizes of the argument structs, which the Python side mirrors (0 decode, 1 prefill, 2 prefill tensors)
+int64_t sata_struct_size(int64_t which) {
+  const int64_t sizes[] = {sizeof(DecodeArgs), sizeof(PrefillArgs), sizeof(PrefillTensors)};
+  return which >= 0 && which < 3 ? sizes[which] : -1;
+}
+
+// returns 0, or 1 when the step failed (out of memory): the outputs are then undefined
+#define SATA_DECODE(NAME, T, TS)                                                                             \
+  int NAME(const DecodeArgs* a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in,   \
+           TS* S_out, T* y) {                                                                                \
+    return sata::guarded([&] { decode<T, TS>(*a, q, k, v, keep, S_in, S_out, y); });                        \
   }
 
 SATA_DECODE(sata_decode_f32, float, float)
