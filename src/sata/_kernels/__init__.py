@@ -130,11 +130,8 @@ def _open(path: str) -> ctypes.CDLL:
     return lib
 
 
-def _build() -> ctypes.CDLL:
-    """The library from the cache, or built into it (and rebuilt when the cached file does not load or match)."""
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
+def _library_path(cxx: str) -> Path:
+    """Where the library built by ``cxx`` for these sources, flags, CPU and torch is cached."""
     key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _SOURCES), repr((_FLAGS, _LINK, _OPTIONAL)).encode(),
                                      cxx.encode(), _cpu_id().encode(), platform.machine().encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
@@ -144,7 +141,15 @@ def _build() -> ctypes.CDLL:
     except OSError:
         cache = Path(tempfile.gettempdir()) / "sata-kernels"
         cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"kernels-{key}.so"
+    return cache / f"kernels-{key}.so"
+
+
+def _build() -> ctypes.CDLL:
+    """The library from the cache, or built into it (and rebuilt when the cached file does not load or match)."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
+    target = _library_path(cxx)
     if target.exists():
         try:
             return _open(str(target))
@@ -152,7 +157,7 @@ def _build() -> ctypes.CDLL:
             pass  # truncated, foreign or stale: rebuild below
     # build beside the target, load it under its own name (a stale library loaded above keeps the
     # target's name in this process) and only then rename: no process ever loads a partial file
-    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         _compile(cxx, tmp)

@@ -14,6 +14,8 @@
 // prefix_len [(P-2) * d] = C(j+p-1, p-1) for p >= 2 and weight [D-1-d, plus VW of padding] (the
 // step weights of degrees >= 2, in feature order) describe the colex hierarchy.
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -126,51 +128,60 @@ inline void sweep_rows(const TS* src, TS* dst, int64_t D, int64_t F, int64_t G, 
   }
 }
 
+// heads n0 .. n1-1 of a decode step; phi holds (n1 - n0) (1 + G) feature rows of ld entries, vt F, u G F
+template <typename T, typename TS>
+void decode_heads(const DecodeArgs& a, int64_t n0, int64_t n1, const T* q, const T* k, const T* v,
+                  const uint8_t* keep, const TS* S_in, TS* S_out, T* y, T* phi, int64_t ld, T* vt, TS* u) {
+  const int64_t G = a.G, d = a.d, Ev = a.Ev, D = a.D, F = Ev + 1, rows = (n1 - n0) * (1 + G);
+  const Features<T> feat{d, a.P, a.prefix_len, static_cast<const T*>(a.weight)};
+  for (int64_t n = n0; n < n1; ++n) {  // per head, its key row then its G query rows
+    T* base = phi + (n - n0) * (1 + G) * ld;
+    feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, T(a.sk), base);
+    for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, T(a.sq), base + (1 + g) * ld);
+  }
+  feat.build(phi, rows, ld);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* pk = phi + (n - n0) * (1 + G) * ld;
+    const T* pq = pk + ld;
+    const bool use = keep == nullptr || keep[n];
+    for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
+    vt[Ev] = use ? T(1) : T(0);
+    const TS* src = S_in + n * F * D;
+    TS* dst = S_out + n * F * D;
+    if (G == 1 && F == 5) {
+      sweep_fixed<T, TS, 5>(src, dst, D, pk, pq, vt, u);
+    } else if (G == 1 && F == 9) {
+      sweep_fixed<T, TS, 9>(src, dst, D, pk, pq, vt, u);
+    } else if (G == 1 && F == 17) {
+      sweep_fixed<T, TS, 17>(src, dst, D, pk, pq, vt, u);
+    } else {
+      sweep_rows<T, TS>(src, dst, D, F, G, pk, pq, ld, vt, u);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const TS z = u[g * F + Ev];
+      T* yg = y + (n * G + g) * Ev;
+      for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
+    }
+  }
+}
+
 template <typename T, typename TS>
 void decode(const DecodeArgs& a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in, TS* S_out,
             T* y) {
-  const int64_t N = a.N, G = a.G, d = a.d, Ev = a.Ev, D = a.D, F = Ev + 1;
-  const int64_t ld = D + Vec<T>::W;  // feature rows carry a vector of padding
-  const Features<T> feat{d, a.P, a.prefix_len, static_cast<const T*>(a.weight)};
-  const T sq = T(a.sq), sk = T(a.sk);
-  const int64_t nt = sata::threads_for(N, sata::work(N, 1, G, F, D), a.work_per_thread);
-  sata::on_threads(nt, [&](int64_t t, int64_t team) {
-    const int64_t n0 = N * t / team, n1 = N * (t + 1) / team, rows = (n1 - n0) * (1 + G);
-    // this thread's features: per head, its key row then its G query rows
+  // heads go out in small groups as threads ask for them: a thread the scheduler delays takes
+  // fewer, instead of the call waiting for its fixed share
+  constexpr int64_t kHeads = 8;
+  const int64_t N = a.N, G = a.G, F = a.Ev + 1, groups = (N + kHeads - 1) / kHeads;
+  const int64_t ld = a.D + Vec<T>::W;  // feature rows carry a vector of padding
+  std::atomic<int64_t> next{0};
+  sata::on_threads(sata::threads_for(groups, sata::work(N, 1, G, F, a.D), a.work_per_thread), [&] {
     // uninitialised on purpose: every entry the sweeps read is written first (no memset per step)
-    std::unique_ptr<T[]> phi_buf(new T[rows * ld]);
-    T* const phi = phi_buf.get();
+    std::unique_ptr<T[]> phi(new T[kHeads * (1 + G) * ld]);
     std::vector<T> vt(F);
     std::vector<TS> u(G * F);
-    for (int64_t n = n0; n < n1; ++n) {
-      T* base = phi + (n - n0) * (1 + G) * ld;
-      feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, sk, base);
-      for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, sq, base + (1 + g) * ld);
-    }
-    feat.build(phi, rows, ld);
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* pk = phi + (n - n0) * (1 + G) * ld;
-      const T* pq = pk + ld;
-      const bool use = keep == nullptr || keep[n];
-      for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
-      vt[Ev] = use ? T(1) : T(0);
-      const TS* src = S_in + n * F * D;
-      TS* dst = S_out + n * F * D;
-      if (G == 1 && F == 5) {
-        sweep_fixed<T, TS, 5>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else if (G == 1 && F == 9) {
-        sweep_fixed<T, TS, 9>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else if (G == 1 && F == 17) {
-        sweep_fixed<T, TS, 17>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else {
-        sweep_rows<T, TS>(src, dst, D, F, G, pk, pq, ld, vt.data(), u.data());
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const TS z = u[g * F + Ev];
-        T* yg = y + (n * G + g) * Ev;
-        for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
-      }
-    }
+    for (int64_t group = next++; group < groups; group = next++)
+      decode_heads<T, TS>(a, group * kHeads, std::min(N, (group + 1) * kHeads), q, k, v, keep, S_in, S_out, y,
+                          phi.get(), ld, vt.data(), u.data());
   });
 }
 

@@ -84,15 +84,16 @@ inline int64_t threads_for(int64_t units, double flops, double work_per_thread) 
   return std::max<int64_t>(1, paid < double(most) ? int64_t(paid) : most);
 }
 
-// f(t, nt) for t = 0 .. nt-1 on torch's pool; the calling thread alone when nt == 1
+// f() on each of nt threads of torch's pool (the calling thread alone when nt == 1); the threads
+// share the work out among themselves
 template <typename F>
 inline void on_threads(int64_t nt, const F& f) {
   if (nt <= 1) {
-    f(int64_t(0), int64_t(1));
+    f();
     return;
   }
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) f(t, nt);
+    for (int64_t t = begin; t < end; ++t) f();
   });
 }
 

@@ -316,7 +316,7 @@ void prefill(const PrefillArgs& a, const PrefillTensors& t) {
   TS* S = static_cast<TS*>(t.S);
   const int64_t nt = sata::threads_for(N, sata::work(N, Lk, G * t.Lq, a.Ev + 1, a.D), a.work_per_thread);
   std::atomic<int64_t> next{0};
-  sata::on_threads(nt, [&](int64_t, int64_t) {
+  sata::on_threads(nt, [&] {
     Head<T, TS> head(G, t.Lq, Lk, a.d, a.Ev, a.D, a.P, a.prefix_len, static_cast<const T*>(a.weight), T(a.sq),
                      T(a.sk));
     head.k_sl = t.k.l;
