@@ -65,14 +65,14 @@ def threshold(args) -> None:
     D, F = feature_dim(E, P), E + 1
     torch.set_num_threads(args.threads)
     cases = []
-    for B in (1, 4, 16, 64):
+    for B in (1, 4, 16, 64, 256):
         plan = _kernels.decode_plan(B * H, 1, E, E, P, torch.float32, 1.0, E ** -0.5, torch.float32, (), ())
         q, k, v, y = (torch.randn(B * H, E) for _ in range(4))
         S = torch.zeros(B * H, F, D)
         cases.append((f"decode B={B}", 2.0 * B * H * 2 * F * D, plan._args,
                       lambda plan=plan, q=q, k=k, v=v, S=S, y=y: plan(q, k, v, None, S, S, y)))
     plan = _kernels.prefill_plan(H, 1, E, E, P, torch.float32, 1.0, E ** -0.5, True, torch.float32)
-    for L in (32, 128, 512, 2048):
+    for L in (32, 128, 512, 2048, 8192):
         q, k, v, y = (torch.randn(1, H, L, E) for _ in range(4))
         S = torch.zeros(1, H, D, F)
         cases.append((f"prefill L={L}", 2.0 * H * 2 * L * F * D, plan._args,

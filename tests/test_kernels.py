@@ -199,7 +199,7 @@ def all_threads(monkeypatch):
     """Two torch threads, and plans that fan out whatever the work (the policy's other side)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    monkeypatch.setattr(_kernels, "_WORK_PER_THREAD", 1.0)
+    monkeypatch.setattr(_kernels, "_WORK_PER_THREAD", {"decode": 1.0, "prefill": 1.0})
     yield
     torch.set_num_threads(threads)
 

@@ -48,9 +48,12 @@ _LINK = [f"-L{_TORCH / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{_TORCH / '
 # tried in order: the first set this compiler accepts is used (without OpenMP the kernels run serially)
 _OPTIONAL = [["-march=native", "-fopenmp"], ["-fopenmp"], []]
 _BUILD_TIMEOUT = 300.0  # seconds per compiler call; a build takes ~5 s on a busy 2-core machine
-# Flops a call must have per thread before it uses more than one (kernels.h: threads_for).
-# Measured with benchmarks/kernel_threads.py: ...
-_WORK_PER_THREAD = 1e7
+# Flops (2 F D per key and per query, kernels.h: work) a call must have per thread before it uses
+# more than one: about 2.5 ms of one core's work. From benchmarks/kernel_threads.py threshold on 2
+# cores: idle, a second thread pays from ~20 us of work; beside busy processes a fan-out costs a
+# time slice (~10 ms) whatever the work, so a call fans out once a time slice is small against it.
+# Decode streams the state through memory (~13 GFLOP/s per core here), prefill computes (~40).
+_WORK_PER_THREAD = {"decode": 3e7, "prefill": 1e8}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _status = "not built yet"
@@ -243,7 +246,7 @@ class DecodePlan:
         self._prefix_len, self._weight = _hierarchy(basis, dtype)
         self._fn = _entry(lib, "decode", dtype, state_dtype or dtype)
         self._args = _DecodeArgs(N, G, d, Ev, basis.dim, basis.n_taylor, self._prefix_len.data_ptr(),
-                                 self._weight.data_ptr(), sq, sk, _WORK_PER_THREAD)
+                                 self._weight.data_ptr(), sq, sk, _WORK_PER_THREAD["decode"])
         self._args_ptr = ctypes.addressof(self._args)
         self.state_shape = state_shape   # (*batch, Hkv, F, D): the kernel's state layout
         self.out_shape = out_shape       # (*batch, Hq, 1, Ev)
@@ -283,7 +286,7 @@ class PrefillPlan:
         self._prefix_len, self._weight = _hierarchy(basis, dtype)
         self._fn = _entry(lib, "prefill", dtype, state_dtype or dtype)
         self._args = _PrefillArgs(Hkv, G, d, Ev, basis.dim, basis.n_taylor, self._prefix_len.data_ptr(),
-                                  self._weight.data_ptr(), sq, sk, _WORK_PER_THREAD, int(causal))
+                                  self._weight.data_ptr(), sq, sk, _WORK_PER_THREAD["prefill"], int(causal))
         self._args_ptr = ctypes.addressof(self._args)
         self._shape = (Hkv, G, d, Ev, basis.dim, bool(causal))
 
