@@ -6,7 +6,7 @@
 //   u[g, f]  = <phi(q_g), S'[f, :]>
 //   y[g, :]  = u[g, :Ev] / u[g, Ev]                (0 where the normaliser is not positive)
 // The state is read once and written once (in place when S_out == S_in), which is the
-// memory-traffic floor of a decode step. Built on first use by sata._kernels (g++ -O3 -fopenmp).
+// memory-traffic floor of a decode step. Built on first use by sata._kernels; threads as in kernels.h.
 //
 // Layouts (all contiguous): q [N, G, d], k [N, d], v [N, Ev], keep [N] or null,
 // S_in / S_out [N, F, D] with F = Ev + 1 (the state's kv[..., D, F] stored D-contiguous), in the
@@ -14,42 +14,17 @@
 // prefix_len [(P-2) * d] = C(j+p-1, p-1) for p >= 2 and weight [D-1-d, plus VW of padding] (the
 // step weights of degrees >= 2, in feature order) describe the colex hierarchy.
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "kernels.h"
 
 namespace {
 
-// one 64-byte vector of T (GCC/Clang vector extension: SIMD where the target has it)
-template <typename T>
-struct Vec {
-  static constexpr int W = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
-  static type load(const T* p) {
-    type x;
-    std::memcpy(&x, p, sizeof(x));
-    return x;
-  }
-  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
-};
-
-// half a vector: feature segments are short (C(j+p-1, p-1) entries), so narrower vectors waste
-// fewer lanes and split fewer cache lines
-template <typename T>
-struct HalfVec {
-  static constexpr int W = 32 / sizeof(T);
-  typedef T type __attribute__((vector_size(32)));
-  static type load(const T* p) {
-    type x;
-    std::memcpy(&x, p, sizeof(x));
-    return x;
-  }
-  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
-};
+using sata::Vec;
 
 // phi(x) built degree by degree: the degree-p monomials whose largest index is j are the first
 // C(j+p-1, p-1) degree-(p-1) monomials (a contiguous prefix) times x_j, each with its step weight.
@@ -69,7 +44,9 @@ struct Features {
 
   // degree p (>= 2) of one row, from its degree p - 1 block at prev; returns the block's size
   int64_t degree(T* phi, const T* prev, T* out, const T* w, int64_t p) const {
-    using V = HalfVec<T>;
+    // half vectors: feature segments are short (C(j+p-1, p-1) entries), so narrower vectors waste
+    // fewer lanes and split fewer cache lines
+    using V = Vec<T, 32>;
     const T* xs = phi + 1;
     T* start = out;
     for (int64_t j = 0; j < d; ++j) {
@@ -151,78 +128,80 @@ inline void sweep_rows(const TS* src, TS* dst, int64_t D, int64_t F, int64_t G, 
   }
 }
 
+// heads n0 .. n1-1 of a decode step; phi holds (n1 - n0) (1 + G) feature rows of ld entries, vt F, u G F
 template <typename T, typename TS>
-void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q, const T* k, const T* v,
-            const uint8_t* keep, const TS* S_in, TS* S_out, T* y, const int64_t* prefix_len, const T* weight, T sq,
-            T sk, int n_threads) {
-  const int64_t F = Ev + 1;
-  const int64_t ld = D + Vec<T>::W;  // feature rows carry a vector of padding
-  const Features<T> feat{d, P, prefix_len, weight};
-#pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
-  {
-#ifdef _OPENMP
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-    const int64_t nt = 1, t = 0;
-#endif
-    const int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt, rows = (n1 - n0) * (1 + G);
-    // this thread's features: per head, its key row then its G query rows
-    // uninitialised on purpose: every entry the sweeps read is written first (no memset per step)
-    std::unique_ptr<T[]> phi_buf(new T[rows * ld]);
-    T* const phi = phi_buf.get();
-    std::vector<T> vt(F);
-    std::vector<TS> u(G * F);
-    for (int64_t n = n0; n < n1; ++n) {
-      T* base = phi + (n - n0) * (1 + G) * ld;
-      feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, sk, base);
-      for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, sq, base + (1 + g) * ld);
+void decode_heads(const DecodeArgs& a, int64_t n0, int64_t n1, const T* q, const T* k, const T* v,
+                  const uint8_t* keep, const TS* S_in, TS* S_out, T* y, T* phi, int64_t ld, T* vt, TS* u) {
+  const int64_t G = a.G, d = a.d, Ev = a.Ev, D = a.D, F = Ev + 1, rows = (n1 - n0) * (1 + G);
+  const Features<T> feat{d, a.P, a.prefix_len, static_cast<const T*>(a.weight)};
+  for (int64_t n = n0; n < n1; ++n) {  // per head, its key row then its G query rows
+    T* base = phi + (n - n0) * (1 + G) * ld;
+    feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, T(a.sk), base);
+    for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, T(a.sq), base + (1 + g) * ld);
+  }
+  feat.build(phi, rows, ld);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* pk = phi + (n - n0) * (1 + G) * ld;
+    const T* pq = pk + ld;
+    const bool use = keep == nullptr || keep[n];
+    for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
+    vt[Ev] = use ? T(1) : T(0);
+    const TS* src = S_in + n * F * D;
+    TS* dst = S_out + n * F * D;
+    if (G == 1 && F == 5) {
+      sweep_fixed<T, TS, 5>(src, dst, D, pk, pq, vt, u);
+    } else if (G == 1 && F == 9) {
+      sweep_fixed<T, TS, 9>(src, dst, D, pk, pq, vt, u);
+    } else if (G == 1 && F == 17) {
+      sweep_fixed<T, TS, 17>(src, dst, D, pk, pq, vt, u);
+    } else {
+      sweep_rows<T, TS>(src, dst, D, F, G, pk, pq, ld, vt, u);
     }
-    feat.build(phi, rows, ld);
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* pk = phi + (n - n0) * (1 + G) * ld;
-      const T* pq = pk + ld;
-      const bool use = keep == nullptr || keep[n];
-      for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
-      vt[Ev] = use ? T(1) : T(0);
-      const TS* src = S_in + n * F * D;
-      TS* dst = S_out + n * F * D;
-      if (G == 1 && F == 5) {
-        sweep_fixed<T, TS, 5>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else if (G == 1 && F == 9) {
-        sweep_fixed<T, TS, 9>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else if (G == 1 && F == 17) {
-        sweep_fixed<T, TS, 17>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else {
-        sweep_rows<T, TS>(src, dst, D, F, G, pk, pq, ld, vt.data(), u.data());
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const TS z = u[g * F + Ev];
-        T* yg = y + (n * G + g) * Ev;
-        for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
-      }
+    for (int64_t g = 0; g < G; ++g) {
+      const TS z = u[g * F + Ev];
+      T* yg = y + (n * G + g) * Ev;
+      for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
     }
   }
 }
 
-}  // namespace
+template <typename T, typename TS>
+void decode(const DecodeArgs& a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in, TS* S_out,
+            T* y) {
+  // heads go out in small groups as threads ask for them: a thread the scheduler delays takes
+  // fewer, instead of the call waiting for its fixed share
+  constexpr int64_t kHeads = 8;
+  const int64_t N = a.N, G = a.G, F = a.Ev + 1, groups = (N + kHeads - 1) / kHeads;
+  const int64_t ld = a.D + Vec<T>::W;  // feature rows carry a vector of padding
+  std::atomic<int64_t> next{0};
+  sata::on_threads(sata::threads_for(groups, sata::work(N, 1, G, F, a.D), a.work_per_thread), [&] {
+    // uninitialised on purpose: every entry the sweeps read is written first (no memset per step)
+    std::unique_ptr<T[]> phi(new T[kHeads * (1 + G) * ld]);
+    std::vector<T> vt(F);
+    std::vector<TS> u(G * F);
+    for (int64_t group = next++; group < groups; group = next++)
+      decode_heads<T, TS>(a, group * kHeads, std::min(N, (group + 1) * kHeads), q, k, v, keep, S_in, S_out, y,
+                          phi.get(), ld, vt.data(), u.data());
+  });
+}
 
-// the constants of a decode plan, bound once (fewer arguments per call: each costs in ctypes)
-struct DecodeArgs {
-  int64_t N, G, d, Ev, D, P;
-  const int64_t* prefix_len;
-  const void* weight;
-  double sq, sk;
-};
+}  // namespace
 
 extern "C" {
 
-int sata_kernel_version() { return 5; }
+int64_t sata_kernel_abi() { return SATA_KERNEL_ABI; }
 
-#define SATA_DECODE(NAME, T, TS)                                                                                  \
-  void NAME(const DecodeArgs* a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in,        \
-            TS* S_out, T* y, int n_threads) {                                                                      \
-    decode<T, TS>(a->N, a->G, a->d, a->Ev, a->D, a->P, q, k, v, keep, S_in, S_out, y, a->prefix_len,               \
-                  static_cast<const T*>(a->weight), T(a->sq), T(a->sk), n_threads);                               \
+// sizes of the argument structs, which the Python side mirrors (0 decode, 1 prefill, 2 prefill tensors)
+int64_t sata_struct_size(int64_t which) {
+  const int64_t sizes[] = {sizeof(DecodeArgs), sizeof(PrefillArgs), sizeof(PrefillTensors)};
+  return which >= 0 && which < 3 ? sizes[which] : -1;
+}
+
+// returns 0, or 1 when the step failed (out of memory): the outputs are then undefined
+#define SATA_DECODE(NAME, T, TS)                                                                             \
+  int NAME(const DecodeArgs* a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in,   \
+           TS* S_out, T* y) {                                                                                \
+    return sata::guarded([&] { decode<T, TS>(*a, q, k, v, keep, S_in, S_out, y); });                        \
   }
 
 SATA_DECODE(sata_decode_f32, float, float)
