@@ -51,6 +51,10 @@ class SATAState:
         sinks (int): first kept keys of the stream attended exactly; 0 for the plain op.
         exact (ExactKeys | None): the keys and values of the window and the sinks (None when both are 0).
             With a window or sinks ``kv`` holds only the keys outside every query's reach.
+        key_centre (torch.Tensor | None): ``[..., Hkv, E]``, a key vector subtracted from every key
+            absorbed into ``kv`` (fixed by the first re-centred call: the mean of its keys). Scores change by
+            one constant per query, which the re-centred series absorbs exactly; it keeps the series'
+            coefficients small, so float32 holds (``docs/WINDOW.md``). None: keys absorbed as they are.
 
     Gradients flow through ``kv``: pass a state that requires grad, get a state whose
     ``kv`` has a graph (truncated backpropagation through time works by ``detach()``).
@@ -65,6 +69,7 @@ class SATAState:
     window: int = 0
     sinks: int = 0
     exact: ExactKeys | None = None
+    key_centre: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv, torch.Tensor):
@@ -91,6 +96,10 @@ class SATAState:
             raise ValueError("SATAState.exact holds the window and sink keys: give it exactly when window or sinks > 0")
         if self.exact is not None:
             self.exact.check(self.kv.shape[:-2], self.window, self.sinks, self.d_key, self.d_value)
+        if self.key_centre is not None and (
+            not isinstance(self.key_centre, torch.Tensor) or self.key_centre.shape != (*self.kv.shape[:-2], self.d_key)
+        ):
+            raise ValueError(f"SATAState.key_centre must be [..., Hkv, d_key] = {(*self.kv.shape[:-2], self.d_key)}")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -137,7 +146,7 @@ class SATAState:
     @classmethod
     def _unchecked(cls, kv: torch.Tensor | None, n_taylor: int, d_key: int, d_value: int, scale: float, n_tokens: int,
                    kvT: torch.Tensor | None = None, window: int = 0, sinks: int = 0,
-                   exact: ExactKeys | None = None) -> SATAState:
+                   exact: ExactKeys | None = None, key_centre: torch.Tensor | None = None) -> SATAState:
         """Construct without validation: for the op's hot path, whose inputs were validated already.
 
         Pass ``kvT`` (the D-contiguous ``[..., Hkv, F, D]`` tensor) instead of ``kv`` to skip making
@@ -145,7 +154,7 @@ class SATAState:
         """
         self = object.__new__(cls)
         self.__dict__.update(n_taylor=n_taylor, d_key=d_key, d_value=d_value, scale=scale, n_tokens=n_tokens,
-                             window=window, sinks=sinks, exact=exact)
+                             window=window, sinks=sinks, exact=exact, key_centre=key_centre)
         if kv is not None:
             self.__dict__["kv"] = kv
         if kvT is not None:
@@ -193,7 +202,7 @@ class SATAState:
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.exact is None else sum(t.numel() * t.element_size() for t in self.exact.tensors())
+        extra = sum(t.numel() * t.element_size() for _, t in self._extras())
         return self.kv.numel() * self.kv.element_size() + extra
 
     @property
@@ -231,14 +240,20 @@ class SATAState:
 
     def _map(self, fn) -> SATAState:
         """The same state with ``fn`` applied to every tensor (floating and index tensors alike)."""
-        return replace(self, kv=fn(self.kv), exact=None if self.exact is None else self.exact.map(fn))
+        return replace(self, kv=fn(self.kv), exact=None if self.exact is None else self.exact.map(fn),
+                       key_centre=None if self.key_centre is None else fn(self.key_centre))
+
+    def _extras(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors besides ``kv``: the window and sink buffers and the key centre, by name."""
+        extras = [] if self.exact is None else self.exact.named()
+        return extras + ([] if self.key_centre is None else [("key_centre", self.key_centre)])
 
     def __add__(self, other: SATAState) -> SATAState:
         """Merge the states of two disjoint segments of one sequence (attention is a sum over keys)."""
         if not isinstance(other, SATAState):
             return NotImplemented
         self.check_compatible(other, what="the other state")
-        if self.exact is not None:
+        if self.exact is not None or self.key_centre is not None or other.key_centre is not None:
             from ._merge import merge_exact  # needs the feature map, which needs this module
             return merge_exact(self, other)
         return replace(self, kv=self.kv + other.kv.to(self.kv.dtype), n_tokens=self.n_tokens + other.n_tokens)
@@ -261,10 +276,10 @@ class SATAState:
         path = Path(path)
         kv = self.kv.detach().cpu().contiguous()
         config = {**self.config, "n_tokens": self.n_tokens, "dtype": str(kv.dtype)}
-        exact = {} if self.exact is None else {k: t.detach().cpu().contiguous() for k, t in self.exact.named()}
+        exact = {k: t.detach().cpu().contiguous() for k, t in self._extras()}
         payload = {
             "format": _FORMAT,
-            "version": _VERSION if self.exact is None else _VERSION_EXACT,
+            "version": _VERSION if not exact else _VERSION_EXACT,
             "config": config,
             "sha256": _digest(kv, config, exact),
             "kv": kv,
@@ -334,7 +349,8 @@ class SATAState:
                 n_tokens=config["n_tokens"],
                 window=config.get("window", 0),
                 sinks=config.get("sinks", 0),
-                exact=ExactKeys(**exact) if exact else None,
+                exact=ExactKeys(**{k: t for k, t in exact.items() if k != "key_centre"}) if "win_k" in exact else None,
+                key_centre=exact.get("key_centre"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateFileError(f"{path} holds an invalid SATA state: {e}") from e

@@ -52,7 +52,8 @@ class _Call:
         self.beta = per_head(hybrid.taylor_mix, (spec.n_kv_heads, g, 1), self.cd)
 
 
-def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool):
+def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool,
+                     key_centre=None):
     """The window mode for one call.
 
     Args:
@@ -61,10 +62,15 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         mask: ``[B, Lk]`` bool, True = padded key, or None;
         far: the far Taylor state before the call, F-major ``[B, Hkv, Ev + 1, D]``, or None (empty);
         exact: the window and sink keys before the call, batch flattened to ``B``;
-        n_tokens: positions seen before the call.
+        n_tokens: positions seen before the call;
+        key_centre: ``[B, Hkv, E]`` subtracted from the keys of the far state, or None.
 
     Returns:
         ``y [B, Hkv, g, Lq, Ev]``, the far state and the :class:`ExactKeys` after the call.
+
+    With a key centre ``mu`` the far state holds ``phi(k - mu)``: the far scores are ``s' = s - delta_i``,
+    ``delta_i = scale q_i . mu``, and the series around ``c_i`` is the series of ``s'`` around
+    ``c_i - delta_i`` (moments read from the state are those of ``s'``); the exact keys use ``s``.
     """
     run = _Call(spec, hybrid)
     B, Hkv, g, L, E = q.shape
@@ -78,13 +84,14 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     ext_v = torch.cat([exact.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + Lk, Ev]
     ext_f = torch.cat([exact.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + Lk]
     ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
+    ks_far = ks if key_centre is None else _keys_values(run, ext_k - key_centre[:, :, None].to(ext_k.dtype), ext_v, ext_f)[0]
     shift = (n_tokens + Lk) % W if W else 0
     new_exact = ExactKeys(                                                      # the last W positions, ring order
         ext_k[:, :, Lk:].roll(shift, dims=-2).to(run.sd), ext_v[:, :, Lk:].roll(shift, dims=-2).to(run.sd),
         ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(run.sd), sink_v.to(run.sd), sink_pos,
     )
     if L == 0:  # absorb only: the keys that left the window
-        return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks[:, :, :Lk], vt[:, :, :Lk], far), new_exact
+        return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks_far[:, :, :Lk], vt[:, :, :Lk], far), new_exact
     qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E]
     sinks = (sink_k.to(run.cd) * run.sk, sink_v.to(run.cd), sink_pos)
 
@@ -95,20 +102,22 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     right = None
     if not causal:
         sR = max(W, 1)  # right far keys: j >= i + max(W, 1)
-        right = tuple(_reverse_shift(x[:, :, W:], sR) for x in (ks, vt))
+        right = tuple(_reverse_shift(x[:, :, W:], sR) for x in (ks_far, vt))
         n_far = n_far + right[1][..., -1:].cumsum(-2).flip(-2)
     has_far = (n_far > 0)[:, :, None, :, 0].expand(B, Hkv, g, L)                # [B, Hkv, g, L]
+    delta = None if key_centre is None else qs @ (key_centre.to(run.cd) * run.sk)[:, :, None, :, None]   # [B, Hkv, g, L, 1]
     if run.alpha is None:
-        c = qs.new_zeros(B, Hkv, g, L)
-        coef = None
+        c = qs.new_zeros(B, Hkv, g, L)                                          # the series around 0 ...
+        shifted = None if delta is None else -delta[..., 0]                     # ... is the series of s' around -delta
     else:
-        mom = _moments(run, qs, ks[:, :, :L], vt[:, :, :L, -1:], far)           # [B, Hkv, g, L, 3]
+        mom = _moments(run, qs, ks_far[:, :, :L], vt[:, :, :L, -1:], far)       # [B, Hkv, g, L, 3]
         if right is not None:
             mom = mom + _moments(run, qs.flip(-2), right[0], right[1][..., -1:], None).flip(-2)
-        c = centre(mom, run.alpha)                                              # [B, Hkv, g, L]
-        coef = centre_coefficients(c, run.P)                                    # [B, Hkv, g, L, P]
+        shifted = centre(mom, run.alpha)                                        # [B, Hkv, g, L] in units of s'
+        c = shifted if delta is None else shifted + delta[..., 0]
+    coef = None if shifted is None else centre_coefficients(shifted, run.P)     # [B, Hkv, g, L, P]
 
-    U, far = _scan(run, qs, ks[:, :, :L], vt[:, :, :L], far, coef)             # [B, Hkv, g, L, F]
+    U, far = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, coef)         # [B, Hkv, g, L, F]
     if right is not None:
         U = U + _scan(run, qs.flip(-2), *right, None, None if coef is None else coef.flip(-2))[0].flip(-2)
     m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
