@@ -293,6 +293,12 @@ def test_state_from_another_window_is_refused():
         plain + st
 
 
+def test_a_window_beyond_the_budget_is_refused_before_allocating():
+    q, k, v = qkv((1,), 2, 4, 4, 3, dtype=torch.float32)
+    with pytest.raises(sata.MemoryBudgetError, match="window=100000000"):
+        sata.sata_attention(q, k, v, n_taylor=3, is_causal=True, window=10**8)
+
+
 def test_noncausal_window_needs_aligned_queries():
     q, k, v = qkv((1,), 2, 6, 4, 3, Lk=9)
     with pytest.raises(ValueError, match="need Lq == Lk"):

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _kernels
 from ._checks import Spec, check_inputs
 from .basis import TaylorBasis, get_basis
-from .budget import MemoryBudgetError, format_bytes, get_memory_budget
+from .budget import MemoryBudgetError, check_budget, format_bytes, get_memory_budget
 from .features import _phi, _phi_t, taylor_exp
 from .hybrid import Hybrid, check_hybrid
 from .state import ExactKeys, SATAState
@@ -216,6 +216,15 @@ def _window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool,
             f"got Lq={spec.len_q}, Lk={spec.len_k}; absorb earlier keys into a state with sata.accumulate_state"
         )
     B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
+    itemsize = torch.empty((), dtype=spec.state_dtype).element_size()
+    # the window and sink buffers, and the extended stream of one call (window + call keys and values)
+    exact_bytes = B * Hkv * (2 * hybrid.window + hybrid.sinks + spec.len_k) * (spec.d_key + F) * itemsize
+    check_budget(
+        exact_bytes + B * Hkv * D * F * itemsize,
+        f"{fn}: window={hybrid.window}, sinks={hybrid.sinks} with {spec.len_k} keys, {B} x {Hkv} heads of "
+        f"d_key={spec.d_key}, d_value={spec.d_value} ({format_bytes(exact_bytes)} of exact keys and values)",
+        "Use a smaller window, fewer sinks, or split the call into shorter segments.",
+    )
     q = query.reshape(B, Hkv, g, spec.len_q, spec.d_key)                      # [B, Hkv, g, Lq, E]
     k = key.reshape(B, Hkv, spec.len_k, spec.d_key)                           # [B, Hkv, Lk, E]
     v = value.reshape(B, Hkv, spec.len_k, spec.d_value)                       # [B, Hkv, Lk, Ev]
