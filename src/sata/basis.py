@@ -46,12 +46,14 @@ def feature_dim(d_key: int, n_taylor: int) -> int:
     return math.comb(d_key + n_taylor - 1, n_taylor - 1)
 
 
-def state_size(d_key: int, d_value: int, n_taylor: int) -> int:
-    """Floats in one head's state: ``D * (d_value + 1)``.
+def state_size(d_key: int, d_value: int, n_taylor: int, *, window: int = 0, sinks: int = 0) -> int:
+    """Floats in one head's state: ``D * (d_value + 1) + (window + sinks) * (d_key + d_value)``.
 
-    The extra value column is the normaliser (denominator), fused into the same state.
+    The extra value column is the normaliser (denominator), fused into the same state. With a window
+    or sinks (``MATH.md`` section 6) the state also keeps their keys and values (and one flag or position
+    per slot and batch row, not counted here).
     """
-    return feature_dim(d_key, n_taylor) * (d_value + 1)
+    return feature_dim(d_key, n_taylor) * (d_value + 1) + (window + sinks) * (d_key + d_value)
 
 
 def flops_per_token(d_key: int, d_value: int, n_taylor: int) -> int:

@@ -6,6 +6,7 @@ import torch
 
 from ._checks import check_inputs
 from .features import taylor_exp
+from .hybrid import check_hybrid, centre, combine, exact_part, per_head
 
 __all__ = ["naive_sata_attention"]
 
@@ -20,6 +21,10 @@ def naive_sata_attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     key_padding_mask: torch.Tensor | None = None,
+    window: int = 0,
+    sinks: int = 0,
+    taylor_mix: float | torch.Tensor = 1.0,
+    recentre: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Reference truncated-Taylor attention, materialising the ``[..., Hq, Lq, Lk]`` weights.
 
@@ -29,10 +34,17 @@ def naive_sata_attention(
     computed in float32 (float64 for float64 inputs), returned in the input dtype; a
     row whose normaliser is not positive gives 0.
 
+    With ``window``, ``sinks`` or ``recentre`` (``MATH.md`` section 6) the weights of query ``i`` are
+    ``e^{s_ij - m_i}`` on its exact keys ``E_i`` (the ``window`` most recent positions, and the first
+    ``sinks`` kept keys) and ``beta e^{c_i - m_i} T_P(s_ij - c_i)`` on every other visible key ``F_i``,
+    where ``c_i = mean - alpha * sd`` of its scores over ``F_i`` (``c_i = 0`` without ``recentre``) and
+    ``m_i = max(max_{E_i} s_ij, c_i)``; computed here directly on the score matrix.
+
     Args:
         query (torch.Tensor): ``[..., Hq, Lq, E]``.
         key (torch.Tensor): ``[..., Hkv, Lk, E]``.
         value (torch.Tensor): ``[..., Hkv, Lk, Ev]``.
+        window, sinks, taylor_mix, recentre: as in :func:`sata.sata_attention`. Default: the plain op.
 
     Returns:
         ``[..., Hq, Lq, Ev]``.
@@ -41,19 +53,52 @@ def naive_sata_attention(
         "naive_sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask,
     )
+    hybrid = check_hybrid(
+        "naive_sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
+        n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=query.device,
+    )
     q, k, v = (t.to(spec.compute_dtype) for t in (query, key, value))
     if spec.group > 1:
         k = k.repeat_interleave(spec.group, dim=-3)                             # [..., Hq, Lk, E]
         v = v.repeat_interleave(spec.group, dim=-3)                             # [..., Hq, Lk, Ev]
-    w = taylor_exp(spec.scale * (q @ k.transpose(-1, -2)), spec.n_taylor)      # [..., Hq, Lq, Lk]
+    s = spec.scale * (q @ k.transpose(-1, -2))                                  # [..., Hq, Lq, Lk]
+    visible = torch.ones(spec.len_q, spec.len_k, dtype=torch.bool, device=q.device)
     if is_causal:
-        future = torch.ones(spec.len_q, spec.len_k, dtype=torch.bool, device=q.device).triu(1)
-        w = w.masked_fill(future, 0.0)
+        visible = visible.tril()
     if key_padding_mask is not None:
-        w = w.masked_fill(key_padding_mask[..., None, None, :], 0.0)
+        visible = visible & ~key_padding_mask[..., None, None, :]               # [..., 1, Lq, Lk]
         # a padded key's value must not reach the product either (0 * NaN is NaN)
         v = v.masked_fill(key_padding_mask[..., None, :, None], 0.0)
-    num = w @ v                                                                 # [..., Hq, Lq, Ev]
-    z = w.sum(dim=-1, keepdim=True)                                             # [..., Hq, Lq, 1]
+    if hybrid.plain:
+        w = taylor_exp(s, spec.n_taylor).masked_fill(~visible, 0.0)            # [..., Hq, Lq, Lk]
+        return _safe_rownorm(w @ v, w.sum(dim=-1, keepdim=True)).to(query.dtype)
+    exact = visible & _exact_keys(spec, hybrid, key_padding_mask, is_causal, q.device)   # [..., Hq|1, Lq, Lk]
+    far = visible & ~exact
+    alpha, beta = (per_head(x, (spec.n_q_heads, 1), spec.compute_dtype) for x in (hybrid.recentre, hybrid.taylor_mix))
+    farf = far.to(s.dtype).expand_as(s)                                         # [..., Hq, Lq, Lk]
+    if hybrid.recentre is None:
+        c = torch.zeros_like(s[..., 0])                                         # [..., Hq, Lq]
+    else:
+        moments = torch.stack([farf.sum(-1), (s * farf).sum(-1), (s * s / 2 * farf).sum(-1)], dim=-1)
+        c = centre(moments, alpha)                                              # [..., Hq, Lq]
+    T = taylor_exp(s - c[..., None], spec.n_taylor) * farf                     # [..., Hq, Lq, Lk]
+    U_far = torch.cat([T @ v, T.sum(dim=-1, keepdim=True)], dim=-1)           # [..., Hq, Lq, Ev + 1]
+    m, num, den = exact_part(s, exact, v)
+    return combine(m, num, den, U_far, c, far.any(dim=-1), beta, spec.d_value, query.dtype)
+
+
+def _exact_keys(spec, hybrid, key_padding_mask, is_causal: bool, device) -> torch.Tensor:
+    """``[..., 1, Lq, Lk]`` bool: key ``j`` is in query ``i``'s window, or is one of the first ``sinks`` kept keys."""
+    i = torch.arange(spec.len_q, device=device)[:, None]
+    j = torch.arange(spec.len_k, device=device)[None, :]
+    gap = i - j if is_causal else (i - j).abs()
+    exact = (gap >= 0) & (gap < hybrid.window)                                   # [Lq, Lk]
+    kept = torch.ones(spec.len_k, dtype=torch.bool, device=device) if key_padding_mask is None else ~key_padding_mask
+    rank = kept.long().cumsum(-1) - 1                                           # [..., Lk] among kept keys
+    sink = kept & (rank < hybrid.sinks)                                         # [..., Lk]
+    return exact | sink[..., None, None, :]
+
+
+def _safe_rownorm(num: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     dead = z <= 0  # False for NaN: a NaN normaliser propagates, as in SDPA
-    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(z), z)).to(query.dtype)
+    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(z), z))

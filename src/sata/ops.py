@@ -28,9 +28,11 @@ from torch.utils.checkpoint import checkpoint
 from . import _kernels
 from ._checks import Spec, check_inputs
 from .basis import TaylorBasis, get_basis
-from .budget import MemoryBudgetError, format_bytes, get_memory_budget
+from .budget import MemoryBudgetError, check_budget, format_bytes, get_memory_budget
 from .features import _phi, _phi_t, taylor_exp
-from .state import SATAState
+from .hybrid import Hybrid, check_hybrid
+from .state import ExactKeys, SATAState
+from ._paths.window import window_attention
 
 __all__ = ["accumulate_state", "sata_attention"]
 
@@ -40,6 +42,8 @@ _RECURRENT_MAX_LEN = 1
 _BLOCK_BYTES = 64 * 2**20
 # bytes of converted inputs one fused-kernel call may hold (non-float32 inputs)
 _SEGMENT_BYTES = 4 * 2**20
+# the default weight of the Taylor part: its identity tells a decode loop that nothing needs checking
+_DEFAULT_MIX = 1.0
 
 
 def sata_attention(
@@ -55,6 +59,10 @@ def sata_attention(
     state: SATAState | None = None,
     return_state: bool = False,
     inplace: bool = False,
+    window: int = 0,
+    sinks: int = 0,
+    taylor_mix: float | torch.Tensor = _DEFAULT_MIX,
+    recentre: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SATAState]:
     r"""Attention with ``exp`` replaced by its Taylor series truncated to ``n_taylor`` terms.
 
@@ -86,7 +94,26 @@ def sata_attention(
         inplace (bool): write the new state into ``state.kv`` instead of a new tensor, for serving
             loops that drop the old state anyway (no allocation per token; about a third less memory
             traffic). The returned state shares that tensor. Not allowed when ``state.kv`` requires
-            grad. Default: ``False`` (the passed-in state stays valid).
+            grad. Default: ``False`` (the passed-in state stays valid). Ignored in the window mode.
+        window (int): each query also attends *exactly* (softmax weights ``exp``) to the ``window``
+            most recent positions, itself included (non-causal: ``|i - j| < window``); the Taylor state
+            holds only the keys further back. ``window >= L`` is exact softmax attention. Default: ``0``.
+        sinks (int): and exactly to the first ``sinks`` kept keys of the stream (across calls; padded
+            keys do not count, so each row of a left-padded batch gets its own first keys). Default: ``0``.
+        taylor_mix (float | torch.Tensor): ``beta >= 0``, scalar or per query head ``[Hq]``, the weight of
+            the Taylor part beside the exact keys in the shared normaliser; differentiable. ``0`` is a
+            sliding window with sinks. Default: ``1.0`` (no effect without a window or sinks).
+        recentre (float | torch.Tensor, optional): ``alpha``, scalar or ``[Hq]``: expand the series of
+            query ``i`` around ``c_i = mu_i - alpha sd_i``, the mean and standard deviation of its scores
+            over the keys in the Taylor part, read from the same state (the mean needs ``n_taylor >= 2``,
+            the deviation ``n_taylor >= 3``); differentiable. Default: ``None``, the series around 0.
+
+            With any of these (``MATH.md`` section 6), for query ``i`` with exact keys ``E_i`` and
+            Taylor keys ``F_i``, ``m_i = max(max_{E_i} s_ij, c_i)``:
+            ``y_i = (sum_{E_i} e^{s_ij - m_i} v_j + beta e^{c_i - m_i} sum_{F_i} T_P(s_ij - c_i) v_j) / (same with 1)``.
+            The state then also keeps the window's and the sinks' keys and values
+            (``SATAState.exact``, in the state's dtype): memory per head
+            ``D (Ev + 1) + (window + sinks)(E + Ev)`` floats, still constant per token.
 
     Returns:
         ``[..., Hq, Lq, Ev]`` in the input dtype, or ``(output, state)`` with ``return_state=True``.
@@ -107,11 +134,19 @@ def sata_attention(
     if torch.compiler.is_compiling():  # opaque to torch.compile: run eagerly behind a graph break
         return _eager_attention(query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
                                 enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
-                                return_state=return_state, inplace=inplace)
+                                return_state=return_state, inplace=inplace, window=window, sinks=sinks,
+                                taylor_mix=taylor_mix, recentre=recentre)
     spec = check_inputs(
         "sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state,
     )
+    if window or sinks or recentre is not None or taylor_mix is not _DEFAULT_MIX or (
+        state is not None and state.exact is not None
+    ):
+        hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
+                              n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
+        if not hybrid.plain or (state is not None and state.exact is not None):
+            return _window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state)
     if inplace:
         if state is None or not return_state:
             raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
@@ -137,6 +172,8 @@ def accumulate_state(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     state: SATAState | None = None,
+    window: int = 0,
+    sinks: int = 0,
 ) -> SATAState:
     r"""Absorb keys and values into a state without reading it: ``S + phi(K)^T [V, 1]``.
 
@@ -146,7 +183,7 @@ def accumulate_state(
     Args:
         key (torch.Tensor): ``[..., Hkv, Lk, E]``.
         value (torch.Tensor): ``[..., Hkv, Lk, Ev]``.
-        n_taylor, scale, key_padding_mask: as in :func:`sata_attention`.
+        n_taylor, scale, key_padding_mask, window, sinks: as in :func:`sata_attention`.
         state (SATAState, optional): state to continue; never modified.
 
     Returns:
@@ -157,8 +194,71 @@ def accumulate_state(
         "accumulate_state", query, key, value, n_taylor=n_taylor, is_causal=False, scale=scale,
         enable_gqa=False, key_padding_mask=key_padding_mask, state=state,
     )
+    if window or sinks or (state is not None and state.exact is not None):
+        hybrid = check_hybrid("accumulate_state", window=window, sinks=sinks, taylor_mix=1.0, recentre=None,
+                              n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
+        return _window_call(query, key, value, spec, hybrid, False, key_padding_mask, state, True)[1]
     _, new_state = _attention(query, key, value, spec, False, key_padding_mask, state, True)
     return new_state
+
+
+def _window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state):
+    """The window mode (``MATH.md`` section 6): reshape, run :func:`window_attention`, wrap the new state."""
+    fn = "accumulate_state" if spec.len_q == 0 and not is_causal else "sata_attention"
+    if state is not None and (state.window, state.sinks) != (hybrid.window, hybrid.sinks):
+        raise ValueError(
+            f"{fn}: state has window={state.window}, sinks={state.sinks} but the call asks for window={hybrid.window}, "
+            f"sinks={hybrid.sinks}; continue a stream with the window and sinks it was started with"
+        )
+    if not is_causal and spec.len_q not in (0, spec.len_k):
+        raise ValueError(
+            f"{fn}: non-causal calls with window, sinks or recentre need Lq == Lk (query i sits at key i's position), "
+            f"got Lq={spec.len_q}, Lk={spec.len_k}; absorb earlier keys into a state with sata.accumulate_state"
+        )
+    B, Hkv, g, D, F = spec.batch, spec.n_kv_heads, spec.group, spec.feature_dim, spec.d_value + 1
+    itemsize = torch.empty((), dtype=spec.state_dtype).element_size()
+    # the window and sink buffers, and the extended stream of one call (window + call keys and values)
+    exact_bytes = B * Hkv * (2 * hybrid.window + hybrid.sinks + spec.len_k) * (spec.d_key + F) * itemsize
+    check_budget(
+        exact_bytes + B * Hkv * D * F * itemsize,
+        f"{fn}: window={hybrid.window}, sinks={hybrid.sinks} with {spec.len_k} keys, {B} x {Hkv} heads of "
+        f"d_key={spec.d_key}, d_value={spec.d_value} ({format_bytes(exact_bytes)} of exact keys and values)",
+        "Use a smaller window, fewer sinks, or split the call into shorter segments.",
+    )
+    q = query.reshape(B, Hkv, g, spec.len_q, spec.d_key)                      # [B, Hkv, g, Lq, E]
+    k = key.reshape(B, Hkv, spec.len_k, spec.d_key)                           # [B, Hkv, Lk, E]
+    v = value.reshape(B, Hkv, spec.len_k, spec.d_value)                       # [B, Hkv, Lk, Ev]
+    mask = None if key_padding_mask is None else key_padding_mask.reshape(B, spec.len_k)
+    if state is None:
+        exact = ExactKeys.empty((B, Hkv), hybrid.window, hybrid.sinks, spec.d_key, spec.d_value, spec.state_dtype, spec.device)
+        far, n0 = None, 0
+    else:
+        flat = lambda t: t.reshape(B, *t.shape[len(spec.batch_shape):])
+        exact = ExactKeys.empty((B, Hkv), 0, 0, spec.d_key, spec.d_value, spec.state_dtype, spec.device) \
+            if state.exact is None else state.exact.map(flat)
+        far, n0 = flat(state.kv).mT.to(spec.state_dtype), state.n_tokens          # [B, Hkv, F, D]
+    if state is not None:
+        centre = None if state.key_centre is None else flat(state.key_centre)
+    elif hybrid.recentre is not None:  # a new re-centred stream: centre its keys once, on this call's mean key
+        kept = torch.ones(B, 1, spec.len_k, 1, dtype=torch.bool, device=k.device) if mask is None else (~mask)[:, None, :, None]
+        total = torch.where(kept, k.detach().to(spec.state_dtype), 0.0).sum(-2)       # [B, Hkv, E]
+        centre = total / kept.sum(-2).clamp_min(1)
+    else:
+        centre = None
+    y, far, exact = window_attention(q, k, v, mask, far, exact, n0, spec, hybrid, is_causal, centre)
+    out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
+    if not return_state:
+        return out
+    if far is None:
+        far = torch.zeros(B, Hkv, F, D, dtype=spec.state_dtype, device=spec.device)
+    unflat = lambda t: t.reshape(*spec.batch_shape, *t.shape[1:])
+    has_exact = hybrid.window > 0 or hybrid.sinks > 0
+    new_state = SATAState._unchecked(
+        unflat(far).mT, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, n0 + spec.len_k,
+        window=hybrid.window, sinks=hybrid.sinks, exact=exact.map(unflat) if has_exact else None,
+        key_centre=None if centre is None else unflat(centre),
+    )
+    return out, new_state
 
 
 def _attention(query, key, value, spec: Spec, is_causal: bool, key_padding_mask, state, return_state, mode=None,

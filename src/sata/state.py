@@ -26,7 +26,8 @@ from .budget import check_budget, format_bytes
 __all__ = ["SATAState", "StateFileError"]
 
 _FORMAT = "sata.SATAState"
-_VERSION = 1
+_VERSION = 1          # plain states
+_VERSION_EXACT = 2    # states with window / sink keys (``exact``)
 
 
 class StateFileError(ValueError):
@@ -45,6 +46,14 @@ class SATAState:
         d_value (int): head size of values ``Ev``.
         scale (float): score scale ``s = scale * q.k`` the state was built with.
         n_tokens (int): key positions absorbed so far (padded positions included).
+        window (int): recent positions attended exactly (``MATH.md`` section 6); 0 for the plain op.
+        sinks (int): first kept keys of the stream attended exactly; 0 for the plain op.
+        exact (ExactKeys | None): the keys and values of the window and the sinks (None when both are 0).
+            With a window or sinks ``kv`` holds only the keys outside every query's reach.
+        key_centre (torch.Tensor | None): ``[..., Hkv, E]``, a key vector subtracted from every key
+            absorbed into ``kv`` (fixed by the first re-centred call: the mean of its keys). Scores change by
+            one constant per query, which the re-centred series absorbs exactly; it keeps the series'
+            coefficients small, so float32 holds (``docs/WINDOW.md``). None: keys absorbed as they are.
 
     Gradients flow through ``kv``: pass a state that requires grad, get a state whose
     ``kv`` has a graph (truncated backpropagation through time works by ``detach()``).
@@ -56,6 +65,10 @@ class SATAState:
     d_value: int
     scale: float
     n_tokens: int = 0
+    window: int = 0
+    sinks: int = 0
+    exact: ExactKeys | None = None
+    key_centre: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv, torch.Tensor):
@@ -64,10 +77,11 @@ class SATAState:
             raise TypeError(
                 f"SATAState.kv must be float32 or float64 (states accumulate in at least float32), got {self.kv.dtype}"
             )
-        for name in ("n_taylor", "d_key", "d_value", "n_tokens"):
+        for name in ("n_taylor", "d_key", "d_value", "n_tokens", "window", "sinks"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n_tokens" else 1):
-                raise ValueError(f"SATAState.{name} must be a {'non-negative' if name == 'n_tokens' else 'positive'} int, got {value!r}")
+            low = 1 if name in ("n_taylor", "d_key", "d_value") else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"SATAState.{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
         object.__setattr__(self, "scale", float(self.scale))
         if not math.isfinite(self.scale):
             raise ValueError(f"SATAState.scale must be finite, got {self.scale}")
@@ -77,6 +91,14 @@ class SATAState:
                 f"SATAState.kv must be [..., Hkv, {D}, {self.d_value + 1}] for d_key={self.d_key}, "
                 f"d_value={self.d_value}, n_taylor={self.n_taylor}; got {tuple(self.kv.shape)}"
             )
+        if (self.exact is None) != (self.window == 0 and self.sinks == 0):
+            raise ValueError("SATAState.exact holds the window and sink keys: give it exactly when window or sinks > 0")
+        if self.exact is not None:
+            self.exact.check(self.kv.shape[:-2], self.window, self.sinks, self.d_key, self.d_value)
+        if self.key_centre is not None and (
+            not isinstance(self.key_centre, torch.Tensor) or self.key_centre.shape != (*self.kv.shape[:-2], self.d_key)
+        ):
+            raise ValueError(f"SATAState.key_centre must be [..., Hkv, d_key] = {(*self.kv.shape[:-2], self.d_key)}")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -91,10 +113,12 @@ class SATAState:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        window: int = 0,
+        sinks: int = 0,
     ) -> SATAState:
         """An empty state (no tokens seen) for ``n_heads`` key/value heads.
 
-        ``scale`` defaults to ``1/sqrt(d_key)``. Use ``dtype=torch.float64`` for very long
+        ``scale`` defaults to ``1/sqrt(d_key)``; ``window`` and ``sinks`` as in :func:`sata.sata_attention`. Use ``dtype=torch.float64`` for very long
         streams of float32 inputs: increments are computed in the input precision and
         summed in float64.
         """
@@ -104,24 +128,32 @@ class SATAState:
         check_budget(nbytes, f"A SATA state of shape {shape} ({dtype})", "Use fewer Taylor terms, smaller heads or a smaller batch.")
         # stored D-contiguous (kv.transpose(-1, -2) is contiguous): the layout the decode kernel reads
         kv = torch.zeros((*shape[:-2], d_value + 1, D), dtype=dtype, device=device).transpose(-1, -2)
+        exact = None
+        if window or sinks:
+            exact = ExactKeys.empty(shape[:-2], window, sinks, d_key, d_value, dtype, kv.device)
         return cls(
             kv=kv,
             n_taylor=n_taylor,
             d_key=d_key,
             d_value=d_value,
             scale=d_key**-0.5 if scale is None else scale,
+            window=window,
+            sinks=sinks,
+            exact=exact,
         )
 
     @classmethod
     def _unchecked(cls, kv: torch.Tensor | None, n_taylor: int, d_key: int, d_value: int, scale: float, n_tokens: int,
-                   kvT: torch.Tensor | None = None) -> SATAState:
+                   kvT: torch.Tensor | None = None, window: int = 0, sinks: int = 0,
+                   exact: ExactKeys | None = None, key_centre: torch.Tensor | None = None) -> SATAState:
         """Construct without validation: for the op's hot path, whose inputs were validated already.
 
         Pass ``kvT`` (the D-contiguous ``[..., Hkv, F, D]`` tensor) instead of ``kv`` to skip making
         the ``kv`` view until someone reads it (a view costs about a microsecond per decode step).
         """
         self = object.__new__(cls)
-        self.__dict__.update(n_taylor=n_taylor, d_key=d_key, d_value=d_value, scale=scale, n_tokens=n_tokens)
+        self.__dict__.update(n_taylor=n_taylor, d_key=d_key, d_value=d_value, scale=scale, n_tokens=n_tokens,
+                             window=window, sinks=sinks, exact=exact, key_centre=key_centre)
         if kv is not None:
             self.__dict__["kv"] = kv
         if kvT is not None:
@@ -169,7 +201,8 @@ class SATAState:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        extra = sum(t.numel() * t.element_size() for _, t in self._extras())
+        return self.kv.numel() * self.kv.element_size() + extra
 
     @property
     def config(self) -> dict:
@@ -181,31 +214,47 @@ class SATAState:
             "scale": self.scale,
             "n_heads": self.n_heads,
             "batch_shape": list(self.batch_shape),
+            "window": self.window,
+            "sinks": self.sinks,
         }
 
     def __repr__(self) -> str:
         return (
             f"SATAState(batch_shape={tuple(self.batch_shape)}, n_heads={self.n_heads}, d_key={self.d_key}, "
             f"d_value={self.d_value}, n_taylor={self.n_taylor}, scale={self.scale:g}, n_tokens={self.n_tokens}, "
+            f"{f'window={self.window}, sinks={self.sinks}, ' if self.exact is not None else ''}"
             f"dtype={self.dtype}, device={self.device}, size={format_bytes(self.nbytes)})"
         )
 
     # ---------------------------------------------------------------- transformations
     def detach(self) -> SATAState:
         """The same state without its autograd history (truncated backpropagation through time)."""
-        return replace(self, kv=self.kv.detach())
+        return self._map(torch.Tensor.detach)
 
     def clone(self) -> SATAState:
-        return replace(self, kv=self.kv.clone())
+        return self._map(torch.Tensor.clone)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SATAState:
-        return replace(self, kv=self.kv.to(device=device, dtype=dtype))
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    def _map(self, fn) -> SATAState:
+        """The same state with ``fn`` applied to every tensor (floating and index tensors alike)."""
+        return replace(self, kv=fn(self.kv), exact=None if self.exact is None else self.exact.map(fn),
+                       key_centre=None if self.key_centre is None else fn(self.key_centre))
+
+    def _extras(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors besides ``kv``: the window and sink buffers and the key centre, by name."""
+        extras = [] if self.exact is None else self.exact.named()
+        return extras + ([] if self.key_centre is None else [("key_centre", self.key_centre)])
 
     def __add__(self, other: SATAState) -> SATAState:
         """Merge the states of two disjoint segments of one sequence (attention is a sum over keys)."""
         if not isinstance(other, SATAState):
             return NotImplemented
         self.check_compatible(other, what="the other state")
+        if self.exact is not None or self.key_centre is not None or other.key_centre is not None:
+            from ._merge import merge_exact  # needs the feature map, which needs this module
+            return merge_exact(self, other)
         return replace(self, kv=self.kv + other.kv.to(self.kv.dtype), n_tokens=self.n_tokens + other.n_tokens)
 
     def check_compatible(self, other: SATAState | dict, what: str = "state") -> None:
@@ -227,13 +276,16 @@ class SATAState:
         path = Path(path)
         kv = self.kv.detach().cpu().contiguous()
         config = {**self.config, "n_tokens": self.n_tokens, "dtype": str(kv.dtype)}
+        exact = {k: t.detach().cpu().contiguous() for k, t in self._extras()}
         payload = {
             "format": _FORMAT,
-            "version": _VERSION,
+            "version": _VERSION if not exact else _VERSION_EXACT,
             "config": config,
-            "sha256": _digest(kv, config),
+            "sha256": _digest(kv, config, exact),
             "kv": kv,
         }
+        if exact:
+            payload["exact"] = exact
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         write_atomic(path, buffer.getbuffer())
@@ -261,12 +313,14 @@ class SATAState:
             raise StateFileError(f"{path} is not a readable SATA state file (truncated or corrupt?): {e}") from e
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise StateFileError(f"{path} is not a SATA state file (format tag missing)")
-        if payload.get("version") != _VERSION:
-            raise StateFileError(f"{path} has state format version {payload.get('version')!r}; this sata reads {_VERSION}")
-        kv, config = payload.get("kv"), payload.get("config", {})
-        if not isinstance(kv, torch.Tensor) or not isinstance(config, dict) or (
-            _digest(kv.contiguous(), config) != payload.get("sha256")
-        ):
+        if payload.get("version") not in (_VERSION, _VERSION_EXACT):
+            raise StateFileError(
+                f"{path} has state format version {payload.get('version')!r}; this sata reads {_VERSION} and {_VERSION_EXACT}"
+            )
+        kv, config, exact = payload.get("kv"), payload.get("config", {}), payload.get("exact", {})
+        if not isinstance(kv, torch.Tensor) or not isinstance(config, dict) or not isinstance(exact, dict) or any(
+            not isinstance(t, torch.Tensor) for t in exact.values()
+        ) or _digest(kv.contiguous(), config, exact) != payload.get("sha256"):
             raise StateFileError(f"{path} is corrupt: its checksum does not match its contents")
         try:
             state = cls(
@@ -276,6 +330,10 @@ class SATAState:
                 d_value=config["d_value"],
                 scale=config["scale"],
                 n_tokens=config["n_tokens"],
+                window=config.get("window", 0),
+                sinks=config.get("sinks", 0),
+                exact=ExactKeys(**{k: t for k, t in exact.items() if k != "key_centre"}) if "win_k" in exact else None,
+                key_centre=exact.get("key_centre"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateFileError(f"{path} holds an invalid SATA state: {e}") from e
@@ -287,10 +345,65 @@ class SATAState:
         return state.to(device=map_location) if map_location is not None else state
 
 
-def _digest(t: torch.Tensor, config: dict) -> str:
-    """SHA-256 of the configuration (canonical JSON) and the tensor's bytes: a change to either is caught."""
+def _digest(t: torch.Tensor, config: dict, exact: dict | None = None) -> str:
+    """SHA-256 of the configuration (canonical JSON) and the tensors' bytes: a change to any is caught."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    if t.numel():
-        h.update(t.view(torch.uint8).numpy().tobytes())
+    for x in (t, *(exact or {}).values()):
+        if x.numel():
+            h.update(x.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class ExactKeys:
+    """The keys a window-mode state attends exactly: the last ``W`` positions and the first ``S`` kept keys.
+
+    Stored in the state's dtype (float32 or float64), whatever the input dtype, so that a stream continues
+    bit for bit however it is split into calls.
+
+    Attributes:
+        win_k (torch.Tensor): ``[..., Hkv, W, E]`` keys of the last ``W`` positions, position ``p`` in slot
+            ``p % W`` (a ring: one token writes one slot).
+        win_v (torch.Tensor): ``[..., Hkv, W, Ev]`` their values.
+        win_keep (torch.Tensor): ``[..., W]`` bool, the slot holds a kept key that is not a sink.
+        sink_k (torch.Tensor): ``[..., Hkv, S, E]`` the first ``S`` kept keys of the stream.
+        sink_v (torch.Tensor): ``[..., Hkv, S, Ev]`` their values.
+        sink_pos (torch.Tensor): ``[..., S]`` int64 stream position of each sink, -1 while not filled.
+    """
+
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    win_keep: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    sink_pos: torch.Tensor
+
+    @classmethod
+    def empty(cls, heads_shape, window: int, sinks: int, d_key: int, d_value: int, dtype, device) -> ExactKeys:
+        """No tokens yet. ``heads_shape`` is ``(*batch, Hkv)``."""
+        *batch, _ = heads_shape
+        z = lambda *tail: torch.zeros((*heads_shape, *tail), dtype=dtype, device=device)
+        return cls(z(window, d_key), z(window, d_value), torch.zeros((*batch, window), dtype=torch.bool, device=device),
+                   z(sinks, d_key), z(sinks, d_value), torch.full((*batch, sinks), -1, dtype=torch.long, device=device))
+
+    def named(self):
+        return [(name, getattr(self, name)) for name in ("win_k", "win_v", "win_keep", "sink_k", "sink_v", "sink_pos")]
+
+    def tensors(self):
+        return [t for _, t in self.named()]
+
+    def map(self, fn) -> ExactKeys:
+        return ExactKeys(*(fn(t) for t in self.tensors()))
+
+    def check(self, heads_shape, window: int, sinks: int, d_key: int, d_value: int) -> None:
+        """Raise ``ValueError`` unless every buffer has the shape and dtype the state's configuration gives."""
+        batch = tuple(heads_shape[:-1])
+        want = {"win_k": (*heads_shape, window, d_key), "win_v": (*heads_shape, window, d_value), "win_keep": (*batch, window),
+                "sink_k": (*heads_shape, sinks, d_key), "sink_v": (*heads_shape, sinks, d_value), "sink_pos": (*batch, sinks)}
+        for name, t in self.named():
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want[name]:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"SATAState.exact.{name} must have shape {want[name]} for this configuration, got {got}")
+        if self.win_keep.dtype != torch.bool or self.sink_pos.dtype != torch.long:
+            raise TypeError("SATAState.exact: win_keep must be bool and sink_pos int64")
 

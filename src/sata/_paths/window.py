@@ -1,0 +1,316 @@
+"""The window mode in PyTorch: exact softmax on a window and sinks, the re-centred Taylor state for the rest.
+
+``MATH.md`` section 6. Every call, prefill or one decoded token, causal or not, runs the same three steps
+on the *extended stream*: the ``W`` keys of the state's window (oldest first) followed by the call's keys.
+With that stream, query ``i`` of the call sees
+
+- far keys: extended positions ``e <= i`` (the keys at least ``W`` positions back), through the state:
+  the plain chunked causal form of section 3 with the keys shifted by ``W``, starting from the far state
+  ``S_F``, read per degree with the coefficients ``a_m(c_i)`` of the centre;
+- exact keys: the band ``i < e <= i + W`` (its window) and the sink slots, through ``exp``;
+- non-causal calls add the far keys on the right (``j >= i + W``) by the same causal form on the reversed
+  call, and the band widens to ``i < e < i + 2W``.
+
+Under autograd each block of queries is checkpointed (recomputed in the backward pass) with the far state
+carried between blocks, so memory holds one state per block, never features per token.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..basis import TaylorBasis, get_basis
+from ..features import _phi_t
+from ..state import ExactKeys
+from ..hybrid import Hybrid, centre, centre_coefficients, combine, exact_part, per_head
+
+# bytes of scores and features one block may hold
+_BLOCK_BYTES = 32 * 2**20
+
+
+class _Call:
+    """Constants of one call: dtypes, the split scale, the basis and its degree of every feature."""
+
+    def __init__(self, spec, hybrid: Hybrid, chunk: int = 64, block: int | None = None):
+        self.spec, self.hybrid = spec, hybrid
+        self.cd, self.sd = spec.compute_dtype, spec.state_dtype
+        root = math.sqrt(abs(spec.scale))
+        self.sq, self.sk = math.copysign(root, spec.scale), root
+        self.P = spec.n_taylor
+        self.basis: TaylorBasis = get_basis(spec.d_key, self.P, spec.device, self.cd)
+        self.deg = torch.repeat_interleave(torch.arange(self.P, device=spec.device),
+                                           torch.tensor(self.basis.sizes, device=spec.device))   # [D]
+        self.n_mom = min(self.P, 3)                                       # degrees the centre reads
+        self.D_mom = self.basis.offsets[self.n_mom]
+        self.chunk = chunk
+        W, S, D, F, g = hybrid.window, hybrid.sinks, spec.feature_dim, spec.d_value + 1, spec.group
+        per_query = (g * (chunk + 2 * W + S) + (1 + g) * D + D * F / chunk) * 4 * 8 * spec.batch * spec.n_kv_heads
+        self.block = block or max(chunk, int(_BLOCK_BYTES // max(per_query, 1)) // chunk * chunk)
+        self.alpha = per_head(hybrid.recentre, (spec.n_kv_heads, g, 1), self.cd)
+        self.beta = per_head(hybrid.taylor_mix, (spec.n_kv_heads, g, 1), self.cd)
+
+
+def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool,
+                     key_centre=None):
+    """The window mode for one call.
+
+    Args:
+        q: ``[B, Hkv, g, Lq, E]`` with ``Lq == Lk`` (query ``i`` at key ``i``'s position), or ``Lq == 0``
+            to absorb keys only; k: ``[B, Hkv, Lk, E]``; v: ``[B, Hkv, Lk, Ev]``;
+        mask: ``[B, Lk]`` bool, True = padded key, or None;
+        far: the far Taylor state before the call, F-major ``[B, Hkv, Ev + 1, D]``, or None (empty);
+        exact: the window and sink keys before the call, batch flattened to ``B``;
+        n_tokens: positions seen before the call;
+        key_centre: ``[B, Hkv, E]`` subtracted from the keys of the far state, or None.
+
+    Returns:
+        ``y [B, Hkv, g, Lq, Ev]``, the far state and the :class:`ExactKeys` after the call.
+
+    With a key centre ``mu`` the far state holds ``phi(k - mu)``: the far scores are ``s' = s - delta_i``,
+    ``delta_i = scale q_i . mu``, and the series around ``c_i`` is the series of ``s'`` around
+    ``c_i - delta_i`` (moments read from the state are those of ``s'``); the exact keys use ``s``.
+    """
+    run = _Call(spec, hybrid)
+    B, Hkv, g, L, E = q.shape
+    Lk, W = k.shape[-2], hybrid.window
+    kept = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else ~mask
+    sink_k, sink_v, sink_pos, is_sink = _take_sinks(exact, k, v, kept, n_tokens)
+    flag = kept & ~is_sink                                                       # [B, Lk] window/far keys
+    # the extended stream, oldest first: the state's window, then the call
+    shift = n_tokens % W if W else 0
+    ext_k = torch.cat([exact.win_k.roll(-shift, dims=-2).to(k.dtype), k], dim=-2)        # [B, Hkv, W + Lk, E]
+    ext_v = torch.cat([exact.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + Lk, Ev]
+    ext_f = torch.cat([exact.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + Lk]
+    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
+    ks_far = ks if key_centre is None else _keys_values(run, ext_k - key_centre[:, :, None].to(ext_k.dtype), ext_v, ext_f)[0]
+    shift = (n_tokens + Lk) % W if W else 0
+    new_exact = ExactKeys(                                                      # the last W positions, ring order
+        ext_k[:, :, Lk:].roll(shift, dims=-2).to(run.sd), ext_v[:, :, Lk:].roll(shift, dims=-2).to(run.sd),
+        ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(run.sd), sink_v.to(run.sd), sink_pos,
+    )
+    if L == 0:  # absorb only: the keys that left the window
+        return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks_far[:, :, :Lk], vt[:, :, :Lk], far), new_exact
+    qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E]
+    sinks = (sink_k.to(run.cd) * run.sk, sink_v.to(run.cd), sink_pos)
+
+    # how many far keys each query has, and their centre
+    n_far = ext_f[:, None, :L, None].to(run.cd).cumsum(-2)                      # [B, 1, L, 1]
+    if far is not None:
+        n_far = n_far + far[:, :, -1, 0, None, None].to(run.cd)                 # [B, Hkv, L, 1]
+    right = None
+    if not causal:
+        sR = max(W, 1)  # right far keys: j >= i + max(W, 1)
+        right = tuple(_reverse_shift(x[:, :, W:], sR) for x in (ks_far, vt))
+        n_far = n_far + right[1][..., -1:].cumsum(-2).flip(-2)
+    has_far = (n_far > 0)[:, :, None, :, 0].expand(B, Hkv, g, L)                # [B, Hkv, g, L]
+    delta = None if key_centre is None else qs @ (key_centre.to(run.cd) * run.sk)[:, :, None, :, None]   # [B, Hkv, g, L, 1]
+    if run.alpha is None:
+        c = qs.new_zeros(B, Hkv, g, L)                                          # the series around 0 ...
+        shifted = None if delta is None else -delta[..., 0]                     # ... is the series of s' around -delta
+    else:
+        mom = _moments(run, qs, ks_far[:, :, :L], vt[:, :, :L, -1:], far)       # [B, Hkv, g, L, 3]
+        if right is not None:
+            mom = mom + _moments(run, qs.flip(-2), right[0], right[1][..., -1:], None).flip(-2)
+        shifted = centre(mom, run.alpha)                                        # [B, Hkv, g, L] in units of s'
+        c = shifted if delta is None else shifted + delta[..., 0]
+    coef = None if shifted is None else centre_coefficients(shifted, run.P)     # [B, Hkv, g, L, P]
+
+    U, far = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, coef)         # [B, Hkv, g, L, F]
+    if right is not None:
+        U = U + _scan(run, qs.flip(-2), *right, None, None if coef is None else coef.flip(-2))[0].flip(-2)
+    m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
+    y = combine(m, num, den, U, c, has_far, run.beta, spec.d_value, spec.dtype)  # [B, Hkv, g, L, Ev]
+    return y, far, new_exact
+
+
+def absorb(run: _Call, ks, vt, S):
+    """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``."""
+    for a in range(0, ks.shape[-2], run.block):
+        inc = (vt[:, :, a:a + run.block].mT @ _phi_t(ks[:, :, a:a + run.block].mT, run.basis).mT).to(run.sd)
+        S = inc if S is None else S + inc
+    return S
+
+
+def _take_sinks(parts: ExactKeys, k, v, kept, n_tokens: int):
+    """The sink slots after the call, and which of the call's keys fill them (the first kept keys of the stream)."""
+    S = parts.sink_pos.shape[-1]
+    B, Hkv, L, _ = k.shape
+    filled = (parts.sink_pos >= 0).sum(-1, keepdim=True)                       # [B, 1]
+    slot = filled + kept.long().cumsum(-1) - kept.long()                       # [B, L] the slot key j would fill
+    is_sink = kept & (slot < S)
+    if S == 0 or not bool(is_sink.any()):
+        return parts.sink_k, parts.sink_v, parts.sink_pos, is_sink
+    idx = torch.where(is_sink, slot, S)                                         # slot S: scratch, dropped
+    pos = torch.arange(n_tokens, n_tokens + L, device=k.device).expand(B, L)
+    keep_old = torch.cat([parts.sink_pos, parts.sink_pos.new_full((B, 1), -1)], -1)
+    sink_pos = keep_old.scatter(-1, idx, torch.where(is_sink, pos, -1))[:, :S]
+
+    def fill(buf, x):  # [B, Hkv, S, X] <- the sink rows of x [B, Hkv, L, X]
+        ext = torch.cat([buf.to(x.dtype), x.new_zeros(B, Hkv, 1, x.shape[-1])], dim=-2)
+        rows = torch.where(is_sink[:, None, :, None], x, 0.0)   # a non-sink row lands in the scratch slot
+        return ext.scatter(-2, idx[:, None, :, None].expand(B, Hkv, L, x.shape[-1]), rows)[:, :, :S]
+
+    return fill(parts.sink_k, k), fill(parts.sink_v, v), sink_pos, is_sink
+
+
+def _keys_values(run: _Call, k, v, flag):
+    """Scaled keys and ``[v, 1]`` rows in the compute dtype, zero where ``flag`` is False."""
+    ks = k.to(run.cd) * run.sk                                                  # [B, Hkv, T, E]
+    vt = torch.cat([v.to(run.cd), v.new_ones(v.shape[:-1] + (1,), dtype=run.cd)], dim=-1)   # [B, Hkv, T, F]
+    keep = flag[:, None, :, None]
+    return torch.where(keep, ks, 0.0), torch.where(keep, vt, 0.0)
+
+
+def _reverse_shift(x, shift: int):
+    """``[B, Hkv, L, X]`` reversed and delayed by ``shift``: the right far keys as a causal stream."""
+    L = x.shape[-2]
+    pad = x.new_zeros(x.shape[:2] + (min(shift, L), x.shape[-1]))
+    return torch.cat([pad, x.flip(-2)], dim=-2)[:, :, :L]
+
+
+# ---------------------------------------------------------------- chunked scans over blocks of queries
+def _blocks(run: _Call, fn, L: int, slices, carry):
+    """``fn(*slices(a, b), carry) -> (out, carry)`` over blocks of queries; checkpointed under autograd."""
+    need_grad = torch.is_grad_enabled()
+    outs = []
+    for a in range(0, L, run.block):
+        args = slices(a, min(a + run.block, L))
+        if need_grad and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, carry)):
+            out, carry = checkpoint(fn, *args, carry, use_reentrant=False)
+        else:
+            out, carry = fn(*args, carry)
+        outs.append(out)
+    return outs, carry
+
+
+def _chunks(x, c: int):
+    """``[..., T, X] -> [..., n, c, X]``, zero-padded to whole chunks."""
+    T = x.shape[-2]
+    n = -(-T // c)
+    if n * c != T:
+        x = torch.nn.functional.pad(x, (0, 0, 0, n * c - T))
+    return x.unflatten(-2, (n, c))
+
+
+def _scan(run: _Call, qs, ks, vt, S0, coef):
+    """``U_i = sum_{e <= i} T_coef(s_ie) vt_e + phi_coef(q_i) S0`` over blocks of chunks (``MATH.md`` 3, chunked).
+
+    ``T_coef(s) = sum_m coef_m s^m / m!`` per query (``coef [..., L, P]``; None: all ones, ``T_P``). Returns
+    ``U [B, Hkv, g, L, F]`` and the far state after all keys ``[B, Hkv, F, D]`` (None in, None out).
+    """
+    B, Hkv, g, L, E = qs.shape
+    F, D = vt.shape[-1], run.basis.dim
+
+    def block(q, k, v, a_, S):
+        T = q.shape[-2]
+        qc, kc, vc = _chunks(q, run.chunk), _chunks(k, run.chunk), _chunks(v, run.chunk)   # [.., n, c, X]
+        phik = _phi_t(kc.mT, run.basis)                                         # [B, Hkv, n, D, c]
+        dS = vc.mT @ phik.mT                                                    # [B, Hkv, n, F, D]
+        start = dS.new_zeros(B, Hkv, 1, F, D) if S is None else S.to(run.cd)[:, :, None]
+        before = torch.cat([start, dS[:, :, :-1]], dim=2).cumsum(dim=2)        # [B, Hkv, n, F, D] exclusive
+        phiq = _phi_t(qc.mT, run.basis)                                         # [B, Hkv, g, n, D, c]
+        s = qc @ kc[:, :, None].mT                                              # [B, Hkv, g, n, c, c]
+        if a_ is None:
+            A = _horner(s, None, run.P)
+        else:
+            ac = _chunks(a_, run.chunk)                                         # [B, Hkv, g, n, c, P]
+            phiq = phiq * ac[..., run.deg].mT                                   # block m scaled by a_m(c_i)
+            A = _horner(s, ac, run.P)
+        U = phiq.mT @ before[:, :, None].mT + A.tril() @ vc[:, :, None]          # [B, Hkv, g, n, c, F]
+        inc = dS.sum(dim=2).to(run.sd)
+        S_new = inc if S is None else S + inc                                   # [B, Hkv, F, D]
+        return U.flatten(-3, -2)[..., :T, :], S_new
+
+    slices = lambda a, b: (qs[..., a:b, :], ks[..., a:b, :], vt[..., a:b, :], None if coef is None else coef[..., a:b, :])
+    outs, S = _blocks(run, block, L, slices, S0)
+    U = torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, F)
+    return U, S
+
+
+def _horner(s, coef, P: int):
+    """``sum_m coef_m s^m / m!`` by Horner's rule; ``coef [..., P]`` per row of ``s [..., c, c]`` (None: ones)."""
+    a = (lambda m: 1.0) if coef is None else (lambda m: coef[..., m, None])
+    r = torch.ones_like(s) * a(P - 1)
+    for m in range(P - 2, -1, -1):
+        r = a(m) + r * s / (m + 1)
+    return r
+
+
+def _moments(run: _Call, qs, ks, w, S0):
+    """``(N, sum s, sum s^2 / 2)`` over each query's far keys ``[B, Hkv, g, L, 3]``: degrees 0..2 of the
+    normaliser column, read like :func:`_scan` with features of degree < 3 only. ``w [B, Hkv, L, 1]``
+    is 1 for a far key, 0 otherwise."""
+    B, Hkv, g, L, E = qs.shape
+    n, Dm = run.n_mom, run.D_mom
+    basis = get_basis(run.spec.d_key, n, run.spec.device, run.cd)
+    sizes = basis.sizes
+    fact = torch.tensor([math.factorial(m) for m in range(n)], dtype=run.cd, device=qs.device)
+
+    def block(q, k, w_, C):
+        T = q.shape[-2]
+        qc, kc, wc = _chunks(q, run.chunk), _chunks(k, run.chunk), _chunks(w_, run.chunk)
+        dC = (_phi_t(kc.mT, basis) @ wc)[..., 0]                                # [B, Hkv, n_c, Dm]
+        start = dC.new_zeros(B, Hkv, 1, Dm) if C is None else C.to(run.cd)[:, :, None]
+        before = torch.cat([start, dC[:, :, :-1]], dim=2).cumsum(dim=2)         # [B, Hkv, n_c, Dm]
+        inter = _phi_t(qc.mT, basis).mT * before[:, :, None, :, None, :]        # [B, Hkv, g, n_c, c, Dm]
+        inter = torch.stack([blk.sum(-1) for blk in inter.split(sizes, dim=-1)], dim=-1)   # [.., c, n]
+        s = (qc @ kc[:, :, None].mT).tril()                                     # [B, Hkv, g, n_c, c, c]
+        wt = wc[:, :, None, :, None, :, 0] * torch.ones_like(s).tril()          # far-key weights, causal
+        intra = torch.stack([(wt * s**m).sum(-1) for m in range(n)], dim=-1) / fact
+        out = (inter + intra).flatten(-3, -2)[..., :T, :]                       # [B, Hkv, g, T, n]
+        C_new = dC.sum(dim=2) if C is None else C + dC.sum(dim=2)
+        return out, C_new
+
+    C0 = None if S0 is None else S0[:, :, -1, :Dm].to(run.cd)
+    outs, _ = _blocks(run, block, L, lambda a, b: (qs[..., a:b, :], ks[..., a:b, :], w[..., a:b, :]), C0)
+    mom = torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, n)
+    return torch.nn.functional.pad(mom, (0, 3 - n))                             # [B, Hkv, g, L, 3]
+
+
+# ---------------------------------------------------------------- the exact part
+def _exact(run: _Call, qs, ks, vt, ext_f, sinks, n_tokens: int, causal: bool):
+    """Softmax over each query's window (extended positions ``i < e <= i + W``; non-causal ``< i + 2W``) and
+    sinks, unnormalised: ``(m, num, den)`` as :func:`sata.hybrid.exact_part`, block by block."""
+    B, Hkv, g, L, E = qs.shape
+    W = run.hybrid.window
+    span = W if causal else max(2 * W - 1, 0)                                   # band width after e = i
+    sink_ks, sink_v, sink_pos = sinks
+    if span:  # keys past the end (non-causal) are never exact: zero rows, flag False
+        pad = span - W
+        ks = torch.nn.functional.pad(ks, (0, 0, 0, pad))
+        vt = torch.nn.functional.pad(vt, (0, 0, 0, pad))
+        ext_f = torch.nn.functional.pad(ext_f, (0, pad))
+
+    def block(q, a: int, carry):
+        T = q.shape[-2]
+        i = torch.arange(a, a + T, device=q.device)
+        parts_s, parts_m, parts_v = [], [], []
+        if span:
+            kb, vb, fb = ks[:, :, a + 1 : a + T + span], vt[:, :, a + 1 : a + T + span, :-1], ext_f[:, a + 1 : a + T + span]
+            e = torch.arange(a + 1, a + T + span, device=q.device)
+            band = (e[None, :] > i[:, None]) & (e[None, :] <= i[:, None] + span)          # [T, K]
+            parts_s.append(q @ kb[:, :, None].mT)                                          # [B, Hkv, g, T, K]
+            parts_m.append(band & fb[:, None, None, None, :])                               # [B, 1, 1, T, K]
+            parts_v.append(vb)
+        if sink_pos.shape[-1]:
+            ok = sink_pos[:, None, None, None, :] >= 0
+            if causal:
+                ok = ok & (sink_pos[:, None, None, None, :] <= n_tokens + i[:, None])
+            parts_s.append(q @ sink_ks[:, :, None].mT)                                     # [B, Hkv, g, T, S]
+            parts_m.append(ok)
+            parts_v.append(sink_v)
+        if not parts_s:
+            z = q.new_zeros(B, Hkv, g, T)
+            return (z - math.inf, q.new_zeros(B, Hkv, g, T, run.spec.d_value), z), carry
+        s = torch.cat(parts_s, dim=-1)
+        mask = torch.cat([m.expand(B, 1, 1, T, m.shape[-1]) for m in parts_m], dim=-1)
+        vals = torch.cat(parts_v, dim=-2)[:, :, None]                          # [B, Hkv, 1, K, Ev]
+        return exact_part(s, mask, vals), carry
+
+    outs, _ = _blocks(run, block, L, lambda a, b: (qs[..., a:b, :], a), None)
+    if not outs:
+        z = qs.new_zeros(B, Hkv, g, 0)
+        return z, qs.new_zeros(B, Hkv, g, 0, run.spec.d_value), z
+    return tuple(torch.cat([o[j] for o in outs], dim=-2 if j == 1 else -1) for j in range(3))

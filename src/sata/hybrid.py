@@ -1,0 +1,191 @@
+"""Exact where it matters: the math of the window, the sinks and the re-centred series (``MATH.md`` section 6).
+
+For query ``i`` the keys split in two: ``E_i``, attended exactly (softmax weights ``exp``), the ``window``
+most recent positions (``0 <= i - j < window``; non-causal ``|i - j| < window``) and the first ``sinks``
+kept keys of the stream; ``F_i``, every other visible key, through the Taylor state, expanded around a
+per-query centre ``c_i`` and weighted by ``beta`` (``taylor_mix``) under one normaliser:
+
+    m_i   = max(max_{E_i} s_ij, c_i)
+    num_i = sum_{E_i} e^{s_ij - m_i} v_j + beta e^{c_i - m_i} sum_{F_i} T_P(s_ij - c_i) v_j
+    y_i   = num_i / den_i                        (den_i: the same with 1 in place of v_j)
+
+The centre is read from the same state: ``c_i = mu_i - alpha sd_i``, the mean and standard deviation of
+query ``i``'s scores over ``F_i``, and ``T_P(s - c) = sum_m a_m(c) s^m / m!`` with
+``a_m(c) = T_{P-m}(-c)``: only the query side changes, block by degree. Every path and the oracle take
+these pieces from here, so each formula has one implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Hybrid", "check_hybrid"]
+
+
+@dataclass(frozen=True, eq=False)
+class Hybrid:
+    """The validated window-mode arguments of one call (``window = sinks = 0`` and no centre: the plain op)."""
+
+    window: int
+    sinks: int
+    taylor_mix: float | torch.Tensor       # beta, scalar or [Hq]
+    recentre: float | torch.Tensor | None  # alpha, scalar or [Hq]; None: the series around 0
+
+    @property
+    def plain(self) -> bool:
+        """No exact part and no centre: today's op (``taylor_mix`` then cancels in the normaliser)."""
+        return self.window == 0 and self.sinks == 0 and self.recentre is None
+
+    @property
+    def has_exact(self) -> bool:
+        return self.window > 0 or self.sinks > 0
+
+
+PLAIN = Hybrid(0, 0, 1.0, None)
+
+
+def _check_count(fn: str, name: str, value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{fn}: {name} must be a non-negative int ({what}), got {value!r}")
+    return value
+
+
+def _check_per_head(fn: str, name: str, value: object, n_q_heads: int, device: torch.device, fix: str):
+    """A finite float, or a floating tensor of shape ``[]`` or ``[Hq]`` on the inputs' device."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a float or a floating tensor [Hq], got a {value.dtype} tensor")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n_q_heads):
+            raise ValueError(
+                f"{fn}: {name} must be a scalar or one value per query head, shape [{n_q_heads}], "
+                f"got shape {tuple(value.shape)}"
+            )
+        if value.device != device:
+            raise ValueError(f"{fn}: {name} is on {value.device} but the inputs are on {device}; move it with .to()")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{fn}: {name} must be finite, got {value}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{fn}: {name} must be a finite float or a tensor [Hq] ({fix}), got {value!r}")
+    return float(value)
+
+
+def check_hybrid(
+    fn: str, *, window: object, sinks: object, taylor_mix: object, recentre: object, n_taylor: int,
+    n_q_heads: int, device: torch.device,
+) -> Hybrid:
+    """Validate the window-mode arguments; raise with the fix."""
+    window = _check_count(fn, "window", window, "recent keys attended exactly; 0 turns the window off")
+    sinks = _check_count(fn, "sinks", sinks, "first keys of the stream attended exactly; 0 turns sinks off")
+    beta = _check_per_head(fn, "taylor_mix", taylor_mix, n_q_heads, device, "weight of the Taylor part, >= 0")
+    negative = bool((beta < 0).any()) if isinstance(beta, torch.Tensor) else beta < 0
+    if negative:
+        raise ValueError(
+            f"{fn}: taylor_mix must be >= 0 (the weight of the Taylor part in the shared normaliser), got {taylor_mix}; "
+            "0 keeps only the window and sinks"
+        )
+    if recentre is not None:
+        recentre = _check_per_head(fn, "recentre", recentre, n_q_heads, device,
+                                   "alpha in c = mean - alpha * sd, or None for the series around 0")
+        if n_taylor < 2:
+            raise ValueError(
+                f"{fn}: recentre needs n_taylor >= 2 (the mean score is read from the degree-1 block), got "
+                f"n_taylor={n_taylor}; use recentre=None or more terms"
+            )
+        nonzero = bool((recentre != 0).any()) if isinstance(recentre, torch.Tensor) else recentre != 0
+        if nonzero and n_taylor < 3:
+            raise ValueError(
+                f"{fn}: recentre={recentre} (alpha != 0) needs n_taylor >= 3 (the standard deviation of the scores "
+                f"is read from the degree-2 block), got n_taylor={n_taylor}; use recentre=0.0 (the mean) or more terms"
+            )
+    return Hybrid(window, sinks, beta, recentre)
+
+
+def per_head(value: float | torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype):
+    """A float stays a float; a ``[Hq]`` tensor is reshaped to ``shape`` (e.g. ``(Hkv, g, 1)``) to broadcast."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(dtype).reshape(shape) if value.dim() == 1 else value.to(dtype)
+
+
+# ---------------------------------------------------------------- the centre and its coefficients
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(x, 0))`` with gradient 0 (not Inf) where ``x <= 0``."""
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), 0.0)
+
+
+def centre(moments: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """``c = mu - alpha sd`` from the far moments ``[..., 3]`` = ``(N, sum s, sum s^2 / 2)`` -> ``[...]``.
+
+    Where there are no far keys (``N = 0``) the centre is 0; it then weighs nothing.
+    """
+    n = moments[..., 0]
+    has = n > 0
+    n_safe = torch.where(has, n, torch.ones_like(n))
+    mu = moments[..., 1] / n_safe
+    if isinstance(alpha, (int, float)) and alpha == 0:
+        c = mu
+    else:
+        var = 2.0 * moments[..., 2] / n_safe - mu * mu
+        c = mu - alpha * safe_sqrt(var)
+    return torch.where(has, c, 0.0)
+
+
+def centre_coefficients(c: torch.Tensor, n_taylor: int) -> torch.Tensor:
+    """``a_m(c) = T_{P-m}(-c) = sum_{n < P-m} (-c)^n / n!`` for ``m < P``: ``[...] -> [..., P]``.
+
+    ``sum_m a_m(c) s^m / m! = T_P(s - c)``: the per-degree read-outs of the state, weighted, give the series
+    around ``c``. The terms alternate for ``c > 0`` and grow like ``|c|^(P-1)``: keep ``|c|`` small
+    (centre the keys) where float32 matters.
+    """
+    terms = [torch.ones_like(c)]                                                # (-c)^n / n!
+    for n in range(1, n_taylor):
+        terms.append(terms[-1] * (-c) / n)
+    # a_{P-1} = 1, a_m = a_{m+1} + (-c)^{P-1-m} / (P-1-m)!
+    coeffs = torch.stack(terms, dim=-1).cumsum(dim=-1)                          # [..., P]: a_{P-1}, ..., a_0
+    return coeffs.flip(-1)
+
+
+# ---------------------------------------------------------------- the exact part and the shared normaliser
+def exact_part(s: torch.Tensor, exact: torch.Tensor, v: torch.Tensor):
+    """Softmax over the exact keys, unnormalised, around its own maximum.
+
+    Args:
+        s: scores ``[..., T, K]``; exact: bool ``[..., T, K]`` (broadcastable), which keys are exact;
+        v: values ``[..., K, Ev]``.
+
+    Returns:
+        ``(m [..., T], num [..., T, Ev], den [..., T])`` with ``num = sum e^{s - m} v`` over the exact keys,
+        ``m = -inf`` and ``num = den = 0`` for a row with none.
+    """
+    s = s.masked_fill(~exact, -math.inf)
+    m = s.amax(dim=-1)                                                          # [..., T]
+    m_safe = torch.where(torch.isfinite(m), m, 0.0)
+    w = torch.exp(s - m_safe[..., None])                                        # [..., T, K]; 0 off the exact keys
+    return m, w @ v, w.sum(dim=-1)
+
+
+def combine(m_exact, num_exact, den_exact, U_far, c, has_far, beta, d_value: int, dtype: torch.dtype) -> torch.Tensor:
+    """``y = num / den`` with both parts scaled to the common maximum ``m = max(m_exact, c)``.
+
+    ``U_far [..., T, Ev + 1]`` holds ``sum_F T_P(s - c) [v, 1]``; ``has_far [..., T]`` says whether ``F`` is
+    non-empty (a row without far keys takes its maximum from the exact part alone). A row whose
+    normaliser is not positive gives 0.
+    """
+    m = torch.where(has_far, torch.maximum(m_exact, c), m_exact)                 # [..., T]
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    e_exact = torch.exp(m_exact - m)                                            # 0 where no exact keys
+    e_far = beta * torch.exp(torch.where(has_far, c - m, -math.inf))           # 0 where no far keys
+    num = e_exact[..., None] * num_exact + e_far[..., None] * U_far[..., :d_value]
+    den = e_exact * den_exact + e_far * U_far[..., d_value]
+    return safe_divide(num, den[..., None]).to(dtype)
+
+
+def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den``, 0 where ``den <= 0``; a NaN normaliser propagates (as in SDPA), gradient 0 on dead rows."""
+    dead = den <= 0
+    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(den), den))
