@@ -38,7 +38,7 @@ import torch
 
 from ..basis import get_basis
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.cpp", "prefill.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.h", "decode.cpp", "prefill.cpp")]
 _ABI = 6  # SATA_KERNEL_ABI in kernels.h
 _TORCH = Path(torch.__file__).parent
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
