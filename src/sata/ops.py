@@ -33,6 +33,7 @@ from .features import _phi, _phi_t, taylor_exp
 from .hybrid import Hybrid, check_hybrid
 from .state import ExactKeys, SATAState
 from ._paths.window import window_attention
+from ._paths.window_kernel import decode_step as window_decode_step
 
 __all__ = ["accumulate_state", "sata_attention"]
 
@@ -94,7 +95,8 @@ def sata_attention(
         inplace (bool): write the new state into ``state.kv`` instead of a new tensor, for serving
             loops that drop the old state anyway (no allocation per token; about a third less memory
             traffic). The returned state shares that tensor. Not allowed when ``state.kv`` requires
-            grad. Default: ``False`` (the passed-in state stays valid). Ignored in the window mode.
+            grad. Default: ``False`` (the passed-in state stays valid). In the window mode it applies to decode
+            steps through the fused kernel (the window and sink buffers too) and is ignored elsewhere.
         window (int): each query also attends *exactly* (softmax weights ``exp``) to the ``window``
             most recent positions, itself included (non-causal: ``|i - j| < window``); the Taylor state
             holds only the keys further back. ``window >= L`` is exact softmax attention. Default: ``0``.
@@ -146,7 +148,8 @@ def sata_attention(
         hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
         if not hybrid.plain or (state is not None and state.exact is not None):
-            return _window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state)
+            return _window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state,
+                                inplace)
     if inplace:
         if state is None or not return_state:
             raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
@@ -202,8 +205,13 @@ def accumulate_state(
     return new_state
 
 
-def _window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state):
-    """The window mode (``MATH.md`` section 6): reshape, run :func:`window_attention`, wrap the new state."""
+def _window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state,
+                 inplace: bool = False):
+    """The window mode (``MATH.md`` section 6): a decode step through the fused kernel where it applies, else
+    reshape, run :func:`window_attention`, wrap the new state."""
+    fast = window_decode_step(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state, inplace)
+    if fast is not None:
+        return fast
     fn = "accumulate_state" if spec.len_q == 0 and not is_causal else "sata_attention"
     if state is not None and (state.window, state.sinks) != (hybrid.window, hybrid.sinks):
         raise ValueError(
