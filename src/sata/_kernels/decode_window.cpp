@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -32,6 +33,190 @@
 namespace {
 
 using sata::Features;
+using sata::Vec;
+
+// ---------------------------------------------------------------- vectors of the exact part
+template <typename T>
+struct Bits;  // the integer lanes of T: bit casts and shuffle masks
+template <>
+struct Bits<float> {
+  typedef int32_t type;
+};
+template <>
+struct Bits<double> {
+  typedef int64_t type;
+};
+
+// 256-bit vectors: R = Row::W rows of keys are reduced together (8 floats, 4 doubles)
+template <typename T>
+struct Row {
+  static constexpr int W = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(32)));
+  typedef typename Bits<T>::type mask __attribute__((vector_size(32)));
+};
+
+// p of T loaded from TS (lane by lane when they differ: keys stored in double, computed in float)
+template <typename T, typename TS>
+inline typename Row<T>::type load_row(const TS* p) {
+  typename Row<T>::type x;
+  if constexpr (sizeof(T) == sizeof(TS)) {
+    std::memcpy(&x, p, sizeof(x));
+  } else {
+    for (int w = 0; w < Row<T>::W; ++w) x[w] = T(p[w]);
+  }
+  return x;
+}
+
+// the lanes of a and b added pairwise (lanes 2w and 2w + 1 of their concatenation go to lane w)
+template <typename T>
+inline typename Row<T>::type pair_sums(typename Row<T>::type a, typename Row<T>::type b) {
+  typename Row<T>::mask even, odd;
+  for (int w = 0; w < Row<T>::W; ++w) {
+    even[w] = 2 * w;
+    odd[w] = 2 * w + 1;
+  }
+  return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+
+// s[j] = x . K[j] for the `rows` rows of K (row stride d). R rows at a time: their R row products
+// are reduced by pair sums, which keep each row's partial sums together and in row order, so after
+// log2(R) levels one vector holds the R dot products.
+template <typename T, typename TS>
+inline void dots(const T* x, const TS* K, int64_t rows, int64_t d, T* s) {
+  using V = typename Row<T>::type;
+  constexpr int R = Row<T>::W;
+  static_assert(R == 8 || R == 4, "256-bit rows of float or double");
+  const int64_t dv = d / R * R;  // the whole vectors of a row
+  int64_t j = 0;
+  for (; j + R <= rows && dv; j += R) {
+    V p[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      p[r] = load_row<T, TS>(K + (j + r) * d) * load_row<T, T>(x);
+      for (int64_t i = R; i < dv; i += R) p[r] += load_row<T, TS>(K + (j + r) * d + i) * load_row<T, T>(x + i);
+    }
+    if constexpr (R == 8) {
+      p[0] = pair_sums<T>(p[0], p[1]);
+      p[2] = pair_sums<T>(p[2], p[3]);
+      p[4] = pair_sums<T>(p[4], p[5]);
+      p[6] = pair_sums<T>(p[6], p[7]);
+      p[0] = pair_sums<T>(p[0], p[2]);
+      p[4] = pair_sums<T>(p[4], p[6]);
+      p[0] = pair_sums<T>(p[0], p[4]);
+    } else {
+      p[0] = pair_sums<T>(p[0], p[1]);
+      p[2] = pair_sums<T>(p[2], p[3]);
+      p[0] = pair_sums<T>(p[0], p[2]);
+    }
+    std::memcpy(s + j, &p[0], sizeof(V));
+    for (int64_t i = dv; i < d; ++i)  // the rest of each row
+      for (int r = 0; r < R; ++r) s[j + r] += x[i] * T(K[(j + r) * d + i]);
+  }
+  for (; j < rows; ++j) {
+    T t = T(0);
+    for (int64_t i = 0; i < d; ++i) t += x[i] * T(K[j * d + i]);
+    s[j] = t;
+  }
+}
+
+// num[f] += sum_j e[j] val[j, f] over the rows with e[j] != 0 (a row out of the window has e = 0 and may
+// hold NaN, which 0 * NaN would let through); two accumulators per vector of columns hide the add latency
+template <typename T, typename TS>
+inline void weighted_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T* num) {
+  using V = typename Row<T>::type;
+  constexpr int R = Row<T>::W;
+  int64_t f = 0;
+  for (; f + R <= Ev; f += R) {
+    V a = V{}, b = V{};
+    int64_t j = 0;
+    for (; j + 2 <= rows; j += 2) {
+      if (e[j] != T(0)) a += e[j] * load_row<T, TS>(val + j * Ev + f);
+      if (e[j + 1] != T(0)) b += e[j + 1] * load_row<T, TS>(val + (j + 1) * Ev + f);
+    }
+    if (j < rows && e[j] != T(0)) a += e[j] * load_row<T, TS>(val + j * Ev + f);
+    const V sum = a + b + load_row<T, T>(num + f);
+    std::memcpy(num + f, &sum, sizeof(sum));
+  }
+  for (; f < Ev; ++f) {
+    T a = T(0);
+    for (int64_t j = 0; j < rows; ++j)
+      if (e[j] != T(0)) a += e[j] * T(val[j * Ev + f]);
+    num[f] += a;
+  }
+}
+
+// max and sum of x[0 .. n), a vector at a time (a scalar chain would wait on every add)
+template <typename T>
+inline T max_of(const T* x, int64_t n) {
+  using V = typename Row<T>::type;
+  constexpr int R = Row<T>::W;
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  if (n >= R) {
+    V a = load_row<T, T>(x);
+    for (j = R; j + R <= n; j += R) {
+      const V b = load_row<T, T>(x + j);
+      a = b > a ? b : a;
+    }
+    for (int w = 0; w < R; ++w) m = a[w] > m ? a[w] : m;
+  }
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+template <typename T>
+inline T sum_of(const T* x, int64_t n) {
+  using V = typename Row<T>::type;
+  constexpr int R = Row<T>::W;
+  V a = V{};
+  int64_t j = 0;
+  for (; j + R <= n; j += R) a += load_row<T, T>(x + j);
+  T t = T(0);
+  for (int w = 0; w < R; ++w) t += a[w];
+  for (; j < n; ++j) t += x[j];
+  return t;
+}
+
+// the constants of vexp: x = n ln2 + r (ln2 = hi + lo, hi with few bits so n hi is exact), |r| <= ln2 / 2
+template <typename T>
+struct ExpConst;
+template <>
+struct ExpConst<float> {
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f, log2e = 1.44269504088896341f;
+  static constexpr float lo = -87.3f, hi = 88.3f;  // 2^n stays a normal number
+  static constexpr float magic = 12582912.0f;      // 1.5 2^23: t = x log2e + magic holds n in its low bits
+  static constexpr int degree = 7, mantissa = 23, bias = 127;
+};
+template <>
+struct ExpConst<double> {
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double log2e = 1.4426950408889634074, lo = -708.3, hi = 709.4;
+  static constexpr double magic = 6755399441055744.0;  // 1.5 2^52
+  static constexpr int degree = 13, mantissa = 52, bias = 1023;
+};
+
+// e^x lane by lane, within a few ulps: 2^n e^r with e^r by its Taylor polynomial (the terms past
+// `degree` are below half an ulp for |r| <= ln2 / 2); 0 below lo (no subnormal results), inf above hi,
+// NaN for NaN
+template <typename T>
+inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+  using C = ExpConst<T>;
+  using V = typename Vec<T>::type;
+  typedef typename Bits<T>::type I __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} + C::lo, hi = V{} + C::hi, magic = V{} + C::magic;
+  const V xc = x < lo ? lo : x > hi ? hi : x;
+  const V t = xc * C::log2e + magic;
+  const V n = t - magic;  // x log2e rounded to an integer
+  const V r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
+  T inv[C::degree + 1];  // 1 / k!
+  inv[0] = T(1);
+  for (int k = 1; k <= C::degree; ++k) inv[k] = inv[k - 1] / T(k);
+  V p = V{} + inv[C::degree];
+  for (int k = C::degree - 1; k >= 0; --k) p = p * r + inv[k];
+  const I scale = ((I)t - (I)magic + C::bias) << C::mantissa;  // the bits of 2^n
+  const V y = p * (V)scale;
+  return x < lo ? V{} : x > hi ? V{} + std::numeric_limits<T>::infinity() : y;
+}
 
 // one thread's buffers: the decode step's, and the scaled queries, the absorbed key, the exact
 // scores and the per-query centre pieces
@@ -39,13 +224,14 @@ template <typename T, typename TS>
 struct WindowBuffers : sata::HeadBuffers<T, TS> {
   std::vector<T> qs;     // [kHeads, G, d] scaled queries
   std::vector<T> key;    // [d] the absorbed key, centred
-  std::vector<T> score;  // [W + S] exact scores of one query
+  std::vector<T> score;  // [W + S] exact scores of one query, then their exponentials (padded to whole vectors)
   std::vector<T> num;    // [Ev] exact numerator of one query
   std::vector<T> coef;   // [P] a_m of one query
   std::vector<TS> c;     // [G] the far part's maximum c of each query of a head
   WindowBuffers(const WindowDecodeArgs& w)
       : sata::HeadBuffers<T, TS>(w.base.D, w.base.G, w.base.Ev + 1),
-        qs(sata::HeadBuffers<T, TS>::kHeads * w.base.G * w.base.d), key(w.base.d), score(w.W + w.S),
+        qs(sata::HeadBuffers<T, TS>::kHeads * w.base.G * w.base.d), key(w.base.d),
+        score((w.W + w.S + Vec<T>::W - 1) / Vec<T>::W * Vec<T>::W),
         num(w.base.Ev), coef(w.base.P), c(w.base.G) {}
 };
 
@@ -175,33 +361,25 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     // the exact part of each query and the shared normaliser
     const uint8_t* flags = t.win_keep + b * W;
     const int64_t* pos = t.sink_pos + b * S;
+    const TS *keys = win_k + n * W * d, *vals = win_v + n * W * Ev;
+    const TS *skeys = sink_k + n * S * d, *svals = sink_v + n * S * Ev;
+    T* e = buf.score.data();  // [W + S]: the scores, then their exponentials
+    T* num = buf.num.data();
     for (int64_t g = 0; g < G; ++g) {
       const T* x = qs + g * d;
-      T* sc = buf.score.data();
-      T m_exact = -std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j < W; ++j)
-        if (flags[j]) {
-          sc[j] = score<T, TS>(x, win_k + (n * W + j) * d, d, sk);
-          m_exact = sc[j] > m_exact ? sc[j] : m_exact;
-        }
-      for (int64_t j = 0; j < S; ++j)
-        if (pos[j] >= 0) {
-          sc[W + j] = score<T, TS>(x, sink_k + (n * S + j) * d, d, sk);
-          m_exact = sc[W + j] > m_exact ? sc[W + j] : m_exact;
-        }
+      dots<T, TS>(x, keys, W, d, e);
+      dots<T, TS>(x, skeys, S, d, e + W);
+      // a slot out of the window scores -inf (its key may be NaN)
+      for (int64_t j = 0; j < W; ++j) e[j] = flags[j] ? sk * e[j] : -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < S; ++j) e[W + j] = pos[j] >= 0 ? sk * e[W + j] : -std::numeric_limits<T>::infinity();
+      const T m_exact = max_of(e, W + S);
       const T m_safe = std::isfinite(m_exact) ? m_exact : T(0);
-      T den_exact = T(0);
-      T* num = buf.num.data();
+      using VE = Vec<T>;
+      for (int64_t j = 0; j < W + S; j += VE::W) VE::store(e + j, vexp<T>(VE::load(e + j) - m_safe));
+      const T den_exact = sum_of(e, W + S);
       for (int64_t f = 0; f < Ev; ++f) num[f] = T(0);
-      auto add = [&](T s, const TS* val) {
-        const T e = std::exp(s - m_safe);
-        den_exact += e;
-        for (int64_t f = 0; f < Ev; ++f) num[f] += e * T(val[f]);
-      };
-      for (int64_t j = 0; j < W; ++j)
-        if (flags[j]) add(sc[j], win_v + (n * W + j) * Ev);
-      for (int64_t j = 0; j < S; ++j)
-        if (pos[j] >= 0) add(sc[W + j], sink_v + (n * S + j) * Ev);
+      weighted_rows<T, TS>(e, vals, W, Ev, num);
+      weighted_rows<T, TS>(e + W, svals, S, Ev, num);
 
       const TS c = buf.c[g];
       TS m = has_far && c > TS(m_exact) ? c : TS(m_exact);
