@@ -118,6 +118,10 @@ class _WindowDecodeTensors(ctypes.Structure):
                                                      "alpha", "beta")] + [("n_tokens", ctypes.c_int64)]
 
 
+# every field of the window decode tensors is 8 bytes (pointers and int64), in order: filled as one int64 array
+_WORDS = len(_WindowDecodeTensors._fields_)
+assert ctypes.sizeof(_WindowDecodeTensors) == 8 * _WORDS and ctypes.sizeof(ctypes.c_void_p) == 8
+
 # sata_struct_size(0, 1, ...)
 _STRUCTS = (_DecodeArgs, _PrefillArgs, _PrefillTensors, _WindowDecodeArgs, _WindowDecodeTensors)
 
@@ -276,10 +280,10 @@ class WindowDecodePlan:
 
     Call with contiguous CPU tensors, ``T`` the plan's compute dtype, ``TS`` its state dtype: q ``[N, G, d]``,
     k ``[N, d]``, v ``[N, Ev]`` in T (``N`` = batch x kv heads); keep ``[B]`` uint8 or ``None``; S_in / S_out
-    ``[N, F, D]`` in TS (may be one tensor: in place); y ``[N, G, Ev]`` in T; ``exact``, the
-    :class:`~sata.state.ExactKeys` of the state (batch flattened, ``TS``), updated in place; key_centre
-    ``[N, d]`` in TS or ``None``; alpha and beta ``[Hkv G]`` in T (alpha read only by a re-centring plan);
-    n_tokens, the positions before the step.
+    ``[N, F, D]`` in TS (may be one tensor: in place); y ``[N, G, Ev]`` in T; ``exact``, the data pointers of the
+    state's window and sink buffers (:meth:`sata.state.ExactKeys.tensors` order, contiguous, batch x kv heads
+    flattened, TS; updated in place); key_centre ``[N, d]`` in TS or ``None``; alpha and beta ``[Hkv G]`` in T
+    (alpha read only by a re-centring plan); n_tokens, the positions before the step.
     """
 
     def __init__(self, lib, N: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
@@ -292,17 +296,16 @@ class WindowDecodePlan:
         self._args_ptr = ctypes.addressof(self._args)
         self._local = threading.local()  # one tensors struct per calling thread: the kernel reads it unlocked
 
-    def __call__(self, q, k, v, keep, S_in, S_out, y, exact, key_centre, alpha, beta, n_tokens: int) -> None:
-        t = getattr(self._local, "t", None)
-        if t is None:
-            t = self._local.t = _WindowDecodeTensors()
-        t.q, t.k, t.v, t.S_in, t.S_out, t.y = q.data_ptr(), k.data_ptr(), v.data_ptr(), S_in.data_ptr(), \
-            S_out.data_ptr(), y.data_ptr()
-        t.keep = None if keep is None else keep.data_ptr()
-        t.win_k, t.win_v, t.win_keep, t.sink_k, t.sink_v, t.sink_pos = (x.data_ptr() for x in exact.tensors())
-        t.key_centre = None if key_centre is None else key_centre.data_ptr()
-        t.alpha, t.beta, t.n_tokens = alpha.data_ptr(), beta.data_ptr(), n_tokens
-        if self._fn(self._args_ptr, ctypes.addressof(t)):
+    def __call__(self, q, k, v, keep, S_in, S_out, y, exact: tuple, key_centre, alpha, beta, n_tokens: int) -> None:
+        words = getattr(self._local, "words", None)
+        if words is None:  # the struct, and its 8-byte fields as one int64 array (one assignment fills it)
+            self._local.tensors = _WindowDecodeTensors()
+            words = self._local.words = (ctypes.c_int64 * _WORDS).from_buffer(self._local.tensors)
+            self._local.address = ctypes.addressof(self._local.tensors)
+        words[:] = (q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if keep is None else keep.data_ptr(), S_in.data_ptr(),
+                    S_out.data_ptr(), y.data_ptr(), *exact, 0 if key_centre is None else key_centre.data_ptr(),
+                    alpha.data_ptr(), beta.data_ptr(), n_tokens)
+        if self._fn(self._args_ptr, self._local.address):
             raise _failed("window decode")
 
 

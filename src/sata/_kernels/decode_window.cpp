@@ -21,6 +21,7 @@
 //
 // Layouts: WindowDecodeTensors in kernels.h. Threads as in kernels.h (decode.h: share_heads).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -55,126 +56,143 @@ struct Row {
   typedef typename Bits<T>::type mask __attribute__((vector_size(32)));
 };
 
-// p of T loaded from TS (lane by lane when they differ: keys stored in double, computed in float)
-template <typename T, typename TS>
-inline typename Row<T>::type load_row(const TS* p) {
-  typename Row<T>::type x;
+// a vector of T loaded from TS (lane by lane when they differ: keys stored in double, computed in float)
+template <typename T, typename TS, int Bytes = 64>
+inline typename Vec<T, Bytes>::type load_as(const TS* p) {
+  typename Vec<T, Bytes>::type x;
   if constexpr (sizeof(T) == sizeof(TS)) {
     std::memcpy(&x, p, sizeof(x));
   } else {
-    for (int w = 0; w < Row<T>::W; ++w) x[w] = T(p[w]);
+    for (int l = 0; l < Vec<T, Bytes>::W; ++l) x[l] = T(p[l]);
   }
   return x;
 }
 
-// the lanes of a and b added pairwise (lanes 2w and 2w + 1 of their concatenation go to lane w)
-template <typename T>
-inline typename Row<T>::type pair_sums(typename Row<T>::type a, typename Row<T>::type b) {
-  typename Row<T>::mask even, odd;
-  for (int w = 0; w < Row<T>::W; ++w) {
-    even[w] = 2 * w;
-    odd[w] = 2 * w + 1;
+// the lanes of a and b added pairwise: lanes 2l and 2l + 1 of their concatenation go to lane l
+template <typename T, int Bytes>
+inline typename Vec<T, Bytes>::type pair_sums(typename Vec<T, Bytes>::type a, typename Vec<T, Bytes>::type b) {
+  constexpr int L = Vec<T, Bytes>::W;
+  typedef typename Bits<T>::type M __attribute__((vector_size(Bytes)));
+  M even, odd;
+  for (int l = 0; l < L; ++l) {
+    even[l] = 2 * l;
+    odd[l] = 2 * l + 1;
   }
   return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
 }
 
-// s[j] = x . K[j] for the `rows` rows of K (row stride d). R rows at a time: their R row products
-// are reduced by pair sums, which keep each row's partial sums together and in row order, so after
-// log2(R) levels one vector holds the R dot products.
-template <typename T, typename TS>
-inline void dots(const T* x, const TS* K, int64_t rows, int64_t d, T* s) {
-  using V = typename Row<T>::type;
-  constexpr int R = Row<T>::W;
-  static_assert(R == 8 || R == 4, "256-bit rows of float or double");
-  const int64_t dv = d / R * R;  // the whole vectors of a row
+// s[j] = x . K[j] for the `rows` rows of K, with the head size DK known: L = Vec<T>::W rows at a time, as
+// nv = min(DK, L) vector products (L / DK rows in each when a row is shorter than a vector, else one
+// row summed over its DK / L vectors), reduced by pair sums: each level keeps every row's partial sums
+// together and in row order, so after log2(nv) levels one vector holds the L dot products.
+template <typename T, typename TS, int DK>
+inline void dots_fixed(const T* x, const TS* K, int64_t rows, T* s) {
+  using VV = Vec<T>;
+  using V = typename VV::type;
+  constexpr int L = VV::W, nv = DK < L ? DK : L;
+  static_assert(DK % L == 0 || L % DK == 0, "a row is whole vectors, or a vector whole rows");
+  V xv[DK < L ? 1 : DK / L];  // the query: repeated L / DK times in one vector, or DK / L vectors
+  for (int c = 0; c < (DK < L ? 1 : DK / L); ++c)
+    for (int l = 0; l < L; ++l) xv[c][l] = x[DK < L ? l % DK : c * L + l];
   int64_t j = 0;
-  for (; j + R <= rows && dv; j += R) {
-    V p[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      p[r] = load_row<T, TS>(K + (j + r) * d) * load_row<T, T>(x);
-      for (int64_t i = R; i < dv; i += R) p[r] += load_row<T, TS>(K + (j + r) * d + i) * load_row<T, T>(x + i);
+  for (; j + L <= rows; j += L) {
+    V p[nv];
+#pragma GCC unroll 16
+    for (int r = 0; r < nv; ++r) {
+      if constexpr (DK <= L) {
+        p[r] = load_as<T, TS>(K + j * DK + r * L) * xv[0];
+      } else {
+        p[r] = load_as<T, TS>(K + (j + r) * DK) * xv[0];
+        for (int c = 1; c < DK / L; ++c) p[r] += load_as<T, TS>(K + (j + r) * DK + c * L) * xv[c];
+      }
     }
-    if constexpr (R == 8) {
-      p[0] = pair_sums<T>(p[0], p[1]);
-      p[2] = pair_sums<T>(p[2], p[3]);
-      p[4] = pair_sums<T>(p[4], p[5]);
-      p[6] = pair_sums<T>(p[6], p[7]);
-      p[0] = pair_sums<T>(p[0], p[2]);
-      p[4] = pair_sums<T>(p[4], p[6]);
-      p[0] = pair_sums<T>(p[0], p[4]);
-    } else {
-      p[0] = pair_sums<T>(p[0], p[1]);
-      p[2] = pair_sums<T>(p[2], p[3]);
-      p[0] = pair_sums<T>(p[0], p[2]);
-    }
-    std::memcpy(s + j, &p[0], sizeof(V));
-    for (int64_t i = dv; i < d; ++i)  // the rest of each row
-      for (int r = 0; r < R; ++r) s[j + r] += x[i] * T(K[(j + r) * d + i]);
+#pragma GCC unroll 16
+    for (int m = nv; m > 1; m /= 2)
+#pragma GCC unroll 16
+      for (int r = 0; r < m / 2; ++r) p[r] = pair_sums<T, 64>(p[2 * r], p[2 * r + 1]);
+    VV::store(s + j, p[0]);
   }
   for (; j < rows; ++j) {
     T t = T(0);
-    for (int64_t i = 0; i < d; ++i) t += x[i] * T(K[j * d + i]);
+    for (int i = 0; i < DK; ++i) t += x[i] * T(K[j * DK + i]);
     s[j] = t;
   }
 }
 
-// num[f] += sum_j e[j] val[j, f] over the rows with e[j] != 0 (a row out of the window has e = 0 and may
-// hold NaN, which 0 * NaN would let through); two accumulators per vector of columns hide the add latency
+// s[j] = x . K[j] for the `rows` rows of K (head size d): the fixed-size reduction for the head sizes
+// it serves, else row by row
 template <typename T, typename TS>
+inline void dots(const T* x, const TS* K, int64_t rows, int64_t d, T* s) {
+  switch (d) {
+    case 4: return dots_fixed<T, TS, 4>(x, K, rows, s);
+    case 8: return dots_fixed<T, TS, 8>(x, K, rows, s);
+    case 16: return dots_fixed<T, TS, 16>(x, K, rows, s);
+    case 32: return dots_fixed<T, TS, 32>(x, K, rows, s);
+    case 64: return dots_fixed<T, TS, 64>(x, K, rows, s);
+    default:
+      for (int64_t j = 0; j < rows; ++j) {
+        T t = T(0);
+        for (int64_t i = 0; i < d; ++i) t += x[i] * T(K[j * d + i]);
+        s[j] = t;
+      }
+  }
+}
+
+// num[f] += sum_j e[j] val[j, f]. With `checked`, only over the rows with e[j] != 0: a row out of the
+// window has e = 0 and may hold NaN, which 0 * NaN would let through; without, every row is in. Four
+// accumulators per vector of columns: the adds of consecutive rows do not wait on each other.
+template <bool checked, typename T, typename TS>
 inline void weighted_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T* num) {
-  using V = typename Row<T>::type;
-  constexpr int R = Row<T>::W;
+  using V = typename Vec<T, 32>::type;
+  constexpr int R = Vec<T, 32>::W;
   int64_t f = 0;
   for (; f + R <= Ev; f += R) {
-    V a = V{}, b = V{};
+    V a[4] = {V{}, V{}, V{}, V{}};
     int64_t j = 0;
-    for (; j + 2 <= rows; j += 2) {
-      if (e[j] != T(0)) a += e[j] * load_row<T, TS>(val + j * Ev + f);
-      if (e[j + 1] != T(0)) b += e[j + 1] * load_row<T, TS>(val + (j + 1) * Ev + f);
-    }
-    if (j < rows && e[j] != T(0)) a += e[j] * load_row<T, TS>(val + j * Ev + f);
-    const V sum = a + b + load_row<T, T>(num + f);
+    for (; j + 4 <= rows; j += 4)
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r)
+        if (!checked || e[j + r] != T(0)) a[r] += e[j + r] * load_as<T, TS, 32>(val + (j + r) * Ev + f);
+    for (; j < rows; ++j)
+      if (!checked || e[j] != T(0)) a[0] += e[j] * load_as<T, TS, 32>(val + j * Ev + f);
+    const V sum = (a[0] + a[1]) + (a[2] + a[3]) + load_as<T, T, 32>(num + f);
     std::memcpy(num + f, &sum, sizeof(sum));
   }
   for (; f < Ev; ++f) {
     T a = T(0);
     for (int64_t j = 0; j < rows; ++j)
-      if (e[j] != T(0)) a += e[j] * T(val[j * Ev + f]);
+      if (!checked || e[j] != T(0)) a += e[j] * T(val[j * Ev + f]);
     num[f] += a;
   }
 }
 
-// max and sum of x[0 .. n), a vector at a time (a scalar chain would wait on every add)
+// the largest lane and the sum of the lanes of x, in log2(lanes) steps: each halves the lanes by folding
+// the upper half onto the lower
 template <typename T>
-inline T max_of(const T* x, int64_t n) {
-  using V = typename Row<T>::type;
-  constexpr int R = Row<T>::W;
-  T m = -std::numeric_limits<T>::infinity();
-  int64_t j = 0;
-  if (n >= R) {
-    V a = load_row<T, T>(x);
-    for (j = R; j + R <= n; j += R) {
-      const V b = load_row<T, T>(x + j);
-      a = b > a ? b : a;
-    }
-    for (int w = 0; w < R; ++w) m = a[w] > m ? a[w] : m;
+inline T lanes_max(typename Vec<T>::type x) {
+  constexpr int L = Vec<T>::W;
+  typedef typename Bits<T>::type M __attribute__((vector_size(sizeof(x))));
+#pragma GCC unroll 8
+  for (int h = L / 2; h >= 1; h /= 2) {
+    M up;
+    for (int l = 0; l < L; ++l) up[l] = (l + h) % L;
+    const typename Vec<T>::type y = __builtin_shuffle(x, up);
+    x = y > x ? y : x;
   }
-  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
+  return x[0];
 }
 
 template <typename T>
-inline T sum_of(const T* x, int64_t n) {
-  using V = typename Row<T>::type;
-  constexpr int R = Row<T>::W;
-  V a = V{};
-  int64_t j = 0;
-  for (; j + R <= n; j += R) a += load_row<T, T>(x + j);
-  T t = T(0);
-  for (int w = 0; w < R; ++w) t += a[w];
-  for (; j < n; ++j) t += x[j];
-  return t;
+inline T lanes_sum(typename Vec<T>::type x) {
+  constexpr int L = Vec<T>::W;
+  typedef typename Bits<T>::type M __attribute__((vector_size(sizeof(x))));
+#pragma GCC unroll 8
+  for (int h = L / 2; h >= 1; h /= 2) {
+    M up;
+    for (int l = 0; l < L; ++l) up[l] = (l + h) % L;
+    x += __builtin_shuffle(x, up);
+  }
+  return x[0];
 }
 
 // the constants of vexp: x = n ln2 + r (ln2 = hi + lo, hi with few bits so n hi is exact), |r| <= ln2 / 2
@@ -195,6 +213,14 @@ struct ExpConst<double> {
   static constexpr int degree = 13, mantissa = 52, bias = 1023;
 };
 
+// 1 / k! (a constant where k is)
+template <typename T>
+constexpr T inverse_factorial(int k) {
+  T f = T(1);
+  for (int i = 2; i <= k; ++i) f *= T(i);
+  return T(1) / f;
+}
+
 // e^x lane by lane, within a few ulps: 2^n e^r with e^r by its Taylor polynomial (the terms past
 // `degree` are below half an ulp for |r| <= ln2 / 2); 0 below lo (no subnormal results), inf above hi,
 // NaN for NaN
@@ -208,39 +234,61 @@ inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
   const V t = xc * C::log2e + magic;
   const V n = t - magic;  // x log2e rounded to an integer
   const V r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
-  T inv[C::degree + 1];  // 1 / k!
-  inv[0] = T(1);
-  for (int k = 1; k <= C::degree; ++k) inv[k] = inv[k - 1] / T(k);
-  V p = V{} + inv[C::degree];
-  for (int k = C::degree - 1; k >= 0; --k) p = p * r + inv[k];
+  V p = V{} + inverse_factorial<T>(C::degree);
+#pragma GCC unroll 16
+  for (int k = C::degree - 1; k >= 0; --k) p = p * r + inverse_factorial<T>(k);
   const I scale = ((I)t - (I)magic + C::bias) << C::mantissa;  // the bits of 2^n
   const V y = p * (V)scale;
   return x < lo ? V{} : x > hi ? V{} + std::numeric_limits<T>::infinity() : y;
 }
 
-// one thread's buffers: the decode step's, and the scaled queries, the absorbed key, the exact
-// scores and the per-query centre pieces
+// one thread's buffers: the decode step's, and for the queries of a group of heads their scaled
+// vectors, exact scores and sums, and far read-outs
 template <typename T, typename TS>
 struct WindowBuffers : sata::HeadBuffers<T, TS> {
+  static constexpr int64_t kHeads = sata::HeadBuffers<T, TS>::kHeads;
+  int64_t Lp;            // W + S rounded up to whole vectors
   std::vector<T> qs;     // [kHeads, G, d] scaled queries
   std::vector<T> key;    // [d] the absorbed key, centred
-  std::vector<T> score;  // [W + S] exact scores of one query, then their exponentials (padded to whole vectors)
-  std::vector<T> num;    // [Ev] exact numerator of one query
   std::vector<T> coef;   // [P] a_m of one query
-  std::vector<TS> c;     // [G] the far part's maximum c of each query of a head
-  WindowBuffers(const WindowDecodeArgs& w)
-      : sata::HeadBuffers<T, TS>(w.base.D, w.base.G, w.base.Ev + 1),
-        qs(sata::HeadBuffers<T, TS>::kHeads * w.base.G * w.base.d), key(w.base.d),
-        score((w.W + w.S + Vec<T>::W - 1) / Vec<T>::W * Vec<T>::W),
-        num(w.base.Ev), coef(w.base.P), c(w.base.G) {}
+  std::vector<T> e;      // [kHeads, G, Lp] exact scores, then their exponentials
+  std::vector<T> num;    // [kHeads, G, Ev] exact numerators
+  std::vector<T> top;    // [kHeads, G] the largest exact score (-inf: none)
+  std::vector<T> den;    // [kHeads, G] exact normalisers
+  std::vector<TS> uf;    // [kHeads, G, F] far read-outs
+  std::vector<TS> c;     // [kHeads, G] the far part's centre c (its largest weight is e^c)
+  std::vector<uint8_t> has_far;  // [kHeads] the head has far keys
+  WindowBuffers(const WindowDecodeArgs& w, int64_t Lp)
+      : sata::HeadBuffers<T, TS>(w.base.D, w.base.G, w.base.Ev + 1), Lp(Lp), qs(kHeads * w.base.G * w.base.d),
+        key(w.base.d), coef(w.base.P), e(kHeads * w.base.G * Lp), num(kHeads * w.base.G * w.base.Ev),
+        top(kHeads * w.base.G), den(kHeads * w.base.G), uf(kHeads * w.base.G * (w.base.Ev + 1)),
+        c(kHeads * w.base.G), has_far(kHeads) {}
 };
 
 // what the heads of a batch row share this step: whether the key it absorbs is kept (the leaving
-// slot's flag, or for W = 0 the new key's) and the sink slot the new key fills (-1: none)
+// slot's flag, or for W = 0 the new key's), the sink slot the new key fills (-1: none), and which of
+// the W window slots and S sinks its queries attend (all bits set) after the step, padded to whole
+// vectors with 0
+template <typename T>
 struct Rows {
-  std::vector<uint8_t> absorb;
-  std::vector<int64_t> sink_slot;
+  int64_t Lp;                                  // W + S rounded up to whole vectors
+  std::vector<uint8_t> absorb;                 // [B]
+  std::vector<int64_t> sink_slot;              // [B]
+  std::vector<typename Bits<T>::type> exact;   // [B, Lp]
+  std::vector<uint8_t> all_in;                 // [B] every slot and sink is attended (the steady state)
 };
+
+// sum_{i in [a, b)} q[i] (z[i] + vz k[i]): a moment of the far scores read from the normaliser row with
+// this step's key added; four sums, so the adds do not wait on each other
+template <typename T, typename TS>
+inline TS moment(const T* q, const TS* z, TS vz, const T* k, int64_t a, int64_t b) {
+  TS acc[4] = {TS(0), TS(0), TS(0), TS(0)};
+  int64_t i = a;
+  for (; i + 4 <= b; i += 4)
+    for (int l = 0; l < 4; ++l) acc[l] += TS(q[i + l]) * (z[i + l] + vz * TS(k[i + l]));
+  for (; i < b; ++i) acc[0] += TS(q[i]) * (z[i] + vz * TS(k[i]));
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
 
 // c' = mu - alpha sd of the far scores from (N, sum s, sum s^2 / 2); 0 without far keys (sata.hybrid.centre)
 template <typename T>
@@ -252,28 +300,20 @@ inline T centre(T N, T m1, T m2, T alpha) {
   return mu - alpha * (var > T(0) ? std::sqrt(var) : T(0));
 }
 
-// a_m(c) = sum_{n < P-m} (-c)^n / n! for m < P (sata.hybrid.centre_coefficients, same order of operations)
+// a_m(c) = sum_{n < P-m} (-c)^n / n! for m < P (sata.hybrid.centre_coefficients; 1 / n a constant factor)
 template <typename T>
 inline void coefficients(T c, int64_t P, T* a) {
   T term = T(1), sum = T(0);
   for (int64_t n = 0; n < P; ++n) {
-    if (n) term = term * (-c) / T(n);
+    if (n) term = term * (-c) * (T(1) / T(n));
     sum += term;
     a[P - 1 - n] = sum;
   }
 }
 
-// scale * q.k of the scaled query x against a stored key, in T (keys scaled as the PyTorch path does)
-template <typename T, typename TS>
-inline T score(const T* x, const TS* key, int64_t d, T sk) {
-  T s = T(0);
-  for (int64_t j = 0; j < d; ++j) s += x[j] * (T(key[j]) * sk);
-  return s;
-}
-
 // heads n0 .. n1-1 of a window decode step, in one thread's buffers; off [P + 1] the degree offsets
 template <typename T, typename TS>
-void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const Rows& rows, const int64_t* off,
+void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const Rows<T>& rows, const int64_t* off,
                   int64_t n0, int64_t n1, WindowBuffers<T, TS>& buf) {
   const DecodeArgs& a = w.base;
   const int64_t G = a.G, d = a.d, Ev = a.Ev, D = a.D, F = Ev + 1, P = a.P, W = w.W, S = w.S, ld = buf.ld;
@@ -310,13 +350,13 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
   }
   feat.build(phi, (n1 - n0) * (1 + G), ld);
 
+  // per head: the absorbed key's v~, the new key into its slots, the centres, the sweep
   for (int64_t n = n0; n < n1; ++n) {
-    const int64_t b = n / w.Hkv, h0 = (n % w.Hkv) * G;
-    const T* pk = phi + (n - n0) * (1 + G) * ld;
-    T* pq = phi + (n - n0) * (1 + G) * ld + ld;
-    const T* qs = buf.qs.data() + (n - n0) * G * d;
+    const int64_t b = n / w.Hkv, h0 = (n % w.Hkv) * G, i = n - n0;
+    const T* pk = phi + i * (1 + G) * ld;
+    T* pq = phi + i * (1 + G) * ld + ld;
+    const T* qs = buf.qs.data() + i * G * d;
     T* vt = buf.vt.data();
-    TS* u = buf.u.data();
     // v~ of the absorbed key, read before the new key takes its slot
     const bool use = rows.absorb[b];
     for (int64_t f = 0; f < Ev; ++f) vt[f] = !use ? T(0) : W ? T(win_v[(n * W + slot) * Ev + f]) : v[n * Ev + f];
@@ -341,57 +381,87 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
       if (mu)
         for (int64_t j = 0; j < d; ++j) delta += qs[g * d + j] * (T(mu[n * d + j]) * sk);
       T shifted = -delta;
-      buf.c[g] = TS(0);
+      buf.c[i * G + g] = TS(0);
       if (w.recentre) {
-        // moments of the far scores over the far keys, this step's included (as the sweep adds it)
-        TS m[3] = {z[0] + vz * TS(pk[0]), TS(0), TS(0)};
-        for (int64_t i = 1; i < Dm; ++i) m[i < 1 + d ? 1 : 2] += TS(row[i]) * (z[i] + vz * TS(pk[i]));
-        shifted = T(centre<TS>(m[0], m[1], m[2], TS(alpha[h0 + g])));
-        buf.c[g] = TS(shifted + delta);
+        // moments of the far scores over the far keys, this step's included (as the sweep adds it); the
+        // second only for a centre below the mean
+        const TS a = TS(alpha[h0 + g]);
+        const TS N = z[0] + vz * TS(pk[0]), m1 = moment<T, TS>(row, z, vz, pk, 1, 1 + d);
+        const TS m2 = a == TS(0) ? TS(0) : moment<T, TS>(row, z, vz, pk, 1 + d, Dm);
+        shifted = T(centre<TS>(N, m1, m2, a));
+        buf.c[i * G + g] = TS(shifted + delta);
       }
       if (scaled) {
         coefficients<T>(shifted, P, buf.coef.data());
         for (int64_t p = 0; p < P; ++p)
-          for (int64_t i = off[p]; i < off[p + 1]; ++i) row[i] *= buf.coef[p];
+          for (int64_t r = off[p]; r < off[p + 1]; ++r) row[r] *= buf.coef[p];
       }
     }
-    sata::sweep<T, TS>(src, dst, D, F, G, pk, pq, ld, vt, u);
-    const bool has_far = dst[(F - 1) * D] > TS(0);  // far keys counted by the degree-0 normaliser entry
+    sata::sweep<T, TS>(src, dst, D, F, G, pk, pq, ld, vt, buf.uf.data() + i * G * F);
+    buf.has_far[i] = dst[(F - 1) * D] > TS(0);  // far keys counted by the degree-0 normaliser entry
+  }
 
-    // the exact part of each query and the shared normaliser
-    const uint8_t* flags = t.win_keep + b * W;
-    const int64_t* pos = t.sink_pos + b * S;
-    const TS *keys = win_k + n * W * d, *vals = win_v + n * W * Ev;
-    const TS *skeys = sink_k + n * S * d, *svals = sink_v + n * S * Ev;
-    T* e = buf.score.data();  // [W + S]: the scores, then their exponentials
-    T* num = buf.num.data();
-    for (int64_t g = 0; g < G; ++g) {
-      const T* x = qs + g * d;
-      dots<T, TS>(x, keys, W, d, e);
-      dots<T, TS>(x, skeys, S, d, e + W);
-      // a slot out of the window scores -inf (its key may be NaN)
-      for (int64_t j = 0; j < W; ++j) e[j] = flags[j] ? sk * e[j] : -std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j < S; ++j) e[W + j] = pos[j] >= 0 ? sk * e[W + j] : -std::numeric_limits<T>::infinity();
-      const T m_exact = max_of(e, W + S);
-      const T m_safe = std::isfinite(m_exact) ? m_exact : T(0);
-      using VE = Vec<T>;
-      for (int64_t j = 0; j < W + S; j += VE::W) VE::store(e + j, vexp<T>(VE::load(e + j) - m_safe));
-      const T den_exact = sum_of(e, W + S);
-      for (int64_t f = 0; f < Ev; ++f) num[f] = T(0);
-      weighted_rows<T, TS>(e, vals, W, Ev, num);
-      weighted_rows<T, TS>(e + W, svals, S, Ev, num);
-
-      const TS c = buf.c[g];
-      TS m = has_far && c > TS(m_exact) ? c : TS(m_exact);
-      if (!std::isfinite(m)) m = TS(0);
-      const TS e_exact = std::exp(TS(m_exact) - m);  // 0 without exact keys
-      const TS e_far = has_far ? TS(beta[h0 + g]) * std::exp(c - m) : TS(0);
-      const TS* uf = u + g * F;
-      const TS den = e_exact * TS(den_exact) + e_far * uf[Ev];
-      T* yg = y + (n * G + g) * Ev;
-      for (int64_t f = 0; f < Ev; ++f)
-        yg[f] = den <= TS(0) ? T(0) : T((e_exact * TS(num[f]) + e_far * uf[f]) / den);  // NaN propagates
+  // the exact part of every query of the group, stage by stage: within a stage the queries do not
+  // wait on each other (one query's steps form a chain of dependent reductions)
+  using VE = Vec<T>;
+  typedef typename Bits<T>::type MaskLane;
+  typedef MaskLane Mask __attribute__((vector_size(sizeof(typename VE::type))));
+  const int64_t nq = (n1 - n0) * G, Lp = rows.Lp;
+  const typename VE::type ninf = typename VE::type{} - std::numeric_limits<T>::infinity();
+  for (int64_t iq = 0; iq < nq; ++iq) {  // scores, scaled; out of the window -inf (a key there may be NaN)
+    const int64_t n = n0 + iq / G;
+    T* e = buf.e.data() + iq * Lp;
+    dots<T, TS>(buf.qs.data() + iq * d, win_k + n * W * d, W, d, e);
+    dots<T, TS>(buf.qs.data() + iq * d, sink_k + n * S * d, S, d, e + W);
+    const MaskLane* in = rows.exact.data() + (n / w.Hkv) * Lp;
+    typename VE::type top = ninf;
+    for (int64_t j = 0; j < Lp; j += VE::W) {
+      Mask m;
+      std::memcpy(&m, in + j, sizeof(m));
+      const typename VE::type s = m != 0 ? VE::load(e + j) * sk : ninf;  // the padding is stale: -inf too
+      VE::store(e + j, s);
+      top = s > top ? s : top;
     }
+    buf.top[iq] = lanes_max<T>(top);
+  }
+  for (int64_t iq = 0; iq < nq; ++iq) {  // weights e^{s - max} and their sum
+    T* e = buf.e.data() + iq * Lp;
+    const T m_safe = std::isfinite(buf.top[iq]) ? buf.top[iq] : T(0);
+    typename VE::type sum{};
+    for (int64_t j = 0; j < Lp; j += VE::W) {
+      const typename VE::type p = vexp<T>(VE::load(e + j) - m_safe);
+      VE::store(e + j, p);
+      sum += p;
+    }
+    buf.den[iq] = lanes_sum<T>(sum);
+  }
+  for (int64_t iq = 0; iq < nq; ++iq) {  // the weighted values
+    const int64_t n = n0 + iq / G;
+    const T* e = buf.e.data() + iq * Lp;
+    T* num = buf.num.data() + iq * Ev;
+    for (int64_t f = 0; f < Ev; ++f) num[f] = T(0);
+    if (rows.all_in[n / w.Hkv]) {
+      weighted_rows<false, T, TS>(e, win_v + n * W * Ev, W, Ev, num);
+      weighted_rows<false, T, TS>(e + W, sink_v + n * S * Ev, S, Ev, num);
+    } else {
+      weighted_rows<true, T, TS>(e, win_v + n * W * Ev, W, Ev, num);
+      weighted_rows<true, T, TS>(e + W, sink_v + n * S * Ev, S, Ev, num);
+    }
+  }
+  for (int64_t iq = 0; iq < nq; ++iq) {  // both parts scaled to their common maximum, one normaliser
+    const int64_t n = n0 + iq / G, g = iq % G;
+    const bool has_far = buf.has_far[iq / G];
+    const TS c = buf.c[iq], m_exact = TS(buf.top[iq]);
+    TS m = has_far && c > m_exact ? c : m_exact;
+    if (!std::isfinite(m)) m = TS(0);
+    const TS e_exact = std::exp(m_exact - m);  // 0 without exact keys
+    const TS e_far = has_far ? TS(beta[(n % w.Hkv) * G + g]) * std::exp(c - m) : TS(0);
+    const TS* u = buf.uf.data() + iq * F;
+    const T* num = buf.num.data() + iq * Ev;
+    const TS den = e_exact * TS(buf.den[iq]) + e_far * u[Ev];
+    T* yq = y + (n * G + g) * Ev;
+    for (int64_t f = 0; f < Ev; ++f)
+      yq[f] = den <= TS(0) ? T(0) : T((e_exact * TS(num[f]) + e_far * u[f]) / den);  // NaN propagates
   }
 }
 
@@ -409,7 +479,9 @@ void decode_window(const WindowDecodeArgs& w, const WindowDecodeTensors& t) {
     }
     off[p + 1] = off[p] + size;
   }
-  Rows rows{std::vector<uint8_t>(B), std::vector<int64_t>(B)};
+  const int64_t Lp = (W + S + Vec<T>::W - 1) / Vec<T>::W * Vec<T>::W;
+  Rows<T> rows{Lp, std::vector<uint8_t>(B), std::vector<int64_t>(B), std::vector<typename Bits<T>::type>(B * Lp, 0),
+               std::vector<uint8_t>(B)};
   // per batch row, before any head reads them: the leaving slot's flag, then the new token's flag,
   // sink slot and position (sinks fill in order, so the free ones are the last)
   const int64_t slot = W ? t.n_tokens % W : 0;
@@ -426,11 +498,14 @@ void decode_window(const WindowDecodeArgs& w, const WindowDecodeTensors& t) {
     } else {
       rows.absorb[b] = kept && !sink;
     }
+    for (int64_t j = 0; j < W; ++j) rows.exact[b * Lp + j] = t.win_keep[b * W + j] ? -1 : 0;
+    for (int64_t j = 0; j < S; ++j) rows.exact[b * Lp + W + j] = t.sink_pos[b * S + j] >= 0 ? -1 : 0;
+    rows.all_in[b] = std::all_of(&rows.exact[b * Lp], &rows.exact[b * Lp] + W + S, [](auto m) { return m != 0; });
   }
   using Buffers = WindowBuffers<T, TS>;
   const double flops = sata::work(a.N, 1, a.G, a.Ev + 1, a.D) + 2.0 * a.N * a.G * (W + S) * (d + a.Ev);
   sata::share_heads(
-      a.N, Buffers::kHeads, flops, a.work_per_thread, [&] { return Buffers(w); },
+      a.N, Buffers::kHeads, flops, a.work_per_thread, [&] { return Buffers(w, Lp); },
       [&](Buffers& buf, int64_t n0, int64_t n1) { window_heads<T, TS>(w, t, rows, off.data(), n0, n1, buf); });
 }
 

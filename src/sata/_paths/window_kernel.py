@@ -38,6 +38,7 @@ class _Plan:
         )
         self.spec = spec
         self.out_shape = (*spec.batch_shape, spec.n_q_heads, 1, spec.d_value)
+        self.out_like_query = spec.d_key == spec.d_value   # then the output has the query's shape
         self.no_exact = ExactKeys.empty((spec.batch, spec.n_kv_heads), 0, 0, spec.d_key, spec.d_value,
                                         spec.state_dtype, "cpu")   # W = S = 0: nothing to read
         self._per_head: dict = {}
@@ -81,20 +82,21 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     plan = spec.plans.get(key_)
     if plan is None:
         plan = spec.plans[key_] = _Plan(spec, hybrid) if _applies(spec) else _NO_PLAN
-    if plan is _NO_PLAN:
+    if plan is _NO_PLAN or (torch.is_grad_enabled() and _needs_grad(query, key, value, state, hybrid)):
         return None
+    in_place = inplace and return_state
     exact = plan.no_exact if state.exact is None else state.exact
-    centre = state.key_centre
-    sd = spec.state_dtype
-    if not all(t.dtype is sd for t in (exact.win_k, exact.win_v, exact.sink_k, exact.sink_v)):
+    ready = _ready(exact, spec.state_dtype, copy=not in_place)
+    if ready is None:
         return None  # buffers in another dtype than the state's: the PyTorch path converts them
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-            query, key, value, state.kv, exact.win_k, exact.win_v, exact.sink_k, exact.sink_v, centre,
-            hybrid.taylor_mix if isinstance(hybrid.taylor_mix, torch.Tensor) else None,
-            hybrid.recentre if isinstance(hybrid.recentre, torch.Tensor) else None)):
-        return None
-    if centre is not None and (centre.dtype is not sd or not centre.is_contiguous()):
-        centre = centre.to(sd).contiguous()
+    exact, pointers = ready
+    S_in = state._fmajor()                                                     # [..., Hkv, F, D]
+    if S_in is None:  # a state in another layout (e.g. loaded from a file): from now on in the kernel's
+        S_in = state.kv.mT.contiguous()
+    S_out = S_in if in_place else torch.empty_like(S_in)
+    centre = state.key_centre
+    if centre is not None and (centre.dtype is not spec.state_dtype or not centre.is_contiguous()):
+        centre = centre.to(spec.state_dtype).contiguous()
     if not query.is_contiguous():
         query = query.contiguous()
     if not key.is_contiguous():
@@ -102,25 +104,40 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     if not value.is_contiguous():
         value = value.contiguous()
     keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(spec.batch).contiguous()
-    S_in = state._fmajor()                                                     # [..., Hkv, F, D]
-    if inplace and return_state:
-        if S_in is None:  # a state in another layout (e.g. loaded from a file): from now on in the kernel's
-            S_in = state.kv.mT.contiguous()
-        S_out = S_in
-        if not all(t.is_contiguous() for t in exact.tensors()):
-            exact = exact.map(torch.Tensor.contiguous)
-    else:  # the passed state stays valid: the step writes copies
-        if S_in is None:
-            S_in = state.kv.mT.contiguous()
-        S_out, exact = torch.empty_like(S_in), exact.map(_contiguous_copy)
-    y = torch.empty(plan.out_shape, dtype=spec.compute_dtype)                  # [..., Hq, 1, Ev]
-    plan.kernel(query, key, value, keep, S_in, S_out, y, exact, centre, plan.per_head(hybrid.recentre),
+    # the output: like the query when it has the query's shape (the cheapest allocation)
+    y = torch.empty_like(query) if plan.out_like_query else query.new_empty(plan.out_shape)   # [..., Hq, 1, Ev]
+    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, plan.per_head(hybrid.recentre),
                 plan.per_head(hybrid.taylor_mix), state.n_tokens)
     if not return_state:
         return y
     return y, SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,
                                    kvT=S_out, window=hybrid.window, sinks=hybrid.sinks,
                                    exact=None if state.exact is None else exact, key_centre=state.key_centre)
+
+
+def _ready(exact: ExactKeys, dtype: torch.dtype, copy: bool):
+    """``(exact, pointers)``: the buffers the kernel updates (contiguous copies where needed, or all of them
+    with ``copy``) and their data pointers; None if a buffer is not in the state's dtype. The pointers of
+    buffers that were fine as they are are kept on the object, so a decode loop checks them once."""
+    cached = exact.__dict__.get("_kernel_pointers")
+    if not copy and cached is not None and cached[0] is dtype:
+        return exact, cached[1]
+    if any(t.dtype is not dtype for t in (exact.win_k, exact.win_v, exact.sink_k, exact.sink_v)):
+        return None
+    if copy:
+        exact = exact.map(_contiguous_copy)
+    elif not all(t.is_contiguous() for t in exact.tensors()):
+        exact = exact.map(torch.Tensor.contiguous)
+    pointers = tuple(t.data_ptr() for t in exact.tensors())
+    exact.__dict__["_kernel_pointers"] = (dtype, pointers)   # a frozen dataclass: its fields cannot change
+    return exact, pointers
+
+
+def _needs_grad(query, key, value, state, hybrid: Hybrid) -> bool:
+    """Autograd would need the call's graph: the kernel does not record one."""
+    exact = () if state.exact is None else (state.exact.win_k, state.exact.win_v, state.exact.sink_k, state.exact.sink_v)
+    return any(t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in (
+        query, key, value, state.kv, *exact, state.key_centre, hybrid.taylor_mix, hybrid.recentre))
 
 
 def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
