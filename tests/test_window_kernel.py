@@ -142,19 +142,46 @@ def test_other_term_counts(n_taylor, kernel_calls):
     assert_rel(_kept(y, rows), _kept(sata.naive_sata_attention(*clean, key_padding_mask=mask, **kw)[..., 7:, :], rows), 1e-10)
 
 
-def test_wide_heads_use_the_general_sweep(kernel_calls):
-    """Value heads of 8 with one query head per kv head (the fixed 9-column sweep) and of 5 with GQA (the row sweep)."""
-    for Ev, g in ((8, 1), (5, 3)):
-        q, k, v = qkv((2,), 2 * g, 30, 6, Ev, Hkv=2, seed=Ev)
-        kw = dict(n_taylor=3, is_causal=True, enable_gqa=True, window=7, sinks=2, recentre=0.5)
-        _, st = sata.sata_attention(q[..., :12, :], k[..., :12, :], v[..., :12, :], return_state=True, **kw)
-        outs = []
-        for t in range(12, 30):
-            y, st = sata.sata_attention(q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :], state=st,
-                                        return_state=True, **kw)
-            outs.append(y)
-        assert_rel(torch.cat(outs, -2), sata.naive_sata_attention(q, k, v, **kw)[..., 12:, :], 1e-10, f"Ev={Ev}")
-    assert kernel_calls[0] == 2 * 18
+# the kernel's paths by head size: vector blocks of window rows (8 doubles / 16 floats per vector: rows
+# packed when shorter, split when longer), a partial last block, the row-by-row fallback (E = 6); the fixed
+# sweep (one query head, Ev + 1 in 5, 9, 17) and the row sweep (GQA); values in vectors or one by one
+SHAPES = [
+    pytest.param(torch.float64, 8, 8, 1, 20, 3, False, id="f64-E8-Ev8-W20"),
+    pytest.param(torch.float64, 4, 5, 3, 9, 2, True, id="f64-E4-gqa-padded"),
+    pytest.param(torch.float64, 6, 3, 1, 8, 2, False, id="f64-E6-any-size"),
+    pytest.param(torch.float32, 8, 8, 1, 35, 4, True, id="f32-E8-Ev8-W35-padded"),
+    pytest.param(torch.float32, 16, 16, 2, 17, 1, False, id="f32-E16-Ev16-gqa"),
+    pytest.param(torch.float32, 32, 4, 1, 16, 0, False, id="f32-E32-Ev4-S0"),
+]
+
+
+@pytest.mark.parametrize("dtype,E,Ev,g,W,S,padded", SHAPES)
+def test_head_sizes_and_vector_blocks(dtype, E, Ev, g, W, S, padded, kernel_calls):
+    L_, pre = 44, 24
+    q, k, v = qkv((2,), 2 * g, L_, E, Ev, Hkv=2, seed=E + Ev)
+    mask = torch.zeros(2, L_, dtype=torch.bool)
+    if padded:
+        mask[1, :5] = True
+        mask[0, [26, 27, 40]] = True                                         # holes while decoding
+    kw = dict(n_taylor=3, is_causal=True, enable_gqa=True, window=W, sinks=S, recentre=0.5)
+    _, st = sata.sata_attention(*(t[..., :pre, :].to(dtype) for t in (q, k, v)), key_padding_mask=mask[:, :pre],
+                                return_state=True, **kw)
+    outs = []
+    for t in range(pre, L_):
+        one = [x[..., t:t + 1, :].to(dtype) for x in (q, k, v)]
+        y, new = sata.sata_attention(*one, key_padding_mask=mask[:, t:t + 1], state=st, return_state=True, **kw)
+        if t % 4 == 0:
+            with kernels_unavailable():
+                _, slow = sata.sata_attention(*one, key_padding_mask=mask[:, t:t + 1], state=st, return_state=True,
+                                              **kw)
+            _assert_same_state(new, slow, 1e-12 if dtype == torch.float64 else 1e-6)
+        outs.append(y)
+        st = new
+    assert kernel_calls[0] == L_ - pre
+    expected = sata.naive_sata_attention(*(t.to(dtype).double() for t in (q, k, v)), key_padding_mask=mask, **kw)
+    kept = mask[:, None, pre:, None].logical_not()
+    assert_rel(_kept(torch.cat(outs, -2), kept), _kept(expected[..., pre:, :], kept),
+               1e-10 if dtype == torch.float64 else 1e-5)
 
 
 # ---------------------------------------------------------------- states: in place, kept, long, from files

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "decode.h"
@@ -48,14 +49,6 @@ struct Bits<double> {
   typedef int64_t type;
 };
 
-// 256-bit vectors: R = Row::W rows of keys are reduced together (8 floats, 4 doubles)
-template <typename T>
-struct Row {
-  static constexpr int W = 32 / sizeof(T);
-  typedef T type __attribute__((vector_size(32)));
-  typedef typename Bits<T>::type mask __attribute__((vector_size(32)));
-};
-
 // a vector of T loaded from TS (lane by lane when they differ: keys stored in double, computed in float)
 template <typename T, typename TS, int Bytes = 64>
 inline typename Vec<T, Bytes>::type load_as(const TS* p) {
@@ -68,16 +61,19 @@ inline typename Vec<T, Bytes>::type load_as(const TS* p) {
   return x;
 }
 
+// the integer vector {f(0), f(1), ..., f(L - 1)}, a constant: a shuffle mask built at compile time
+template <typename M, typename F, int... l>
+constexpr M lane_mask(F f, std::integer_sequence<int, l...>) {
+  return M{f(l)...};
+}
+
 // the lanes of a and b added pairwise: lanes 2l and 2l + 1 of their concatenation go to lane l
 template <typename T, int Bytes>
 inline typename Vec<T, Bytes>::type pair_sums(typename Vec<T, Bytes>::type a, typename Vec<T, Bytes>::type b) {
-  constexpr int L = Vec<T, Bytes>::W;
   typedef typename Bits<T>::type M __attribute__((vector_size(Bytes)));
-  M even, odd;
-  for (int l = 0; l < L; ++l) {
-    even[l] = 2 * l;
-    odd[l] = 2 * l + 1;
-  }
+  constexpr auto lanes = std::make_integer_sequence<int, Vec<T, Bytes>::W>{};
+  constexpr M even = lane_mask<M>([](int l) { return 2 * l; }, lanes);
+  constexpr M odd = lane_mask<M>([](int l) { return 2 * l + 1; }, lanes);
   return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
 }
 
@@ -166,32 +162,34 @@ inline void weighted_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T
   }
 }
 
-// the largest lane and the sum of the lanes of x, in log2(lanes) steps: each halves the lanes by folding
-// the upper half onto the lower
-template <typename T>
-inline T lanes_max(typename Vec<T>::type x) {
+// x with its lanes rotated down by h (lane l takes lane l + h mod L)
+template <typename T, int h>
+inline typename Vec<T>::type rotate(typename Vec<T>::type x) {
   constexpr int L = Vec<T>::W;
   typedef typename Bits<T>::type M __attribute__((vector_size(sizeof(x))));
-#pragma GCC unroll 8
-  for (int h = L / 2; h >= 1; h /= 2) {
-    M up;
-    for (int l = 0; l < L; ++l) up[l] = (l + h) % L;
-    const typename Vec<T>::type y = __builtin_shuffle(x, up);
-    x = y > x ? y : x;
-  }
+  constexpr M up = lane_mask<M>([](int l) { return (l + h) % L; }, std::make_integer_sequence<int, L>{});
+  return __builtin_shuffle(x, up);
+}
+
+// the largest lane and the sum of the lanes of x, in log2(lanes) steps, each folding half the lanes
+template <typename T>
+inline T lanes_max(typename Vec<T>::type x) {
+  const auto fold = [](auto x, auto y) { return y > x ? y : x; };
+  constexpr int L = Vec<T>::W;
+  if constexpr (L >= 16) x = fold(x, rotate<T, 8>(x));
+  x = fold(x, rotate<T, 4>(x));
+  x = fold(x, rotate<T, 2>(x));
+  x = fold(x, rotate<T, 1>(x));
   return x[0];
 }
 
 template <typename T>
 inline T lanes_sum(typename Vec<T>::type x) {
   constexpr int L = Vec<T>::W;
-  typedef typename Bits<T>::type M __attribute__((vector_size(sizeof(x))));
-#pragma GCC unroll 8
-  for (int h = L / 2; h >= 1; h /= 2) {
-    M up;
-    for (int l = 0; l < L; ++l) up[l] = (l + h) % L;
-    x += __builtin_shuffle(x, up);
-  }
+  if constexpr (L >= 16) x += rotate<T, 8>(x);
+  x += rotate<T, 4>(x);
+  x += rotate<T, 2>(x);
+  x += rotate<T, 1>(x);
   return x[0];
 }
 
@@ -258,11 +256,12 @@ struct WindowBuffers : sata::HeadBuffers<T, TS> {
   std::vector<TS> uf;    // [kHeads, G, F] far read-outs
   std::vector<TS> c;     // [kHeads, G] the far part's centre c (its largest weight is e^c)
   std::vector<uint8_t> has_far;  // [kHeads] the head has far keys
+  std::vector<T> vts;    // [kHeads, F] v~ of each head's absorbed key
   WindowBuffers(const WindowDecodeArgs& w, int64_t Lp)
       : sata::HeadBuffers<T, TS>(w.base.D, w.base.G, w.base.Ev + 1), Lp(Lp), qs(kHeads * w.base.G * w.base.d),
         key(w.base.d), coef(w.base.P), e(kHeads * w.base.G * Lp), num(kHeads * w.base.G * w.base.Ev),
         top(kHeads * w.base.G), den(kHeads * w.base.G), uf(kHeads * w.base.G * (w.base.Ev + 1)),
-        c(kHeads * w.base.G), has_far(kHeads) {}
+        c(kHeads * w.base.G), has_far(kHeads), vts(kHeads * (w.base.Ev + 1)) {}
 };
 
 // what the heads of a batch row share this step: whether the key it absorbs is kept (the leaving
@@ -350,13 +349,15 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
   }
   feat.build(phi, (n1 - n0) * (1 + G), ld);
 
-  // per head: the absorbed key's v~, the new key into its slots, the centres, the sweep
+  // per head: the absorbed key's v~, the new key into its slots, the centre of each query and its query
+  // row scaled per degree by a_m(c'). A loop of its own: each head's centre is a chain of dependent
+  // steps (moments, a division, the coefficients), which overlap across heads here
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t b = n / w.Hkv, h0 = (n % w.Hkv) * G, i = n - n0;
     const T* pk = phi + i * (1 + G) * ld;
     T* pq = phi + i * (1 + G) * ld + ld;
     const T* qs = buf.qs.data() + i * G * d;
-    T* vt = buf.vt.data();
+    T* vt = buf.vts.data() + i * F;
     // v~ of the absorbed key, read before the new key takes its slot
     const bool use = rows.absorb[b];
     for (int64_t f = 0; f < Ev; ++f) vt[f] = !use ? T(0) : W ? T(win_v[(n * W + slot) * Ev + f]) : v[n * Ev + f];
@@ -369,11 +370,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
       for (int64_t j = 0; j < d; ++j) sink_k[(n * S + s) * d + j] = TS(k[n * d + j]);
       for (int64_t f = 0; f < Ev; ++f) sink_v[(n * S + s) * Ev + f] = TS(v[n * Ev + f]);
     }
-
-    // the centre of each query, and its query row scaled per degree by a_m(c')
-    const TS* src = static_cast<const TS*>(t.S_in) + n * F * D;
-    TS* dst = static_cast<TS*>(t.S_out) + n * F * D;
-    const TS* z = src + (F - 1) * D;  // the normaliser row, before this step's key
+    const TS* z = static_cast<const TS*>(t.S_in) + (n * F + F - 1) * D;  // the normaliser row, before this key
     const TS vz = TS(vt[Ev]);
     for (int64_t g = 0; g < G; ++g) {
       T* row = pq + g * ld;
@@ -392,12 +389,20 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
         buf.c[i * G + g] = TS(shifted + delta);
       }
       if (scaled) {
-        coefficients<T>(shifted, P, buf.coef.data());
+        T* coef = buf.coef.data();
+        coefficients<T>(shifted, P, coef);
         for (int64_t p = 0; p < P; ++p)
-          for (int64_t r = off[p]; r < off[p + 1]; ++r) row[r] *= buf.coef[p];
+          for (int64_t r = off[p]; r < off[p + 1]; ++r) row[r] *= coef[p];
       }
     }
-    sata::sweep<T, TS>(src, dst, D, F, G, pk, pq, ld, vt, buf.uf.data() + i * G * F);
+  }
+  // per head: the sweep that absorbs the leaving key into the far state and reads it
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t i = n - n0;
+    const T* pk = phi + i * (1 + G) * ld;
+    const TS* src = static_cast<const TS*>(t.S_in) + n * F * D;
+    TS* dst = static_cast<TS*>(t.S_out) + n * F * D;
+    sata::sweep<T, TS>(src, dst, D, F, G, pk, pk + ld, ld, buf.vts.data() + i * F, buf.uf.data() + i * G * F);
     buf.has_far[i] = dst[(F - 1) * D] > TS(0);  // far keys counted by the degree-0 normaliser entry
   }
 
@@ -460,8 +465,9 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     const T* num = buf.num.data() + iq * Ev;
     const TS den = e_exact * TS(buf.den[iq]) + e_far * u[Ev];
     T* yq = y + (n * G + g) * Ev;
+    const TS inv = TS(1) / den;
     for (int64_t f = 0; f < Ev; ++f)
-      yq[f] = den <= TS(0) ? T(0) : T((e_exact * TS(num[f]) + e_far * u[f]) / den);  // NaN propagates
+      yq[f] = den <= TS(0) ? T(0) : T((e_exact * TS(num[f]) + e_far * u[f]) * inv);  // NaN propagates
   }
 }
 
