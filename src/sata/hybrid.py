@@ -73,11 +73,39 @@ def _check_per_head(fn: str, name: str, value: object, n_q_heads: int, device: t
     return float(value)
 
 
+_HYBRID_CACHE: dict = {}
+
+
 def check_hybrid(
     fn: str, *, window: object, sinks: object, taylor_mix: object, recentre: object, n_taylor: int,
     n_q_heads: int, device: torch.device,
 ) -> Hybrid:
-    """Validate the window-mode arguments; raise with the fix."""
+    """Validate the window-mode arguments; raise with the fix.
+
+    Settings given as plain numbers are a function of their values, so a repeated call (a decode loop)
+    reuses the earlier verdict; tensors (which can change in place) are checked every call.
+    """
+    key = None
+    if not isinstance(taylor_mix, torch.Tensor) and not isinstance(recentre, torch.Tensor):
+        key = (fn, type(window), window, type(sinks), sinks, type(taylor_mix), taylor_mix, type(recentre), recentre,
+               n_taylor, n_q_heads, device)
+        try:
+            hybrid = _HYBRID_CACHE.get(key)
+        except TypeError:  # unhashable settings: the full check explains
+            key = hybrid = None
+        if hybrid is not None:
+            return hybrid
+    hybrid = _check_hybrid(fn, window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre, n_taylor=n_taylor,
+                           n_q_heads=n_q_heads, device=device)
+    if key is not None and len(_HYBRID_CACHE) < 1024:
+        _HYBRID_CACHE[key] = hybrid
+    return hybrid
+
+
+def _check_hybrid(
+    fn: str, *, window: object, sinks: object, taylor_mix: object, recentre: object, n_taylor: int,
+    n_q_heads: int, device: torch.device,
+) -> Hybrid:
     window = _check_count(fn, "window", window, "recent keys attended exactly; 0 turns the window off")
     sinks = _check_count(fn, "sinks", sinks, "first keys of the stream attended exactly; 0 turns sinks off")
     beta = _check_per_head(fn, "taylor_mix", taylor_mix, n_q_heads, device, "weight of the Taylor part, >= 0")
