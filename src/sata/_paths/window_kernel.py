@@ -25,7 +25,7 @@ _NO_PLAN = object()  # cached verdict: the kernel does not serve this configurat
 
 
 class _Plan:
-    """The kernel plan of one configuration and its per-head ``alpha`` / ``beta`` arrays for float settings."""
+    """The kernel plan of one configuration, and its per-head ``alpha`` / ``beta`` arrays for plain-number settings."""
 
     def __init__(self, spec, hybrid: Hybrid):
         from ..ops import _split_scale  # ops imports this module
@@ -41,25 +41,29 @@ class _Plan:
         self.out_like_query = spec.d_key == spec.d_value   # then the output has the query's shape
         self.no_exact = ExactKeys.empty((spec.batch, spec.n_kv_heads), 0, 0, spec.d_key, spec.d_value,
                                         spec.state_dtype, "cpu")   # W = S = 0: nothing to read
-        self._per_head: dict = {}
-        # a step that keeps the passed state allocates a copy of it
+        self._params: dict = {}
+        # the buffers this configuration keeps (and a step that keeps the passed state copies)
         itemsize = torch.empty((), dtype=spec.state_dtype).element_size()
-        copy_bytes = spec.batch * spec.n_kv_heads * (
+        state_bytes = spec.batch * spec.n_kv_heads * (
             spec.feature_dim * (spec.d_value + 1) + (hybrid.window + hybrid.sinks) * (spec.d_key + spec.d_value)
         ) * itemsize
-        check_budget(copy_bytes, f"sata_attention: a decode step with window={hybrid.window}, sinks={hybrid.sinks} "
-                     f"copies the state ({format_bytes(copy_bytes)})", "Pass inplace=True to update the state in place.")
+        check_budget(state_bytes, f"sata_attention: a decode step with window={hybrid.window}, sinks={hybrid.sinks} "
+                     f"and its state ({format_bytes(state_bytes)})", "Use a smaller window, fewer sinks or a smaller batch.")
 
-    def per_head(self, value, fill: float = 0.0) -> torch.Tensor:
-        """``alpha`` or ``beta`` as a contiguous ``[Hq]`` tensor in the compute dtype (floats cached)."""
-        spec = self.spec
-        if isinstance(value, torch.Tensor):
-            return value.detach().to(spec.compute_dtype).expand(spec.n_q_heads).contiguous()
-        t = self._per_head.get(value)
-        if t is None:
-            t = self._per_head[value] = torch.full((spec.n_q_heads,), fill if value is None else value,
-                                                   dtype=spec.compute_dtype)
-        return t
+    def params(self, hybrid: Hybrid) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha`` and ``beta`` as contiguous ``[Hq]`` tensors in the compute dtype (plain numbers: cached)."""
+        alpha, beta = hybrid.recentre, hybrid.taylor_mix
+        tensors = isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor)
+        pair = None if tensors else self._params.get((alpha, beta))
+        if pair is None:
+            spec = self.spec
+            pair = tuple(x.detach().to(spec.compute_dtype).expand(spec.n_q_heads).contiguous()
+                         if isinstance(x, torch.Tensor) else
+                         torch.full((spec.n_q_heads,), 0.0 if x is None else x, dtype=spec.compute_dtype)
+                         for x in (alpha, beta))
+            if not tensors:
+                self._params[(alpha, beta)] = pair
+        return pair
 
 
 def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state: bool,
@@ -106,8 +110,7 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(spec.batch).contiguous()
     # the output: like the query when it has the query's shape (the cheapest allocation)
     y = torch.empty_like(query) if plan.out_like_query else query.new_empty(plan.out_shape)   # [..., Hq, 1, Ev]
-    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, plan.per_head(hybrid.recentre),
-                plan.per_head(hybrid.taylor_mix), state.n_tokens)
+    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, *plan.params(hybrid), state.n_tokens)
     if not return_state:
         return y
     return y, SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,
