@@ -12,7 +12,8 @@ With that stream, query ``i`` of the call sees
   call, and the band widens to ``i < e < i + 2W``.
 
 Under autograd each block of queries is checkpointed (recomputed in the backward pass) with the far state
-carried between blocks, so memory holds one state per block, never features per token.
+carried between blocks, so memory holds one state per block, never features per token. A single causal
+token on the CPU without autograd takes the fused kernel instead (:mod:`sata._paths.window_kernel`).
 """
 
 from __future__ import annotations
