@@ -167,6 +167,12 @@ class SATAState:
             return kv
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def _stored(self) -> torch.Tensor:
+        """``kv`` if it was made, else the F-major tensor it would be a view of: for reading shape,
+        dtype, device or ``requires_grad`` without making a view (a decode loop never needs one)."""
+        d = self.__dict__
+        return d["kv"] if "kv" in d else d["_kvT"]
+
     def _fmajor(self) -> torch.Tensor | None:
         """``kv`` as the D-contiguous ``[..., Hkv, F, D]`` tensor the kernels read, or ``None`` if
         it is stored in another layout (a state loaded from a file, say)."""
@@ -260,9 +266,13 @@ class SATAState:
     def check_compatible(self, other: SATAState | dict, what: str = "state") -> None:
         """Raise ``ValueError`` naming each field where ``other`` (a state or a config dict) differs."""
         theirs = other.config if isinstance(other, SATAState) else dict(other)
-        diffs = [f"{k}: {theirs.get(k)!r} vs {v!r}" for k, v in self.config.items() if k in theirs and theirs[k] != v]
+        diffs = [f"{k}: {t!r} vs {mine!r}" for k, mine, t in self._config_diffs(theirs)]
         if diffs:
             raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)})")
+
+    def _config_diffs(self, theirs: dict) -> list[tuple[str, object, object]]:
+        """``(field, ours, theirs)`` for every field of :attr:`config` that ``theirs`` gives differently."""
+        return [(k, v, theirs[k]) for k, v in self.config.items() if k in theirs and theirs[k] != v]
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:

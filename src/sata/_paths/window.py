@@ -22,7 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..basis import TaylorBasis, get_basis
-from ..features import _phi_t
+from ..features import _phi
 from ..state import ExactKeys
 from ..hybrid import Hybrid, centre, centre_coefficients, combine, exact_part, per_head
 
@@ -128,7 +128,7 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
 def absorb(run: _Call, ks, vt, S):
     """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``."""
     for a in range(0, ks.shape[-2], run.block):
-        inc = (vt[:, :, a:a + run.block].mT @ _phi_t(ks[:, :, a:a + run.block].mT, run.basis).mT).to(run.sd)
+        inc = (vt[:, :, a:a + run.block].mT @ _phi(ks[:, :, a:a + run.block].mT, run.basis, dim=-2).mT).to(run.sd)
         S = inc if S is None else S + inc
     return S
 
@@ -206,11 +206,11 @@ def _scan(run: _Call, qs, ks, vt, S0, coef):
     def block(q, k, v, a_, S):
         T = q.shape[-2]
         qc, kc, vc = _chunks(q, run.chunk), _chunks(k, run.chunk), _chunks(v, run.chunk)   # [.., n, c, X]
-        phik = _phi_t(kc.mT, run.basis)                                         # [B, Hkv, n, D, c]
+        phik = _phi(kc.mT, run.basis, dim=-2)                                       # [B, Hkv, n, D, c]
         dS = vc.mT @ phik.mT                                                    # [B, Hkv, n, F, D]
         start = dS.new_zeros(B, Hkv, 1, F, D) if S is None else S.to(run.cd)[:, :, None]
         before = torch.cat([start, dS[:, :, :-1]], dim=2).cumsum(dim=2)        # [B, Hkv, n, F, D] exclusive
-        phiq = _phi_t(qc.mT, run.basis)                                         # [B, Hkv, g, n, D, c]
+        phiq = _phi(qc.mT, run.basis, dim=-2)                                         # [B, Hkv, g, n, D, c]
         s = qc @ kc[:, :, None].mT                                              # [B, Hkv, g, n, c, c]
         if a_ is None:
             A = _horner(s, None, run.P)
@@ -251,10 +251,10 @@ def _moments(run: _Call, qs, ks, w, S0):
     def block(q, k, w_, C):
         T = q.shape[-2]
         qc, kc, wc = _chunks(q, run.chunk), _chunks(k, run.chunk), _chunks(w_, run.chunk)
-        dC = (_phi_t(kc.mT, basis) @ wc)[..., 0]                                # [B, Hkv, n_c, Dm]
+        dC = (_phi(kc.mT, basis, dim=-2) @ wc)[..., 0]                                # [B, Hkv, n_c, Dm]
         start = dC.new_zeros(B, Hkv, 1, Dm) if C is None else C.to(run.cd)[:, :, None]
         before = torch.cat([start, dC[:, :, :-1]], dim=2).cumsum(dim=2)         # [B, Hkv, n_c, Dm]
-        inter = _phi_t(qc.mT, basis).mT * before[:, :, None, :, None, :]        # [B, Hkv, g, n_c, c, Dm]
+        inter = _phi(qc.mT, basis, dim=-2).mT * before[:, :, None, :, None, :]        # [B, Hkv, g, n_c, c, Dm]
         inter = torch.stack([blk.sum(-1) for blk in inter.split(sizes, dim=-1)], dim=-1)   # [.., c, n]
         s = (qc @ kc[:, :, None].mT).tril()                                     # [B, Hkv, g, n_c, c, c]
         wt = wc[:, :, None, :, None, :, 0] * torch.ones_like(s).tril()          # far-key weights, causal
