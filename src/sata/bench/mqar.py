@@ -560,7 +560,7 @@ def main(args) -> int:
             return 2
     threads = set_threads(args.threads)
     machine = machine_info("cpu")
-    print(f"MQAR ({args.preset}): {len(points)} configurations x {len(lrs)} learning rates, {task.steps} steps at most, "
+    print(f"MQAR ({args.preset}: {PRESETS[args.preset].note}): {len(points)} configurations x {len(lrs)} learning rates, {task.steps} steps at most, "
           f"batch {task.batch_size}, train {[slice_name(*s) for s in task.train_slices]}, test "
           f"{[slice_name(*s) for s in task.test_slices]}; {threads} thread(s) on {machine['cpu']}", flush=True)
     warning = busy_warning(machine)
