@@ -69,7 +69,8 @@ def sata_attention(
         inplace (bool): write the new state into ``state.kv`` instead of a new tensor, for serving
             loops that drop the old state anyway (no allocation per token; about a third less memory
             traffic). The returned state shares that tensor. Not allowed when ``state.kv`` requires
-            grad. Default: ``False`` (the passed-in state stays valid). Ignored in the window mode.
+            grad. Default: ``False`` (the passed-in state stays valid). In the window mode it applies to decode
+            steps through the fused kernel (the window and sink buffers too) and is ignored elsewhere.
         window (int): each query also attends *exactly* (softmax weights ``exp``) to the ``window``
             most recent positions, itself included (non-causal: ``|i - j| < window``); the Taylor state
             holds only the keys further back. ``window >= L`` is exact softmax attention. Default: ``0``.
@@ -118,7 +119,8 @@ def sata_attention(
         hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
         if not hybrid.plain or (state is not None and state.exact is not None):
-            return window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state)
+            return window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state,
+                               inplace, _TUNING.get().kernels)
     grad = needs_grad(query, key, value, state)
     if inplace and (state is None or not return_state or grad):
         _refuse_inplace(state, return_state)

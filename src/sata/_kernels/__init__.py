@@ -38,8 +38,8 @@ import torch
 
 from ..basis import get_basis
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.cpp", "prefill.cpp")]
-_ABI = 6  # SATA_KERNEL_ABI in kernels.h
+_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.h", "decode.cpp", "decode_window.cpp", "prefill.cpp")]
+_ABI = 7  # SATA_KERNEL_ABI in kernels.h
 _TORCH = Path(torch.__file__).parent
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
@@ -110,7 +110,19 @@ class _PrefillTensors(ctypes.Structure):
                 ("s_b", ctypes.c_int64), ("s_h", ctypes.c_int64), ("s_d", ctypes.c_int64), ("s_f", ctypes.c_int64)]
 
 
-_STRUCTS = (_DecodeArgs, _PrefillArgs, _PrefillTensors)  # sata_struct_size(0, 1, 2)
+class _WindowDecodeArgs(ctypes.Structure):
+    _fields_ = [("base", _DecodeArgs), ("Hkv", ctypes.c_int64), ("W", ctypes.c_int64), ("S", ctypes.c_int64),
+                ("recentre", ctypes.c_int64)]
+
+
+class _WindowDecodeTensors(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("q", "k", "v", "keep", "S_in", "S_out", "y", "win_k", "win_v",
+                                                     "win_keep", "sink_k", "sink_v", "sink_pos", "key_centre",
+                                                     "alpha", "beta")] + [("n_tokens", ctypes.c_int64)]
+
+
+# sata_struct_size(0, 1, ...)
+_STRUCTS = (_DecodeArgs, _PrefillArgs, _PrefillTensors, _WindowDecodeArgs, _WindowDecodeTensors)
 
 
 def _open(path: str) -> ctypes.CDLL:
@@ -130,7 +142,8 @@ def _open(path: str) -> ctypes.CDLL:
     for name in ("sata_decode_f32", "sata_decode_f32s64", "sata_decode_f64"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ptr] * 8, ctypes.c_int
-    for name in ("sata_prefill_f32", "sata_prefill_f32s64", "sata_prefill_f64"):
+    for name in ("sata_prefill_f32", "sata_prefill_f32s64", "sata_prefill_f64", "sata_decode_window_f32",
+                 "sata_decode_window_f32s64", "sata_decode_window_f64"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ptr, ptr], ctypes.c_int
     return lib
@@ -259,6 +272,41 @@ class DecodePlan:
         if self._fn(self._args_ptr, q.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
                     S_in.data_ptr(), S_out.data_ptr(), y.data_ptr()):
             raise _failed("decode")
+
+
+class WindowDecodePlan:
+    """The fused window-mode decode step (``MATH.md`` section 6) for one configuration, its constants bound once.
+
+    Call with contiguous CPU tensors, ``T`` the plan's compute dtype, ``TS`` its state dtype: q ``[N, G, d]``,
+    k ``[N, d]``, v ``[N, Ev]`` in T (``N`` = batch x kv heads); keep ``[B]`` uint8 or ``None``; S_in / S_out
+    ``[N, F, D]`` in TS (may be one tensor: in place); y ``[N, G, Ev]`` in T; ``exact``, the
+    :class:`~sata.state.ExactKeys` of the state (batch flattened, ``TS``), updated in place; key_centre
+    ``[N, d]`` in TS or ``None``; alpha and beta ``[Hkv G]`` in T (alpha read only by a re-centring plan);
+    n_tokens, the positions before the step.
+    """
+
+    def __init__(self, lib, N: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
+                 state_dtype: torch.dtype, Hkv: int, window: int, sinks: int, recentre: bool):
+        self._prefix_len, self._weight = _hierarchy(basis, dtype)
+        self._fn = _entry(lib, "decode_window", dtype, state_dtype)
+        base = _DecodeArgs(N, G, d, Ev, basis.dim, basis.n_taylor, self._prefix_len.data_ptr(), self._weight.data_ptr(),
+                           sq, sk, _WORK_PER_THREAD["decode"])
+        self._args = _WindowDecodeArgs(base, Hkv, window, sinks, int(recentre))
+        self._args_ptr = ctypes.addressof(self._args)
+        self._local = threading.local()  # one tensors struct per calling thread: the kernel reads it unlocked
+
+    def __call__(self, q, k, v, keep, S_in, S_out, y, exact, key_centre, alpha, beta, n_tokens: int) -> None:
+        t = getattr(self._local, "t", None)
+        if t is None:
+            t = self._local.t = _WindowDecodeTensors()
+        t.q, t.k, t.v, t.S_in, t.S_out, t.y = q.data_ptr(), k.data_ptr(), v.data_ptr(), S_in.data_ptr(), \
+            S_out.data_ptr(), y.data_ptr()
+        t.keep = None if keep is None else keep.data_ptr()
+        t.win_k, t.win_v, t.win_keep, t.sink_k, t.sink_v, t.sink_pos = (x.data_ptr() for x in exact.tensors())
+        t.key_centre = None if key_centre is None else key_centre.data_ptr()
+        t.alpha, t.beta, t.n_tokens = alpha.data_ptr(), beta.data_ptr(), n_tokens
+        if self._fn(self._args_ptr, ctypes.addressof(t)):
+            raise _failed("window decode")
 
 
 def _view(t: torch.Tensor) -> _View:

@@ -17,7 +17,7 @@
 
 // Bump on any change to the structs or the entry points: the Python side compares it (and the
 // struct sizes) with its own on load and rebuilds a cached library that disagrees.
-#define SATA_KERNEL_ABI 6
+#define SATA_KERNEL_ABI 7
 
 extern "C" {
 
@@ -53,6 +53,34 @@ struct PrefillTensors {
   const uint8_t* keep;           // [B, Lk] contiguous, 0 = ignore the key; or null
   void* S;                       // state element (b, h, D, f) at S[b s_b + h s_h + D s_d + f s_f]
   int64_t s_b, s_h, s_d, s_f;
+};
+
+// the constants of a window-mode decode plan (MATH.md section 6)
+struct WindowDecodeArgs {
+  DecodeArgs base;               // N = B Hkv heads, G, sizes, hierarchy, input scales, thread policy
+  int64_t Hkv, W, S;             // kv heads per batch row (flags and positions are per row), window, sinks
+  int64_t recentre;              // 1: centre c' = mu' - alpha sd' read from the far state; 0: c' = -delta
+};
+
+// the tensors of one window-mode decode step, all contiguous; T the compute dtype, TS the state's
+struct WindowDecodeTensors {
+  const void* q;                 // [N, G, d] T
+  const void* k;                 // [N, d] T
+  const void* v;                 // [N, Ev] T
+  const uint8_t* keep;           // [B] 0 = padded token; or null
+  const void* S_in;              // far state [N, F, D] TS
+  void* S_out;                   // [N, F, D] TS, may be S_in
+  void* y;                       // [N, G, Ev] T
+  void* win_k;                   // [N, W, d] TS, slot p % W holds position p; updated in place
+  void* win_v;                   // [N, W, Ev] TS, updated in place
+  uint8_t* win_keep;             // [B, W] bool: the slot holds a kept key that is not a sink; updated in place
+  void* sink_k;                  // [N, S, d] TS, updated in place
+  void* sink_v;                  // [N, S, Ev] TS, updated in place
+  int64_t* sink_pos;             // [B, S] position of each sink, -1 while free; updated in place
+  const void* key_centre;        // [N, d] TS subtracted from the far state's keys; or null
+  const void* alpha;             // [Hkv G] T per query head (recentre only)
+  const void* beta;              // [Hkv G] T per query head: taylor_mix
+  int64_t n_tokens;              // positions before this step (the same in every batch row)
 };
 
 }  // extern "C"

@@ -14,10 +14,18 @@ from ..budget import check_budget, format_bytes
 from ..hybrid import Hybrid
 from ..state import ExactKeys, SATAState
 from .window import window_attention
+from .window_kernel import decode_step as window_decode_step
 
 
-def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state):
-    """The window mode (``MATH.md`` section 6): reshape, run :func:`window_attention`, wrap the new state."""
+def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state,
+                inplace: bool = False, kernels: bool = True):
+    """The window mode (``MATH.md`` section 6): a decode step through the fused kernel where it applies, else
+    reshape, run :func:`window_attention`, wrap the new state."""
+    if kernels:  # (force_path(kernels=False) turns them off)
+        fast = window_decode_step(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state,
+                                  inplace)
+        if fast is not None:
+            return fast
     fn = "accumulate_state" if spec.len_q == 0 and not is_causal else "sata_attention"
     if state is not None and (state.window, state.sinks) != (hybrid.window, hybrid.sinks):
         raise ValueError(
