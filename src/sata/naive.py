@@ -83,7 +83,11 @@ def naive_sata_attention(
         w = taylor_exp(s, spec.n_taylor).masked_fill(~visible, 0.0)            # [..., Hq, Lq, Lk]
         return _normalize_rows(w @ v, w.sum(dim=-1, keepdim=True)).to(query.dtype)   # [..., Hq, Lq, Ev]
     exact = visible & _exact_keys(spec, hybrid, key_padding_mask, is_causal, q.device)   # [..., Hq|1, Lq, Lk]
-    far = visible & ~exact
+    return _hybrid(s, v, exact, visible & ~exact, spec, hybrid).to(query.dtype)
+
+
+def _hybrid(s, v, exact, far, spec, hybrid) -> torch.Tensor:
+    """``exp`` on the exact keys, ``beta e^{c - m} T_P(s - c)`` on the far ones, one normaliser: ``[..., Hq, Lq, Ev]``."""
     alpha, beta = (per_head(x, (spec.n_q_heads, 1), spec.compute_dtype) for x in (hybrid.recentre, hybrid.taylor_mix))
     farf = far.to(s.dtype).expand_as(s)                                         # [..., Hq, Lq, Lk]
     if hybrid.recentre is None:
@@ -94,8 +98,7 @@ def naive_sata_attention(
     T = taylor_exp(s - c[..., None], spec.n_taylor) * farf                     # [..., Hq, Lq, Lk]
     U_far = torch.cat([T @ v, T.sum(dim=-1, keepdim=True)], dim=-1)           # [..., Hq, Lq, Ev + 1]
     m, num, den = exact_part(s, exact, v)
-    return combine(m, num, den, U_far, c, far.any(dim=-1), beta, spec.d_value, query.dtype)
-
+    return combine(m, num, den, U_far, c, far.any(dim=-1), beta, spec.d_value, s.dtype)
 
 def _exact_keys(spec, hybrid, key_padding_mask, is_causal: bool, device) -> torch.Tensor:
     """``[..., 1, Lq, Lk]`` bool: key ``j`` is in query ``i``'s window, or is one of the first ``sinks`` kept keys."""

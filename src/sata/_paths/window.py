@@ -74,26 +74,12 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     """
     run = _Call(spec, hybrid)
     B, Hkv, g, L, E = q.shape
+    ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact = _extend(run, k, v, mask, exact, n_tokens, key_centre)
     Lk, W = k.shape[-2], hybrid.window
-    kept = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else ~mask
-    sink_k, sink_v, sink_pos, is_sink = _take_sinks(exact, k, v, kept, n_tokens)
-    flag = kept & ~is_sink                                                       # [B, Lk] window/far keys
-    # the extended stream, oldest first: the state's window, then the call
-    shift = n_tokens % W if W else 0
-    ext_k = torch.cat([exact.win_k.roll(-shift, dims=-2).to(k.dtype), k], dim=-2)        # [B, Hkv, W + Lk, E]
-    ext_v = torch.cat([exact.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + Lk, Ev]
-    ext_f = torch.cat([exact.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + Lk]
-    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
-    ks_far = ks if key_centre is None else _keys_values(run, ext_k - key_centre[:, :, None].to(ext_k.dtype), ext_v, ext_f)[0]
-    shift = (n_tokens + Lk) % W if W else 0
-    new_exact = ExactKeys(                                                      # the last W positions, ring order
-        ext_k[:, :, Lk:].roll(shift, dims=-2).to(run.sd), ext_v[:, :, Lk:].roll(shift, dims=-2).to(run.sd),
-        ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(run.sd), sink_v.to(run.sd), sink_pos,
-    )
     if L == 0:  # absorb only: the keys that left the window
         return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks_far[:, :, :Lk], vt[:, :, :Lk], far), new_exact
     qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E]
-    sinks = (sink_k.to(run.cd) * run.sk, sink_v.to(run.cd), sink_pos)
+    sinks = (new_exact.sink_k.to(run.cd) * run.sk, new_exact.sink_v.to(run.cd), new_exact.sink_pos)
 
     # how many far keys each query has, and their centre
     n_far = ext_f[:, None, :L, None].to(run.cd).cumsum(-2)                      # [B, 1, L, 1]
@@ -105,17 +91,7 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         right = tuple(_reverse_shift(x[:, :, W:], sR) for x in (ks_far, vt))
         n_far = n_far + right[1][..., -1:].cumsum(-2).flip(-2)
     has_far = (n_far > 0)[:, :, None, :, 0].expand(B, Hkv, g, L)                # [B, Hkv, g, L]
-    delta = None if key_centre is None else qs @ (key_centre.to(run.cd) * run.sk)[:, :, None, :, None]   # [B, Hkv, g, L, 1]
-    if run.alpha is None:
-        c = qs.new_zeros(B, Hkv, g, L)                                          # the series around 0 ...
-        shifted = None if delta is None else -delta[..., 0]                     # ... is the series of s' around -delta
-    else:
-        mom = _moments(run, qs, ks_far[:, :, :L], vt[:, :, :L, -1:], far)       # [B, Hkv, g, L, 3]
-        if right is not None:
-            mom = mom + _moments(run, qs.flip(-2), right[0], right[1][..., -1:], None).flip(-2)
-        shifted = centre(mom, run.alpha)                                        # [B, Hkv, g, L] in units of s'
-        c = shifted if delta is None else shifted + delta[..., 0]
-    coef = None if shifted is None else centre_coefficients(shifted, run.P)     # [B, Hkv, g, L, P]
+    c, coef = _centre(run, qs, ks_far[:, :, :L], vt[:, :, :L, -1:], far, right, key_centre)
 
     U, far = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, coef)         # [B, Hkv, g, L, F]
     if right is not None:
@@ -124,6 +100,44 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     y = combine(m, num, den, U, c, has_far, run.beta, spec.d_value, spec.dtype)  # [B, Hkv, g, L, Ev]
     return y, far, new_exact
 
+
+def _extend(run: _Call, k, v, mask, exact: ExactKeys, n_tokens: int, key_centre):
+    """The extended stream (the state's window, oldest first, then the call), its scaled keys and ``[v, 1]``
+    rows (raw for the exact part, centred for the far state) and the window and sinks after the call."""
+    B, Hkv, Lk, _ = k.shape
+    W = run.hybrid.window
+    kept = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else ~mask
+    sink_k, sink_v, sink_pos, is_sink = _take_sinks(exact, k, v, kept, n_tokens)
+    flag = kept & ~is_sink                                                       # [B, Lk] window/far keys
+    shift = n_tokens % W if W else 0
+    ext_k = torch.cat([exact.win_k.roll(-shift, dims=-2).to(k.dtype), k], dim=-2)        # [B, Hkv, W + Lk, E]
+    ext_v = torch.cat([exact.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + Lk, Ev]
+    ext_f = torch.cat([exact.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + Lk]
+    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
+    ks_far = ks if key_centre is None else _keys_values(run, ext_k - key_centre[:, :, None].to(ext_k.dtype), ext_v, ext_f)[0]
+    shift = (n_tokens + Lk) % W if W else 0
+    new_exact = ExactKeys(                                                      # the last W positions, ring order
+        ext_k[:, :, Lk:].roll(shift, dims=-2).to(run.sd), ext_v[:, :, Lk:].roll(shift, dims=-2).to(run.sd),
+        ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(run.sd), sink_v.to(run.sd), sink_pos,
+    )
+    return ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact
+
+
+def _centre(run: _Call, qs, ks_far, w_far, far, right, key_centre):
+    """Each query's centre ``c [B, Hkv, g, L]`` and the coefficients ``a_m [B, Hkv, g, L, P]`` of its series in the
+    far state's (centred) scores ``s' = s - delta`` (None: plain ``T_P``)."""
+    B, Hkv, g, L, E = qs.shape
+    delta = None if key_centre is None else qs @ (key_centre.to(run.cd) * run.sk)[:, :, None, :, None]   # [B, Hkv, g, L, 1]
+    if run.alpha is None:
+        c = qs.new_zeros(B, Hkv, g, L)                                          # the series around 0 ...
+        shifted = None if delta is None else -delta[..., 0]                     # ... is the series of s' around -delta
+    else:
+        mom = _moments(run, qs, ks_far, w_far, far)                             # [B, Hkv, g, L, 3]
+        if right is not None:
+            mom = mom + _moments(run, qs.flip(-2), right[0], right[1][..., -1:], None).flip(-2)
+        shifted = centre(mom, run.alpha)                                        # [B, Hkv, g, L] in units of s'
+        c = shifted if delta is None else shifted + delta[..., 0]
+    return c, None if shifted is None else centre_coefficients(shifted, run.P)
 
 def absorb(run: _Call, ks, vt, S):
     """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``."""

@@ -59,14 +59,7 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
         exact = ExactKeys.empty((B, Hkv), 0, 0, spec.d_key, spec.d_value, spec.state_dtype, spec.device) \
             if state.exact is None else state.exact.map(flat)
         far, n0 = flat(state.kv).mT.to(spec.state_dtype), state.n_tokens          # [B, Hkv, F, D]
-    if state is not None:
-        centre = None if state.key_centre is None else flat(state.key_centre)
-    elif hybrid.recentre is not None:  # a new re-centred stream: centre its keys once, on this call's mean key
-        kept = torch.ones(B, 1, spec.len_k, 1, dtype=torch.bool, device=k.device) if mask is None else (~mask)[:, None, :, None]
-        total = torch.where(kept, k.detach().to(spec.state_dtype), 0.0).sum(-2)       # [B, Hkv, E]
-        centre = total / kept.sum(-2).clamp_min(1)
-    else:
-        centre = None
+    centre = _key_centre(state, hybrid, k, mask, spec, B)
     y, far, exact = window_attention(q, k, v, mask, far, exact, n0, spec, hybrid, is_causal, centre)
     out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
     if not return_state:
@@ -81,3 +74,15 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
         key_centre=None if centre is None else unflat(centre),
     )
     return out, new_state
+
+
+def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B: int):
+    """The stream's key centre ``[B, Hkv, E]``: the state's, or for a new re-centred stream the mean of this
+    call's kept keys (a plain stream keeps none)."""
+    if state is not None:
+        return None if state.key_centre is None else state.key_centre.reshape(B, *state.key_centre.shape[-2:])
+    if hybrid.recentre is None:
+        return None
+    kept = torch.ones(B, 1, spec.len_k, 1, dtype=torch.bool, device=k.device) if mask is None else (~mask)[:, None, :, None]
+    total = torch.where(kept, k.detach().to(spec.state_dtype), 0.0).sum(-2)       # [B, Hkv, E]
+    return total / kept.sum(-2).clamp_min(1)
