@@ -18,6 +18,7 @@ embeddings of the next call start: positions are absolute.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
