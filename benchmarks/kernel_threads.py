@@ -162,9 +162,9 @@ def build(args) -> None:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, SATA_KERNEL_CACHE=cache)
         code = ("import time, torch, sata; t0 = time.perf_counter(); lib = sata._kernels.load(); "
-                "print(f'{time.perf_counter() - t0:.2f}', sata._kernels.status())")
+                "print(f'{time.perf_counter() - t0:.2f} s ({sata._kernels.status()})')")
         print(f"build ({load()}):", subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                                  text=True, check=True).stdout.strip(), "s")
+                                                  text=True, check=True).stdout.strip())
 
 
 def main() -> int:

@@ -118,7 +118,8 @@ def test_cached_library_that_does_not_match_is_rebuilt(tmp_path, monkeypatch):
     src.write_text('extern "C" long sata_kernel_abi() { return 1; }\n'
                    'extern "C" long sata_struct_size(long) { return 0; }\n')
     subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(target)], check=True)
-    with pytest.raises(RuntimeError, match=f"ABI 1 and struct sizes \\[0, 0, 0, 0, 0\\], this module expects ABI {_kernels._ABI}"):
+    zeros = ", ".join("0" * len(_kernels._STRUCTS))       # one size per argument struct
+    with pytest.raises(RuntimeError, match=f"ABI 1 and struct sizes \\[{zeros}\\], this module expects ABI {_kernels._ABI}"):
         _kernels._open(str(target))
     stale = target.read_bytes()
     lib = _kernels._build()

@@ -38,15 +38,16 @@ def _rope_ref(x: torch.Tensor, offset: int, base: float = 10000.0) -> torch.Tens
     return out
 
 
-def _oracle_layer(layer: SATAAttention, x: torch.Tensor, n_taylor: int) -> torch.Tensor:
-    """Projections, rotary, the O(n^2) oracle and the output projection, written out."""
+def _oracle_layer(layer: SATAAttention, x: torch.Tensor, n_taylor: int, **hybrid) -> torch.Tensor:
+    """Projections, rotary, the O(n^2) oracle (with the window-mode arguments ``hybrid``) and the output
+    projection, written out."""
     B, L, _ = x.shape
     H, Hkv, E = layer.n_heads, layer.n_kv_heads, layer.head_dim
     q = (x @ layer.q_proj.weight.T).view(B, L, H, E).transpose(1, 2)
     k = (x @ layer.k_proj.weight.T).view(B, L, Hkv, E).transpose(1, 2)
     v = (x @ layer.v_proj.weight.T).view(B, L, Hkv, E).transpose(1, 2)
     q, k = _rope_ref(q, 0), _rope_ref(k, 0)
-    y = sata.naive_sata_attention(q, k, v, n_taylor=n_taylor, is_causal=True, enable_gqa=H != Hkv)
+    y = sata.naive_sata_attention(q, k, v, n_taylor=n_taylor, is_causal=True, enable_gqa=H != Hkv, **hybrid)
     return y.transpose(1, 2).reshape(B, L, H * E) @ layer.o_proj.weight.T
 
 
@@ -180,6 +181,99 @@ class TestStreaming:
         y, _ = layer(x[:, 6:], st.detach())
         (gx,) = torch.autograd.grad(y.sum(), x)
         assert gx[:, :6].abs().sum() == 0                              # truncated
+
+
+# ---------------------------------------------------------------------------- window mode
+WINDOW_LAYERS = [  # SATAAttention window-mode arguments
+    pytest.param(dict(window=5, sinks=2), id="w5-s2"),
+    pytest.param(dict(window=4, sinks=1, recentre=0.5, taylor_mix=0.5), id="w4-s1-rec0.5"),
+    pytest.param(dict(window=5, sinks=2, recentre=0.0, learn_mix=True, learn_recentre=True), id="w5-s2-learned"),
+    pytest.param(dict(window=0, sinks=0, recentre=0.3, learn_recentre=True), id="recentre-only-learned"),
+]
+
+
+def _randomise_window_params(layer: SATAAttention) -> dict:
+    """Move the learnable beta and alpha off their starts (per head, distinct) and return the layer's
+    window-mode arguments as the oracle takes them."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in (layer.mix_param, layer.recentre_param):
+            if p is not None:
+                p.add_(0.5 * torch.rand(p.shape, generator=g, dtype=p.dtype))
+    return {k: v for k, v in layer._window_args().items()}
+
+
+class TestWindowMode:
+    @pytest.mark.parametrize("geom", GEOMETRIES)
+    @pytest.mark.parametrize("hybrid", WINDOW_LAYERS)
+    def test_layer_matches_oracle_forward_and_backward(self, geom, hybrid):
+        layer = _layer(SATAAttention, geom, n_taylor=3, **hybrid)
+        args = _randomise_window_params(layer)
+        x = torch.randn(2, 17, geom[0], dtype=torch.float64, requires_grad=True)
+        y, st = layer(x)
+        ref = _oracle_layer(layer, x, 3, **args)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+        assert (st.window, st.sinks) == (hybrid.get("window", 0), hybrid.get("sinks", 0))
+        g = torch.randn_like(y)
+        params = [x, *layer.parameters()]
+        got = torch.autograd.grad(y, params, g)
+        want = torch.autograd.grad(ref, params, g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        for p in (layer.mix_param, layer.recentre_param):     # the learned parameters do receive gradients
+            if p is not None:
+                (gp,) = torch.autograd.grad(layer(x)[0], p, g)
+                assert gp.abs().min() > 1e-8
+
+    @pytest.mark.parametrize("geom", GEOMETRIES)
+    def test_prefill_then_decode_equals_full(self, geom):
+        # the window (5) and the sinks (2) cross the call boundaries; rotary positions follow the state
+        layer = _layer(SATAAttention, geom, n_taylor=3, window=5, sinks=2, recentre=0.5, learn_mix=True)
+        _randomise_window_params(layer)
+        x = torch.randn(2, 20, geom[0], dtype=torch.float64)
+        with torch.no_grad():
+            full, _ = layer(x, return_state=False)
+            ys, st = [], None
+            for a, b in [(0, 1), (1, 7), (7, 12), *((t, t + 1) for t in range(12, 20))]:
+                y, st = layer(x[:, a:b], st)
+                ys.append(y)
+        torch.testing.assert_close(torch.cat(ys, 1), full, rtol=1e-10, atol=1e-12)
+        assert st.n_tokens == 20 and st.nbytes == layer(x[:, :1])[1].nbytes     # constant size
+
+    def test_learned_mix_starts_at_taylor_mix_and_stays_non_negative(self):
+        geom = (32, 4, 8, 2)
+        fixed = _layer(SATAAttention, geom, window=3, sinks=1, taylor_mix=0.7, recentre=0.2)
+        learned = _layer(SATAAttention, geom, window=3, sinks=1, taylor_mix=0.7, recentre=0.2, learn_mix=True,
+                         learn_recentre=True)
+        x = torch.randn(1, 12, 32, dtype=torch.float64)
+        torch.testing.assert_close(learned(x)[0], fixed(x)[0], rtol=1e-9, atol=1e-10)   # [H] tensors vs floats
+        with torch.no_grad():
+            learned.mix_param.fill_(-800.0)                   # softplus underflows to 0: a sliding window
+        zero = _layer(SATAAttention, geom, window=3, sinks=1, taylor_mix=0.0, recentre=0.2)
+        assert learned._window_args()["taylor_mix"].min() >= 0
+        torch.testing.assert_close(learned(x)[0], zero(x)[0], rtol=1e-9, atol=1e-10)
+        assert "window=3, sinks=1, taylor_mix=learned, recentre=learned" in repr(learned)
+
+    def test_plain_layer_passes_no_window_arguments(self):
+        assert _layer(SATAAttention, (32, 4, 8, 4))._window_args() == {}
+
+    @pytest.mark.parametrize(
+        "kw, match",
+        [
+            (dict(window=-1), "SATAAttention: window must be a non-negative int"),
+            (dict(taylor_mix=-0.5, window=2), "SATAAttention: taylor_mix must be >= 0"),
+            (dict(recentre=0.5, n_taylor=2), "SATAAttention: recentre=0.5 .* needs n_taylor >= 3"),
+            (dict(learn_mix=True), "learn_mix=True needs window > 0 or sinks > 0"),
+            (dict(learn_mix=True, window=4, taylor_mix=0.0), "taylor_mix, which must be a float > 0"),
+            (dict(learn_recentre=True, window=4), "learn_recentre=True needs a starting recentre"),
+            (dict(learn_recentre=True, window=4, recentre=0.0, n_taylor=2), "learn_recentre=True .* n_taylor >= 3"),
+        ],
+        ids=["negative-window", "negative-mix", "alpha-P2", "mix-without-window", "mix-from-zero",
+             "recentre-without-start", "recentre-P2"],
+    )
+    def test_bad_window_arguments_name_the_fix(self, kw, match):
+        with pytest.raises(ValueError, match=match):
+            SATAAttention(32, 4, **kw)
 
 
 # ---------------------------------------------------------------------------- persistence

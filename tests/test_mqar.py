@@ -276,6 +276,22 @@ def test_sweep_resumes_and_skips_the_other_rates_of_a_solved_configuration(tmp_p
     assert calls == [("softmax", 1e-3)]
 
 
+def test_processes_sharing_a_results_file_claim_runs(tmp_path, monkeypatch):
+    import subprocess
+
+    task, calls, res = mqar.PRESETS["smoke"].task, [], tmp_path / "r.jsonl"
+    monkeypatch.setattr(mqar, "train_run", lambda task, point, lr, **kw: calls.append(point.mixer) or
+                        {"key": mqar.run_key(task, point, lr), "stopped": "budget"})
+    live, dead = MQARPoint.make("softmax", 16), MQARPoint.make("sata", 16, head_dim=4)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    mqar._append(res, {"claim": mqar.run_key(task, live, 1e-3), "pid": 1})            # init: always alive
+    mqar._append(res, {"claim": mqar.run_key(task, dead, 1e-3), "pid": gone.pid})     # its process has ended
+    records = mqar.run_sweep(task, [live, dead], [1e-3], res, progress=False)
+    assert calls == ["sata"] and [r["key"] for r in records] == [mqar.run_key(task, dead, 1e-3)]
+    assert not mqar._take(res, mqar.run_key(task, dead, 1e-3))                          # done: not again
+
+
 def test_best_per_config_and_frontier():
     def r(mixer, state, acc, lr, **params):
         return {"mixer": mixer, "d_model": 8, "params": params, "label": f"{mixer} {params}", "state_bytes": state,
@@ -325,8 +341,7 @@ def test_bench_mqar_smoke_end_to_end_and_resume(tmp_path, capsys, one_thread):
     argv = ["bench", "mqar", "--preset", "smoke", "--no-progress", "--threads", "1", "--results", str(res),
             "--json", str(js), "--markdown", str(md), "--figure", str(fig)]
     assert cli.main(argv) == 0
-    lines = res.read_text().splitlines()
-    assert len(lines) == 4
+    assert len(mqar.read_results(res)) == 4
     summary = json.loads(js.read_text())
     assert summary["preset"] == "smoke" and len(summary["runs"]) == 4 and len(summary["best"]) == 4
     for b in summary["best"]:
@@ -338,8 +353,10 @@ def test_bench_mqar_smoke_end_to_end_and_resume(tmp_path, capsys, one_thread):
     assert "sata" in out and "P=3 E=4" in out
     # resumed: nothing retrained, a torn last line (an interrupted write) is ignored
     res.write_text(res.read_text() + '{"key": "torn')
+    before = res.read_text()
     assert cli.main(argv) == 0
-    assert res.read_text().count("\n") == 4
+    assert res.read_text() == before and len(json.loads(js.read_text())["runs"]) == 4
+    assert "1 line(s) are not JSON" in capsys.readouterr().err
 
 
 def test_bench_mqar_list_estimate_and_bad_options(capsys, one_thread):

@@ -104,6 +104,13 @@ def test_decode_summary_claims_a_narrow_band_only_when_clean_measurements_show_o
     # not detected (or real): no narrow band is claimed
     text = decode_verdict(_decode_part(_decode_run(8, [(14.1, 30), (7960, 200), (14.3, 2000)])))
     assert "narrow band" not in text and "varies up to x564.54" in text
+    # a machine so busy that one clean context is left per method: no trend is read into it
+    tainted = {(n, m) for n in (1000, 10000) for m in ("sata", "sdpa")}
+    busy = _decode_part(_decode_run(8, [(14.1, 30), (7960, 200), (14.3, 2000)], contaminated=tainted))
+    text = decode_verdict(busy)
+    assert "for sata, too few clean measurements to tell" in text
+    assert "narrow band" not in text and "grows" not in text and "4 measurement(s) were contaminated" in text
+    assert "| x" not in report._decode_summary(busy["summary"])             # no growth column from one point
 
 
 # ---------------------------------------------------------------------------- the command

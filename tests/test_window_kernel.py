@@ -15,8 +15,9 @@ import torch
 
 import sata
 from sata import _kernels
-from sata._checks import _SPEC_CACHE
-from conftest import assert_rel, kernels_unavailable, needs_kernels, qkv
+from sata._paths import window_kernel
+from sata.ops import force_path
+from conftest import assert_rel, needs_kernels, qkv
 
 pytestmark = needs_kernels
 
@@ -89,7 +90,7 @@ def _decode(q, k, v, mask, kw, pre, pre_kw, state_dtype=None, kv_tol=1e-12, chec
     for t in range(pre, L):
         y, new = _step(q, k, v, mask, t, st, kw)
         if (t - pre) % check_every == 0:
-            with kernels_unavailable():
+            with force_path(kernels=False):
                 y_slow, slow = _step(q, k, v, mask, t, st, kw)
             kept = mask[:, None, t:t + 1, None].logical_not()       # outputs of padded queries are not defined
             assert_rel(_kept(y, kept), _kept(y_slow, kept), 1e-10 if q.dtype == torch.float64 else 1e-5, f"step {t}")
@@ -213,7 +214,7 @@ def test_a_long_context_is_just_a_count(kernel_calls):
     fast = slow = dataclasses.replace(st, n_tokens=st.n_tokens + 5 * 200_001)
     for t in range(12, 24):
         y, fast = _step(q, k, v, mask, t, fast, kw)
-        with kernels_unavailable():
+        with force_path(kernels=False):
             y_slow, slow = _step(q, k, v, mask, t, slow, kw)
         rows = mask[:, None, t:t + 1, None].logical_not()
         assert_rel(_kept(y, rows), _kept(y_slow, rows), 1e-10)
@@ -244,9 +245,11 @@ def all_threads(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(_kernels, "_WORK_PER_THREAD", {"decode": 1.0, "prefill": 1.0})
-    _SPEC_CACHE.clear()
+    _kernels.decode_plan.cache_clear()
+    _kernels.prefill_plan.cache_clear()
+    window_kernel._PLANS.clear()
     yield
-    _SPEC_CACHE.clear()
+    window_kernel._PLANS.clear()
     torch.set_num_threads(threads)
 
 

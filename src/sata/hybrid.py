@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .features import _normalize_rows
+
 __all__ = ["Hybrid", "check_hybrid"]
 
 
@@ -210,10 +212,4 @@ def combine(m_exact, num_exact, den_exact, U_far, c, has_far, beta, d_value: int
     e_far = beta * torch.exp(torch.where(has_far, c - m, -math.inf))           # 0 where no far keys
     num = e_exact[..., None] * num_exact + e_far[..., None] * U_far[..., :d_value]
     den = e_exact * den_exact + e_far * U_far[..., d_value]
-    return safe_divide(num, den[..., None]).to(dtype)
-
-
-def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den``, 0 where ``den <= 0``; a NaN normaliser propagates (as in SDPA), gradient 0 on dead rows."""
-    dead = den <= 0
-    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(den), den))
+    return _normalize_rows(num, den[..., None]).to(dtype)

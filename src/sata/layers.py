@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .basis import check_n_taylor
+from .hybrid import check_hybrid
 from .ops import sata_attention
 from .state import SATAState
 
@@ -312,24 +314,65 @@ class SATAAttention(_Attention):
         rope_base (float): Default: ``10000``.
         scale (float, optional): score scale. Default: ``1 / sqrt(E)``.
         bias (bool): biases in the projections. Default: ``False``.
+        learn_scale (bool): a learned per-head gain on the queries, ``exp(log_gain)``, starting at 1.
+            Default: ``False``.
+        window (int): the window mode (``MATH.md`` section 6): each token also attends *exactly*
+            (``exp``) to the ``window`` most recent positions, itself included; the Taylor state holds
+            only older keys. Default: ``0``.
+        sinks (int): and exactly to the first ``sinks`` kept tokens of the stream. Default: ``0``.
+        taylor_mix (float): ``beta >= 0``, the weight of the Taylor part beside the exact keys in the
+            shared normaliser (``0``: a sliding window with sinks). Default: ``1.0``.
+        recentre (float, optional): ``alpha``: the series of query ``i`` is expanded around
+            ``c_i = mean_i - alpha sd_i`` of its scores over the Taylor keys (needs ``n_taylor >= 2``,
+            ``>= 3`` for ``alpha != 0``). Default: ``None``, the series around 0.
+        learn_mix (bool): learn ``beta`` per query head, ``beta_h = softplus(mix_param_h)`` (so ``beta >= 0``),
+            starting at ``taylor_mix`` (which must then be ``> 0``; needs a window or sinks, without them
+            ``beta`` cancels in the normaliser). Default: ``False``.
+        learn_recentre (bool): learn ``alpha`` per query head (``recentre_param``, unconstrained), starting
+            at ``recentre`` (which must then be given; needs ``n_taylor >= 3``). Default: ``False``.
+
+    With a window or sinks, for query ``i`` with exact keys ``E_i`` and Taylor keys ``F_i``,
+    ``m_i = max(max_{E_i} s_ij, c_i)``:
+    ``y_i = (sum_{E_i} e^{s_ij - m_i} v_j + beta e^{c_i - m_i} sum_{F_i} T_P(s_ij - c_i) v_j) / (same with 1)``.
 
     Shapes:
-        ``x [B, L, d_model]`` -> ``y [B, L, d_model]``; state ``kv [B, Hkv, D, E + 1]``.
+        ``x [B, L, d_model]`` -> ``y [B, L, d_model]``; state ``kv [B, Hkv, D, E + 1]``, plus with a
+        window or sinks their keys and values ``[B, Hkv, window + sinks, E]`` (:class:`sata.SATAState` ``.exact``).
     """
 
     state_type = SATAState
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, n_kv_heads: int | None = None, *,
                  n_taylor: int = 3, causal: bool = True, rope: bool = True, rope_base: float = 10000.0,
-                 scale: float | None = None, bias: bool = False, learn_scale: bool = False, device=None, dtype=None):
+                 scale: float | None = None, bias: bool = False, learn_scale: bool = False, window: int = 0,
+                 sinks: int = 0, taylor_mix: float = 1.0, recentre: float | None = None, learn_mix: bool = False,
+                 learn_recentre: bool = False, device=None, dtype=None):
         super().__init__(d_model, n_heads, head_dim, n_kv_heads, causal=causal, rope=rope, rope_base=rope_base,
                          scale=scale, bias=bias, device=device, dtype=dtype)
-        if not isinstance(n_taylor, int) or isinstance(n_taylor, bool) or n_taylor < 1:
-            raise ValueError(f"SATAAttention: n_taylor must be a positive int, got {n_taylor!r}")
-        self.n_taylor = n_taylor
+        self.n_taylor = check_n_taylor(n_taylor, "SATAAttention: n_taylor")
         # a learned per-head gain on the queries, exp(log_gain) (starts at 1): a polynomial kernel needs
         # larger scores than exp to concentrate, and weight decay holds the projections back
         self.log_gain = nn.Parameter(torch.zeros(n_heads, device=device, dtype=dtype)) if learn_scale else None
+        hybrid = check_hybrid("SATAAttention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
+                              n_taylor=n_taylor, n_q_heads=n_heads, device=torch.device("cpu"))
+        self.window, self.sinks = hybrid.window, hybrid.sinks
+        self.taylor_mix, self.recentre = hybrid.taylor_mix, hybrid.recentre
+        self.mix_param = self.recentre_param = None
+        if learn_mix:
+            if not hybrid.has_exact:
+                raise ValueError("SATAAttention: learn_mix=True needs window > 0 or sinks > 0 (without exact keys "
+                                 "taylor_mix cancels in the normaliser and would learn nothing)")
+            if not isinstance(taylor_mix, (int, float)) or taylor_mix <= 0:
+                raise ValueError(f"SATAAttention: learn_mix=True starts at taylor_mix, which must be a float > 0 "
+                                 f"(softplus never reaches 0), got {taylor_mix!r}")
+            start = taylor_mix + math.log(-math.expm1(-taylor_mix))                          # softplus^-1
+            self.mix_param = nn.Parameter(torch.full((n_heads,), start, device=device, dtype=dtype))
+        if learn_recentre:
+            if recentre is None or n_taylor < 3:
+                raise ValueError(f"SATAAttention: learn_recentre=True needs a starting recentre (e.g. 0.0) and "
+                                 f"n_taylor >= 3 (alpha != 0 reads the degree-2 block), got recentre={recentre!r}, "
+                                 f"n_taylor={n_taylor}")
+            self.recentre_param = nn.Parameter(torch.full((n_heads,), float(recentre), device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, state: SATAState | None = None, key_padding_mask: torch.Tensor | None = None,
                 *, return_state: bool = True) -> tuple[torch.Tensor, SATAState | None]:
@@ -352,12 +395,30 @@ class SATAAttention(_Attention):
             q = q * self.log_gain.exp()[:, None, None]                                           # [B, H, L, E]
         out = sata_attention(q, k, v, n_taylor=self.n_taylor, is_causal=self.causal, scale=self.scale,
                              enable_gqa=self.n_kv_heads != self.n_heads, key_padding_mask=key_padding_mask,
-                             state=state, return_state=return_state)
+                             state=state, return_state=return_state, **self._window_args())
         y, new_state = out if return_state else (out, None)                                  # [B, H, L, E]
         return self._out(y), new_state
 
+    @property
+    def windowed(self) -> bool:
+        """Whether the layer runs the window mode (a window, sinks or a centre), not the plain op."""
+        return bool(self.window or self.sinks or self.recentre is not None)
+
+    def _window_args(self) -> dict:
+        """The window-mode arguments of :func:`sata.sata_attention`; ``{}`` for the plain op (its fast paths)."""
+        if not self.windowed:
+            return {}
+        beta = self.taylor_mix if self.mix_param is None else F.softplus(self.mix_param)            # [H]
+        alpha = self.recentre if self.recentre_param is None else self.recentre_param            # [H]
+        return dict(window=self.window, sinks=self.sinks, taylor_mix=beta, recentre=alpha)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", n_taylor={self.n_taylor}"
+        text = super().extra_repr() + f", n_taylor={self.n_taylor}"
+        if self.windowed:
+            mix = "learned" if self.mix_param is not None else self.taylor_mix
+            alpha = "learned" if self.recentre_param is not None else self.recentre
+            text += f", window={self.window}, sinks={self.sinks}, taylor_mix={mix}, recentre={alpha}"
+        return text
 
 
 class SoftmaxAttention(_Attention):

@@ -21,6 +21,7 @@ import torch
 
 from ._files import write_atomic
 from .basis import feature_dim
+from .exact_keys import ExactKeys
 from .budget import check_budget, format_bytes
 
 __all__ = ["SATAState", "StateFileError"]
@@ -167,6 +168,12 @@ class SATAState:
             return kv
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def _stored(self) -> torch.Tensor:
+        """``kv`` if it was made, else the F-major tensor it would be a view of: for reading shape,
+        dtype, device or ``requires_grad`` without making a view (a decode loop never needs one)."""
+        d = self.__dict__
+        return d["kv"] if "kv" in d else d["_kvT"]
+
     def _fmajor(self) -> torch.Tensor | None:
         """``kv`` as the D-contiguous ``[..., Hkv, F, D]`` tensor the kernels read, or ``None`` if
         it is stored in another layout (a state loaded from a file, say)."""
@@ -260,9 +267,13 @@ class SATAState:
     def check_compatible(self, other: SATAState | dict, what: str = "state") -> None:
         """Raise ``ValueError`` naming each field where ``other`` (a state or a config dict) differs."""
         theirs = other.config if isinstance(other, SATAState) else dict(other)
-        diffs = [f"{k}: {theirs.get(k)!r} vs {v!r}" for k, v in self.config.items() if k in theirs and theirs[k] != v]
+        diffs = [f"{k}: {t!r} vs {mine!r}" for k, mine, t in self._config_diffs(theirs)]
         if diffs:
             raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)})")
+
+    def _config_diffs(self, theirs: dict) -> list[tuple[str, object, object]]:
+        """``(field, ours, theirs)`` for every field of :attr:`config` that ``theirs`` gives differently."""
+        return [(k, v, theirs[k]) for k, v in self.config.items() if k in theirs and theirs[k] != v]
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -352,58 +363,3 @@ def _digest(t: torch.Tensor, config: dict, exact: dict | None = None) -> str:
         if x.numel():
             h.update(x.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-@dataclass(frozen=True, eq=False)
-class ExactKeys:
-    """The keys a window-mode state attends exactly: the last ``W`` positions and the first ``S`` kept keys.
-
-    Stored in the state's dtype (float32 or float64), whatever the input dtype, so that a stream continues
-    bit for bit however it is split into calls.
-
-    Attributes:
-        win_k (torch.Tensor): ``[..., Hkv, W, E]`` keys of the last ``W`` positions, position ``p`` in slot
-            ``p % W`` (a ring: one token writes one slot).
-        win_v (torch.Tensor): ``[..., Hkv, W, Ev]`` their values.
-        win_keep (torch.Tensor): ``[..., W]`` bool, the slot holds a kept key that is not a sink.
-        sink_k (torch.Tensor): ``[..., Hkv, S, E]`` the first ``S`` kept keys of the stream.
-        sink_v (torch.Tensor): ``[..., Hkv, S, Ev]`` their values.
-        sink_pos (torch.Tensor): ``[..., S]`` int64 stream position of each sink, -1 while not filled.
-    """
-
-    win_k: torch.Tensor
-    win_v: torch.Tensor
-    win_keep: torch.Tensor
-    sink_k: torch.Tensor
-    sink_v: torch.Tensor
-    sink_pos: torch.Tensor
-
-    @classmethod
-    def empty(cls, heads_shape, window: int, sinks: int, d_key: int, d_value: int, dtype, device) -> ExactKeys:
-        """No tokens yet. ``heads_shape`` is ``(*batch, Hkv)``."""
-        *batch, _ = heads_shape
-        z = lambda *tail: torch.zeros((*heads_shape, *tail), dtype=dtype, device=device)
-        return cls(z(window, d_key), z(window, d_value), torch.zeros((*batch, window), dtype=torch.bool, device=device),
-                   z(sinks, d_key), z(sinks, d_value), torch.full((*batch, sinks), -1, dtype=torch.long, device=device))
-
-    def named(self):
-        return [(name, getattr(self, name)) for name in ("win_k", "win_v", "win_keep", "sink_k", "sink_v", "sink_pos")]
-
-    def tensors(self):
-        return [t for _, t in self.named()]
-
-    def map(self, fn) -> ExactKeys:
-        return ExactKeys(*(fn(t) for t in self.tensors()))
-
-    def check(self, heads_shape, window: int, sinks: int, d_key: int, d_value: int) -> None:
-        """Raise ``ValueError`` unless every buffer has the shape and dtype the state's configuration gives."""
-        batch = tuple(heads_shape[:-1])
-        want = {"win_k": (*heads_shape, window, d_key), "win_v": (*heads_shape, window, d_value), "win_keep": (*batch, window),
-                "sink_k": (*heads_shape, sinks, d_key), "sink_v": (*heads_shape, sinks, d_value), "sink_pos": (*batch, sinks)}
-        for name, t in self.named():
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want[name]:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"SATAState.exact.{name} must have shape {want[name]} for this configuration, got {got}")
-        if self.win_keep.dtype != torch.bool or self.sink_pos.dtype != torch.long:
-            raise TypeError("SATAState.exact: win_keep must be bool and sink_pos int64")
-

@@ -49,12 +49,15 @@ _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
 _LINK = [f"-L{_TORCH / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{_TORCH / 'lib'}"]
 # tried in order: the first set this compiler accepts is used (without OpenMP the kernels run serially)
 _OPTIONAL = [["-march=native", "-fopenmp"], ["-fopenmp"], []]
-_BUILD_TIMEOUT = 300.0  # seconds per compiler call; a build takes ~5 s on a busy 2-core machine
-# Flops (2 F D per key and per query, kernels.h: work) a call must have per thread before it uses
-# more than one: about 2.5 ms of one core's work. From benchmarks/kernel_threads.py threshold on 2
-# cores: idle, a second thread pays from ~20 us of work; beside busy processes a fan-out costs a
-# time slice (~10 ms) whatever the work, so a call fans out once a time slice is small against it.
-# Decode streams the state through memory (~13 GFLOP/s per core here), prefill computes (~40).
+_BUILD_TIMEOUT = 300.0  # seconds per compiler call; a build takes 5-20 s on 2 (busy) cores
+# Flops (2 F D per key and per query, kernels.h: work) a call needs per thread before it takes
+# more than one: about 2.5 ms of one core's work. benchmarks/kernel_threads.py threshold, 2 cores:
+# on a quiet machine a second thread pays from a single decode step (~20 us); beside busy processes
+# a fan-out cost 10-30 ms per call whatever the work, and two threads broke even only from ~100 ms
+# calls. So decode steps up to ~150 sequences of 64 heads and prefill calls up to ~500 tokens stay
+# on the calling thread (at most 2x slower on an idle machine, never a time slice per step on a
+# busy one) and long calls fan out. Decode streams the state through memory (~13 GFLOP/s per core
+# here), prefill computes (~40), hence one figure each.
 _WORK_PER_THREAD = {"decode": 3e7, "prefill": 1e8}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

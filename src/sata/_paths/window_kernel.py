@@ -8,7 +8,7 @@ which computes the same thing; both are tested against the oracle.
 
 A decode loop pays this module's Python on every token: what depends only on the call's shapes and
 settings (applicability, the kernel plan, ``taylor_mix`` and ``recentre`` as per-head arrays) is worked
-out once and cached in the call's ``Spec``.
+out once per call shape and cached beside the other kernel caches (``sata._paths.kernel``).
 """
 
 from __future__ import annotations
@@ -17,18 +17,20 @@ import torch
 
 from .. import _kernels
 from ..basis import get_basis
+from ..features import _split_scale
+from .kernel import _remember, available
 from ..budget import check_budget, format_bytes
 from ..hybrid import Hybrid
 from ..state import ExactKeys, SATAState
 
 _NO_PLAN = object()  # cached verdict: the kernel does not serve this configuration
+_PLANS: dict = {}    # (spec, window, sinks, re-centred) -> _Plan or _NO_PLAN, bounded like the other kernel caches
 
 
 class _Plan:
     """The kernel plan of one configuration, and its per-head ``alpha`` / ``beta`` arrays for plain-number settings."""
 
     def __init__(self, spec, hybrid: Hybrid):
-        from ..ops import _split_scale  # ops imports this module
         sq, sk = _split_scale(spec.scale)
         basis = get_basis(spec.d_key, spec.n_taylor, "cpu", spec.compute_dtype)
         self.kernel = _kernels.WindowDecodePlan(
@@ -82,10 +84,10 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     if not (is_causal and spec.len_q == 1 and spec.len_k == 1) or state is None or (
             state.window, state.sinks) != (hybrid.window, hybrid.sinks):
         return None  # the PyTorch path serves it (and explains a mismatched state)
-    key_ = ("window_decode", hybrid.window, hybrid.sinks, hybrid.recentre is not None)
-    plan = spec.plans.get(key_)
+    key_ = (spec, hybrid.window, hybrid.sinks, hybrid.recentre is not None)
+    plan = _PLANS.get(key_)
     if plan is None:
-        plan = spec.plans[key_] = _Plan(spec, hybrid) if _applies(spec) else _NO_PLAN
+        plan = _remember(_PLANS, key_, _Plan(spec, hybrid) if _applies(spec) else _NO_PLAN)
     if plan is _NO_PLAN or (torch.is_grad_enabled() and _needs_grad(query, key, value, state, hybrid)):
         return None
     in_place = inplace and return_state
@@ -150,4 +152,4 @@ def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
 def _applies(spec) -> bool:
     """CPU, float32 or float64 inputs (the kernel computes in the input dtype), a supported state dtype, a compiler."""
     return (spec.device.type == "cpu" and spec.dtype in (torch.float32, torch.float64)
-            and _kernels.supports(spec.compute_dtype, spec.state_dtype) and _kernels.load() is not None)
+            and _kernels.supports(spec.compute_dtype, spec.state_dtype) and available())

@@ -339,30 +339,64 @@ def _mean(acc: dict[str, float]) -> float:
 
 
 # ---------------------------------------------------------------------------- sweeps
-def read_results(path: str | os.PathLike) -> list[dict]:
-    """The records of a results file (JSON lines); a torn last line (an interrupted write) is ignored."""
+def _lines(path: str | os.PathLike) -> list[dict]:
+    """Every JSON line of a results file: run records and claims. A line that is not JSON (a write
+    cut short by a kill) is skipped with a warning: that run is simply run again."""
     if not os.path.exists(path):
         return []
-    records = []
+    out, bad = [], 0
     with open(path) as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON; the results file is damaged (fix or remove that line)")
-    return records
+        for line in f:
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    bad += 1
+    if bad:
+        print(f"warning: {path}: {bad} line(s) are not JSON (interrupted writes); ignored", file=sys.stderr)
+    return out
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """The run records of a results file (JSON lines), without the claims of running processes."""
+    return [r for r in _lines(path) if "claim" not in r]
 
 
 def _append(path: str | os.PathLike, record: dict) -> None:
+    # one write of one line in append mode: lines of processes sharing the file do not interleave
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    with open(path, "a+b") as f:
+        torn = False
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"          # a write cut short: start a new line
+        f.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take(path: str | os.PathLike, key: str) -> bool:
+    """Claim the run ``key`` for this process, unless it is done or a live process claimed it
+    first. Claims are lines of the results file; the first live one wins, so processes on one
+    machine running the same sweep share its runs, and a killed process's claims lapse."""
+    def owner(lines: list[dict]) -> int | None:
+        return next((r["pid"] for r in lines if r.get("claim") == key and _alive(r["pid"])), None)
+
+    lines = _lines(path)
+    if any(r.get("key") == key for r in lines if "claim" not in r) or owner(lines) not in (None, os.getpid()):
+        return False
+    _append(path, {"claim": key, "pid": os.getpid()})
+    return owner(_lines(path)) == os.getpid()
 
 
 def run_sweep(task: MQARTask, points: list[MQARPoint], lrs: list[float], results: str | os.PathLike, *,
@@ -370,25 +404,28 @@ def run_sweep(task: MQARTask, points: list[MQARPoint], lrs: list[float], results
     """Every configuration at the learning rates ``lrs`` in that order, skipping runs already in
     ``results`` and the remaining learning rates of a configuration once one run reached
     ``task.target`` (it is solved; another rate could add at most ``1 - target``). Each run is
-    appended to ``results`` when it ends; returns the records of these runs (old and new)."""
+    appended to ``results`` when it ends. Several processes may run the same sweep on one results
+    file: each claims a run before starting it (:func:`_take`). Returns the records of these runs
+    found in ``results`` at the end (old and new)."""
     wanted = {run_key(task, p, lr): p for p in points for lr in lrs}
-    old = [r for r in read_results(results) if r["key"] in wanted]
-    done = {r["key"] for r in old}
-    solved = {wanted[r["key"]] for r in old if r["stopped"] == "target"}
-    todo = [(p, lr) for p in points for lr in lrs if run_key(task, p, lr) not in done and p not in solved]
+
+    def solved() -> set[MQARPoint]:
+        return {wanted[r["key"]] for r in read_results(results) if r["key"] in wanted and r["stopped"] == "target"}
+
+    done = {r["key"] for r in read_results(results)}
+    todo = [(p, lr) for p in points for lr in lrs if run_key(task, p, lr) not in done and p not in solved()]
     if todo:
         test_sets = _sets(task, "test", task.n_test)
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"MQAR ({len(done)} runs done before)", unit="run", dynamic_ncols=True)
+            bar = tqdm(total=len(todo), desc=f"MQAR ({len(wanted) - len(todo)} runs done or skipped before)",
+                       unit="run", dynamic_ncols=True)
         for point, lr in todo:
-            if point not in solved:
-                record = train_run(task, point, lr, test_sets=test_sets, progress=progress)
-                _append(results, record)
-                if record["stopped"] == "target":
-                    solved.add(point)
+            key = run_key(task, point, lr)
+            if point not in solved() and _take(results, key):
+                _append(results, train_run(task, point, lr, test_sets=test_sets, progress=progress))
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -523,7 +560,7 @@ def main(args) -> int:
             return 2
     threads = set_threads(args.threads)
     machine = machine_info("cpu")
-    print(f"MQAR ({args.preset}): {len(points)} configurations x {len(lrs)} learning rates, {task.steps} steps at most, "
+    print(f"MQAR ({args.preset}: {PRESETS[args.preset].note}): {len(points)} configurations x {len(lrs)} learning rates, {task.steps} steps at most, "
           f"batch {task.batch_size}, train {[slice_name(*s) for s in task.train_slices]}, test "
           f"{[slice_name(*s) for s in task.test_slices]}; {threads} thread(s) on {machine['cpu']}", flush=True)
     warning = busy_warning(machine)

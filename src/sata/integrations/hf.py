@@ -19,6 +19,15 @@ functions, so padding and causality are never silently dropped):
 ``n_taylor`` (number of Taylor terms, default 3) is read from ``config.sata_n_taylor`` when the
 model's config has it (it is saved with the model), else from :func:`register`.
 
+The window mode (``MATH.md`` section 6, ``docs/WINDOW.md``) is read from the config the same way:
+``config.sata_window`` (recent positions attended exactly, default 0), ``config.sata_sinks`` (first
+positions attended exactly, default 0), ``config.sata_taylor_mix`` (``beta``, the weight of the Taylor
+part, a float or one per query head, default 1.0) and ``config.sata_recentre`` (``alpha``, the series of
+each query expanded around ``mean - alpha * sd`` of its far scores, a float or one per query head,
+default None: around 0). The defaults are the plain op. Both attention functions honour them (the
+oracle through :func:`sata.naive_sata_attention`), and :class:`SATACache` then holds the window's
+and sinks' keys and values beside each state: still constant memory in the context.
+
 How the pieces meet (transformers 5.x): an attention module calls
 ``past_key_values.update(k, v, layer_idx)`` *before* the attention function, and the
 attention function never sees the cache. :class:`SATACacheLayer.update` therefore keeps
@@ -34,13 +43,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 
 import torch
 
 import sata
-from sata._checks import check_n_taylor
-from sata.basis import feature_dim
+from sata._checks import check_n_taylor, compute_dtype_for
+from sata.budget import format_bytes
+from sata.hybrid import check_hybrid
 
 try:
     from transformers import AttentionInterface
@@ -65,6 +74,7 @@ __all__ = [
     "check_model_budget",
     "n_taylor_for",
     "register",
+    "window_args",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,12 +128,45 @@ def _text_config(config):
     return get(decoder=True) if get is not None else config
 
 
+_WINDOW_FIELDS = "config.sata_window / sata_sinks / sata_taylor_mix / sata_recentre"
+
+
+def _exact_slots(config) -> tuple[int, int]:
+    """``(config.sata_window, config.sata_sinks)``, absent or None read as 0 (validated by :func:`window_args`)."""
+    return getattr(config, "sata_window", None) or 0, getattr(config, "sata_sinks", None) or 0
+
+
+def window_args(config, n_taylor: int, n_q_heads: int, device: torch.device | None = None) -> dict:
+    """The window-mode keyword arguments of :func:`sata.sata_attention` a model's config asks for.
+
+    Reads ``config.sata_window`` (default 0), ``sata_sinks`` (0), ``sata_taylor_mix`` (1.0; a float or a list of
+    ``n_q_heads`` floats) and ``sata_recentre`` (None; likewise). Lists become ``[Hq]`` float64 tensors on ``device``.
+
+    Returns:
+        ``{}`` for the plain op (the defaults; a ``taylor_mix`` alone cancels in the normaliser), else
+        ``dict(window=, sinks=, taylor_mix=, recentre=)``, validated.
+
+    Raises:
+        ValueError, TypeError: naming the config field and the fix.
+    """
+    window, sinks = _exact_slots(config)
+    mix, alpha = getattr(config, "sata_taylor_mix", None), getattr(config, "sata_recentre", None)
+    if not window and not sinks and alpha is None and mix is None:
+        return {}
+    per_head = lambda x: torch.tensor(x, dtype=torch.float64, device=device) if isinstance(x, (list, tuple)) else x
+    args = dict(window=window, sinks=sinks, taylor_mix=1.0 if mix is None else per_head(mix), recentre=per_head(alpha))
+    hybrid = check_hybrid(_WINDOW_FIELDS, n_taylor=n_taylor, n_q_heads=n_q_heads,
+                          device=torch.device(device or "cpu"), **args)
+    return {} if hybrid.plain else args
+
+
 def check_model_budget(config, batch_size: int, n_taylor: int, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of one :class:`~sata.SATAState` per layer for the whole model; raise if over the budget.
 
     A single attention call may fit the budget while the model's states together do not
     (SmolLM2-135M at ``n_taylor=5``: 0.6 GiB per layer, 19 GiB for 30 layers), so decoders are
-    checked as a whole, before anything is allocated.
+    checked as a whole, before anything is allocated. With ``config.sata_window`` / ``sata_sinks`` each
+    state also holds that many keys and values per key/value head (:func:`sata.state_size`).
 
     Raises:
         sata.MemoryBudgetError: with the sizes and the fix.
@@ -133,26 +176,25 @@ def check_model_budget(config, batch_size: int, n_taylor: int, dtype: torch.dtyp
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    D = feature_dim(head, n_taylor)
-    itemsize = 8 if dtype == torch.float64 else 4
-    per_layer = batch_size * n_kv * D * (head + 1) * itemsize
+    window, sinks = _exact_slots(cfg)
+    D = sata.feature_dim(head, n_taylor)
+    itemsize = compute_dtype_for(dtype).itemsize
+    layer_bytes = lambda p: batch_size * n_kv * sata.state_size(head, head, p, window=window, sinks=sinks) * itemsize
+    per_layer = layer_bytes(n_taylor)
     total = n_layers * per_layer
     budget = sata.get_memory_budget()
     if total > budget:
-        fits = [p for p in range(1, n_taylor) if n_layers * batch_size * n_kv * feature_dim(head, p) * (head + 1) * itemsize <= budget]
+        fits = [p for p in range(1, n_taylor) if n_layers * layer_bytes(p) <= budget]
         hint = f"n_taylor<={fits[-1]} fits this model" if fits else "no n_taylor fits this model"
         raise sata.MemoryBudgetError(
             f"SATA attention with n_taylor={n_taylor} and head size {head} has D={D:,} features per head; "
             f"one state per layer for {n_layers} layers x {n_kv} key/value heads x batch {batch_size} needs "
-            f"{_gib(total)} ({_gib(per_layer)} per layer), more than the memory budget of {_gib(budget)}. "
+            f"{format_bytes(total, 2)} ({format_bytes(per_layer, 2)} per layer), more than the memory budget of "
+            f"{format_bytes(budget, 2)}. "
             f"Use fewer Taylor terms ({hint}) or a smaller batch, or raise the budget with "
             f"sata.set_memory_budget(...) / SATA_MEMORY_BUDGET."
         )
     return total
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 # --------------------------------------------------------------------------- masks
@@ -203,8 +245,10 @@ def sata_mask(
     functions read; being a 4D tensor, it passes through ``generate``'s mask handling
     (static caches precompute masks) untouched. It never materialises ``[Lq, Lk]``.
 
-    Patterns a fixed-size state cannot express (sliding windows, chunked attention, packed
-    sequences, or/and overlays) raise ``NotImplementedError`` instead of being dropped.
+    Patterns a fixed-size state cannot express (transformers' sliding windows, chunked attention,
+    packed sequences, or/and overlays) raise ``NotImplementedError`` instead of being dropped. The
+    window mode (``config.sata_window`` etc.) needs nothing here: which visible key is exact (window,
+    sinks) and which is read from the Taylor state follows from the positions this mask carries.
     """
     if mask_function is causal_mask_function:
         causal = True
@@ -215,8 +259,9 @@ def sata_mask(
             f"SATA attention supports causal and bidirectional attention with padding masks; this model asked for "
             f"the mask pattern {getattr(mask_function, '__qualname__', mask_function)!r} (sliding window, chunked "
             "attention, packed sequences or a mask overlay), which one state per layer cannot express. Use a "
-            "full-attention config (e.g. sliding_window=None), pass an attention_mask instead of packed "
-            "position_ids, or another attn_implementation."
+            "full-attention config (e.g. sliding_window=None; config.sata_window=W with config.sata_taylor_mix=0 "
+            "is a sliding window of W positions), pass an attention_mask instead of packed position_ids, or "
+            "another attn_implementation."
         )
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     key_padding = None
@@ -287,7 +332,8 @@ def _sata_forward(
     Hkv, Lk = key.shape[1], key.shape[2]
     if dropout:
         _warn_once("dropout", f"sata attention does not apply attention dropout (p={dropout}); it is ignored")
-    common = dict(n_taylor=n_taylor, scale=scaling, enable_gqa=Hq != Hkv)
+    hybrid = window_args(module.config, n_taylor, Hq, query.device)              # {} for the plain op
+    common = dict(n_taylor=n_taylor, scale=scaling, enable_gqa=Hq != Hkv, **hybrid)
     mask = _resolve_mask(module, attention_mask, is_causal, Lq, Lk)
     layer = key.__dict__.get(_TAG)
 
@@ -298,8 +344,7 @@ def _sata_forward(
                 f"{'a tensor mask' if isinstance(mask, torch.Tensor) else 'a bidirectional mask'}"
             )
         if layer.state is None:  # the cache keeps one state per layer: check them all before the first
-            state_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-            check_model_budget(module.config, B, n_taylor, state_dtype)
+            check_model_budget(module.config, B, n_taylor, compute_dtype_for(query.dtype))
         out, layer.state = sata.sata_attention(
             query, key, value, is_causal=True, key_padding_mask=mask.key_padding_mask, state=layer.state,
             return_state=True, **common,
@@ -308,6 +353,7 @@ def _sata_forward(
         return out.transpose(1, 2).contiguous(), None
 
     if isinstance(mask, torch.Tensor):  # arbitrary 4D mask: only the quadratic form can honour it
+        _refuse_dense_window(hybrid)
         _warn_once("dense", "sata attention got a 4D tensor mask: computing T_P on the full score matrix (O(L^2))")
         keep = _keep_from_tensor(mask, Lq, Lk)
         out = _taylor_eager(query, key, value, keep, n_taylor, scaling)
@@ -320,17 +366,13 @@ def _sata_forward(
 
     # causal over a standard KV cache: keys [0, p) are seen by every query, keys [p, p + Lq) causally,
     # keys after the last query (unfilled StaticCache slots) by none
-    p = mask.q_offset - mask.kv_offset
-    if p < 0 or p + Lq > Lk:
-        raise ValueError(
-            f"sata attention: queries at positions {mask.q_offset}..{mask.q_offset + Lq - 1} are not among the "
-            f"keys at positions {mask.kv_offset}..{mask.kv_offset + Lk - 1}"
-        )
+    p = _first_query_key(mask, Lq, Lk, hybrid)
     state = None
     if p > 0:
         state = sata.accumulate_state(
             key[:, :, :p], value[:, :, :p], n_taylor=n_taylor, scale=scaling,
             key_padding_mask=None if kpm is None else kpm[:, :p],
+            window=hybrid.get("window", 0), sinks=hybrid.get("sinks", 0),
         )
     out = sata.sata_attention(
         query, key[:, :, p : p + Lq], value[:, :, p : p + Lq], is_causal=True,
@@ -339,21 +381,34 @@ def _sata_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _first_query_key(mask: SATAMask, q_length: int, kv_length: int, hybrid: dict) -> int:
+    """Index ``p`` among the keys of the first query's own key (causal): the queries are keys ``p .. p + Lq - 1``."""
+    p = mask.q_offset - mask.kv_offset
+    if p < 0 or p + q_length > kv_length:
+        raise ValueError(
+            f"sata attention: queries at positions {mask.q_offset}..{mask.q_offset + q_length - 1} are not among the "
+            f"keys at positions {mask.kv_offset}..{mask.kv_offset + kv_length - 1}"
+        )
+    if mask.kv_offset and hybrid.get("sinks"):
+        raise ValueError(
+            f"sata attention: config.sata_sinks={hybrid['sinks']} needs the first keys of the sequence, but the cache "
+            f"starts at position {mask.kv_offset} (a sliding cache dropped them); use SATACache or DynamicCache"
+        )
+    return p
+
+
+def _refuse_dense_window(hybrid: dict) -> None:
+    if hybrid:
+        raise NotImplementedError(
+            f"sata attention: the window mode ({_WINDOW_FIELDS}) takes causality and padding from the 'sata' mask "
+            "function and cannot honour an arbitrary 4D tensor attention_mask; pass a 2D padding mask [B, L] instead"
+        )
+
+
 def _taylor_eager(query, key, value, keep: torch.Tensor, n_taylor: int, scaling: float | None) -> torch.Tensor:
     """``rownorm(keep * T_P(scale Q K^T)) V`` with an explicit mask ``keep`` ``[B|1, H|1, Lq, Lk]``: ``[B, Hq, Lq, Ev]``."""
-    B, Hq, Lq, E = query.shape
-    group = Hq // key.shape[1]
-    scale = E**-0.5 if scaling is None else scaling
-    cd = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q, k, v = query.to(cd), key.to(cd), value.to(cd)
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)                                   # [B, Hq, Lk, E]
-        v = v.repeat_interleave(group, dim=1)                                   # [B, Hq, Lk, Ev]
-    w = sata.taylor_exp(scale * (q @ k.transpose(-1, -2)), n_taylor)           # [B, Hq, Lq, Lk]
-    w = torch.where(keep, w, 0.0)
-    z = w.sum(-1, keepdim=True)                                                 # [B, Hq, Lq, 1]
-    pos = z > 0
-    return torch.where(pos, (w @ v) / torch.where(pos, z, torch.ones_like(z)), 0.0).to(query.dtype)
+    return sata.naive_sata_attention(query, key, value, n_taylor=n_taylor, scale=scaling,
+                                     enable_gqa=query.shape[1] != key.shape[1], attn_mask=keep)
 
 
 def _oracle_forward(
@@ -369,14 +424,35 @@ def _oracle_forward(
     impl_name: str = ORACLE_NAME,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager reference: ``T_P`` applied to the full score matrix, then masked and row-normalised."""
+    """Eager reference: ``T_P`` applied to the full score matrix, then masked and row-normalised.
+
+    In the window mode, :func:`sata.naive_sata_attention` with the config's window arguments: the queries sit at
+    keys ``p .. p + Lq - 1``, so ``p`` placeholder queries (outputs dropped) put every query at its own key.
+    """
     if key.__dict__.get(_TAG) is not None:
         raise ValueError("the oracle attention keeps no state: use it with DynamicCache or no cache, not SATACache")
     n_taylor = n_taylor_for(module.config, impl_name)
-    Lq, Lk = query.shape[2], key.shape[2]
+    B, Hq, Lq, E = query.shape
+    Lk = key.shape[2]
+    hybrid = window_args(module.config, n_taylor, Hq, query.device)
     mask = _resolve_mask(module, attention_mask, is_causal, Lq, Lk)
-    keep = _keep_from_tensor(mask, Lq, Lk) if isinstance(mask, torch.Tensor) else mask.dense(Lq, Lk, query.device)
-    out = _taylor_eager(query, key, value, keep, n_taylor, scaling)
+    if not hybrid:
+        keep = _keep_from_tensor(mask, Lq, Lk) if isinstance(mask, torch.Tensor) else mask.dense(Lq, Lk, query.device)
+        out = _taylor_eager(query, key, value, keep, n_taylor, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    if isinstance(mask, torch.Tensor):
+        _refuse_dense_window(hybrid)
+    if mask.causal:
+        p = _first_query_key(mask, Lq, Lk, hybrid)
+        Lk = p + Lq                                                             # later keys: unfilled cache slots
+        query = torch.cat([query.new_zeros(B, Hq, p, E), query], dim=2)        # [B, Hq, Lk, E]
+    elif Lq != Lk:
+        raise ValueError(f"sata_oracle: bidirectional window mode needs as many queries as keys, got {Lq} and {Lk}")
+    kpm = mask.key_padding_mask
+    out = sata.naive_sata_attention(
+        query, key[:, :, :Lk], value[:, :, :Lk], n_taylor=n_taylor, is_causal=mask.causal, scale=scaling,
+        enable_gqa=Hq != key.shape[1], key_padding_mask=None if kpm is None else kpm[:, :Lk], **hybrid,
+    )[:, :, Lk - Lq :]                                                          # [B, Hq, Lq, Ev]
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -444,8 +520,9 @@ class SATACacheLayer(CacheLayerMixin):
             raise NotImplementedError("SATACache cannot forget tokens: a state is a sum over all tokens seen")
 
     def _map_state(self, fn) -> None:
+        """Apply ``fn`` to every tensor of the state (all have the batch first): ``kv`` and the window/sink keys."""
         if self.state is not None:
-            self.state = dataclasses.replace(self.state, kv=fn(self.state.kv))
+            self.state = self.state._map(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_state(lambda kv: kv.index_select(0, beam_idx.to(kv.device)))
@@ -472,6 +549,11 @@ class SATACache(Cache):
         cache = SATACache(model.config)
         model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
         cache.nbytes        # the same after 10 or 10,000 tokens
+
+    With ``config.sata_window = W`` and ``config.sata_sinks = S`` each state also keeps the keys and values of
+    the last ``W`` positions (a ring) and of the first ``S`` (:class:`~sata.SATAState` ``.exact``); ``nbytes``
+    counts them, and they too are allocated once: per layer ``B Hkv (D (E + 1) + (W + S)(2 E))`` floats plus a
+    flag per window slot and a position per sink.
 
     Args:
         config (PreTrainedConfig, optional): the model's config; gives the number of layers and
@@ -502,8 +584,8 @@ class SATACache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.config is not None and layer_idx == 0 and self.get_seq_length(0) == 0:
-            state_dtype = torch.float64 if key_states.dtype == torch.float64 else torch.float32
-            check_model_budget(self.config, key_states.shape[0], n_taylor_for(self.config), state_dtype)
+            check_model_budget(self.config, key_states.shape[0], n_taylor_for(self.config),
+                               compute_dtype_for(key_states.dtype))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property
@@ -513,7 +595,7 @@ class SATACache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all layers' states."""
+        """Bytes held by all layers' states, window and sink buffers included."""
         return sum(layer.nbytes for layer in self.layers)
 
 

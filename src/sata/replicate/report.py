@@ -53,24 +53,30 @@ def decode_verdict(dec: dict) -> str:
                   if m in s)
     said = []
     for m, name in (("sata", "sata"), ("paper", "the paper's formulation")):
-        ratios = [c["max_over_min"] for s in summary if (c := s.get(m, {}).get("clean"))
-                  and c["first_context"] != c["last_context"]]
+        ratios = [c["max_over_min"] for s in summary if _spans_contexts(c := s.get(m, {}).get("clean"))]
         if not ratios:
+            if any(m in s for s in summary):
+                said.append(f"for {name}, too few clean measurements to tell")
             continue
         worst = max(ratios)
         said.append(f"for {name}, time per generated token "
                     + (f"stays within a narrow band however long the context (max/min over contexts at most "
                        f"x{worst:.2f})" if worst <= FLAT_BAND else
                        f"varies up to x{worst:.2f} between contexts (more than the x{FLAT_BAND:g} of a flat cost)"))
-    growth = [c["growth"] for s in summary if (c := s.get("sdpa", {}).get("clean"))]
+    growth = [c["growth"] for s in summary if _spans_contexts(c := s.get("sdpa", {}).get("clean"))]
     if growth:
         said.append(f"for conventional attention with a KV cache it grows up to x{max(growth):.3g} from the "
-                    "shortest context to the longest")
+                    "shortest clean context to the longest")
     text = f"{where[0].upper()}{where[1:]}: " + "; ".join(said or ["no clean measurement"]) + "."
     if tainted:
         text += (f" {tainted} measurement(s) were contaminated by other processes on the machine (marked * in the "
                  "tables, left out of these numbers): rerun on a quiet machine for clean ones.")
     return text
+
+
+def _spans_contexts(clean: dict | None) -> bool:
+    """Clean measurements at two contexts at least (one tells nothing about a trend)."""
+    return bool(clean) and clean["first_context"] != clean["last_context"]
 
 
 def _decode_summary(summary: list[dict]) -> str:
@@ -84,7 +90,7 @@ def _decode_summary(summary: list[dict]) -> str:
             continue
         clean = {m: (s.get(m) or {}).get("clean") for m in ("sata", "sdpa", "paper")}
         rows.append([str(s["d_key"]), str(s["heads"]), _band(clean["sata"]), _growth(clean["sdpa"]),
-                     f"x{clean['sdpa']['growth']:.3g}" if clean["sdpa"] else "-",
+                     f"x{clean['sdpa']['growth']:.3g}" if _spans_contexts(clean["sdpa"]) else "-",
                      _band(clean["paper"]), _cross(s["crossover_vs_sdpa"]), _memory(s),
                      str(sum(len(s[m].get("contaminated_contexts", [])) for m in ("sata", "sdpa", "paper") if m in s))])
     return render(headers, rows, markdown=True)
