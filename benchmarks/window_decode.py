@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import sata
-import sata.ops
+from sata.ops import force_path
 
 
 def parse() -> argparse.Namespace:
@@ -112,18 +112,14 @@ def main() -> None:
 
 
 def time_torch_path(state, pool, steps: int, kw) -> float:
-    """Median seconds of a window step through the PyTorch path (the kernel's hook switched off)."""
-    hook = sata.ops.window_decode_step
-    sata.ops.window_decode_step = lambda *a: None
-    try:
-        ts = []
+    """Median seconds of a window step through the PyTorch path (the kernels switched off)."""
+    ts = []
+    with force_path(kernels=False):
         for i in range(steps):
             q1, k1, v1 = pool[i]
             t0 = time.perf_counter()
             sata.sata_attention(q1, k1, v1, state=state, **kw)
             ts.append(time.perf_counter() - t0)
-    finally:
-        sata.ops.window_decode_step = hook
     return statistics.median(ts)
 
 

@@ -172,7 +172,7 @@ def test_head_sizes_and_vector_blocks(dtype, E, Ev, g, W, S, padded, kernel_call
         one = [x[..., t:t + 1, :].to(dtype) for x in (q, k, v)]
         y, new = sata.sata_attention(*one, key_padding_mask=mask[:, t:t + 1], state=st, return_state=True, **kw)
         if t % 4 == 0:
-            with kernels_unavailable():
+            with force_path(kernels=False):
                 _, slow = sata.sata_attention(*one, key_padding_mask=mask[:, t:t + 1], state=st, return_state=True,
                                               **kw)
             _assert_same_state(new, slow, 1e-12 if dtype == torch.float64 else 1e-6)
