@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import sata  # noqa: E402
-from sata import ops  # noqa: E402
 from sata._checks import check_inputs  # noqa: E402
+from sata._paths import kernel as glue  # noqa: E402
+from sata._paths.tuning import DEFAULT  # noqa: E402
 
 
 def per_call_us(fn, calls: int = 3000, repeats: int = 7) -> float:
@@ -56,9 +57,10 @@ def main() -> int:
                                                        return_state=True, inplace=True))
         checks = per_call_us(lambda: check_inputs("sata_attention", q, k, v, **kw))
         spec = check_inputs("sata_attention", q, k, v, **kw)
-        ops._decode_kernel(q, k, v, spec, None, st, True)                      # builds the plan
-        wrapper = per_call_us(lambda: ops._decode_kernel(q, k, v, spec, None, st, True))
-        plan, S, y = spec.plans["decode"], st._fmajor(), torch.empty_like(q)
+        step = lambda: glue.decode(q, k, v, spec, None, st, True, True, DEFAULT)   # the decode_kernel path
+        step()                                                                    # builds the plan
+        wrapper = per_call_us(step)
+        plan, S, y = glue._decode_plan(spec), st._fmajor(), torch.empty_like(q)
         kernel = per_call_us(lambda: plan(q, k, v, None, S, S, y))
     print(f"decode, {H} heads of {E}, n_taylor={P}, {args.threads} threads: full call {full:.1f} us | input checks "
           f"{checks:.1f} | kernel wrapper {wrapper:.1f} | C++ kernel alone {kernel:.1f} | outside the kernel "

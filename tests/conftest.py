@@ -1,4 +1,4 @@
-"""Shared helpers of the core suite: seeded inputs, the internal path hook, relative errors.
+"""Shared helpers of the core suite: seeded inputs, every path through sata.ops.force_path, relative errors.
 
 Also the hypothesis profiles of the fuzz suite (tests/test_fuzz.py):
 
@@ -14,7 +14,6 @@ invalid-input test runs 5x as many).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -22,16 +21,17 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import sata
-from sata import _kernels, ops
-from sata._checks import _SPEC_CACHE, check_inputs
+from sata import _kernels
+from sata.ops import force_path
 
 KERNELS = _kernels.load() is not None
 needs_kernels = pytest.mark.skipif(not KERNELS, reason=f"fused CPU kernels unavailable: {_kernels.status()}")
 
-# every way of computing the op: internal paths forced through sata.ops._attention, plus "auto"
-# (the public dispatch). The kernels are forward-only (no autograd) and run on the CPU; without
-# autograd "chunked" runs its blocks through the prefill kernel when it can, so "chunked_torch"
-# and "auto_torch" are the same with the kernels unavailable (no compiler, or CUDA).
+# every way of computing the op: the paths of sata.ops.PATHS forced with sata.ops.force_path, plus
+# "auto" (the public dispatch). A "_torch" suffix turns the kernels off, as if no compiler were
+# available. The kernels are forward-only (no autograd) and run on the CPU; without autograd
+# "chunked" runs its blocks through the prefill kernel when it can, so "chunked_torch" and
+# "auto_torch" are the same with the kernels unavailable (no compiler, or CUDA).
 CAUSAL_MODES = ["recurrent", "chunked", "chunked_torch", "quadratic", "prefill_kernel", "auto", "auto_torch"]
 NONCAUSAL_MODES = ["parallel", "quadratic", "prefill_kernel", "auto", "auto_torch"]
 TORCH_CAUSAL_MODES = ["recurrent", "chunked", "quadratic", "auto"]      # with autograd
@@ -57,37 +57,12 @@ def qkv(B, H, L, E, Ev=None, *, Hkv=None, Lk=None, dtype=torch.float64, seed=0, 
             rand(*B, Hkv, Lk, Ev, dtype=dtype, seed=seed + 2))
 
 
-@contextlib.contextmanager
-def kernels_unavailable():
-    """As if no compiler were available: every call takes a PyTorch path.
-
-    Validated call shapes (``Spec``) cache whether the kernels apply, so the cache is emptied on
-    the way in and out: no verdict crosses the boundary."""
-    load = _kernels.load
-    _SPEC_CACHE.clear()
-    _kernels.load = lambda: None
-    try:
-        yield
-    finally:
-        _kernels.load = load
-        _SPEC_CACHE.clear()
-
-
-def attend(mode, q, k, v, *, chunk_size=None, block_size=None, **kw):
-    """``sata.sata_attention`` through one path: ``mode`` in the lists above."""
-    if mode.endswith("_torch"):
-        with kernels_unavailable():
-            return attend(mode.removesuffix("_torch"), q, k, v, chunk_size=chunk_size, block_size=block_size, **kw)
-    if mode == "auto":
-        assert chunk_size is None and block_size is None
+def attend(mode, q, k, v, *, chunk_size=None, block_size=None, block_bytes=None, segment_bytes=None, **kw):
+    """``sata.sata_attention`` through one path: ``mode`` in the lists above; sizes as in ``force_path``."""
+    path = mode.removesuffix("_torch")
+    with force_path(None if path == "auto" else path, kernels=not mode.endswith("_torch"), chunk_size=chunk_size,
+                    block_size=block_size, block_bytes=block_bytes, segment_bytes=segment_bytes):
         return sata.sata_attention(q, k, v, **kw)
-    kw = {"n_taylor": 3, "is_causal": False, "scale": None, "enable_gqa": False, "key_padding_mask": None,
-          "state": None, "return_state": False, **kw}
-    spec = check_inputs("sata_attention", q, k, v, n_taylor=kw["n_taylor"], is_causal=kw["is_causal"],
-                        scale=kw["scale"], enable_gqa=kw["enable_gqa"], key_padding_mask=kw["key_padding_mask"],
-                        state=kw["state"])
-    return ops._attention(q, k, v, spec, kw["is_causal"], kw["key_padding_mask"], kw["state"], kw["return_state"],
-                          mode=mode, chunk_size=chunk_size, block_size=block_size)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -115,13 +90,6 @@ def streamed_oracle(q, k, v, prefix_k, prefix_v, *, is_causal, **kw):
         Q = torch.cat([q.new_zeros(*q.shape[:-2], prefix_k.shape[-2], q.shape[-1]), q], dim=-2)
         return sata.naive_sata_attention(Q, K, V, is_causal=True, **kw)[..., prefix_k.shape[-2]:, :]
     return sata.naive_sata_attention(q, K, V, is_causal=False, **kw)
-
-
-@pytest.fixture
-def tiny_blocks(monkeypatch):
-    """Force the PyTorch paths to process one chunk per block (many blocks, checkpointed under autograd)."""
-    monkeypatch.setattr(ops, "_BLOCK_BYTES", 1)
-    yield
 
 
 # ---------------------------------------------------------------- hypothesis profiles (fuzz suite)

@@ -181,7 +181,7 @@ def test_nan_value_propagates_to_dependent_rows(mode, causal):
         assert rows.all()
 
 
-# `z > 0` is False for a NaN normaliser (ops._normalize, naive.py, decode.cpp, prefill.cpp): rows that
+# `z > 0` is False for a NaN normaliser (features._normalize_rows, decode.cpp, prefill.cpp): rows that
 # depend on a NaN query/key output 0 instead of NaN; fix: treat `~(z <= 0)` as positive
 
 

@@ -3,6 +3,10 @@ and ``sata bench`` runs end to end and writes what it promises."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,9 @@ from sata import cli
 from sata.bench.baselines import KVCacheAttention, PaperTaylorAttention, sdpa_causal
 from sata.bench.compare import agreement, crossover
 from sata.bench.decode import DecodeConfig, _scaled_state, run_decode
-from sata.bench.timing import Timing, peak_memory, time_interleaved
+from sata.bench.timing import LoadProbe, Timing, peak_memory, time_interleaved
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _qkv(shape, seed=0, scale=1.0):
@@ -86,6 +92,32 @@ def test_timing_quartiles():
     assert (t.median, t.q25, t.q75, t.n, t.iqr) == (3.0, 2.0, 4.0, 5, 2.0)
 
 
+def test_timing_says_when_it_was_contaminated():
+    assert Timing.from_samples([1.0, 1.05, 1.1, 0.98, 1.02]).contaminated is None
+    spread = Timing.from_samples([1.0, 1.0, 3.0, 3.0, 1.1])               # q75/q25 = 3
+    assert "repeats spread x3.00" in spread.contaminated
+    loaded = dataclasses.replace(Timing.from_samples([1.0] * 5), load=2.5)
+    assert "reference workload ran x2.50 slower" in loaded.contaminated
+    assert loaded.to_dict()["contaminated"] == loaded.contaminated
+
+
+def test_load_probe_compares_with_its_quiet_time():
+    probe = LoadProbe()
+    quiet = probe.quiet_seconds()
+    assert 0 < quiet < 0.01
+    assert probe.load(3 * quiet) == pytest.approx(3.0)
+    assert probe.load(quiet / 2) == 1.0 and probe.quiet_seconds() == quiet / 2   # a faster run lowers the quiet time
+
+
+def test_time_interleaved_probes_the_machine_beside_the_functions(monkeypatch):
+    t = time_interleaved({"f": lambda: sum(range(100))}, warmup=1, min_repeat=5, min_time=0.0)["f"]
+    assert t.load is not None and t.load >= 1.0
+    monkeypatch.setattr(LoadProbe, "quiet_seconds", lambda self: 1e-12)      # as if the machine had been idle, far faster
+    t = time_interleaved({"f": lambda: sum(range(100))}, warmup=1, min_repeat=5, min_time=0.0)["f"]
+    assert "reference workload" in t.contaminated
+    assert time_interleaved({"f": lambda: None}, min_repeat=2, min_time=0.0, probe=False)["f"].load is None
+
+
 def test_time_interleaved_repeats_every_function():
     calls = {"a": 0, "b": 0}
     fns = {name: (lambda name=name: calls.__setitem__(name, calls[name] + 1)) for name in calls}
@@ -104,6 +136,23 @@ def test_peak_memory_sees_a_temporary_allocation():
     peak, result = peak_memory(fn, "cpu")
     assert result == n
     assert peak is not None and 16 * 2**20 <= peak < 20 * 2**20
+
+
+def test_peak_memory_keeps_the_profilers_lines_off_stderr_and_passes_the_rest():
+    """The torch profiler (kineto) writes start/stop lines to file descriptor 2 on every use; they
+    must not reach the terminal, while what the measured code writes there must."""
+    code = ("import os, sys, torch\n"
+            "from sata.bench.timing import peak_memory\n"
+            "def fn():\n"
+            "    print('from python', file=sys.stderr)\n"
+            "    os.write(2, b'from C\\n')\n"
+            "    return torch.ones(256, 1024)\n"
+            "print(peak_memory(fn)[0], peak_memory(fn)[0])\n")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1048576", "1048576"]
+    assert r.stderr.splitlines() == ["from python", "from C"] * 2
 
 
 @pytest.mark.parametrize("ours,theirs,expected", [
@@ -186,3 +235,14 @@ def test_bench_decode_subcommand(tmp_path):
     data = json.loads(js.read_text())
     assert [r["context"] for r in data["decode"]["rows"]] == [16, 48]
     assert data["decode"]["config"]["n_heads"] == 2
+
+
+def test_bench_and_replicate_print_no_profiler_lines(tmp_path):
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for argv in (["bench", "decode", "--tiny", "--heads", "2", "--contexts", "16,32"],
+                 ["replicate", "--tiny", "--parts", "decode", "--out", str(tmp_path / "rep")]):
+        r = subprocess.run([sys.executable, "-m", "sata.cli", *argv], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        noise = [line for line in (r.stdout + r.stderr).splitlines() if "USDT" in line or ".cpp:" in line]
+        assert noise == [], noise[:3]

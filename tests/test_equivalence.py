@@ -1,7 +1,7 @@
 """Every path computes the oracle: forward in every dtype, chunking and blocking, and backward.
 
-Paths: ``recurrent``, ``chunked`` (causal), ``parallel`` (non-causal; its quadratic variant when no
-state is returned, its feature variant when one is), the fused CPU kernels ``prefill_kernel`` and
+Paths (``sata.ops.PATHS``, pinned with ``sata.ops.force_path``): ``recurrent``, ``chunked`` (causal),
+``parallel`` (non-causal), ``quadratic`` (scores; both), the fused CPU kernels ``prefill_kernel`` and
 ``decode_kernel`` (forward only), and ``auto`` (the public dispatch), all against
 ``sata.naive_sata_attention``.
 
@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sata
-from conftest import (CAUSAL_MODES, NONCAUSAL_MODES, TORCH_CAUSAL_MODES, TORCH_NONCAUSAL_MODES, assert_rel,
+from conftest import (CAUSAL_MODES, KERNELS, NONCAUSAL_MODES, TORCH_CAUSAL_MODES, TORCH_NONCAUSAL_MODES, assert_rel,
                       attend, mode_params, needs_kernels, qkv, rand, streamed_oracle)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2**-11 + 1e-4, torch.bfloat16: 2**-8 + 1e-4}
@@ -56,7 +56,7 @@ def test_causal_matches_oracle(mode, dtype, P):
 @pytest.mark.parametrize("return_state", [False, True], ids=["out", "out+state"])
 @pytest.mark.parametrize("P", [1, 3, 4], ids=lambda P: f"P={P}")
 def test_noncausal_matches_oracle(mode, dtype, return_state, P):
-    # Lq != Lk; the parallel path takes its quadratic variant without a state, its feature one with
+    # Lq != Lk; "auto" takes the quadratic path without a state, the parallel one with
     q, k, v = qkv((2,), 3, 37, 6, 4, Lk=53, dtype=dtype, seed=P)
     res = attend(mode, q, k, v, n_taylor=P, return_state=return_state)
     y = res[0] if return_state else res
@@ -89,13 +89,12 @@ def test_decode_kernel_matches_oracle(causal, dtype):
 @pytest.mark.parametrize("L,chunk", [(24, 4), (24, 5), (23, 8), (7, 64), (64, 64), (65, 64), (130, 16)],
                          ids=str)
 @pytest.mark.parametrize("blocks", [False, True], ids=["one-block", "tiny-blocks"])
-def test_chunked_any_chunk_size(L, chunk, blocks, monkeypatch):
-    if blocks:
-        monkeypatch.setattr(sata.ops, "_BLOCK_BYTES", 1)      # one chunk per block
+def test_chunked_any_chunk_size(L, chunk, blocks):
     q, k, v = qkv((), 2, L, 4, 3, seed=L)
     st0_k, st0_v = rand(2, 5, 4, seed=1), rand(2, 5, 3, seed=2)
     state = sata.accumulate_state(st0_k, st0_v, n_taylor=3)
-    y, st = attend("chunked", q, k, v, n_taylor=3, is_causal=True, state=state, return_state=True, chunk_size=chunk)
+    y, st = attend("chunked", q, k, v, n_taylor=3, is_causal=True, state=state, return_state=True, chunk_size=chunk,
+                   block_bytes=1 if blocks else None)                                 # 1: one chunk per block
     assert_rel(y, streamed_oracle(q, k, v, st0_k, st0_v, is_causal=True, n_taylor=3), 1e-10)
     want = sata.accumulate_state(torch.cat([st0_k, k], -2), torch.cat([st0_v, v], -2), n_taylor=3)
     assert_rel(st.kv, want.kv, 1e-12, "state")
@@ -103,14 +102,13 @@ def test_chunked_any_chunk_size(L, chunk, blocks, monkeypatch):
 
 @pytest.mark.parametrize("causal", CAUSAL)
 @pytest.mark.parametrize("how", ["patch", "budget"])
-def test_small_blocks_forward(causal, how, monkeypatch):
-    """Blocks forced small by patching the block size or by lowering the memory budget."""
+def test_small_blocks_forward(causal, how):
+    """Blocks forced small through force_path's block budget or by lowering the memory budget."""
     q, k, v = qkv((2,), 2, 150, 4, 4, seed=5)
     mode = "chunked" if causal else "parallel"
     want = sata.naive_sata_attention(q, k, v, n_taylor=4, is_causal=causal)
     if how == "patch":
-        monkeypatch.setattr(sata.ops, "_BLOCK_BYTES", 1)
-        y, st = attend(mode, q, k, v, n_taylor=4, is_causal=causal, return_state=True, chunk_size=8)
+        y, st = attend(mode, q, k, v, n_taylor=4, is_causal=causal, return_state=True, chunk_size=8, block_bytes=1)
     else:
         with sata.memory_budget("64K"):
             y, st = attend(mode, q, k, v, n_taylor=4, is_causal=causal, return_state=True, chunk_size=8)
@@ -134,7 +132,7 @@ def test_random_shapes_every_path(lead, hkv, group, L, Lk, E, Ev, P, causal, chu
     state = sata.accumulate_state(pk, pv, n_taylor=P, scale=scale) if prefix else None
     full_mask = None if mask is None else torch.cat([torch.zeros(*lead, prefix, dtype=torch.bool), mask], -1)
     want = streamed_oracle(q, k, v, pk, pv, is_causal=causal, key_padding_mask=full_mask, **kw)
-    modes = [m for m in _modes(causal) if "kernel" not in m or sata._kernels.load() is not None]
+    modes = [m for m in _modes(causal) if "kernel" not in m or KERNELS]
     mode = data.draw(st.sampled_from(modes))
     sizes = dict(chunk_size=chunk, block_size=block and block * chunk) if mode.startswith("chunked") else {}
     y, st_ = attend(mode, q, k, v, is_causal=causal, state=state, key_padding_mask=mask, return_state=True, **sizes, **kw)
@@ -160,10 +158,8 @@ GRAD_PATHS = [pytest.param(m, c, id=f"{m}-{'causal' if c else 'noncausal'}")
 @pytest.mark.parametrize("blocks", [False, True], ids=["one-block", "tiny-blocks"])
 @pytest.mark.parametrize("mode,causal", GRAD_PATHS)
 @pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
-def test_gradients_match_oracle(mode, causal, with_state, blocks, monkeypatch):
+def test_gradients_match_oracle(mode, causal, with_state, blocks):
     """Gradients of q, k, v and of the keys/values that built the input state (through the state)."""
-    if blocks:
-        monkeypatch.setattr(sata.ops, "_BLOCK_BYTES", 1)
     q, k, v = qkv((2,), 4, 21, 4, 3, Hkv=2, seed=11)
     pk, pv = rand(2, 2, 6, 4, seed=12), rand(2, 2, 6, 3, seed=13)
     cot = rand(2, 4, 21, 3, seed=14)
@@ -172,7 +168,7 @@ def test_gradients_match_oracle(mode, causal, with_state, blocks, monkeypatch):
 
     def fast(q, k, v, pk, pv):
         state = sata.accumulate_state(pk, pv, n_taylor=4) if with_state else None
-        return attend(mode, q, k, v, state=state, chunk_size=chunk, **kw)
+        return attend(mode, q, k, v, state=state, chunk_size=chunk, block_bytes=1 if blocks else None, **kw)
 
     def slow(q, k, v, pk, pv):
         if not with_state:
@@ -222,8 +218,7 @@ GRADCHECK_PATHS = [("recurrent", True), ("chunked", True), ("quadratic", True), 
 
 @pytest.mark.parametrize("mode,causal", GRADCHECK_PATHS, ids=str)
 @pytest.mark.parametrize("P", [2, 3], ids=lambda P: f"P={P}")
-def test_gradcheck(mode, causal, P, monkeypatch):
-    monkeypatch.setattr(sata.ops, "_BLOCK_BYTES", 1)   # several checkpointed blocks
+def test_gradcheck(mode, causal, P):
     E, Ev, L = 2, 2, 5
     q, k, v = qkv((1,), 2, L, E, Ev, Hkv=1, seed=31, scale=0.7)
     S = sata.accumulate_state(rand(1, 1, 3, E, seed=32), rand(1, 1, 3, Ev, seed=33), n_taylor=P).kv.detach()
@@ -232,26 +227,25 @@ def test_gradcheck(mode, causal, P, monkeypatch):
     def f(q, k, v, S):
         state = sata.SATAState(kv=S, n_taylor=P, d_key=E, d_value=Ev, scale=E**-0.5, n_tokens=3)
         out = attend(path, q, k, v, n_taylor=P, is_causal=causal, enable_gqa=True, state=state,
-                     return_state=True, chunk_size=2 if path == "chunked" else None)
+                     return_state=True, chunk_size=2 if path == "chunked" else None, block_bytes=1)   # several blocks
         return out[0], out[1].kv
 
     assert torch.autograd.gradcheck(f, _leaves(q, k, v, S), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
     # no state in, none out (the quadratic path returns no state of its own)
     g = lambda q, k, v: attend(path, q, k, v, n_taylor=P, is_causal=causal, enable_gqa=True,
-                               chunk_size=2 if path == "chunked" else None)
+                               chunk_size=2 if path == "chunked" else None, block_bytes=1)
     assert torch.autograd.gradcheck(g, _leaves(q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("mode,causal", GRAD_PATHS)
-def test_masked_gradients_match_oracle(mode, causal, monkeypatch):
+def test_masked_gradients_match_oracle(mode, causal):
     """Padded keys get zero gradient and the rest match the oracle, over several blocks."""
-    monkeypatch.setattr(sata.ops, "_BLOCK_BYTES", 1)
     q, k, v = qkv((2,), 2, 19, 3, 2, seed=51)
     mask = torch.rand(2, 19, generator=torch.Generator().manual_seed(52)) < 0.3
     cot = rand(2, 2, 19, 2, seed=53)
     kw = dict(n_taylor=3, is_causal=causal, key_padding_mask=mask)
     chunk = 4 if mode == "chunked" else None
-    y, g = _grads(lambda *a: attend(mode, *a, chunk_size=chunk, **kw), _leaves(q, k, v), cot)
+    y, g = _grads(lambda *a: attend(mode, *a, chunk_size=chunk, block_bytes=1, **kw), _leaves(q, k, v), cot)
     y0, g0 = _grads(lambda *a: sata.naive_sata_attention(*a, **kw), _leaves(q, k, v), cot)
     assert_rel(y, y0, 1e-10)
     for name, a, b in zip("qkv", g, g0):

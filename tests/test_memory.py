@@ -19,65 +19,61 @@ import torch
 
 import sata
 from conftest import needs_kernels
-from sata import ops
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, sys, torch, sata
-from sata import _kernels
-from sata._checks import _SPEC_CACHE
+from sata.ops import force_path
 
 def status(field):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
 
 torch.set_num_threads(2)
-load = _kernels.load
 out = {}
 for name, c in json.loads(sys.argv[1]).items():
-    _kernels.load = load if c.get("kernels", True) else (lambda: None)     # as if no compiler
-    _SPEC_CACHE.clear()                                                     # it caches whether kernels apply
-    g = torch.Generator().manual_seed(0)
-    L, Lk, H, E, Ev = c["L"], c.get("Lk", c["L"]), c["H"], c["E"], c.get("Ev", c["E"])
-    dt = getattr(torch, c.get("dtype", "float32"))
-    q = torch.randn(1, H, L, E, generator=g).to(dt)
-    k, v = torch.randn(1, H, Lk, E, generator=g).to(dt), torch.randn(1, H, Lk, Ev, generator=g).to(dt)
-    kw = dict(n_taylor=c["P"], is_causal=c["causal"], return_state=c.get("state", False))
-    with sata.memory_budget(c.get("budget", "4G")):
-        if c.get("grad"):
-            for t in (q, k, v):
-                t.requires_grad_(True)
-        # warm up (kernels, basis, autograd engine) on a few tokens
-        before = status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        try:
-            w = sata.sata_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :], **kw)
-        except sata.MemoryBudgetError:  # refused before allocating: record how much that cost
-            out[name] = {"refused": (status("VmHWM") - before) / 2**20}
-            continue
-        w = w[0] if c.get("state") else w
-        if c.get("grad"):
-            w.sum().backward()
-            for t in (q, k, v):
-                t.grad = None
-        before = status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        try:
-            y = sata.sata_attention(q, k, v, **kw)
-            y = y[0] if c.get("state") else y
+    with force_path(kernels=c.get("kernels", True)):                        # False: as if no compiler
+        g = torch.Generator().manual_seed(0)
+        L, Lk, H, E, Ev = c["L"], c.get("Lk", c["L"]), c["H"], c["E"], c.get("Ev", c["E"])
+        dt = getattr(torch, c.get("dtype", "float32"))
+        q = torch.randn(1, H, L, E, generator=g).to(dt)
+        k, v = torch.randn(1, H, Lk, E, generator=g).to(dt), torch.randn(1, H, Lk, Ev, generator=g).to(dt)
+        kw = dict(n_taylor=c["P"], is_causal=c["causal"], return_state=c.get("state", False))
+        with sata.memory_budget(c.get("budget", "4G")):
             if c.get("grad"):
-                y.sum().backward()
-        except sata.MemoryBudgetError:  # refused before allocating: record how much that cost
-            out[name] = {"refused": (status("VmHWM") - before) / 2**20}
-            continue
-        peak = status("VmHWM")
-    outputs = y.numel() * y.element_size() * (4 if c.get("grad") else 1)
-    out[name] = (peak - before - outputs) / 2**20
-    del q, k, v, y
+                for t in (q, k, v):
+                    t.requires_grad_(True)
+            # warm up (kernels, basis, autograd engine) on a few tokens
+            before = status("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            try:
+                w = sata.sata_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :], **kw)
+            except sata.MemoryBudgetError:  # refused before allocating: record how much that cost
+                out[name] = {"refused": (status("VmHWM") - before) / 2**20}
+                continue
+            w = w[0] if c.get("state") else w
+            if c.get("grad"):
+                w.sum().backward()
+                for t in (q, k, v):
+                    t.grad = None
+            before = status("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            try:
+                y = sata.sata_attention(q, k, v, **kw)
+                y = y[0] if c.get("state") else y
+                if c.get("grad"):
+                    y.sum().backward()
+            except sata.MemoryBudgetError:  # refused before allocating: record how much that cost
+                out[name] = {"refused": (status("VmHWM") - before) / 2**20}
+                continue
+            peak = status("VmHWM")
+        outputs = y.numel() * y.element_size() * (4 if c.get("grad") else 1)
+        out[name] = (peak - before - outputs) / 2**20
+        del q, k, v, y
 print(json.dumps(out))
 """
 
@@ -144,11 +140,11 @@ def test_call_stays_within_memory_budget(extra_mib, case):
 
 @needs_kernels
 def test_call_shape_caches_are_bounded():
-    """A server calling with many shapes: the validated-shape cache (and the kernel plans kept on
-    its entries) stops growing at its cap instead of growing with every new length."""
-    from sata._checks import _SPEC_CACHE
+    """A server calling with many shapes: the validated-shape cache and the kernel caches keyed by
+    call shape stop growing at their caps instead of growing with every new length."""
     x = torch.randn(1, 1, 4200, 1)
     for n in range(1, 4200):                              # 4199 distinct key lengths, one query each
         sata.sata_attention(x[..., :1, :], x[..., :n, :], x[..., :n, :], n_taylor=2, return_state=True)
-    assert len(_SPEC_CACHE) <= 4096
-    assert all(len(spec.plans) <= 2 for spec in _SPEC_CACHE.values())
+    sizes = sata.ops.cache_sizes()
+    assert sizes["specs"] <= 4096
+    assert sizes["kernel_verdicts"] <= 4096 and sizes["decode_plans"] <= 4096 and sizes["prefill_plans"] <= 64

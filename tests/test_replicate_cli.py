@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 import sata
 from sata import cli
-from sata.replicate import costs
+from sata.replicate import costs, decode, report
 from sata.replicate.config import QUICK, preset
 from sata.replicate.decode import stream_limit
 from sata.replicate.error import FLOOR, error_stats, reference_attention
 from sata.replicate.figures import FIGURES
+from sata.replicate.report import decode_verdict
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -72,6 +73,44 @@ def test_analytic_parts_match_the_formulas():
     assert a["alpha"] == pytest.approx(1 / (2 * 16))
     bf16 = next(r for r in pr["first_below"] if r["d_key"] == 16 and r["format"] == "bfloat16")
     assert bf16["alpha_below_resolution_from_degree"] == 3   # 1/(3! 16^1.5) = 2.6e-3 < 1e-2 < 1/(2! 16)
+
+
+def _decode_run(d, times_us, contaminated=()):
+    """A decode part's run for head size ``d`` with sata and SDPA medians at contexts 1K, 10K, 100K."""
+    rows = []
+    for n, (ts, tk) in zip((1000, 10000, 100000), times_us):
+        row = {"context": n}
+        for m, t in (("sata", ts), ("sdpa", tk)):
+            why = "repeats spread x3.00" if (n, m) in contaminated else None
+            row[m] = {"time": {"median": t * 1e-6, "contaminated": why}, "peak_bytes": 1000}
+        rows.append(row)
+    return {"d_key": d, "heads": 64 // d, "rows": rows}
+
+
+def _decode_part(*runs):
+    return {"width": 64, "n_taylor": 4, "runs": list(runs), "summary": [decode._summarise(r) for r in runs]}
+
+
+def test_decode_summary_claims_a_narrow_band_only_when_clean_measurements_show_one():
+    flat = _decode_part(_decode_run(8, [(14.1, 30), (14.5, 200), (14.3, 2000)]))
+    text = decode_verdict(flat)
+    assert "stays within a narrow band" in text and "x1.03" in text and "contaminated" not in text
+    # the issue's busy machine: one sata step stalled at 7.96 ms; detected, it is left out and said
+    busy = _decode_part(_decode_run(8, [(14.1, 30), (7960, 200), (14.3, 2000)], contaminated={(10000, "sata")}))
+    text = decode_verdict(busy)
+    assert "stays within a narrow band" in text and "1 measurement(s) were contaminated" in text
+    table = report._decode_summary(busy["summary"])
+    assert "7.96 ms" not in table and "14.1 us - 14.3 us" in table
+    # not detected (or real): no narrow band is claimed
+    text = decode_verdict(_decode_part(_decode_run(8, [(14.1, 30), (7960, 200), (14.3, 2000)])))
+    assert "narrow band" not in text and "varies up to x564.54" in text
+    # a machine so busy that one clean context is left per method: no trend is read into it
+    tainted = {(n, m) for n in (1000, 10000) for m in ("sata", "sdpa")}
+    busy = _decode_part(_decode_run(8, [(14.1, 30), (7960, 200), (14.3, 2000)], contaminated=tainted))
+    text = decode_verdict(busy)
+    assert "for sata, too few clean measurements to tell" in text
+    assert "narrow band" not in text and "grows" not in text and "4 measurement(s) were contaminated" in text
+    assert "| x" not in report._decode_summary(busy["summary"])             # no growth column from one point
 
 
 # ---------------------------------------------------------------------------- the command

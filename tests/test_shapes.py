@@ -260,16 +260,17 @@ def test_non_contiguous_key_padding_mask(mode, causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("heads_at_once", [1, 2, 3], ids=lambda h: f"{h}-kv-heads-at-once")
 @pytest.mark.parametrize("causal", CAUSAL)
-def test_prefill_kernel_converts_heads_in_groups(heads_at_once, dtype, causal, monkeypatch):
-    """Inputs the kernel cannot read in place (other dtypes, strided last dim) are converted a few
-    key/value heads at a time, the last group possibly smaller; GQA query heads travel with theirs."""
+def test_prefill_kernel_converts_heads_in_groups(heads_at_once, dtype, causal):
+    """Inputs the kernel cannot read in place (other dtypes, strided last dim) are converted in
+    segments of tokens (here 32 and 5: every segment budget below fits fewer than 32 tokens), the last
+    segment smaller; GQA query heads travel with theirs."""
     B, Hkv, G, L, E, Ev = 2, 3, 2, 37, 4, 3
     q, k, v = qkv((B,), Hkv * G, L, E, Ev, Hkv=Hkv, dtype=dtype, seed=30)
     if dtype == torch.float64:  # float64 is read in place unless the last dimension is strided
         q = torch.stack([q, q], -1)[..., 0]
     per_head = B * (G * L * E + L * (E + Ev)) * 4
-    monkeypatch.setattr(sata.ops, "_BLOCK_BYTES", heads_at_once * per_head)
-    y, st = attend("prefill_kernel", q, k, v, n_taylor=3, is_causal=causal, enable_gqa=True, return_state=True)
+    y, st = attend("prefill_kernel", q, k, v, n_taylor=3, is_causal=causal, enable_gqa=True, return_state=True,
+                   segment_bytes=heads_at_once * per_head)
     want = sata.naive_sata_attention(q.double(), k.double(), v.double(), n_taylor=3, is_causal=causal, enable_gqa=True)
     assert_rel(y, want, {torch.float16: 2**-11 + 1e-4, torch.bfloat16: 2**-8 + 1e-4, torch.float64: 1e-10}[dtype])
     assert_rel(st.kv, sata.accumulate_state(k.double(), v.double(), n_taylor=3).kv, 1e-5)

@@ -105,6 +105,21 @@ def test_passed_state_is_unchanged(mode, causal, L, dtype, state_dtype):
     assert torch.equal(state.kv, before)
 
 
+@pytest.mark.parametrize("mode,causal", [pytest.param(m, c, id=f"{m}-{'causal' if c else 'noncausal'}",
+                                                        marks=needs_kernels if "kernel" in m else ())
+                                           for m, c in (("recurrent", True), ("chunked", True), ("parallel", False),
+                                                        ("quadratic", True), ("quadratic", False),
+                                                        ("prefill_kernel", True), ("prefill_kernel", False))])
+def test_call_without_tokens_returns_a_new_state(mode, causal):
+    """No new keys: the returned state equals the passed one but owns its storage (a state is a value)."""
+    k = rand(2, 2, 6, 4, seed=30)
+    state = sata.accumulate_state(k, k, n_taylor=3)
+    y, st_ = attend(mode, k[..., :0, :], k[..., :0, :], k[..., :0, :], n_taylor=3, is_causal=causal, state=state,
+                    return_state=True)
+    assert y.shape == (2, 2, 0, 4) and st_.n_tokens == 6
+    assert torch.equal(st_.kv, state.kv) and st_.kv.data_ptr() != state.kv.data_ptr()
+
+
 def test_state_add_merges_segments():
     k, v = rand(2, 3, 30, 4, seed=6), rand(2, 3, 30, 5, seed=7)
     a = sata.accumulate_state(k[..., :11, :], v[..., :11, :], n_taylor=4)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import torch
 from sata.cli import main as cli_main
 from sata.lm import LMConfig, TransformerLM
 from sata.train.data import load_corpus
-from sata.train.generate import generate, sample_next
+from sata.train.generate import generate, printable, sample_next
 from sata.train.loop import TrainConfig, lr_factor, train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -28,6 +30,21 @@ def text_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("corpus")
     for f in sorted((Path(SRC) / "sata").rglob("*.py")):
         (d / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    return d
+
+
+@pytest.fixture(scope="module")
+def fixed_text_dir(tmp_path_factory) -> Path:
+    """Text that stays the same when this package's sources change (seeded words): for comparisons to
+    rounding, whose margins must not move with every edit of the corpus."""
+    words = ("the state of a sequence is the sum of the states of its segments so a query reads every key "
+             "before it through one fixed size state per head while the chunk holds the scores of its own "
+             "tokens and the features of the keys are added to the state once").split()
+    rng = random.Random(0)
+    d = tmp_path_factory.mktemp("fixed_corpus")
+    for i in range(40):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) for _ in range(60)]
+        (d / f"part_{i:02d}.txt").write_text("\n".join(lines) + "\n")
     return d
 
 
@@ -106,6 +123,11 @@ class TestTraining:
         for name in ("log.csv", "log.json", "loss.png", "model/model.safetensors", "checkpoint/trainer.pt"):
             assert (tmp_path / name).is_file(), name
 
+    def test_validation_shows_its_progress(self, tmp_path, text_dir, capsys):
+        train(_tiny(tmp_path, text_dir, steps=2, eval_every=2, eval_tokens=2048), progress=True)
+        err = capsys.readouterr().err
+        assert "validation" in err and "batch" in err
+
     def test_resume_with_other_settings_is_refused(self, tmp_path, text_dir):
         train(_tiny(tmp_path, text_dir, steps=2), progress=False)
         with pytest.raises(ValueError, match="different settings.*lr"):
@@ -129,6 +151,39 @@ class TestTraining:
         assert res["step"] == 4 and (ckpt / "trainer.pt").is_file()
         assert not (tmp_path / "checkpoint.old").exists()
 
+    def test_resume_unpickles_no_code(self, tmp_path, text_dir):
+        """A checkpoint from elsewhere whose trainer state would run code when unpickled is refused, unrun."""
+        cfg = _tiny(tmp_path, text_dir, steps=4)
+        train(cfg, progress=False, stop_after=2)
+        state = tmp_path / "checkpoint" / "trainer.pt"
+        saved = torch.load(state, weights_only=True)
+        marker = tmp_path / "code-ran"
+        saved["rows"].append(_RunsCodeWhenUnpickled(marker))
+        torch.save(saved, state)
+        with pytest.raises(ValueError, match="never unpickled"):
+            train(cfg, resume=True, progress=False)
+        assert not marker.exists()
+
+    def test_next_save_removes_what_a_killed_save_left(self, tmp_path, text_dir):
+        cfg = _tiny(tmp_path, text_dir, steps=4, save_every=2)
+        train(cfg, progress=False, stop_after=2)
+        partial = tmp_path / "checkpoint.tmp"               # a save killed while writing its folder
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"torn")
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        model = tmp_path / "model"
+        model.mkdir()
+        torn = model / f".model.safetensors.{dead}.0123abcd.tmp"   # killed inside the final save_pretrained
+        torn.write_bytes(b"torn")
+        train(cfg, resume=True, progress=False)
+        assert not partial.exists() and not torn.exists()
+        assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors"]
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in (model / "model.safetensors", model / "config.json", tmp_path / "checkpoint" / "model.safetensors"):
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
     def test_resume_from_a_moved_run_folder(self, tmp_path, text_dir):
         train(_tiny(tmp_path / "a", text_dir, steps=4), progress=False, stop_after=2)
         (tmp_path / "a").rename(tmp_path / "b")
@@ -139,15 +194,23 @@ class TestTraining:
             train(_tiny(tmp_path, text_dir, seq_len=10_000_000), progress=False)
 
 
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickling ran code"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, text_dir):
+def test_torchrun_two_processes_match_one_process(tmp_path, fixed_text_dir):
     """Two DDP processes (gloo) with half the batch each follow the single-process loss curve."""
-    args = ["train", "--data", str(text_dir), "--d-model", "32", "--n-layers", "2", "--n-heads", "4",
+    args = ["train", "--data", str(fixed_text_dir), "--d-model", "32", "--n-layers", "2", "--n-heads", "4",
             "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--warmup", "1", "--eval-every", "2",
             "--eval-tokens", "512", "--save-every", "4", "--no-progress", "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
@@ -240,6 +303,28 @@ def test_cli_train_then_generate(tmp_path, text_dir, capsys):
     cap = capsys.readouterr()
     assert cap.out.startswith("import ")
     assert "ms/token" in cap.err and "tokens/s" in cap.err
+
+
+def test_printable_shows_control_characters_instead_of_sending_them():
+    assert printable("a\x1b[31mb\rc\x07\x7f\x85d\n\te\u00e9") == "a\\x1b[31mb\\x0dc\\x07\\x7f\\x85d\n\te\u00e9"
+
+
+def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_path):
+    """Near-uniform bytes (an untrained model, high temperature) hold control characters; with stdout and
+    stderr on one terminal, the text comes out whole, escaped, and the measurements after it."""
+    torch.manual_seed(0)
+    TransformerLM(LMConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "m")
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "sata.cli", "generate", str(tmp_path / "m"), "--tokens", "300",
+                        "--temperature", "100", "--report-every", "100", "--prompt", "START"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout
+    header, _, rest = r.stdout.partition("START")
+    assert header.startswith("# sata P=3") and "1 torch thread(s)" in header and header.count("\n") == 1
+    text, _, table = rest.rpartition("\n# " + " " * 3 + "tokens")
+    assert "ms/token" not in text and "\\x" in text                      # control bytes were generated, escaped
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", r.stdout)
+    assert [line.split()[1] for line in table.splitlines()[1:4]] == ["100", "200", "300"]
 
 
 @pytest.mark.parametrize("argv, match", [

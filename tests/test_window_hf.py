@@ -151,7 +151,8 @@ def test_cache_bytes_constant_over_many_decode_steps():
             sizes.append(cache.nbytes)
             model(torch.tensor([[1 + t % (VOCAB - 1)]]), past_key_values=cache, use_cache=True)
     # per layer: Taylor state and window/sink keys and values (float64), a flag per window slot, a position per sink
-    per_layer = 2 * sata.state_size(8, 8, 3, window=W, sinks=S) * 8 + W * 1 + S * 8
+    # two kv heads: states and buffers (float64), a flag per window slot, a position per sink, the key centre
+    per_layer = 2 * sata.state_size(8, 8, 3, window=W, sinks=S) * 8 + W * 1 + S * 8 + 2 * 8 * 8
     assert set(sizes) == {cache.nbytes} == {2 * per_layer}
     assert cache.states[0].n_tokens == 74
     assert sata_hf.check_model_budget(model.config, 1, 3, torch.float64) == 2 * 2 * sata.state_size(8, 8, 3, window=W, sinks=S) * 8

@@ -17,7 +17,7 @@ from .naive import naive_sata_attention
 from .ops import accumulate_state, sata_attention
 from .state import SATAState, StateFileError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "accumulate_state",

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .basis import feature_dim
+from .basis import check_n_taylor, feature_dim
 from .budget import check_budget, format_bytes, get_memory_budget
 from .state import SATAState
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Spec:
-    """Shapes and settings of one call, after validation."""
+    """Shapes and settings of one call, after validation.
+
+    Compared and hashed by identity: :func:`check_inputs` returns one object per distinct call
+    shape, so a ``Spec`` keys the per-shape caches of the paths (kernel plans, kernel verdicts).
+    """
 
     batch_shape: torch.Size
     n_q_heads: int
@@ -27,14 +31,15 @@ class Spec:
     d_value: int
     n_taylor: int
     scale: float
+    is_causal: bool
     dtype: torch.dtype          # input and output dtype
     compute_dtype: torch.dtype  # features, scores, products: float32 or float64
     state_dtype: torch.dtype    # accumulation of the state
     device: torch.device
+    budget: int         # the memory budget the call was validated against
     batch: int          # prod(batch_shape)
     group: int          # query heads per key/value head
     feature_dim: int    # D
-    plans: dict = field(default_factory=dict, compare=False, hash=False, repr=False)   # kernel plans of this call shape
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -42,30 +47,12 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_n_taylor(n_taylor: object, where: str = "n_taylor") -> int:
-    if not isinstance(n_taylor, int) or isinstance(n_taylor, bool) or n_taylor < 1:
-        raise ValueError(
-            f"{where} must be a positive int (the number of Taylor terms, degrees 0..n_taylor-1), got {n_taylor!r}; "
-            "odd values (3, 5) keep every attention weight positive"
-        )
-    return n_taylor
-
-
 _SPEC_CACHE: dict = {}
 
 
 def check_inputs(
-    fn: str,
-    query: object,
-    key: object,
-    value: object,
-    *,
-    n_taylor: object,
-    is_causal: object,
-    scale: object,
-    enable_gqa: object,
-    key_padding_mask: object,
-    state: object = None,
+    fn: str, query: object, key: object, value: object, *, n_taylor: object, is_causal: object, scale: object,
+    enable_gqa: object, key_padding_mask: object, state: object = None,
 ) -> Spec:
     """Validate the arguments of ``fn``; return the call's :class:`Spec` or raise with the fix.
 
@@ -74,43 +61,55 @@ def check_inputs(
     """
     try:
         mask = key_padding_mask
-        st = state
+        # the tensor a state holds, without making a view (kv, or the F-major tensor kv is a view of: either
+        # layout fixes the other, the state's configuration being part of the key too)
+        st = None if state is None else state._stored()  # type: ignore[attr-defined]
         # a non-tensor never passed the full check, so no key of one is cached: no type() needed
         cache_key = (
             fn, query.shape, key.shape, value.shape,  # type: ignore[attr-defined]
             query.dtype, key.dtype, value.dtype, query.device, key.device, value.device,  # type: ignore[attr-defined]
             type(n_taylor), n_taylor, type(is_causal), is_causal, type(scale), scale, type(enable_gqa), enable_gqa,
             None if mask is None else (type(mask), mask.shape, mask.dtype, mask.device),  # type: ignore[attr-defined]
-            None if st is None else (type(st), st.kv.shape, st.kv.dtype, st.kv.device,  # type: ignore[attr-defined]
-                                     st.n_taylor, st.d_key, st.d_value, st.scale),  # type: ignore[attr-defined]
+            None if st is None else (type(state), st.shape, st.dtype, st.device, state.n_taylor,  # type: ignore
+                                     state.d_key, state.d_value, state.scale),  # type: ignore[attr-defined]
             get_memory_budget(),
         )
         spec = _SPEC_CACHE.get(cache_key)
     except (AttributeError, TypeError):  # not tensors, or unhashable settings: the full check explains
         cache_key, spec = None, None
     if spec is None:
-        spec = _check_inputs(
-            fn, query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-            key_padding_mask=key_padding_mask, state=state,
-        )
+        spec = _validate(fn, query, key, value, n_taylor, is_causal, scale, enable_gqa, key_padding_mask, state)
         if cache_key is not None and len(_SPEC_CACHE) < 4096:
             _SPEC_CACHE[cache_key] = spec
     return spec
 
 
-def _check_inputs(
-    fn: str,
-    query: object,
-    key: object,
-    value: object,
-    *,
-    n_taylor: object,
-    is_causal: object,
-    scale: object,
-    enable_gqa: object,
-    key_padding_mask: object,
-    state: object = None,
-) -> Spec:
+def _validate(fn, query, key, value, n_taylor, is_causal, scale, enable_gqa, key_padding_mask, state) -> Spec:
+    """The full check behind :func:`check_inputs`, in the order a reader fixes mistakes."""
+    _check_tensors(fn, query, key, value)
+    Hq, Hk, Lq, Lk, E, Ev = _check_heads(fn, query, key, value, enable_gqa, is_causal)
+    n_taylor = check_n_taylor(n_taylor, f"{fn}: n_taylor")
+    scale = _check_scale(fn, scale, E)
+    B = query.shape[:-3]
+    if key_padding_mask is not None:
+        _check_mask(fn, key_padding_mask, (*B, Lk), key.device)
+    compute_dtype = compute_dtype_for(query.dtype)
+    state_dtype = compute_dtype
+    if state is not None:
+        expected = dict(n_taylor=n_taylor, d_key=E, d_value=Ev, scale=scale, n_heads=Hk, batch_shape=list(B))
+        state_dtype = _check_state(fn, state, expected, query.device, compute_dtype)
+    spec = Spec(
+        batch_shape=B, n_q_heads=Hq, n_kv_heads=Hk, len_q=Lq, len_k=Lk, d_key=E, d_value=Ev, n_taylor=n_taylor,
+        scale=scale, is_causal=is_causal, dtype=query.dtype, compute_dtype=compute_dtype, state_dtype=state_dtype,
+        device=query.device, budget=get_memory_budget(), batch=math.prod(B), group=Hq // Hk,
+        feature_dim=feature_dim(E, n_taylor),
+    )
+    _check_budget(fn, spec)
+    return spec
+
+
+def _check_tensors(fn: str, query: object, key: object, value: object) -> None:
+    """Tensors of one floating dtype, on one device, with equal batch dimensions."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -144,6 +143,10 @@ def _check_inputs(
             f"{fn}: batch dimensions differ: query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])}, "
             f"value {tuple(value.shape[:-3])}; inputs are [..., heads, length, features] with equal leading dims"
         )
+
+
+def _check_heads(fn: str, query, key, value, enable_gqa: object, is_causal: object) -> tuple[int, ...]:
+    """Heads, lengths and head sizes that fit together; returns ``(Hq, Hkv, Lq, Lk, E, Ev)``."""
     Hq, Lq, E = query.shape[-3:]
     Hk, Lk, Ek = key.shape[-3:]
     Hv, Lv, Ev = value.shape[-3:]
@@ -175,85 +178,64 @@ def _check_inputs(
             f"{fn}: is_causal=True needs as many queries as keys (query i attends to keys <= i), got Lq={Lq}, Lk={Lk}; "
             "for a few new queries over earlier keys, put the earlier keys in a state and pass only the new tokens"
         )
-    n_taylor = check_n_taylor(n_taylor, f"{fn}: n_taylor")
+    return Hq, Hk, Lq, Lk, E, Ev
+
+
+def _check_scale(fn: str, scale: object, d_key: int) -> float:
+    """The score scale as a finite float; ``None`` means ``1 / sqrt(E)``."""
     if scale is None:
-        scale = E**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return d_key**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{fn}: scale must be a float or None (default 1/sqrt(E)), got {scale!r}")
-    scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    return float(scale)
 
-    B = query.shape[:-3]
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError(
-                f"{fn}: key_padding_mask must be a bool tensor [..., Lk] (True = ignore that key), got "
-                f"{type(key_padding_mask).__name__ if not isinstance(key_padding_mask, torch.Tensor) else key_padding_mask.dtype}"
-            )
-        if key_padding_mask.shape != (*B, Lk):
-            raise ValueError(
-                f"{fn}: key_padding_mask must have shape (*batch, Lk) = {(*B, Lk)}, got {tuple(key_padding_mask.shape)}"
-            )
-        if key_padding_mask.device != key.device:
-            raise ValueError(f"{fn}: key_padding_mask is on {key_padding_mask.device}, key on {key.device}")
 
-    compute_dtype = compute_dtype_for(query.dtype)
-    state_dtype = compute_dtype
-    if state is not None:
-        if not isinstance(state, SATAState):
-            raise TypeError(f"{fn}: state must be a sata.SATAState or None, got {type(state).__name__}")
-        expected = {
-            "n_taylor": n_taylor,
-            "d_key": E,
-            "d_value": Ev,
-            "scale": scale,
-            "n_heads": Hk,
-            "batch_shape": list(B),
-        }
-        diffs = [f"{k}={getattr(state, k) if k != 'batch_shape' else list(state.batch_shape)!r} (call: {v!r})"
-                 for k, v in expected.items() if (list(state.batch_shape) if k == "batch_shape" else getattr(state, k)) != v]
-        if diffs:
-            raise ValueError(
-                f"{fn}: state comes from another configuration: {', '.join(diffs)}; continue a stream with the "
-                "same n_taylor, scale, head sizes, heads and batch it was started with"
-            )
-        if state.device != query.device:
-            raise ValueError(f"{fn}: state is on {state.device} but inputs are on {query.device}; move it with state.to(device)")
-        if state.dtype == torch.float32 and compute_dtype == torch.float64:
-            raise TypeError(
-                f"{fn}: a float32 state cannot continue with float64 inputs without losing precision; "
-                "use state.to(dtype=torch.float64)"
-            )
-        state_dtype = state.dtype
+def _check_mask(fn: str, mask: object, shape: tuple[int, ...], device: torch.device) -> None:
+    """A bool ``key_padding_mask`` of ``shape`` ``(*batch, Lk)`` on the keys' device."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            f"{fn}: key_padding_mask must be a bool tensor [..., Lk] (True = ignore that key), got "
+            f"{type(mask).__name__ if not isinstance(mask, torch.Tensor) else mask.dtype}"
+        )
+    if mask.shape != shape:
+        raise ValueError(f"{fn}: key_padding_mask must have shape (*batch, Lk) = {shape}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{fn}: key_padding_mask is on {mask.device}, key on {device}")
 
-    spec = Spec(
-        batch_shape=B,
-        n_q_heads=Hq,
-        n_kv_heads=Hk,
-        len_q=Lq,
-        len_k=Lk,
-        d_key=E,
-        d_value=Ev,
-        n_taylor=n_taylor,
-        scale=scale,
-        dtype=query.dtype,
-        compute_dtype=compute_dtype,
-        state_dtype=state_dtype,
-        device=query.device,
-        batch=math.prod(B),
-        group=Hq // Hk,
-        feature_dim=feature_dim(E, n_taylor),
-    )
-    D = spec.feature_dim
-    itemsize = torch.empty((), dtype=state_dtype).element_size()
+
+def _check_state(fn: str, state: object, expected: dict, device: torch.device, compute_dtype: torch.dtype):
+    """A :class:`SATAState` of the call's configuration (``expected``, as :attr:`SATAState.config`)
+    on its device; returns the dtype the state accumulates in."""
+    if not isinstance(state, SATAState):
+        raise TypeError(f"{fn}: state must be a sata.SATAState or None, got {type(state).__name__}")
+    diffs = state._config_diffs(expected)
+    if diffs:
+        raise ValueError(
+            f"{fn}: state comes from another configuration: "
+            f"{', '.join(f'{k}={ours!r} (call: {call!r})' for k, ours, call in diffs)}; continue a stream with the "
+            "same n_taylor, scale, head sizes, heads and batch it was started with"
+        )
+    if state.device != device:
+        raise ValueError(f"{fn}: state is on {state.device} but inputs are on {device}; move it with state.to(device)")
+    if state.dtype == torch.float32 and compute_dtype == torch.float64:
+        raise TypeError(
+            f"{fn}: a float32 state cannot continue with float64 inputs without losing precision; "
+            "use state.to(dtype=torch.float64)"
+        )
+    return state.dtype
+
+
+def _check_budget(fn: str, spec: Spec) -> None:
+    """The state and the smallest working set (one query and one key row of features) fit the budget."""
+    D, Hk, Ev = spec.feature_dim, spec.n_kv_heads, spec.d_value
+    itemsize = spec.state_dtype.itemsize
     state_bytes = spec.batch * Hk * D * (Ev + 1) * itemsize
-    # the smallest working set: features of one query and one key row per head
-    work_bytes = spec.batch * (Hq + Hk) * D * itemsize
+    work_bytes = spec.batch * (spec.n_q_heads + Hk) * D * itemsize
     check_budget(
         state_bytes + work_bytes,
-        f"{fn}: n_taylor={n_taylor} with d_key={E} gives D={D:,} features per head; a state of "
+        f"{fn}: n_taylor={spec.n_taylor} with d_key={spec.d_key} gives D={D:,} features per head; a state of "
         f"{spec.batch} x {Hk} heads x {D:,} x {Ev + 1} ({format_bytes(state_bytes)}) plus features",
         "Use fewer Taylor terms or smaller heads (cost grows like d^(n_taylor-1)).",
     )
-    return spec

@@ -7,6 +7,7 @@ and ``a``'s window keys that fall out of reach of the merged end, enter the far 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -24,7 +25,15 @@ def merge_exact(a: SATAState, b: SATAState) -> SATAState:
     ea = a.exact.map(lambda t: t.flatten(0, len(batch) - 1) if batch else t[None])     # batch flattened to [B, ...]
     eb = b.exact.map(lambda t: t.to(a.dtype if t.is_floating_point() else None).flatten(0, len(batch) - 1) if batch else t[None])
     B = ea.sink_pos.shape[0]
-    far = (a.kv + b.kv.to(a.dtype)).reshape(B, Hkv, *a.kv.shape[-2:])        # [B, Hkv, D, F]
+    zero = a.kv.new_zeros(*batch, Hkv, a.d_key)
+    mu_a = zero if a.key_centre is None else a.key_centre.to(a.dtype)
+    mu_b = zero if b.key_centre is None else b.key_centre.to(a.dtype)
+    b_kv = b.kv.to(a.dtype)
+    if not torch.equal(mu_a, mu_b):  # b's keys were centred elsewhere: phi(k - mu_a) = M(mu_b - mu_a) phi(k - mu_b)
+        b_kv = translate(b_kv, (mu_b - mu_a) * math.sqrt(abs(a.scale)), a.n_taylor)
+    far = (a.kv + b_kv).reshape(B, Hkv, *a.kv.shape[-2:])                      # [B, Hkv, D, F]
+    if a.exact is None:  # a re-centred stream without window or sinks: the far states are everything
+        return replace(a, kv=far.reshape(a.kv.shape), n_tokens=N)
     leave_k, leave_v, leave_f = [], [], []                                     # keys that enter the far state
 
     # sinks: the first S kept keys of a, then of b
@@ -60,9 +69,44 @@ def merge_exact(a: SATAState, b: SATAState) -> SATAState:
     ks, vs, fs = torch.cat(leave_k, -2), torch.cat(leave_v, -2), torch.cat(leave_f, -1)
     if bool(fs.any()):
         basis = get_basis(a.d_key, a.n_taylor, ks.device, a.dtype)
-        phik = _phi(ks.to(a.dtype) * math.sqrt(abs(a.scale)), basis) * fs[:, None, :, None]     # [B, Hkv, K, D]
+        ks = ks.to(a.dtype) - mu_a.reshape(B, Hkv, 1, a.d_key)
+        phik = _phi(ks * math.sqrt(abs(a.scale)), basis) * fs[:, None, :, None]                 # [B, Hkv, K, D]
         vt = torch.cat([vs, torch.ones_like(vs[..., :1])], dim=-1).to(a.dtype)                  # [B, Hkv, K, F]
         far = far + phik.mT @ vt
     exact = ExactKeys(win_k, win_v, win_keep, all_k[:, :, :S], all_v[:, :, :S], all_pos[:, :S])
     unflat = lambda t: t.reshape(*batch, *t.shape[1:]) if batch else t[0]
     return replace(a, kv=unflat(far), n_tokens=N, exact=exact.map(unflat))
+
+
+def translate(kv: torch.Tensor, delta: torch.Tensor, n_taylor: int) -> torch.Tensor:
+    """The state of keys moved by ``delta``: ``sum_j phi(x_j + delta) w_j^T`` from ``kv = sum_j phi(x_j) w_j^T``.
+
+    ``kv [..., D, F]``, ``delta [..., E]`` (already scaled like the keys). With multi-indices and
+    ``phi_a(x) = x^a / sqrt(a!)``, the binomial theorem gives
+    ``phi_a(x + delta) = sum_{b + c = a} sqrt(a! / (b! c!)) phi_c(delta) phi_b(x)``: a sparse map per degree.
+    """
+    E = delta.shape[-1]
+    out_idx, in_idx, shift_idx, weight = _translation(E, n_taylor, kv.device)
+    basis = get_basis(E, n_taylor, kv.device, kv.dtype)
+    phid = _phi(delta, basis)                                                   # [..., D]
+    coef = phid[..., shift_idx] * weight.to(kv.dtype)                           # [..., T]
+    terms = kv[..., in_idx, :] * coef[..., None]                                # [..., T, F]
+    return torch.zeros_like(kv).index_add_(-2, out_idx, terms)
+
+
+@functools.lru_cache(maxsize=16)
+def _translation(d: int, n_taylor: int, device):
+    """Index triples ``(a, b, c)`` with ``a = b + c`` over the packed basis, and ``sqrt(a! / (b! c!))``."""
+    basis = get_basis(d, n_taylor)
+    monos = [tuple(row.tolist()) for p in range(n_taylor) for row in basis.multi_indices(p)]   # sorted index lists
+    where = {m: i for i, m in enumerate(monos)}
+    fact = lambda m: math.prod(math.factorial(m.count(j)) for j in set(m))
+    rows = []
+    for bi, b in enumerate(monos):
+        for ci, c in enumerate(monos):
+            if len(b) + len(c) < n_taylor:
+                a = tuple(sorted(b + c))
+                rows.append((where[a], bi, ci, math.sqrt(fact(a) / (fact(b) * fact(c)))))
+    out_idx, in_idx, shift_idx, weight = zip(*rows)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    return as_long(out_idx), as_long(in_idx), as_long(shift_idx), torch.tensor(weight, dtype=torch.float64, device=device)

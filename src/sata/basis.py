@@ -36,6 +36,16 @@ __all__ = [
 ]
 
 
+def check_n_taylor(n_taylor: object, where: str = "n_taylor") -> int:
+    """``n_taylor`` if it is a positive int, else ``ValueError`` naming ``where`` and the fix."""
+    if not isinstance(n_taylor, int) or isinstance(n_taylor, bool) or n_taylor < 1:
+        raise ValueError(
+            f"{where} must be a positive int (the number of Taylor terms, degrees 0..n_taylor-1), got {n_taylor!r}; "
+            "odd values (3, 5) keep every attention weight positive"
+        )
+    return n_taylor
+
+
 def monomial_counts(d_key: int, n_taylor: int) -> list[int]:
     """``[m_0, ..., m_{P-1}]`` with ``m_p = C(d + p - 1, p)``: distinct monomials per degree."""
     return [math.comb(d_key + p - 1, p) for p in range(n_taylor)]
@@ -156,8 +166,7 @@ def get_basis(d: int, n_taylor: int, device: torch.device | str = "cpu", dtype: 
     and weights in ``dtype``. Built once per combination."""
     if not isinstance(d, int) or isinstance(d, bool) or d < 1:
         raise ValueError(f"head size d must be a positive int, got {d!r}")
-    if not isinstance(n_taylor, int) or isinstance(n_taylor, bool) or n_taylor < 1:
-        raise ValueError(f"n_taylor must be a positive int (number of Taylor terms), got {n_taylor!r}")
+    check_n_taylor(n_taylor)
     device = torch.device(device)
     D = feature_dim(d, n_taylor)
     check_budget(

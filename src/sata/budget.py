@@ -65,10 +65,11 @@ def memory_budget(value: int | str) -> Iterator[int]:
         set_memory_budget(previous)
 
 
-def format_bytes(n: float) -> str:
+def format_bytes(n: float, digits: int = 1) -> str:
+    """``n`` bytes in the largest binary unit below it, with ``digits`` decimals: ``'17.8 GiB'``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
     raise AssertionError
 

@@ -30,18 +30,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
 
 
 def context_parallel_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    n_taylor: int = 3,
-    is_causal: bool = True,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    key_padding_mask: torch.Tensor | None = None,
-    group: dist.ProcessGroup | None = None,
-    state: SATAState | None = None,
-    return_state: bool = False,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, n_taylor: int = 3, is_causal: bool = True,
+    scale: float | None = None, enable_gqa: bool = False, key_padding_mask: torch.Tensor | None = None,
+    group: dist.ProcessGroup | None = None, state: SATAState | None = None, return_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SATAState]:
     r""":func:`sata.sata_attention` over a sequence whose segments live on different ranks.
 
@@ -83,6 +74,27 @@ def context_parallel_attention(
         RuntimeError: ``torch.distributed`` is not initialised.
         ValueError: the ranks disagree on shapes, dtype or settings (raised on every rank).
     """
+    common = dict(n_taylor=n_taylor, scale=scale, enable_gqa=enable_gqa)
+    local = _local_state(query, key, value, is_causal, key_padding_mask, state, group, **common)
+    # q, k, v ride along so that every rank joins the backward collective, even with an empty segment
+    prefix, total = exclusive_prefix_states(local, group=group, _anchors=(query, key, value))
+    if state is not None:
+        prefix, total = state + prefix, state + total
+    if is_causal:
+        out = sata_attention(query, key, value, is_causal=True, key_padding_mask=key_padding_mask, state=prefix,
+                             **common)
+    else:  # every key of the sequence is in ``total``: read it with no further keys
+        out = sata_attention(query, key[..., :0, :], value[..., :0, :], is_causal=False, state=total, **common)
+    if out.numel() == 0 and not out.requires_grad and total.kv.requires_grad:
+        # an empty segment's output must still reach the collective in backward, or the other ranks wait forever
+        out = out + total.kv.sum().to(out.dtype) * 0
+    return (out, total) if return_state else out
+
+
+def _local_state(query, key, value, is_causal: bool, key_padding_mask, state, group, *, n_taylor, scale,
+                 enable_gqa) -> SATAState:
+    """This rank's segment state, after validating its arguments; a rank that fails alone makes every
+    rank raise (through :func:`_check_agreement`) instead of leaving the others waiting."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "context_parallel_attention: torch.distributed is not initialised; call "
@@ -90,7 +102,6 @@ def context_parallel_attention(
         )
     if not isinstance(is_causal, bool):
         raise TypeError(f"context_parallel_attention: is_causal must be a bool, got {is_causal!r}")
-    # validate locally, then agree: a rank that fails alone must not leave the others waiting
     try:
         if is_causal and query.shape[-2] != key.shape[-2]:
             raise ValueError(
@@ -105,24 +116,7 @@ def context_parallel_attention(
     except (ValueError, TypeError):
         _check_agreement(None, group, dist.get_world_size(group))
         raise
-    # q, k, v ride along so that every rank joins the backward collective, even with an empty segment
-    prefix, total = exclusive_prefix_states(local, group=group, _anchors=(query, key, value))
-    if state is not None:
-        prefix, total = state + prefix, state + total
-    if is_causal:
-        out = sata_attention(
-            query, key, value, n_taylor=n_taylor, is_causal=True, scale=scale, enable_gqa=enable_gqa,
-            key_padding_mask=key_padding_mask, state=prefix,
-        )
-    else:  # every key of the sequence is in ``total``: read it with no further keys
-        out = sata_attention(
-            query, key[..., :0, :], value[..., :0, :], n_taylor=n_taylor, is_causal=False, scale=scale,
-            enable_gqa=enable_gqa, state=total,
-        )
-    if out.numel() == 0 and not out.requires_grad and total.kv.requires_grad:
-        # an empty segment's output must still reach the collective in backward, or the other ranks wait forever
-        out = out + total.kv.sum().to(out.dtype) * 0
-    return (out, total) if return_state else out
+    return local
 
 
 def exclusive_prefix_states(

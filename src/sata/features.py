@@ -1,4 +1,5 @@
-"""Feature map ``phi`` of the truncated Taylor kernel and the polynomial ``T_P`` itself.
+"""Feature map ``phi`` of the truncated Taylor kernel, the polynomial ``T_P`` itself, and the row
+normalisation every path and the oracle share (``MATH.md`` sections 1-3).
 
     <phi(q), phi(k)> = T_P(scale * <q, k>) = sum_{p < P} (scale <q, k>)^p / p!
 
@@ -39,44 +40,45 @@ def taylor_exp(s: torch.Tensor, n_taylor: int) -> torch.Tensor:
     return r
 
 
-def _phi(x: torch.Tensor, basis: TaylorBasis) -> torch.Tensor:
-    """Features of already-scaled inputs: ``[..., d] -> [..., D]``, all degrees in one vector."""
-    ones = x.new_ones(x.shape[:-1] + (1,))                          # [..., 1]   degree 0
+def _phi(x: torch.Tensor, basis: TaylorBasis, dim: int = -1) -> torch.Tensor:
+    """Features of already-scaled inputs along ``dim``: ``[..., d] -> [..., D]`` (``dim=-1``), or
+    feature-major ``[..., d, T] -> [..., D, T]`` (``dim=-2``), all degrees in one vector.
+
+    Feature-major is what makes bulk feature maps fast: every gather copies whole rows of ``T``
+    tokens, where a gather along the last dimension copies single elements.
+    """
+    shape = list(x.shape)
+    shape[dim] = 1
+    ones = x.new_ones(shape)                                          # degree 0
     if basis.n_taylor == 1:
         return ones
-    blocks = [ones, x]                                               # degree 1 is x itself
+    blocks = [ones, x]                                                # degree 1 is x itself
     if basis.n_taylor > 2:
         # the variable each monomial of degree >= 2 adds to its parent, with its weight
-        step = x.index_select(-1, basis.last) * basis.weight        # [..., D - 1 - d]
+        weight = basis.weight if dim == -1 else basis.weight[:, None]
+        step = x.index_select(dim, basis.last) * weight              # [..., D - 1 - d] along dim
         prev, lo = x, 0
         for p, parent in enumerate(basis.parents, start=2):
             m = basis.sizes[p]
-            prev = prev.index_select(-1, parent) * step[..., lo : lo + m]   # [..., m_p]
+            prev = prev.index_select(dim, parent) * step.narrow(dim, lo, m)   # [..., m_p] along dim
             blocks.append(prev)
             lo += m
-    return torch.cat(blocks, dim=-1)                                 # [..., D]
+    return torch.cat(blocks, dim=dim)                                 # [..., D] along dim
 
 
-def _phi_t(xt: torch.Tensor, basis: TaylorBasis) -> torch.Tensor:
-    """Feature-major features of already-scaled inputs: ``[..., d, T] -> [..., D, T]``.
+def _normalize_rows(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` row by row, ``0`` where the normaliser ``den`` is not positive (no keys, or an
+    even ``n_taylor`` summing to ``<= 0``). A NaN normaliser propagates, as in SDPA (``NaN <= 0`` is
+    False); the inner ``where`` keeps the unused branch finite so its gradient is 0, not NaN."""
+    dead = den <= 0
+    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(den), den))
 
-    The same features as :func:`_phi`, transposed. Every gather copies whole rows of ``T``
-    tokens, which is what makes bulk feature maps fast (a gather along the last dimension
-    copies single elements).
-    """
-    ones = xt.new_ones(xt.shape[:-2] + (1, xt.shape[-1]))                  # [..., 1, T]   degree 0
-    if basis.n_taylor == 1:
-        return ones
-    blocks = [ones, xt]                                                      # [..., d, T]   degree 1
-    if basis.n_taylor > 2:
-        step = xt.index_select(-2, basis.last) * basis.weight[:, None]       # [..., D - 1 - d, T]
-        prev, lo = xt, 0
-        for p, parent in enumerate(basis.parents, start=2):
-            m = basis.sizes[p]
-            prev = prev.index_select(-2, parent) * step[..., lo : lo + m, :]  # [..., m_p, T]
-            blocks.append(prev)
-            lo += m
-    return torch.cat(blocks, dim=-2)                                         # [..., D, T]
+
+def _split_scale(scale: float) -> tuple[float, float]:
+    """``(sq, sk)`` with ``sq * sk = scale``, the factors the query and key sides carry; the sign of a
+    negative scale rides on the query side."""
+    root = math.sqrt(abs(scale))
+    return math.copysign(root, scale), root
 
 
 def taylor_features(x: torch.Tensor, n_taylor: int, scale: float | None = None) -> torch.Tensor:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .features import _normalize_rows
+
 __all__ = ["Hybrid", "check_hybrid"]
 
 
@@ -73,11 +75,39 @@ def _check_per_head(fn: str, name: str, value: object, n_q_heads: int, device: t
     return float(value)
 
 
+_HYBRID_CACHE: dict = {}
+
+
 def check_hybrid(
     fn: str, *, window: object, sinks: object, taylor_mix: object, recentre: object, n_taylor: int,
     n_q_heads: int, device: torch.device,
 ) -> Hybrid:
-    """Validate the window-mode arguments; raise with the fix."""
+    """Validate the window-mode arguments; raise with the fix.
+
+    Settings given as plain numbers are a function of their values, so a repeated call (a decode loop)
+    reuses the earlier verdict; tensors (which can change in place) are checked every call.
+    """
+    key = None
+    if not isinstance(taylor_mix, torch.Tensor) and not isinstance(recentre, torch.Tensor):
+        key = (fn, type(window), window, type(sinks), sinks, type(taylor_mix), taylor_mix, type(recentre), recentre,
+               n_taylor, n_q_heads, device)
+        try:
+            hybrid = _HYBRID_CACHE.get(key)
+        except TypeError:  # unhashable settings: the full check explains
+            key = hybrid = None
+        if hybrid is not None:
+            return hybrid
+    hybrid = _check_hybrid(fn, window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre, n_taylor=n_taylor,
+                           n_q_heads=n_q_heads, device=device)
+    if key is not None and len(_HYBRID_CACHE) < 1024:
+        _HYBRID_CACHE[key] = hybrid
+    return hybrid
+
+
+def _check_hybrid(
+    fn: str, *, window: object, sinks: object, taylor_mix: object, recentre: object, n_taylor: int,
+    n_q_heads: int, device: torch.device,
+) -> Hybrid:
     window = _check_count(fn, "window", window, "recent keys attended exactly; 0 turns the window off")
     sinks = _check_count(fn, "sinks", sinks, "first keys of the stream attended exactly; 0 turns sinks off")
     beta = _check_per_head(fn, "taylor_mix", taylor_mix, n_q_heads, device, "weight of the Taylor part, >= 0")
@@ -182,10 +212,4 @@ def combine(m_exact, num_exact, den_exact, U_far, c, has_far, beta, d_value: int
     e_far = beta * torch.exp(torch.where(has_far, c - m, -math.inf))           # 0 where no far keys
     num = e_exact[..., None] * num_exact + e_far[..., None] * U_far[..., :d_value]
     den = e_exact * den_exact + e_far * U_far[..., d_value]
-    return safe_divide(num, den[..., None]).to(dtype)
-
-
-def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den``, 0 where ``den <= 0``; a NaN normaliser propagates (as in SDPA), gradient 0 on dead rows."""
-    dead = den <= 0
-    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(den), den))
+    return _normalize_rows(num, den[..., None]).to(dtype)

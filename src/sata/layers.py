@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .basis import check_n_taylor
 from .hybrid import check_hybrid
 from .ops import sata_attention
 from .state import SATAState
@@ -348,9 +349,7 @@ class SATAAttention(_Attention):
                  learn_recentre: bool = False, device=None, dtype=None):
         super().__init__(d_model, n_heads, head_dim, n_kv_heads, causal=causal, rope=rope, rope_base=rope_base,
                          scale=scale, bias=bias, device=device, dtype=dtype)
-        if not isinstance(n_taylor, int) or isinstance(n_taylor, bool) or n_taylor < 1:
-            raise ValueError(f"SATAAttention: n_taylor must be a positive int, got {n_taylor!r}")
-        self.n_taylor = n_taylor
+        self.n_taylor = check_n_taylor(n_taylor, "SATAAttention: n_taylor")
         # a learned per-head gain on the queries, exp(log_gain) (starts at 1): a polynomial kernel needs
         # larger scores than exp to concentrate, and weight decay holds the projections back
         self.log_gain = nn.Parameter(torch.zeros(n_heads, device=device, dtype=dtype)) if learn_scale else None

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._files import write_atomic
 from .layers import ATTENTION_CLASSES, ShortConv, SoftmaxAttention
 
 __all__ = ["LMConfig", "TransformerLM"]
@@ -243,15 +244,15 @@ class TransformerLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory``."""
-        from safetensors.torch import save_file
+        """Write ``model.safetensors`` and ``config.json`` into ``directory``, each atomically
+        (:func:`sata._files.write_atomic`: mode 0644 under the usual umask, no temporary left behind)."""
+        from safetensors.torch import save
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / _WEIGHTS_FILE), metadata={"format": "pt", "model_type": _MODEL_TYPE})
+        write_atomic(directory / _WEIGHTS_FILE, save(tensors, metadata={"format": "pt", "model_type": _MODEL_TYPE}))
         config = {"model_type": _MODEL_TYPE, "format_version": 1, **self.config.to_dict()}
-        (directory / _CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_atomic(directory / _CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
         return directory
 
     @classmethod

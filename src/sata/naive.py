@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_inputs
-from .features import taylor_exp
+from .features import _normalize_rows, taylor_exp
 from .hybrid import check_hybrid, centre, combine, exact_part, per_head
 
 __all__ = ["naive_sata_attention"]
@@ -25,6 +25,7 @@ def naive_sata_attention(
     sinks: int = 0,
     taylor_mix: float | torch.Tensor = 1.0,
     recentre: float | torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Reference truncated-Taylor attention, materialising the ``[..., Hq, Lq, Lk]`` weights.
 
@@ -45,6 +46,10 @@ def naive_sata_attention(
         key (torch.Tensor): ``[..., Hkv, Lk, E]``.
         value (torch.Tensor): ``[..., Hkv, Lk, Ev]``.
         window, sinks, taylor_mix, recentre: as in :func:`sata.sata_attention`. Default: the plain op.
+        attn_mask (torch.Tensor, optional): bool keep mask broadcastable to ``[..., Hq, Lq, Lk]``,
+            ``True`` = query ``i`` attends to key ``j`` (SDPA's boolean convention); combined with
+            ``is_causal`` and ``key_padding_mask``. Oracle only: a state cannot represent an
+            arbitrary mask. A key it hides still meets its value with weight 0 (keep values finite).
 
     Returns:
         ``[..., Hq, Lq, Ev]``.
@@ -53,6 +58,9 @@ def naive_sata_attention(
         "naive_sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask,
     )
+    weights_shape = (*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.len_k)
+    if attn_mask is not None:
+        _check_attn_mask(attn_mask, weights_shape, query.device)
     hybrid = check_hybrid(
         "naive_sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
         n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=query.device,
@@ -69,11 +77,17 @@ def naive_sata_attention(
         visible = visible & ~key_padding_mask[..., None, None, :]               # [..., 1, Lq, Lk]
         # a padded key's value must not reach the product either (0 * NaN is NaN)
         v = v.masked_fill(key_padding_mask[..., None, :, None], 0.0)
+    if attn_mask is not None:
+        visible = visible & attn_mask                                          # [..., Hq|1, Lq, Lk]
     if hybrid.plain:
         w = taylor_exp(s, spec.n_taylor).masked_fill(~visible, 0.0)            # [..., Hq, Lq, Lk]
-        return _safe_rownorm(w @ v, w.sum(dim=-1, keepdim=True)).to(query.dtype)
+        return _normalize_rows(w @ v, w.sum(dim=-1, keepdim=True)).to(query.dtype)   # [..., Hq, Lq, Ev]
     exact = visible & _exact_keys(spec, hybrid, key_padding_mask, is_causal, q.device)   # [..., Hq|1, Lq, Lk]
-    far = visible & ~exact
+    return _hybrid(s, v, exact, visible & ~exact, spec, hybrid).to(query.dtype)
+
+
+def _hybrid(s, v, exact, far, spec, hybrid) -> torch.Tensor:
+    """``exp`` on the exact keys, ``beta e^{c - m} T_P(s - c)`` on the far ones, one normaliser: ``[..., Hq, Lq, Ev]``."""
     alpha, beta = (per_head(x, (spec.n_q_heads, 1), spec.compute_dtype) for x in (hybrid.recentre, hybrid.taylor_mix))
     farf = far.to(s.dtype).expand_as(s)                                         # [..., Hq, Lq, Lk]
     if hybrid.recentre is None:
@@ -84,8 +98,7 @@ def naive_sata_attention(
     T = taylor_exp(s - c[..., None], spec.n_taylor) * farf                     # [..., Hq, Lq, Lk]
     U_far = torch.cat([T @ v, T.sum(dim=-1, keepdim=True)], dim=-1)           # [..., Hq, Lq, Ev + 1]
     m, num, den = exact_part(s, exact, v)
-    return combine(m, num, den, U_far, c, far.any(dim=-1), beta, spec.d_value, query.dtype)
-
+    return combine(m, num, den, U_far, c, far.any(dim=-1), beta, spec.d_value, s.dtype)
 
 def _exact_keys(spec, hybrid, key_padding_mask, is_causal: bool, device) -> torch.Tensor:
     """``[..., 1, Lq, Lk]`` bool: key ``j`` is in query ``i``'s window, or is one of the first ``sinks`` kept keys."""
@@ -99,6 +112,21 @@ def _exact_keys(spec, hybrid, key_padding_mask, is_causal: bool, device) -> torc
     return exact | sink[..., None, None, :]
 
 
-def _safe_rownorm(num: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    dead = z <= 0  # False for NaN: a NaN normaliser propagates, as in SDPA
-    return torch.where(dead, 0.0, num / torch.where(dead, torch.ones_like(z), z))
+def _check_attn_mask(mask: object, shape: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(
+            "naive_sata_attention: attn_mask must be a bool tensor (True = attend), got "
+            f"{type(mask).__name__ if not isinstance(mask, torch.Tensor) else mask.dtype}; "
+            "for an additive float mask use mask == 0"
+        )
+    try:
+        ok = torch.broadcast_shapes(mask.shape, shape) == shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"naive_sata_attention: attn_mask of shape {tuple(mask.shape)} does not broadcast to the weights "
+            f"[..., Hq, Lq, Lk] = {shape}"
+        )
+    if mask.device != device:
+        raise ValueError(f"naive_sata_attention: attn_mask is on {mask.device}, query on {device}")

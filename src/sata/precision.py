@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ._checks import compute_dtype_for
 from .ops import accumulate_state, sata_attention
 from .state import SATAState
 
@@ -134,7 +135,7 @@ def stream_attention(
                 "stream_attention: pass a float64 SATAState (SATAState.zeros(..., dtype=torch.float64)) or a "
                 f"CompensatedState; a {state.dtype} state gains nothing here, use sata.sata_attention"
             )
-        read = state if query.dtype == torch.float64 else state.to(dtype=torch.float32)
+        read = state.to(dtype=compute_dtype_for(query.dtype))
     else:
         raise TypeError(f"stream_attention: state must be a CompensatedState or a float64 SATAState, got {type(state).__name__}")
     out = sata_attention(query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,

@@ -9,19 +9,19 @@ It is the sum over the tokens it has seen, so the states of disjoint segments ad
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from ._files import write_atomic
 from .basis import feature_dim
+from .exact_keys import ExactKeys
 from .budget import check_budget, format_bytes
 
 __all__ = ["SATAState", "StateFileError"]
@@ -51,6 +51,10 @@ class SATAState:
         sinks (int): first kept keys of the stream attended exactly; 0 for the plain op.
         exact (ExactKeys | None): the keys and values of the window and the sinks (None when both are 0).
             With a window or sinks ``kv`` holds only the keys outside every query's reach.
+        key_centre (torch.Tensor | None): ``[..., Hkv, E]``, a key vector subtracted from every key
+            absorbed into ``kv`` (fixed by the first re-centred call: the mean of its keys). Scores change by
+            one constant per query, which the re-centred series absorbs exactly; it keeps the series'
+            coefficients small, so float32 holds (``docs/WINDOW.md``). None: keys absorbed as they are.
 
     Gradients flow through ``kv``: pass a state that requires grad, get a state whose
     ``kv`` has a graph (truncated backpropagation through time works by ``detach()``).
@@ -65,6 +69,7 @@ class SATAState:
     window: int = 0
     sinks: int = 0
     exact: ExactKeys | None = None
+    key_centre: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kv, torch.Tensor):
@@ -91,6 +96,10 @@ class SATAState:
             raise ValueError("SATAState.exact holds the window and sink keys: give it exactly when window or sinks > 0")
         if self.exact is not None:
             self.exact.check(self.kv.shape[:-2], self.window, self.sinks, self.d_key, self.d_value)
+        if self.key_centre is not None and (
+            not isinstance(self.key_centre, torch.Tensor) or self.key_centre.shape != (*self.kv.shape[:-2], self.d_key)
+        ):
+            raise ValueError(f"SATAState.key_centre must be [..., Hkv, d_key] = {(*self.kv.shape[:-2], self.d_key)}")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -137,7 +146,7 @@ class SATAState:
     @classmethod
     def _unchecked(cls, kv: torch.Tensor | None, n_taylor: int, d_key: int, d_value: int, scale: float, n_tokens: int,
                    kvT: torch.Tensor | None = None, window: int = 0, sinks: int = 0,
-                   exact: ExactKeys | None = None) -> SATAState:
+                   exact: ExactKeys | None = None, key_centre: torch.Tensor | None = None) -> SATAState:
         """Construct without validation: for the op's hot path, whose inputs were validated already.
 
         Pass ``kvT`` (the D-contiguous ``[..., Hkv, F, D]`` tensor) instead of ``kv`` to skip making
@@ -145,7 +154,7 @@ class SATAState:
         """
         self = object.__new__(cls)
         self.__dict__.update(n_taylor=n_taylor, d_key=d_key, d_value=d_value, scale=scale, n_tokens=n_tokens,
-                             window=window, sinks=sinks, exact=exact)
+                             window=window, sinks=sinks, exact=exact, key_centre=key_centre)
         if kv is not None:
             self.__dict__["kv"] = kv
         if kvT is not None:
@@ -158,6 +167,12 @@ class SATAState:
             kv = self.__dict__["kv"] = self.__dict__["_kvT"].mT
             return kv
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _stored(self) -> torch.Tensor:
+        """``kv`` if it was made, else the F-major tensor it would be a view of: for reading shape,
+        dtype, device or ``requires_grad`` without making a view (a decode loop never needs one)."""
+        d = self.__dict__
+        return d["kv"] if "kv" in d else d["_kvT"]
 
     def _fmajor(self) -> torch.Tensor | None:
         """``kv`` as the D-contiguous ``[..., Hkv, F, D]`` tensor the kernels read, or ``None`` if
@@ -193,7 +208,7 @@ class SATAState:
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.exact is None else sum(t.numel() * t.element_size() for t in self.exact.tensors())
+        extra = sum(t.numel() * t.element_size() for _, t in self._extras())
         return self.kv.numel() * self.kv.element_size() + extra
 
     @property
@@ -231,14 +246,20 @@ class SATAState:
 
     def _map(self, fn) -> SATAState:
         """The same state with ``fn`` applied to every tensor (floating and index tensors alike)."""
-        return replace(self, kv=fn(self.kv), exact=None if self.exact is None else self.exact.map(fn))
+        return replace(self, kv=fn(self.kv), exact=None if self.exact is None else self.exact.map(fn),
+                       key_centre=None if self.key_centre is None else fn(self.key_centre))
+
+    def _extras(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors besides ``kv``: the window and sink buffers and the key centre, by name."""
+        extras = [] if self.exact is None else self.exact.named()
+        return extras + ([] if self.key_centre is None else [("key_centre", self.key_centre)])
 
     def __add__(self, other: SATAState) -> SATAState:
         """Merge the states of two disjoint segments of one sequence (attention is a sum over keys)."""
         if not isinstance(other, SATAState):
             return NotImplemented
         self.check_compatible(other, what="the other state")
-        if self.exact is not None:
+        if self.exact is not None or self.key_centre is not None or other.key_centre is not None:
             from ._merge import merge_exact  # needs the feature map, which needs this module
             return merge_exact(self, other)
         return replace(self, kv=self.kv + other.kv.to(self.kv.dtype), n_tokens=self.n_tokens + other.n_tokens)
@@ -246,25 +267,30 @@ class SATAState:
     def check_compatible(self, other: SATAState | dict, what: str = "state") -> None:
         """Raise ``ValueError`` naming each field where ``other`` (a state or a config dict) differs."""
         theirs = other.config if isinstance(other, SATAState) else dict(other)
-        diffs = [f"{k}: {theirs.get(k)!r} vs {v!r}" for k, v in self.config.items() if k in theirs and theirs[k] != v]
+        diffs = [f"{k}: {t!r} vs {mine!r}" for k, mine, t in self._config_diffs(theirs)]
         if diffs:
             raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)})")
+
+    def _config_diffs(self, theirs: dict) -> list[tuple[str, object, object]]:
+        """``(field, ours, theirs)`` for every field of :attr:`config` that ``theirs`` gives differently."""
+        return [(k, v, theirs[k]) for k, v in self.config.items() if k in theirs and theirs[k] != v]
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the state to ``path`` atomically (write to a temporary file, fsync, rename).
 
-        A crash during the save leaves the previous file intact. The file holds the
+        A crash during the save leaves the previous file intact (and the next save removes the
+        temporary it left). The file holds the
         tensor bit for bit, the configuration and a SHA-256 checksum, in
         ``torch.save`` format (loaded with ``weights_only=True``: no code is unpickled).
         """
         path = Path(path)
         kv = self.kv.detach().cpu().contiguous()
         config = {**self.config, "n_tokens": self.n_tokens, "dtype": str(kv.dtype)}
-        exact = {} if self.exact is None else {k: t.detach().cpu().contiguous() for k, t in self.exact.named()}
+        exact = {k: t.detach().cpu().contiguous() for k, t in self._extras()}
         payload = {
             "format": _FORMAT,
-            "version": _VERSION if self.exact is None else _VERSION_EXACT,
+            "version": _VERSION if not exact else _VERSION_EXACT,
             "config": config,
             "sha256": _digest(kv, config, exact),
             "kv": kv,
@@ -273,24 +299,7 @@ class SATAState:
             payload["exact"] = exact
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        write_atomic(path, buffer.getbuffer())
 
     @classmethod
     def load(
@@ -334,7 +343,8 @@ class SATAState:
                 n_tokens=config["n_tokens"],
                 window=config.get("window", 0),
                 sinks=config.get("sinks", 0),
-                exact=ExactKeys(**exact) if exact else None,
+                exact=ExactKeys(**{k: t for k, t in exact.items() if k != "key_centre"}) if "win_k" in exact else None,
+                key_centre=exact.get("key_centre"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise StateFileError(f"{path} holds an invalid SATA state: {e}") from e
@@ -353,58 +363,3 @@ def _digest(t: torch.Tensor, config: dict, exact: dict | None = None) -> str:
         if x.numel():
             h.update(x.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-@dataclass(frozen=True, eq=False)
-class ExactKeys:
-    """The keys a window-mode state attends exactly: the last ``W`` positions and the first ``S`` kept keys.
-
-    Stored in the state's dtype (float32 or float64), whatever the input dtype, so that a stream continues
-    bit for bit however it is split into calls.
-
-    Attributes:
-        win_k (torch.Tensor): ``[..., Hkv, W, E]`` keys of the last ``W`` positions, position ``p`` in slot
-            ``p % W`` (a ring: one token writes one slot).
-        win_v (torch.Tensor): ``[..., Hkv, W, Ev]`` their values.
-        win_keep (torch.Tensor): ``[..., W]`` bool, the slot holds a kept key that is not a sink.
-        sink_k (torch.Tensor): ``[..., Hkv, S, E]`` the first ``S`` kept keys of the stream.
-        sink_v (torch.Tensor): ``[..., Hkv, S, Ev]`` their values.
-        sink_pos (torch.Tensor): ``[..., S]`` int64 stream position of each sink, -1 while not filled.
-    """
-
-    win_k: torch.Tensor
-    win_v: torch.Tensor
-    win_keep: torch.Tensor
-    sink_k: torch.Tensor
-    sink_v: torch.Tensor
-    sink_pos: torch.Tensor
-
-    @classmethod
-    def empty(cls, heads_shape, window: int, sinks: int, d_key: int, d_value: int, dtype, device) -> ExactKeys:
-        """No tokens yet. ``heads_shape`` is ``(*batch, Hkv)``."""
-        *batch, _ = heads_shape
-        z = lambda *tail: torch.zeros((*heads_shape, *tail), dtype=dtype, device=device)
-        return cls(z(window, d_key), z(window, d_value), torch.zeros((*batch, window), dtype=torch.bool, device=device),
-                   z(sinks, d_key), z(sinks, d_value), torch.full((*batch, sinks), -1, dtype=torch.long, device=device))
-
-    def named(self):
-        return [(name, getattr(self, name)) for name in ("win_k", "win_v", "win_keep", "sink_k", "sink_v", "sink_pos")]
-
-    def tensors(self):
-        return [t for _, t in self.named()]
-
-    def map(self, fn) -> ExactKeys:
-        return ExactKeys(*(fn(t) for t in self.tensors()))
-
-    def check(self, heads_shape, window: int, sinks: int, d_key: int, d_value: int) -> None:
-        """Raise ``ValueError`` unless every buffer has the shape and dtype the state's configuration gives."""
-        batch = tuple(heads_shape[:-1])
-        want = {"win_k": (*heads_shape, window, d_key), "win_v": (*heads_shape, window, d_value), "win_keep": (*batch, window),
-                "sink_k": (*heads_shape, sinks, d_key), "sink_v": (*heads_shape, sinks, d_value), "sink_pos": (*batch, sinks)}
-        for name, t in self.named():
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want[name]:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"SATAState.exact.{name} must have shape {want[name]} for this configuration, got {got}")
-        if self.win_keep.dtype != torch.bool or self.sink_pos.dtype != torch.long:
-            raise TypeError("SATAState.exact: win_keep must be bool and sink_pos int64")
-

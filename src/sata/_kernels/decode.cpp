@@ -6,7 +6,7 @@
 //   u[g, f]  = <phi(q_g), S'[f, :]>
 //   y[g, :]  = u[g, :Ev] / u[g, Ev]                (0 where the normaliser is not positive)
 // The state is read once and written once (in place when S_out == S_in), which is the
-// memory-traffic floor of a decode step. Built on first use by sata._kernels (g++ -O3 -fopenmp).
+// memory-traffic floor of a decode step. Built on first use by sata._kernels; threads as in kernels.h.
 //
 // Layouts (all contiguous): q [N, G, d], k [N, d], v [N, Ev], keep [N] or null,
 // S_in / S_out [N, F, D] with F = Ev + 1 (the state's kv[..., D, F] stored D-contiguous), in the
@@ -15,214 +15,73 @@
 // step weights of degrees >= 2, in feature order) describe the colex hierarchy.
 
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "decode.h"
+#include "kernels.h"
 
 namespace {
 
-// one 64-byte vector of T (GCC/Clang vector extension: SIMD where the target has it)
-template <typename T>
-struct Vec {
-  static constexpr int W = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
-  static type load(const T* p) {
-    type x;
-    std::memcpy(&x, p, sizeof(x));
-    return x;
-  }
-  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
-};
+using sata::Features;
 
-// half a vector: feature segments are short (C(j+p-1, p-1) entries), so narrower vectors waste
-// fewer lanes and split fewer cache lines
-template <typename T>
-struct HalfVec {
-  static constexpr int W = 32 / sizeof(T);
-  typedef T type __attribute__((vector_size(32)));
-  static type load(const T* p) {
-    type x;
-    std::memcpy(&x, p, sizeof(x));
-    return x;
-  }
-  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
-};
-
-// phi(x) built degree by degree: the degree-p monomials whose largest index is j are the first
-// C(j+p-1, p-1) degree-(p-1) monomials (a contiguous prefix) times x_j, each with its step weight.
-// Whole vectors are written: a segment's overhang lands where the next segment (or the padding
-// after D) is written afterwards, so no lane is ever masked. Rows need D + W entries.
-template <typename T>
-struct Features {
-  int64_t d, P;
-  const int64_t* prefix_len;
-  const T* weight;
-
-  // degree 0 and 1; x == nullptr stands for a zero input (a masked key: its NaNs must not be read)
-  void degree01(const T* x, T s, T* phi) const {
-    phi[0] = T(1);
-    for (int64_t j = 0; j < d && P > 1; ++j) phi[1 + j] = x == nullptr ? T(0) : x[j] * s;
-  }
-
-  // degree p (>= 2) of one row, from its degree p - 1 block at prev; returns the block's size
-  int64_t degree(T* phi, const T* prev, T* out, const T* w, int64_t p) const {
-    using V = HalfVec<T>;
-    const T* xs = phi + 1;
-    T* start = out;
-    for (int64_t j = 0; j < d; ++j) {
-      const int64_t len = prefix_len[(p - 2) * d + j];
-      const T xj = xs[j];
-      for (int64_t i = 0; i < len; i += V::W) V::store(out + i, V::load(prev + i) * V::load(w + i) * xj);
-      out += len;
-      w += len;
-    }
-    return out - start;
-  }
-
-  // all degrees of `rows` rows (stride ld), one degree at a time across the rows, so a row's
-  // fresh stores have retired before its next degree reads them
-  void build(T* phi, int64_t rows, int64_t ld) const {
-    int64_t prev = 1, cur = 1 + d, wo = 0;
-    for (int64_t p = 2; p < P; ++p) {
-      int64_t size = 0;
-      for (int64_t r = 0; r < rows; ++r) size = degree(phi + r * ld, phi + r * ld + prev, phi + r * ld + cur, weight + wo, p);
-      prev = cur;
-      cur += size;
-      wo += size;
-    }
-  }
-};
-
-// One head with one query head and F = Ev + 1 known at compile time: a single sweep over the
-// feature index updates all F state rows and accumulates all F read-outs in registers.
-template <typename T, typename TS, int F>
-inline void sweep_fixed(const TS* src, TS* dst, int64_t D, const T* pk, const T* pq, const T* vt, TS* u) {
-  using V = Vec<TS>;
-  typename V::type acc[F];
-  for (int f = 0; f < F; ++f) acc[f] = typename V::type{};
-  int64_t i = 0;
-  for (; i + V::W <= D; i += V::W) {
-    typename V::type p, q;
-    for (int w = 0; w < V::W; ++w) {  // widen T -> TS lane by lane (a no-op copy when equal)
-      p[w] = TS(pk[i + w]);
-      q[w] = TS(pq[i + w]);
-    }
-#pragma GCC unroll 17
-    for (int f = 0; f < F; ++f) {
-      const typename V::type s = V::load(src + f * D + i) + TS(vt[f]) * p;
-      V::store(dst + f * D + i, s);
-      acc[f] += q * s;
-    }
-  }
-  TS tail[F] = {};
-  for (; i < D; ++i)
-    for (int f = 0; f < F; ++f) {
-      const TS s = src[f * D + i] + TS(vt[f] * pk[i]);
-      dst[f * D + i] = s;
-      tail[f] += TS(pq[i]) * s;
-    }
-  for (int f = 0; f < F; ++f) {
-    TS t = tail[f];
-    for (int w = 0; w < V::W; ++w) t += acc[f][w];
-    u[f] = t;
-  }
-}
-
-// Any G and F: update every row, then read it once per query head.
+// heads n0 .. n1-1 of a decode step, in one thread's buffers
 template <typename T, typename TS>
-inline void sweep_rows(const TS* src, TS* dst, int64_t D, int64_t F, int64_t G, const T* pk, const T* pq,
-                       int64_t ldq, const T* vt, TS* u) {
-  for (int64_t f = 0; f < F; ++f) {
-    const TS vf = TS(vt[f]);
-    const TS* s_in = src + f * D;
-    TS* s_out = dst + f * D;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) s_out[i] = s_in[i] + vf * TS(pk[i]);
+void decode_heads(const DecodeArgs& a, int64_t n0, int64_t n1, const T* q, const T* k, const T* v,
+                  const uint8_t* keep, const TS* S_in, TS* S_out, T* y, sata::HeadBuffers<T, TS>& buf) {
+  const int64_t G = a.G, d = a.d, Ev = a.Ev, D = a.D, F = Ev + 1, rows = (n1 - n0) * (1 + G), ld = buf.ld;
+  T* phi = buf.phi.get();
+  T* vt = buf.vt.data();
+  TS* u = buf.u.data();
+  const Features<T> feat{d, a.P, a.prefix_len, static_cast<const T*>(a.weight)};
+  for (int64_t n = n0; n < n1; ++n) {  // per head, its key row then its G query rows
+    T* base = phi + (n - n0) * (1 + G) * ld;
+    feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, T(a.sk), base);
+    for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, T(a.sq), base + (1 + g) * ld);
+  }
+  feat.build(phi, rows, ld);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* pk = phi + (n - n0) * (1 + G) * ld;
+    const T* pq = pk + ld;
+    const bool use = keep == nullptr || keep[n];
+    for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
+    vt[Ev] = use ? T(1) : T(0);
+    sata::sweep<T, TS>(S_in + n * F * D, S_out + n * F * D, D, F, G, pk, pq, ld, vt, u);
     for (int64_t g = 0; g < G; ++g) {
-      const T* q = pq + g * ldq;
-      TS acc = TS(0);
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < D; ++i) acc += TS(q[i]) * s_out[i];
-      u[g * F + f] = acc;
+      const TS z = u[g * F + Ev];
+      T* yg = y + (n * G + g) * Ev;
+      for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
     }
   }
 }
 
 template <typename T, typename TS>
-void decode(int64_t N, int64_t G, int64_t d, int64_t Ev, int64_t D, int64_t P, const T* q, const T* k, const T* v,
-            const uint8_t* keep, const TS* S_in, TS* S_out, T* y, const int64_t* prefix_len, const T* weight, T sq,
-            T sk, int n_threads) {
-  const int64_t F = Ev + 1;
-  const int64_t ld = D + Vec<T>::W;  // feature rows carry a vector of padding
-  const Features<T> feat{d, P, prefix_len, weight};
-#pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
-  {
-#ifdef _OPENMP
-    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-    const int64_t nt = 1, t = 0;
-#endif
-    const int64_t n0 = N * t / nt, n1 = N * (t + 1) / nt, rows = (n1 - n0) * (1 + G);
-    // this thread's features: per head, its key row then its G query rows
-    // uninitialised on purpose: every entry the sweeps read is written first (no memset per step)
-    std::unique_ptr<T[]> phi_buf(new T[rows * ld]);
-    T* const phi = phi_buf.get();
-    std::vector<T> vt(F);
-    std::vector<TS> u(G * F);
-    for (int64_t n = n0; n < n1; ++n) {
-      T* base = phi + (n - n0) * (1 + G) * ld;
-      feat.degree01(keep == nullptr || keep[n] ? k + n * d : nullptr, sk, base);
-      for (int64_t g = 0; g < G; ++g) feat.degree01(q + (n * G + g) * d, sq, base + (1 + g) * ld);
-    }
-    feat.build(phi, rows, ld);
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* pk = phi + (n - n0) * (1 + G) * ld;
-      const T* pq = pk + ld;
-      const bool use = keep == nullptr || keep[n];
-      for (int64_t f = 0; f < Ev; ++f) vt[f] = use ? v[n * Ev + f] : T(0);  // masked: v~ = 0, phi(k) finite
-      vt[Ev] = use ? T(1) : T(0);
-      const TS* src = S_in + n * F * D;
-      TS* dst = S_out + n * F * D;
-      if (G == 1 && F == 5) {
-        sweep_fixed<T, TS, 5>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else if (G == 1 && F == 9) {
-        sweep_fixed<T, TS, 9>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else if (G == 1 && F == 17) {
-        sweep_fixed<T, TS, 17>(src, dst, D, pk, pq, vt.data(), u.data());
-      } else {
-        sweep_rows<T, TS>(src, dst, D, F, G, pk, pq, ld, vt.data(), u.data());
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const TS z = u[g * F + Ev];
-        T* yg = y + (n * G + g) * Ev;
-        for (int64_t f = 0; f < Ev; ++f) yg[f] = z <= TS(0) ? T(0) : T(u[g * F + f] / z);  // NaN propagates
-      }
-    }
-  }
+void decode(const DecodeArgs& a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in, TS* S_out,
+            T* y) {
+  using Buffers = sata::HeadBuffers<T, TS>;
+  sata::share_heads(
+      a.N, Buffers::kHeads, sata::work(a.N, 1, a.G, a.Ev + 1, a.D), a.work_per_thread,
+      [&] { return Buffers(a.D, a.G, a.Ev + 1); },
+      [&](Buffers& buf, int64_t n0, int64_t n1) { decode_heads<T, TS>(a, n0, n1, q, k, v, keep, S_in, S_out, y, buf); });
 }
 
 }  // namespace
 
-// the constants of a decode plan, bound once (fewer arguments per call: each costs in ctypes)
-struct DecodeArgs {
-  int64_t N, G, d, Ev, D, P;
-  const int64_t* prefix_len;
-  const void* weight;
-  double sq, sk;
-};
-
 extern "C" {
 
-int sata_kernel_version() { return 5; }
+int64_t sata_kernel_abi() { return SATA_KERNEL_ABI; }
 
-#define SATA_DECODE(NAME, T, TS)                                                                                  \
-  void NAME(const DecodeArgs* a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in,        \
-            TS* S_out, T* y, int n_threads) {                                                                      \
-    decode<T, TS>(a->N, a->G, a->d, a->Ev, a->D, a->P, q, k, v, keep, S_in, S_out, y, a->prefix_len,               \
-                  static_cast<const T*>(a->weight), T(a->sq), T(a->sk), n_threads);                               \
+// sizes of the argument structs, which the Python side mirrors (0 decode, 1 prefill, 2 prefill tensors,
+// 3 window decode, 4 window decode tensors)
+int64_t sata_struct_size(int64_t which) {
+  const int64_t sizes[] = {sizeof(DecodeArgs), sizeof(PrefillArgs), sizeof(PrefillTensors), sizeof(WindowDecodeArgs),
+                           sizeof(WindowDecodeTensors)};
+  return which >= 0 && which < 5 ? sizes[which] : -1;
+}
+
+// returns 0, or 1 when the step failed (out of memory): the outputs are then undefined
+#define SATA_DECODE(NAME, T, TS)                                                                             \
+  int NAME(const DecodeArgs* a, const T* q, const T* k, const T* v, const uint8_t* keep, const TS* S_in,   \
+           TS* S_out, T* y) {                                                                                \
+    return sata::guarded([&] { decode<T, TS>(*a, q, k, v, keep, S_in, S_out, y); });                        \
   }
 
 SATA_DECODE(sata_decode_f32, float, float)

@@ -11,15 +11,21 @@
 // The state of a head lives in a padded workspace [D][Fp] for the whole call, so the
 // two products above are small register-blocked GEMMs over data that stays in cache.
 //
-// Layouts: q [B, Hkv * G, Lq, d], k [B, Hkv, Lk, d], v [B, Hkv, Lk, Ev], y [B, Hkv * G, Lq, Ev], each
-// with any strides but a contiguous last dimension; keep [B, Lk] uint8 (0 = ignore key) or null;
-// state element (b, h, D, f) at S[b * s_b + h * s_h + D * s_d + f * s_f], updated in place.
+// Heads are shared out to the threads dynamically (a thread the scheduler delays takes fewer).
+//
+// Layouts (PrefillTensors in kernels.h): q [B, Hkv * G, Lq, d], k [B, Hkv, Lk, d], v [B, Hkv, Lk, Ev],
+// y [B, Hkv * G, Lq, Ev], each with any strides but a contiguous last dimension; keep [B, Lk] uint8
+// (0 = ignore key) or null; state element (b, h, D, f) at S[b * s_b + h * s_h + D * s_d + f * s_f],
+// updated in place.
 
 #include <algorithm>
-#include <type_traits>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "kernels.h"
 
 namespace {
 
@@ -29,11 +35,6 @@ constexpr int64_t DB = 8;    // feature rows per update block
 constexpr int64_t VW = 16;   // lanes the update pads value columns to
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// element strides of a [B, H, L, X] tensor whose last dimension is contiguous
-struct Strides {
-  int64_t b, h, l;
-};
 
 // rows 0..D-1 of phi_t [D][C] from scaled inputs x_t [d][C] (degree 1 rows are x_t itself)
 template <typename T>
@@ -306,43 +307,41 @@ struct Head {
 };
 
 template <typename T, typename TS>
-void prefill(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P,
-             const T* q, Strides qs, const T* k, Strides ks, const T* v, Strides vs, const uint8_t* keep, TS* S,
-             int64_t s_b, int64_t s_h, int64_t s_d, int64_t s_f, T* y, Strides ys, const int64_t* prefix_len,
-             const T* weight, T sq, T sk, int causal, int n_threads) {
-  const int64_t N = B * Hkv;
-#pragma omp parallel num_threads(n_threads) if (n_threads > 1 && N > 1)
-  {
-    Head<T, TS> head(G, Lq, Lk, d, Ev, D, P, prefix_len, weight, sq, sk);
-    head.k_sl = ks.l;
-    head.v_sl = vs.l;
-    head.q_sl = qs.l;
-    head.q_sh = qs.h;
-    head.y_sl = ys.l;
-    head.y_sh = ys.h;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t n = 0; n < N; ++n) {
+void prefill(const PrefillArgs& a, const PrefillTensors& t) {
+  const int64_t Hkv = a.Hkv, G = a.G, N = t.B * Hkv, Lk = t.Lk;
+  const T* q = static_cast<const T*>(t.q.data);
+  const T* k = static_cast<const T*>(t.k.data);
+  const T* v = static_cast<const T*>(t.v.data);
+  T* y = static_cast<T*>(t.y.data);
+  TS* S = static_cast<TS*>(t.S);
+  const int64_t nt = sata::threads_for(N, sata::work(N, Lk, G * t.Lq, a.Ev + 1, a.D), a.work_per_thread);
+  std::atomic<int64_t> next{0};
+  sata::on_threads(nt, [&] {
+    Head<T, TS> head(G, t.Lq, Lk, a.d, a.Ev, a.D, a.P, a.prefix_len, static_cast<const T*>(a.weight), T(a.sq),
+                     T(a.sk));
+    head.k_sl = t.k.l;
+    head.v_sl = t.v.l;
+    head.q_sl = t.q.l;
+    head.q_sh = t.q.h;
+    head.y_sl = t.y.l;
+    head.y_sh = t.y.h;
+    for (int64_t n = next++; n < N; n = next++) {
       const int64_t b = n / Hkv, h = n % Hkv;
-      head.run(q + b * qs.b + h * G * qs.h, k + b * ks.b + h * ks.h, v + b * vs.b + h * vs.h,
-               keep == nullptr ? nullptr : keep + b * Lk, S + b * s_b + h * s_h, s_d, s_f,
-               y + b * ys.b + h * G * ys.h, causal != 0);
+      head.run(q + b * t.q.b + h * G * t.q.h, k + b * t.k.b + h * t.k.h, v + b * t.v.b + h * t.v.h,
+               t.keep == nullptr ? nullptr : t.keep + b * Lk, S + b * t.s_b + h * t.s_h, t.s_d, t.s_f,
+               y + b * t.y.b + h * G * t.y.h, a.causal != 0);
     }
-  }
+  });
 }
 
 }  // namespace
 
 extern "C" {
 
-#define SATA_PREFILL(NAME, T, TS)                                                                                       \
-  void NAME(int64_t B, int64_t Hkv, int64_t G, int64_t Lq, int64_t Lk, int64_t d, int64_t Ev, int64_t D, int64_t P, \
-            const T* q, int64_t q_sb, int64_t q_sh, int64_t q_sl, const T* k, int64_t k_sb, int64_t k_sh,           \
-            int64_t k_sl, const T* v, int64_t v_sb, int64_t v_sh, int64_t v_sl, const uint8_t* keep, TS* S,         \
-            int64_t s_b, int64_t s_h, int64_t s_d, int64_t s_f, T* y, int64_t y_sb, int64_t y_sh, int64_t y_sl,    \
-            const int64_t* prefix_len, const T* weight, double sq, double sk, int causal, int n_threads) {          \
-    prefill<T, TS>(B, Hkv, G, Lq, Lk, d, Ev, D, P, q, {q_sb, q_sh, q_sl}, k, {k_sb, k_sh, k_sl}, v, {v_sb, v_sh, v_sl}, \
-               keep, S, s_b, s_h, s_d, s_f, y, {y_sb, y_sh, y_sl}, prefix_len, weight, T(sq), T(sk), causal,       \
-               n_threads);                                                                                          \
+// returns 0, or 1 when the call failed (out of memory): the outputs and the state are then undefined
+#define SATA_PREFILL(NAME, T, TS)                                            \
+  int NAME(const PrefillArgs* a, const PrefillTensors* t) {                \
+    return sata::guarded([&] { prefill<T, TS>(*a, *t); });                 \
   }
 
 SATA_PREFILL(sata_prefill_f32, float, float)

@@ -12,7 +12,8 @@ With that stream, query ``i`` of the call sees
   call, and the band widens to ``i < e < i + 2W``.
 
 Under autograd each block of queries is checkpointed (recomputed in the backward pass) with the far state
-carried between blocks, so memory holds one state per block, never features per token.
+carried between blocks, so memory holds one state per block, never features per token. A single causal
+token on the CPU without autograd takes the fused kernel instead (:mod:`sata._paths.window_kernel`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..basis import TaylorBasis, get_basis
-from ..features import _phi_t
+from ..features import _phi
 from ..state import ExactKeys
 from ..hybrid import Hybrid, centre, centre_coefficients, combine, exact_part, per_head
 
@@ -52,7 +53,8 @@ class _Call:
         self.beta = per_head(hybrid.taylor_mix, (spec.n_kv_heads, g, 1), self.cd)
 
 
-def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool):
+def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool,
+                     key_centre=None):
     """The window mode for one call.
 
     Args:
@@ -61,32 +63,24 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         mask: ``[B, Lk]`` bool, True = padded key, or None;
         far: the far Taylor state before the call, F-major ``[B, Hkv, Ev + 1, D]``, or None (empty);
         exact: the window and sink keys before the call, batch flattened to ``B``;
-        n_tokens: positions seen before the call.
+        n_tokens: positions seen before the call;
+        key_centre: ``[B, Hkv, E]`` subtracted from the keys of the far state, or None.
 
     Returns:
         ``y [B, Hkv, g, Lq, Ev]``, the far state and the :class:`ExactKeys` after the call.
+
+    With a key centre ``mu`` the far state holds ``phi(k - mu)``: the far scores are ``s' = s - delta_i``,
+    ``delta_i = scale q_i . mu``, and the series around ``c_i`` is the series of ``s'`` around
+    ``c_i - delta_i`` (moments read from the state are those of ``s'``); the exact keys use ``s``.
     """
     run = _Call(spec, hybrid)
     B, Hkv, g, L, E = q.shape
+    ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact = _extend(run, k, v, mask, exact, n_tokens, key_centre)
     Lk, W = k.shape[-2], hybrid.window
-    kept = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else ~mask
-    sink_k, sink_v, sink_pos, is_sink = _take_sinks(exact, k, v, kept, n_tokens)
-    flag = kept & ~is_sink                                                       # [B, Lk] window/far keys
-    # the extended stream, oldest first: the state's window, then the call
-    shift = n_tokens % W if W else 0
-    ext_k = torch.cat([exact.win_k.roll(-shift, dims=-2).to(k.dtype), k], dim=-2)        # [B, Hkv, W + Lk, E]
-    ext_v = torch.cat([exact.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + Lk, Ev]
-    ext_f = torch.cat([exact.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + Lk]
-    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
-    shift = (n_tokens + Lk) % W if W else 0
-    new_exact = ExactKeys(                                                      # the last W positions, ring order
-        ext_k[:, :, Lk:].roll(shift, dims=-2).to(run.sd), ext_v[:, :, Lk:].roll(shift, dims=-2).to(run.sd),
-        ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(run.sd), sink_v.to(run.sd), sink_pos,
-    )
     if L == 0:  # absorb only: the keys that left the window
-        return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks[:, :, :Lk], vt[:, :, :Lk], far), new_exact
+        return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks_far[:, :, :Lk], vt[:, :, :Lk], far), new_exact
     qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E]
-    sinks = (sink_k.to(run.cd) * run.sk, sink_v.to(run.cd), sink_pos)
+    sinks = (new_exact.sink_k.to(run.cd) * run.sk, new_exact.sink_v.to(run.cd), new_exact.sink_pos)
 
     # how many far keys each query has, and their centre
     n_far = ext_f[:, None, :L, None].to(run.cd).cumsum(-2)                      # [B, 1, L, 1]
@@ -95,20 +89,12 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     right = None
     if not causal:
         sR = max(W, 1)  # right far keys: j >= i + max(W, 1)
-        right = tuple(_reverse_shift(x[:, :, W:], sR) for x in (ks, vt))
+        right = tuple(_reverse_shift(x[:, :, W:], sR) for x in (ks_far, vt))
         n_far = n_far + right[1][..., -1:].cumsum(-2).flip(-2)
     has_far = (n_far > 0)[:, :, None, :, 0].expand(B, Hkv, g, L)                # [B, Hkv, g, L]
-    if run.alpha is None:
-        c = qs.new_zeros(B, Hkv, g, L)
-        coef = None
-    else:
-        mom = _moments(run, qs, ks[:, :, :L], vt[:, :, :L, -1:], far)           # [B, Hkv, g, L, 3]
-        if right is not None:
-            mom = mom + _moments(run, qs.flip(-2), right[0], right[1][..., -1:], None).flip(-2)
-        c = centre(mom, run.alpha)                                              # [B, Hkv, g, L]
-        coef = centre_coefficients(c, run.P)                                    # [B, Hkv, g, L, P]
+    c, coef = _centre(run, qs, ks_far[:, :, :L], vt[:, :, :L, -1:], far, right, key_centre)
 
-    U, far = _scan(run, qs, ks[:, :, :L], vt[:, :, :L], far, coef)             # [B, Hkv, g, L, F]
+    U, far = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, coef)         # [B, Hkv, g, L, F]
     if right is not None:
         U = U + _scan(run, qs.flip(-2), *right, None, None if coef is None else coef.flip(-2))[0].flip(-2)
     m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
@@ -116,10 +102,48 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     return y, far, new_exact
 
 
+def _extend(run: _Call, k, v, mask, exact: ExactKeys, n_tokens: int, key_centre):
+    """The extended stream (the state's window, oldest first, then the call), its scaled keys and ``[v, 1]``
+    rows (raw for the exact part, centred for the far state) and the window and sinks after the call."""
+    B, Hkv, Lk, _ = k.shape
+    W = run.hybrid.window
+    kept = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else ~mask
+    sink_k, sink_v, sink_pos, is_sink = _take_sinks(exact, k, v, kept, n_tokens)
+    flag = kept & ~is_sink                                                       # [B, Lk] window/far keys
+    shift = n_tokens % W if W else 0
+    ext_k = torch.cat([exact.win_k.roll(-shift, dims=-2).to(k.dtype), k], dim=-2)        # [B, Hkv, W + Lk, E]
+    ext_v = torch.cat([exact.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + Lk, Ev]
+    ext_f = torch.cat([exact.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + Lk]
+    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
+    ks_far = ks if key_centre is None else _keys_values(run, ext_k - key_centre[:, :, None].to(ext_k.dtype), ext_v, ext_f)[0]
+    shift = (n_tokens + Lk) % W if W else 0
+    new_exact = ExactKeys(                                                      # the last W positions, ring order
+        ext_k[:, :, Lk:].roll(shift, dims=-2).to(run.sd), ext_v[:, :, Lk:].roll(shift, dims=-2).to(run.sd),
+        ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(run.sd), sink_v.to(run.sd), sink_pos,
+    )
+    return ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact
+
+
+def _centre(run: _Call, qs, ks_far, w_far, far, right, key_centre):
+    """Each query's centre ``c [B, Hkv, g, L]`` and the coefficients ``a_m [B, Hkv, g, L, P]`` of its series in the
+    far state's (centred) scores ``s' = s - delta`` (None: plain ``T_P``)."""
+    B, Hkv, g, L, E = qs.shape
+    delta = None if key_centre is None else qs @ (key_centre.to(run.cd) * run.sk)[:, :, None, :, None]   # [B, Hkv, g, L, 1]
+    if run.alpha is None:
+        c = qs.new_zeros(B, Hkv, g, L)                                          # the series around 0 ...
+        shifted = None if delta is None else -delta[..., 0]                     # ... is the series of s' around -delta
+    else:
+        mom = _moments(run, qs, ks_far, w_far, far)                             # [B, Hkv, g, L, 3]
+        if right is not None:
+            mom = mom + _moments(run, qs.flip(-2), right[0], right[1][..., -1:], None).flip(-2)
+        shifted = centre(mom, run.alpha)                                        # [B, Hkv, g, L] in units of s'
+        c = shifted if delta is None else shifted + delta[..., 0]
+    return c, None if shifted is None else centre_coefficients(shifted, run.P)
+
 def absorb(run: _Call, ks, vt, S):
     """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``."""
     for a in range(0, ks.shape[-2], run.block):
-        inc = (vt[:, :, a:a + run.block].mT @ _phi_t(ks[:, :, a:a + run.block].mT, run.basis).mT).to(run.sd)
+        inc = (vt[:, :, a:a + run.block].mT @ _phi(ks[:, :, a:a + run.block].mT, run.basis, dim=-2).mT).to(run.sd)
         S = inc if S is None else S + inc
     return S
 
@@ -197,11 +221,11 @@ def _scan(run: _Call, qs, ks, vt, S0, coef):
     def block(q, k, v, a_, S):
         T = q.shape[-2]
         qc, kc, vc = _chunks(q, run.chunk), _chunks(k, run.chunk), _chunks(v, run.chunk)   # [.., n, c, X]
-        phik = _phi_t(kc.mT, run.basis)                                         # [B, Hkv, n, D, c]
+        phik = _phi(kc.mT, run.basis, dim=-2)                                       # [B, Hkv, n, D, c]
         dS = vc.mT @ phik.mT                                                    # [B, Hkv, n, F, D]
         start = dS.new_zeros(B, Hkv, 1, F, D) if S is None else S.to(run.cd)[:, :, None]
         before = torch.cat([start, dS[:, :, :-1]], dim=2).cumsum(dim=2)        # [B, Hkv, n, F, D] exclusive
-        phiq = _phi_t(qc.mT, run.basis)                                         # [B, Hkv, g, n, D, c]
+        phiq = _phi(qc.mT, run.basis, dim=-2)                                         # [B, Hkv, g, n, D, c]
         s = qc @ kc[:, :, None].mT                                              # [B, Hkv, g, n, c, c]
         if a_ is None:
             A = _horner(s, None, run.P)
@@ -242,10 +266,10 @@ def _moments(run: _Call, qs, ks, w, S0):
     def block(q, k, w_, C):
         T = q.shape[-2]
         qc, kc, wc = _chunks(q, run.chunk), _chunks(k, run.chunk), _chunks(w_, run.chunk)
-        dC = (_phi_t(kc.mT, basis) @ wc)[..., 0]                                # [B, Hkv, n_c, Dm]
+        dC = (_phi(kc.mT, basis, dim=-2) @ wc)[..., 0]                                # [B, Hkv, n_c, Dm]
         start = dC.new_zeros(B, Hkv, 1, Dm) if C is None else C.to(run.cd)[:, :, None]
         before = torch.cat([start, dC[:, :, :-1]], dim=2).cumsum(dim=2)         # [B, Hkv, n_c, Dm]
-        inter = _phi_t(qc.mT, basis).mT * before[:, :, None, :, None, :]        # [B, Hkv, g, n_c, c, Dm]
+        inter = _phi(qc.mT, basis, dim=-2).mT * before[:, :, None, :, None, :]        # [B, Hkv, g, n_c, c, Dm]
         inter = torch.stack([blk.sum(-1) for blk in inter.split(sizes, dim=-1)], dim=-1)   # [.., c, n]
         s = (qc @ kc[:, :, None].mT).tril()                                     # [B, Hkv, g, n_c, c, c]
         wt = wc[:, :, None, :, None, :, 0] * torch.ones_like(s).tril()          # far-key weights, causal

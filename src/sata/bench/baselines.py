@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..basis import check_n_taylor
+
 __all__ = ["KVCacheAttention", "PaperTaylorAttention", "sdpa_causal"]
 
 
@@ -134,8 +136,7 @@ class PaperTaylorAttention:
     """
 
     def __init__(self, d_key: int, n_taylor: int, scale: float | None = None, device: torch.device | str = "cpu"):
-        if n_taylor < 1:
-            raise ValueError(f"n_taylor must be >= 1, got {n_taylor}")
+        check_n_taylor(n_taylor, "PaperTaylorAttention: n_taylor")
         self.d_key, self.n_taylor = d_key, n_taylor
         self.scale = d_key ** -0.5 if scale is None else float(scale)
         self.terms: list[_Term] = []

@@ -4,6 +4,7 @@
     sata bench prefill  [--quick]   causal prefill by prompt length
     sata bench targets  [--quick]   issue 4's targets 1-6, PASS/FAIL (includes both sweeps)
     sata bench all      [--quick]   the same as targets, printing every table
+    sata bench mqar     [--preset]  recall accuracy against state size (sata.bench.mqar)
 
 Every comparison is measured in one run on the same inputs; we report medians of repeated
 timings after warm-up, and ratios sata / baseline. ``--quick`` uses smaller contexts (minutes on
@@ -21,24 +22,29 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all"),
+    parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all", "mqar"),
                         help="what to measure")
-    parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores%(default).0s")
-    parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file%(default).0s")
-    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/PERFORMANCE.md)%(default).0s")
+    parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores")
+    parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown (for docs/PERFORMANCE.md)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES, help="dtype of queries, keys and values")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)%(default).0s")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for everything (default: one-token decode steps on 1 thread, the rest "
+                             "one per core)")
     parser.add_argument("--max-memory", default=None,
-                        help="most memory a baseline's context may take, e.g. 8G (default: min(8G, half the free RAM))%(default).0s")
-    parser.add_argument("--only", default=None, help="targets to run, e.g. 1,4 (targets/all only)%(default).0s")
-    parser.add_argument("--batch", type=int, default=None, help="decode/prefill: batch size (default 1)%(default).0s")
-    parser.add_argument("--heads", type=int, default=None, help="decode/prefill: heads (default 64)%(default).0s")
-    parser.add_argument("--head-size", type=int, default=None, help="decode/prefill: head size (default 8)%(default).0s")
-    parser.add_argument("--n-taylor", type=int, default=None, help="decode/prefill: Taylor terms (default 4)%(default).0s")
-    parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536%(default).0s")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars%(default).0s")
+                        help="most memory a baseline's context may take, e.g. 8G (default: min(8G, half the free RAM))")
+    parser.add_argument("--only", default=None, help="targets to run, e.g. 1,4 (targets/all only)")
+    parser.add_argument("--batch", type=int, default=None, help="decode/prefill: batch size (default 1)")
+    parser.add_argument("--heads", type=int, default=None, help="decode/prefill: heads (default 64)")
+    parser.add_argument("--head-size", type=int, default=None, help="decode/prefill: head size (default 8)")
+    parser.add_argument("--n-taylor", type=int, default=None, help="decode/prefill: Taylor terms (default 4)")
+    parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: seconds, meaningless numbers
+    from .mqar import add_arguments as mqar_arguments
+
+    mqar_arguments(parser)
 
 
 def _max_memory(text: str | None) -> int:
@@ -57,9 +63,9 @@ def main(args: argparse.Namespace) -> int:
 
     from .decode import DecodeConfig, run_decode
     from .prefill import PrefillConfig, run_prefill
-    from .tables import decode_table, prefill_table, scaling_table, targets_table
+    from .tables import CONTAMINATED, count_contaminated, decode_table, prefill_table, scaling_table, targets_table
     from .targets import FULL, QUICK, TINY, run_targets
-    from .timing import busy_warning, command_line, machine_info, set_threads, write_json
+    from .timing import LATENCY_THREADS, busy_warning, command_line, machine_info, set_threads, threads_note, write_json
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("sata bench: --device cuda requested but CUDA is not available; use --device cpu", file=sys.stderr)
@@ -69,7 +75,12 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         print("sata bench needs tqdm for its progress bars: pip install 'sata-attention[plot]'", file=sys.stderr)
         return 2
+    if args.what == "mqar":
+        from .mqar import main as mqar_main
+
+        return mqar_main(args)
     threads = set_threads(args.threads)
+    latency = args.threads or LATENCY_THREADS
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
     dtype = getattr(torch, args.dtype)
     max_bytes = _max_memory(args.max_memory)
@@ -80,9 +91,10 @@ def main(args: argparse.Namespace) -> int:
     common = {"device": args.device, "dtype": dtype, "max_bytes": max_bytes}
     run = {"command": command_line("bench", args, add_arguments), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "sizes": sizes.name, "what": args.what, "max_memory_bytes": max_bytes,
-           "machine": machine_info(args.device)}
-    print(f"sata bench {args.what} ({sizes.name} sizes) on {run['machine']['cpu']}, {threads} thread(s), "
-          f"{args.device}, {args.dtype}; baseline memory limit {max_bytes / 2**30:.1f} GiB", flush=True)
+           "machine": machine_info(args.device), "threads": {"bulk": threads, "one_token_decode": latency},
+           "threads_note": threads_note(threads, latency, args.threads is not None)}
+    print(f"sata bench {args.what} ({sizes.name} sizes) on {run['machine']['cpu']}, {args.device}, {args.dtype}; "
+          f"baseline memory limit {max_bytes / 2**30:.1f} GiB; {run['threads_note']}", flush=True)
     if sizes is FULL and args.what in ("targets", "all"):
         print("full sizes (1M-token decode, 1e7-token stream, 64K-token prefill and training): allow an hour "
               "on 2 cores; --quick takes minutes", flush=True)
@@ -93,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
     sections = []   # (title, text table, markdown table)
     if args.what == "decode":
         cfg = DecodeConfig(**shape, contexts=contexts or sizes.decode_contexts, stream_limit=sizes.decode_stream_limit,
-                           min_time=sizes.min_time, **common)
+                           min_time=sizes.min_time, threads=latency if shape["batch"] == 1 else None, **common)
         res = run["decode"] = run_decode(cfg, progress)
         sections.append((_decode_title(res), decode_table(res), decode_table(res, True)))
     elif args.what == "prefill":
@@ -103,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
         sections.append((_prefill_title(res), prefill_table(res), prefill_table(res, True)))
     else:
         only = tuple(x.strip() for x in args.only.split(",")) if args.only else None
-        res = run["targets"] = run_targets(sizes, only=only, progress=progress, **common)
+        res = run["targets"] = run_targets(sizes, only=only, progress=progress, latency_threads=latency, **common)
         m = res["measurements"]
         bw, mm = m["copy_bandwidth"]["bytes_per_s"], m["matmul"]["flops_per_s"]
         sections.append((f"Targets (issue 4), {sizes.name} sizes; this machine: copy bandwidth {bw / 1e9:.1f} GB/s, "
@@ -121,6 +133,9 @@ def main(args: argparse.Namespace) -> int:
 
     for title, text, _ in sections:
         print(f"\n{title}\n{text}")
+    run["contaminated_timings"] = count_contaminated(run)
+    if run["contaminated_timings"]:
+        print(f"\n{CONTAMINATED} ({run['contaminated_timings']} timings)")
     if args.json:
         write_json(args.json, run)
         print(f"\nwrote {args.json}")
@@ -166,7 +181,7 @@ def _write_markdown(path: str, run: dict, sections: list) -> None:
         run["command"],
         "```",
         "",
-        f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} with {mach['torch_threads']} thread(s), "
+        f"Machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, {run['threads_note']}, "
         f"{mach['device']}; sata {mach['sata']} (commit {mach['sata_git_commit'] or 'unknown'}); "
         f"load average at start {', '.join(f'{x:.1f}' for x in mach['load_average'] or [])}.",
         "",
@@ -175,6 +190,10 @@ def _write_markdown(path: str, run: dict, sections: list) -> None:
         lines += [f"> Warning: {run['warning']}", ""]
     for title, _, md in sections:
         lines += [f"**{title}**", "", md, ""]
+    if run.get("contaminated_timings"):
+        from .tables import CONTAMINATED
+
+        lines += [f"{CONTAMINATED} ({run['contaminated_timings']} timings).", ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines))

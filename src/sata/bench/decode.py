@@ -26,7 +26,7 @@ import sata
 
 from .baselines import KVCacheAttention, PaperTaylorAttention
 from .compare import agreement, crossover
-from .timing import peak_memory, time_interleaved
+from .timing import peak_memory, time_interleaved, torch_threads
 
 __all__ = ["DecodeConfig", "run_decode", "sata_step"]
 
@@ -54,6 +54,7 @@ class DecodeConfig:
     min_repeat: int = 5
     # steady state: a sample is ~2 ms of consecutive steps (one layer's loop); 0 = single cold calls
     burst_time: float = 0.002
+    threads: int | None = None            # torch threads of the timed steps (None: as the caller set them)
     seed: int = 0
     label: str = field(default="")
 
@@ -234,7 +235,7 @@ def _measure(cfg, n, streamed, streams: _Streams, state, paper_state, q1, k1, v1
             fns["paper"] = lambda: streams.paper.step(q1, k1, v1, paper_state)
             held["paper"] = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in paper_state)
 
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(cfg.threads):
         outs, peaks = {}, {}
         for name, fn in fns.items():          # the first call, profiled for memory, also warms up
             peaks[name], out = peak_memory(fn, cfg.device) if cfg.measure_memory else (None, fn())

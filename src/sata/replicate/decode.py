@@ -31,7 +31,10 @@ def stream_limit(cfg: ReplicateConfig, d: int) -> int | None:
     return limit
 
 
-def run_decode_part(cfg: ReplicateConfig, store, max_bytes: int, progress: bool = True) -> dict:
+def run_decode_part(cfg: ReplicateConfig, store, max_bytes: int, progress: bool = True,
+                    threads: int | None = None) -> dict:
+    """Measure every head size not yet in ``store``; ``threads``: torch threads of the timed decode
+    steps (``None``: as set). Returns :func:`collect_decode`."""
     from tqdm.auto import tqdm
 
     dtype = getattr(torch, cfg.dtype)
@@ -43,7 +46,7 @@ def run_decode_part(cfg: ReplicateConfig, store, max_bytes: int, progress: bool 
         heads = cfg.decode_width // d
         dc = DecodeConfig(batch=1, n_heads=heads, d_key=d, n_taylor=cfg.decode_terms, contexts=cfg.decode_contexts,
                           dtype=dtype, device=cfg.device, stream_limit=stream_limit(cfg, d), max_bytes=max_bytes,
-                          min_time=cfg.decode_min_time, min_repeat=3, seed=cfg.seed,
+                          min_time=cfg.decode_min_time, min_repeat=3, seed=cfg.seed, threads=threads,
                           label=f"  {heads} heads of {d}")
         try:
             res = run_decode(dc, progress)
@@ -66,28 +69,44 @@ def _med(row: dict, m: str) -> float | None:
     return e["time"]["median"] if isinstance(e, dict) and "time" in e else None
 
 
+def _tainted(row: dict, m: str) -> bool:
+    e = row.get(m)
+    return bool(isinstance(e, dict) and e.get("time", {}).get("contaminated"))
+
+
 def _peak(row: dict, m: str) -> float | None:
     e = row.get(m)
     return e.get("peak_bytes") if isinstance(e, dict) and "time" in e else None
 
 
+def _span(pts: list[tuple[int, float]]) -> dict:
+    """First and last, smallest and largest of ``(context, seconds)`` points in context order."""
+    (n0, t0), (n1, t1) = pts[0], pts[-1]
+    ts = [t for _, t in pts]
+    return {"first_context": n0, "first_seconds": t0, "last_context": n1, "last_seconds": t1, "growth": t1 / t0,
+            "min_seconds": min(ts), "max_seconds": max(ts), "max_over_min": max(ts) / min(ts)}
+
+
 def _summarise(run: dict) -> dict:
-    """Per head size: flatness of sata, growth of SDPA, crossover, memory ratio at 1e6 tokens."""
+    """Per head size: flatness of sata, growth of SDPA, crossover, memory ratio at 1e6 tokens. Per
+    method, the span of every measurement and (``clean``) of those not contaminated, whose contexts
+    are listed; the crossover uses clean measurements only."""
     rows = run["rows"]
     out = {"d_key": run["d_key"], "heads": run["heads"]}
     if not rows:
         out["skipped"] = run.get("skipped", "no rows")
         return out
     for m in ("sata", "sdpa", "paper"):
-        pts = [(r["context"], _med(r, m)) for r in rows if _med(r, m) is not None]
-        if len(pts) >= 1:
-            (n0, t0), (n1, t1) = pts[0], pts[-1]
-            ts = [t for _, t in pts]
-            out[m] = {"first_context": n0, "first_seconds": t0, "last_context": n1, "last_seconds": t1,
-                      "growth": t1 / t0, "min_seconds": min(ts), "max_seconds": max(ts),
-                      "max_over_min": max(ts) / min(ts)}
-    ns = [r["context"] for r in rows]
-    out["crossover_vs_sdpa"] = crossover(ns, [_med(r, "sata") for r in rows], [_med(r, "sdpa") for r in rows])
+        measured = [r for r in rows if _med(r, m) is not None]
+        if not measured:
+            continue
+        out[m] = _span([(r["context"], _med(r, m)) for r in measured])
+        out[m]["contaminated_contexts"] = [r["context"] for r in measured if _tainted(r, m)]
+        clean = [(r["context"], _med(r, m)) for r in measured if not _tainted(r, m)]
+        out[m]["clean"] = _span(clean) if clean else None
+    clean = [r for r in rows if not (_tainted(r, "sata") or _tainted(r, "sdpa"))]
+    out["crossover_vs_sdpa"] = crossover([r["context"] for r in clean], [_med(r, "sata") for r in clean],
+                                         [_med(r, "sdpa") for r in clean])
     at = [r for r in rows if r["context"] == 1_000_000]
     if at and _peak(at[0], "sata") and _peak(at[0], "sdpa"):
         out["memory_ratio_at_1e6"] = _peak(at[0], "sata") / _peak(at[0], "sdpa")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..bench.tables import count_contaminated
+
 __all__ = ["FIGURES", "plot_costs", "plot_decode", "plot_error", "plot_packing", "plot_precision"]
 
 # file name -> what it shows (report and docs list them from here)
@@ -172,6 +174,9 @@ def plot_decode(res: dict, out: Path, device: str) -> list[str]:
                 continue
             x = [p[0] for p in pts]
             axes[0].plot(x, [p[1] * 1e3 for p in pts], ls=ls, marker=mk, ms=3, color=col)
+            bad = [(r["context"], r[m]["time"]["median"]) for r in run["rows"] if r.get(m, {}).get("time", {}).get("contaminated")]
+            if bad:
+                axes[0].plot([b[0] for b in bad], [b[1] * 1e3 for b in bad], ls="none", marker="x", ms=9, color="r")
             if all(p[2] is not None for p in pts):
                 axes[1].plot(x, [p[2] / 2**20 for p in pts], ls=ls, marker=mk, ms=3, color=col)
         ratio = [(r["context"], r["sata_over_sdpa"]) for r in run["rows"] if "sata_over_sdpa" in r]
@@ -194,6 +199,9 @@ def plot_decode(res: dict, out: Path, device: str) -> list[str]:
     head_handles = [Line2D([], [], color=_color(r["d_key"]), label=f"head size {r['d_key']} ({r['heads']} heads)")
                     for r in runs]
     method_handles = [Line2D([], [], color="k", ls=ls, marker=mk, ms=3, label=lab) for ls, mk, lab in styles.values()]
+    if count_contaminated(runs):
+        method_handles.append(Line2D([], [], ls="none", marker="x", ms=9, color="r",
+                                     label="contaminated (machine busy): not a result"))
     axes[0].legend(handles=head_handles + method_handles, fontsize=7, loc="upper left")
     axes[2].legend(handles=head_handles, fontsize=7, loc="upper right")
     limits: dict = {}

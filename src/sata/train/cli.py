@@ -42,10 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--eval-every", type=int, default=100, help="validate every N steps")
     t.add_argument("--eval-tokens", type=int, default=65536, help="validation bytes")
     t.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial parameters and of the batch order")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: one per core; on a machine busy with other work, 1 is faster)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -64,6 +65,23 @@ def config_from_args(args):
                        eval_tokens=args.eval_tokens, save_every=args.save_every, seed=args.seed)
 
 
+def _warn_if_busy(device: str) -> None:
+    """Several threads on cores that other processes keep busy make every step wait for the slowest."""
+    import os
+
+    import torch
+
+    from ..bench.timing import cpu_count, is_busy
+
+    threads = torch.get_num_threads()
+    if device == "cpu" and threads > 1 and hasattr(os, "getloadavg") and int(os.environ.get("RANK", "0")) == 0:
+        load, cores = os.getloadavg()[0], cpu_count()
+        if is_busy(load, cores):
+            print(f"sata train: warning: the machine is busy (load average {load:.1f} on {cores} cores); with "
+                  f"{threads} threads every step waits for the slowest, and --threads 1 is likely faster",
+                  file=sys.stderr, flush=True)
+
+
 def main(args) -> int:
     import torch
 
@@ -79,6 +97,7 @@ def main(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _warn_if_busy(args.device)
     try:
         cfg = config_from_args(args)
         result = train(cfg, resume=args.resume, device=args.device, progress=not args.no_progress)

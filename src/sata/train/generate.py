@@ -2,7 +2,9 @@
 
 A SATA model carries one fixed-size state per layer, so time per token and resident memory
 stay flat however many tokens are generated; a softmax checkpoint carries a KV cache that grows
-with every token. Text goes to stdout, measurements to stderr (``--quiet`` prints only them).
+with every token. Text goes to stdout (control characters other than newline and tab shown as
+``\\xNN``), measurements to stderr: after the text, or as they are taken with ``--quiet`` (which
+prints no text). Each step runs on one torch thread by default (``--threads``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GenerationStep", "generate", "sample_next", "resident_mib"]
+from ..bench.timing import LATENCY_THREADS, Timing
+
+__all__ = ["GenerationStep", "generate", "printable", "sample_next", "resident_mib"]
+
+# C0 controls but newline and tab, DEL and C1 controls: a terminal would act on them (escape sequences,
+# bells, carriage returns over the text) instead of showing them
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0)) if chr(c) not in "\n\t"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.add_argument("--report-every", type=int, default=None,
                    help="print time per token and resident memory every N tokens (default: tokens / 10)")
-    p.add_argument("--quiet", action="store_true", help="do not print the text, only the measurements")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--quiet", action="store_true", help="do not print the text, only the measurements (as they are taken)")
+    p.add_argument("--threads", type=int, default=LATENCY_THREADS,
+                   help="torch threads (a one-token step is too short to share between cores, and a core busy with "
+                        "another process would stall every step)")
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -102,6 +112,11 @@ def generate(model, prompt: bytes, n_tokens: int, *, temperature: float = 0.8, t
         yield GenerationStep(int(nxt), time.perf_counter() - t0, model.state_nbytes(states))
 
 
+def printable(text: str) -> str:
+    """``text`` with every control character but newline and tab written as ``\\xNN``."""
+    return text.translate(_CONTROLS)
+
+
 def resident_mib() -> float:
     """Resident set size of this process in MiB (Linux /proc; elsewhere the peak from ``resource``)."""
     try:
@@ -118,19 +133,11 @@ def resident_mib() -> float:
 def main(args) -> int:
     from ..lm import TransformerLM
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    problems = []
-    if args.tokens < 1:
-        problems.append("--tokens must be >= 1")
-    if not args.prompt:
-        problems.append("--prompt must hold at least one character")
-    problems += _sampling_problems(args.temperature, args.top_k, args.top_p, ("--temperature", "--top-k", "--top-p"))
-    if args.report_every is not None and args.report_every < 1:
-        problems.append("--report-every must be >= 1")
+    problems = _argument_problems(args)
     if problems:
         print("sata generate: " + "; ".join(problems), file=sys.stderr)
         return 2
+    torch.set_num_threads(args.threads)
     try:
         model = TransformerLM.from_pretrained(args.checkpoint).eval()
     except (FileNotFoundError, ValueError) as e:
@@ -139,29 +146,72 @@ def main(args) -> int:
     c = model.config
     every = args.report_every or max(1, args.tokens // 10)
     print(f"# {c.attention}{f' P={c.n_taylor}' if c.attention == 'sata' else ''}, {c.n_heads} heads of "
-          f"{c.resolved_head_dim}, {model.num_parameters():,} parameters; {args.tokens:,} tokens", file=sys.stderr)
-    print(f"# {'tokens':>9} {'ms/token':>9} {'tokens/s':>9} {'state MiB':>10} {'RSS MiB':>8}", file=sys.stderr)
+          f"{c.resolved_head_dim}, {model.num_parameters():,} parameters; {args.tokens:,} tokens on "
+          f"{args.threads} torch thread(s)" + ("" if args.quiet else "; measurements after the text"), file=sys.stderr)
+    report = _Report(live=args.quiet)
     dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
     if not args.quiet:
-        sys.stdout.write(args.prompt)
+        sys.stdout.write(printable(args.prompt))
     window: list[float] = []
     t_start = time.perf_counter()
     for i, step in enumerate(generate(model, args.prompt.encode(), args.tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed), 1):
         if not args.quiet:
-            sys.stdout.write(dec.decode(bytes([step.token])))
+            sys.stdout.write(printable(dec.decode(bytes([step.token]))))
             sys.stdout.flush()
         window.append(step.seconds)
         if i % every == 0 or i == args.tokens:
-            ms = 1e3 * statistics.median(window)
-            if not args.quiet and sys.stdout.isatty() and sys.stderr.isatty():
-                sys.stdout.write("\n")  # keep the report on its own line; never alter redirected text
-            print(f"# {i:>9,} {ms:>9.3f} {1e3 / ms:>9,.0f} {step.state_bytes / 2**20:>10.2f} {resident_mib():>8.0f}",
-                  file=sys.stderr, flush=True)
+            report.add(i, Timing.from_samples(window), step.state_bytes)
             window = []
     total = time.perf_counter() - t_start
     if not args.quiet:
-        sys.stdout.write(dec.decode(b"", final=True) + "\n")
+        sys.stdout.write(printable(dec.decode(b"", final=True)) + "\n")
         sys.stdout.flush()
-    print(f"# {args.tokens:,} tokens in {total:.1f} s: {args.tokens / total:,.0f} tokens/s", file=sys.stderr)
+    report.finish(f"# {args.tokens:,} tokens in {total:.1f} s: {args.tokens / total:,.0f} tokens/s")
     return 0
+
+
+def _argument_problems(args) -> list[str]:
+    problems = []
+    if args.tokens < 1:
+        problems.append("--tokens must be >= 1")
+    if not args.prompt:
+        problems.append("--prompt must hold at least one character")
+    problems += _sampling_problems(args.temperature, args.top_k, args.top_p, ("--temperature", "--top-k", "--top-p"))
+    if args.report_every is not None and args.report_every < 1:
+        problems.append("--report-every must be >= 1")
+    if args.threads < 1:
+        problems.append("--threads must be >= 1")
+    return problems
+
+
+class _Report:
+    """The measurement lines on stderr: as they are taken (``live``), or all once the text is out,
+    so that they never land in the middle of a line of text."""
+
+    def __init__(self, live: bool):
+        self.live = live
+        self.lines: list[str] = []
+        self.contaminated = 0
+        self._emit(f"# {'tokens':>9} {'ms/token':>9} {'tokens/s':>9} {'state MiB':>10} {'RSS MiB':>8}")
+
+    def add(self, tokens: int, t: Timing, state_bytes: int) -> None:
+        ms = 1e3 * t.median
+        mark = ""
+        if t.contaminated:
+            self.contaminated += 1
+            mark = "  *"
+        self._emit(f"# {tokens:>9,} {ms:>9.3f} {1e3 / ms:>9,.0f} {state_bytes / 2**20:>10.2f} {resident_mib():>8.0f}{mark}")
+
+    def finish(self, last: str) -> None:
+        if self.contaminated:
+            self._emit("# * contaminated: token times spread (other processes on the machine); not a result")
+        self._emit(last)
+        if not self.live:
+            print("\n".join(self.lines), file=sys.stderr, flush=True)
+
+    def _emit(self, line: str) -> None:
+        if self.live:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            self.lines.append(line)

@@ -138,12 +138,19 @@ class _Dist:
 
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: TransformerLM, windows: torch.Tensor, dist: _Dist, batch_size: int = 16) -> float:
-    """Mean next-byte cross-entropy (nats) over ``windows [n, T + 1]``, split across processes."""
+def evaluate(model: TransformerLM, windows: torch.Tensor, dist: _Dist, batch_size: int = 16,
+             progress: bool = False) -> float:
+    """Mean next-byte cross-entropy (nats) over ``windows [n, T + 1]``, split across processes.
+    ``progress``: a transient progress bar (validation can take a minute on a CPU)."""
     mine = windows[dist.rank::dist.world]
     dev = next(model.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=dev)                # [sum of losses, count]
-    for i in range(0, mine.shape[0], batch_size):
+    starts = range(0, mine.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="validation", unit="batch", leave=False, dynamic_ncols=True)
+    for i in starts:
         w = mine[i:i + batch_size].to(dev)                                 # [b, T + 1]
         logits, _ = model(w[:, :-1])                                       # [b, T, V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum")
@@ -178,6 +185,21 @@ def _complete_checkpoint(path: Path) -> Path:
         if p is not None and (p / "trainer.pt").is_file() and (p / "config.json").is_file():
             return p
     raise FileNotFoundError(f"--resume: no checkpoint in {path}; run without --resume to start")
+
+
+def _load_trainer_state(path: Path, device: torch.device) -> dict:
+    """The optimizer state, log rows and settings of a checkpoint, read with ``weights_only=True``:
+    tensors and plain containers only, so a checkpoint from elsewhere cannot run code."""
+    import pickle
+
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"--resume: {path} is not a readable sata training checkpoint (damaged, or it holds "
+                         f"objects other than tensors and plain data, which are never unpickled): {e}") from e
+    if not isinstance(saved, dict) or not {"step", "optimizer", "rows", "train_config", "elapsed_s"} <= set(saved):
+        raise ValueError(f"--resume: {path} is not a sata training checkpoint (fields missing)")
+    return saved
 
 
 def _write_logs(out: Path, rows: list[dict], cfg: TrainConfig, meta: dict) -> None:
@@ -253,7 +275,7 @@ def _train(cfg, resume, device, progress, corpus, stop_after, dist: _Dist) -> di
     start, rows, elapsed0 = 0, [], 0.0
     if resume:
         found = _complete_checkpoint(ckpt)
-        saved = torch.load(found / "trainer.pt", map_location=device, weights_only=False)
+        saved = _load_trainer_state(found / "trainer.pt", device)
         mine = {k: v for k, v in cfg.to_dict().items() if k != "out"}  # a moved run folder still resumes
         theirs = {k: v for k, v in saved["train_config"].items() if k != "out"}
         if theirs != mine:
@@ -300,7 +322,7 @@ def _train(cfg, resume, device, progress, corpus, stop_after, dist: _Dist) -> di
         row = {"step": done, "tokens": done * tokens_per_step, "lr": opt.param_groups[0]["lr"],
                "loss": dist.mean(loss.detach()).item(), "grad_norm": gnorm.item()}
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            row["val_loss"] = evaluate(model, val, dist)
+            row["val_loss"] = evaluate(model, val, dist, progress=bar is not None)
             row["val_bpb"] = row["val_loss"] / math.log(2)
         elapsed = time.perf_counter() - t0
         row["elapsed_s"] = elapsed

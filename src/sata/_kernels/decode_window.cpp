@@ -1,0 +1,532 @@
+// Fused decode step of the window mode (MATH.md section 6), for the CPU: exact softmax over the
+// window and the sinks, the re-centred Taylor far state for the rest, one normaliser.
+//
+// One token at position p = n_tokens, per key/value head n (batch row b) and its G query heads:
+//   1. the key in slot p % W (position p - W) leaves the window; if the slot is flagged it is far
+//      for the new query, so phi(k_leave - mu) [v_leave, 1] joins the far state first, in the same
+//      sweep that reads it (W = 0: the new key itself, unless it is padded or a sink)
+//   2. the new key takes the slot (flag: kept and not a sink) and, while the row has free sinks,
+//      the next sink slot too (sink_pos = p)
+//   3. per query head: delta = scale q.mu (0 without a key centre); the centre c' of the far
+//      scores s' = s - delta, mu' - alpha sd' from the degree 0..2 blocks of the normaliser row
+//      (N, sum s', sum s'^2 / 2), or -delta without recentre; the query's feature blocks scaled
+//      by a_m(c') = T_{P-m}(-c'), so U = sum_m a_m(c') phi_m(q)^T S_m comes out of one sweep;
+//      the exact part over the flagged window slots and the filled sinks; and with c = c' + delta
+//      (0 without recentre) and m = max(m_exact, c):
+//        y = (e^{m_exact - m} num + beta e^{c - m} U[:Ev]) / (e^{m_exact - m} den + beta e^{c - m} U[Ev])
+//      (0 where that normaliser is not positive).
+// The flags and sink positions are per batch row: they are updated before the heads run, from the
+// flag of the leaving slot read first. The exact part and the centre are computed in the compute
+// dtype T as the PyTorch path does; the far state accumulates in its own precision TS.
+//
+// Layouts: WindowDecodeTensors in kernels.h. Threads as in kernels.h (decode.h: share_heads).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "decode.h"
+#include "kernels.h"
+
+namespace {
+
+using sata::Features;
+using sata::Vec;
+
+// ---------------------------------------------------------------- vectors of the exact part
+template <typename T>
+struct Bits;  // the integer lanes of T: bit casts and shuffle masks
+template <>
+struct Bits<float> {
+  typedef int32_t type;
+};
+template <>
+struct Bits<double> {
+  typedef int64_t type;
+};
+
+// a vector of T loaded from TS (lane by lane when they differ: keys stored in double, computed in float)
+template <typename T, typename TS, int Bytes = 64>
+inline typename Vec<T, Bytes>::type load_as(const TS* p) {
+  typename Vec<T, Bytes>::type x;
+  if constexpr (sizeof(T) == sizeof(TS)) {
+    std::memcpy(&x, p, sizeof(x));
+  } else {
+    for (int l = 0; l < Vec<T, Bytes>::W; ++l) x[l] = T(p[l]);
+  }
+  return x;
+}
+
+// the integer vector {f(0), f(1), ..., f(L - 1)}, a constant: a shuffle mask built at compile time
+template <typename M, typename F, int... l>
+constexpr M lane_mask(F f, std::integer_sequence<int, l...>) {
+  return M{f(l)...};
+}
+
+// the lanes of a and b added pairwise: lanes 2l and 2l + 1 of their concatenation go to lane l
+template <typename T, int Bytes>
+inline typename Vec<T, Bytes>::type pair_sums(typename Vec<T, Bytes>::type a, typename Vec<T, Bytes>::type b) {
+  typedef typename Bits<T>::type M __attribute__((vector_size(Bytes)));
+  constexpr auto lanes = std::make_integer_sequence<int, Vec<T, Bytes>::W>{};
+  constexpr M even = lane_mask<M>([](int l) { return 2 * l; }, lanes);
+  constexpr M odd = lane_mask<M>([](int l) { return 2 * l + 1; }, lanes);
+  return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+
+// s[j] = x . K[j] for the `rows` rows of K, with the head size DK known: L = Vec<T>::W rows at a time, as
+// nv = min(DK, L) vector products (L / DK rows in each when a row is shorter than a vector, else one
+// row summed over its DK / L vectors), reduced by pair sums: each level keeps every row's partial sums
+// together and in row order, so after log2(nv) levels one vector holds the L dot products.
+template <typename T, typename TS, int DK>
+inline void dots_fixed(const T* x, const TS* K, int64_t rows, T* s) {
+  using VV = Vec<T>;
+  using V = typename VV::type;
+  constexpr int L = VV::W, nv = DK < L ? DK : L;
+  static_assert(DK % L == 0 || L % DK == 0, "a row is whole vectors, or a vector whole rows");
+  V xv[DK < L ? 1 : DK / L];  // the query: repeated L / DK times in one vector, or DK / L vectors
+  for (int c = 0; c < (DK < L ? 1 : DK / L); ++c)
+    for (int l = 0; l < L; ++l) xv[c][l] = x[DK < L ? l % DK : c * L + l];
+  int64_t j = 0;
+  for (; j + L <= rows; j += L) {
+    V p[nv];
+#pragma GCC unroll 16
+    for (int r = 0; r < nv; ++r) {
+      if constexpr (DK <= L) {
+        p[r] = load_as<T, TS>(K + j * DK + r * L) * xv[0];
+      } else {
+        p[r] = load_as<T, TS>(K + (j + r) * DK) * xv[0];
+        for (int c = 1; c < DK / L; ++c) p[r] += load_as<T, TS>(K + (j + r) * DK + c * L) * xv[c];
+      }
+    }
+#pragma GCC unroll 16
+    for (int m = nv; m > 1; m /= 2)
+#pragma GCC unroll 16
+      for (int r = 0; r < m / 2; ++r) p[r] = pair_sums<T, 64>(p[2 * r], p[2 * r + 1]);
+    VV::store(s + j, p[0]);
+  }
+  for (; j < rows; ++j) {
+    T t = T(0);
+    for (int i = 0; i < DK; ++i) t += x[i] * T(K[j * DK + i]);
+    s[j] = t;
+  }
+}
+
+// s[j] = x . K[j] for the `rows` rows of K (head size d): the fixed-size reduction for the head sizes
+// it serves, else row by row
+template <typename T, typename TS>
+inline void dots(const T* x, const TS* K, int64_t rows, int64_t d, T* s) {
+  switch (d) {
+    case 4: return dots_fixed<T, TS, 4>(x, K, rows, s);
+    case 8: return dots_fixed<T, TS, 8>(x, K, rows, s);
+    case 16: return dots_fixed<T, TS, 16>(x, K, rows, s);
+    case 32: return dots_fixed<T, TS, 32>(x, K, rows, s);
+    case 64: return dots_fixed<T, TS, 64>(x, K, rows, s);
+    default:
+      for (int64_t j = 0; j < rows; ++j) {
+        T t = T(0);
+        for (int64_t i = 0; i < d; ++i) t += x[i] * T(K[j * d + i]);
+        s[j] = t;
+      }
+  }
+}
+
+// num[f] += sum_j e[j] val[j, f]. With `checked`, only over the rows with e[j] != 0: a row out of the
+// window has e = 0 and may hold NaN, which 0 * NaN would let through; without, every row is in. Four
+// accumulators per vector of columns: the adds of consecutive rows do not wait on each other.
+template <bool checked, typename T, typename TS>
+inline void weighted_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T* num) {
+  using V = typename Vec<T, 32>::type;
+  constexpr int R = Vec<T, 32>::W;
+  int64_t f = 0;
+  for (; f + R <= Ev; f += R) {
+    V a[4] = {V{}, V{}, V{}, V{}};
+    int64_t j = 0;
+    for (; j + 4 <= rows; j += 4)
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r)
+        if (!checked || e[j + r] != T(0)) a[r] += e[j + r] * load_as<T, TS, 32>(val + (j + r) * Ev + f);
+    for (; j < rows; ++j)
+      if (!checked || e[j] != T(0)) a[0] += e[j] * load_as<T, TS, 32>(val + j * Ev + f);
+    const V sum = (a[0] + a[1]) + (a[2] + a[3]) + load_as<T, T, 32>(num + f);
+    std::memcpy(num + f, &sum, sizeof(sum));
+  }
+  for (; f < Ev; ++f) {
+    T a = T(0);
+    for (int64_t j = 0; j < rows; ++j)
+      if (!checked || e[j] != T(0)) a += e[j] * T(val[j * Ev + f]);
+    num[f] += a;
+  }
+}
+
+// x with its lanes rotated down by h (lane l takes lane l + h mod L)
+template <typename T, int h>
+inline typename Vec<T>::type rotate(typename Vec<T>::type x) {
+  constexpr int L = Vec<T>::W;
+  typedef typename Bits<T>::type M __attribute__((vector_size(sizeof(x))));
+  constexpr M up = lane_mask<M>([](int l) { return (l + h) % L; }, std::make_integer_sequence<int, L>{});
+  return __builtin_shuffle(x, up);
+}
+
+// the largest lane and the sum of the lanes of x, in log2(lanes) steps, each folding half the lanes
+template <typename T>
+inline T lanes_max(typename Vec<T>::type x) {
+  const auto fold = [](auto x, auto y) { return y > x ? y : x; };
+  constexpr int L = Vec<T>::W;
+  if constexpr (L >= 16) x = fold(x, rotate<T, 8>(x));
+  x = fold(x, rotate<T, 4>(x));
+  x = fold(x, rotate<T, 2>(x));
+  x = fold(x, rotate<T, 1>(x));
+  return x[0];
+}
+
+template <typename T>
+inline T lanes_sum(typename Vec<T>::type x) {
+  constexpr int L = Vec<T>::W;
+  if constexpr (L >= 16) x += rotate<T, 8>(x);
+  x += rotate<T, 4>(x);
+  x += rotate<T, 2>(x);
+  x += rotate<T, 1>(x);
+  return x[0];
+}
+
+// the constants of vexp: x = n ln2 + r (ln2 = hi + lo, hi with few bits so n hi is exact), |r| <= ln2 / 2
+template <typename T>
+struct ExpConst;
+template <>
+struct ExpConst<float> {
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f, log2e = 1.44269504088896341f;
+  static constexpr float lo = -87.3f, hi = 88.3f;  // 2^n stays a normal number
+  static constexpr float magic = 12582912.0f;      // 1.5 2^23: t = x log2e + magic holds n in its low bits
+  static constexpr int degree = 7, mantissa = 23, bias = 127;
+};
+template <>
+struct ExpConst<double> {
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double log2e = 1.4426950408889634074, lo = -708.3, hi = 709.4;
+  static constexpr double magic = 6755399441055744.0;  // 1.5 2^52
+  static constexpr int degree = 13, mantissa = 52, bias = 1023;
+};
+
+// 1 / k! (a constant where k is)
+template <typename T>
+constexpr T inverse_factorial(int k) {
+  T f = T(1);
+  for (int i = 2; i <= k; ++i) f *= T(i);
+  return T(1) / f;
+}
+
+// e^x lane by lane, within a few ulps: 2^n e^r with e^r by its Taylor polynomial (the terms past
+// `degree` are below half an ulp for |r| <= ln2 / 2); 0 below lo (no subnormal results), inf above hi,
+// NaN for NaN
+template <typename T>
+inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+  using C = ExpConst<T>;
+  using V = typename Vec<T>::type;
+  typedef typename Bits<T>::type I __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} + C::lo, hi = V{} + C::hi, magic = V{} + C::magic;
+  const V xc = x < lo ? lo : x > hi ? hi : x;
+  const V t = xc * C::log2e + magic;
+  const V n = t - magic;  // x log2e rounded to an integer
+  const V r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
+  V p = V{} + inverse_factorial<T>(C::degree);
+#pragma GCC unroll 16
+  for (int k = C::degree - 1; k >= 0; --k) p = p * r + inverse_factorial<T>(k);
+  const I scale = ((I)t - (I)magic + C::bias) << C::mantissa;  // the bits of 2^n
+  const V y = p * (V)scale;
+  return x < lo ? V{} : x > hi ? V{} + std::numeric_limits<T>::infinity() : y;
+}
+
+// one thread's buffers: the decode step's, and for the queries of a group of heads their scaled
+// vectors, exact scores and sums, and far read-outs
+template <typename T, typename TS>
+struct WindowBuffers : sata::HeadBuffers<T, TS> {
+  static constexpr int64_t kHeads = sata::HeadBuffers<T, TS>::kHeads;
+  int64_t Lp;            // W + S rounded up to whole vectors
+  std::vector<T> qs;     // [kHeads, G, d] scaled queries
+  std::vector<T> key;    // [d] the absorbed key, centred
+  std::vector<T> coef;   // [P] a_m of one query
+  std::vector<T> e;      // [kHeads, G, Lp] exact scores, then their exponentials
+  std::vector<T> num;    // [kHeads, G, Ev] exact numerators
+  std::vector<T> top;    // [kHeads, G] the largest exact score (-inf: none)
+  std::vector<T> den;    // [kHeads, G] exact normalisers
+  std::vector<TS> uf;    // [kHeads, G, F] far read-outs
+  std::vector<TS> c;     // [kHeads, G] the far part's centre c (its largest weight is e^c)
+  std::vector<uint8_t> has_far;  // [kHeads] the head has far keys
+  std::vector<T> vts;    // [kHeads, F] v~ of each head's absorbed key
+  WindowBuffers(const WindowDecodeArgs& w, int64_t Lp)
+      : sata::HeadBuffers<T, TS>(w.base.D, w.base.G, w.base.Ev + 1), Lp(Lp), qs(kHeads * w.base.G * w.base.d),
+        key(w.base.d), coef(w.base.P), e(kHeads * w.base.G * Lp), num(kHeads * w.base.G * w.base.Ev),
+        top(kHeads * w.base.G), den(kHeads * w.base.G), uf(kHeads * w.base.G * (w.base.Ev + 1)),
+        c(kHeads * w.base.G), has_far(kHeads), vts(kHeads * (w.base.Ev + 1)) {}
+};
+
+// what the heads of a batch row share this step: whether the key it absorbs is kept (the leaving
+// slot's flag, or for W = 0 the new key's), the sink slot the new key fills (-1: none), and which of
+// the W window slots and S sinks its queries attend (all bits set) after the step, padded to whole
+// vectors with 0
+template <typename T>
+struct Rows {
+  int64_t Lp;                                  // W + S rounded up to whole vectors
+  std::vector<uint8_t> absorb;                 // [B]
+  std::vector<int64_t> sink_slot;              // [B]
+  std::vector<typename Bits<T>::type> exact;   // [B, Lp]
+  std::vector<uint8_t> all_in;                 // [B] every slot and sink is attended (the steady state)
+};
+
+// sum_{i in [a, b)} q[i] (z[i] + vz k[i]): a moment of the far scores read from the normaliser row with
+// this step's key added; four sums, so the adds do not wait on each other
+template <typename T, typename TS>
+inline TS moment(const T* q, const TS* z, TS vz, const T* k, int64_t a, int64_t b) {
+  TS acc[4] = {TS(0), TS(0), TS(0), TS(0)};
+  int64_t i = a;
+  for (; i + 4 <= b; i += 4)
+    for (int l = 0; l < 4; ++l) acc[l] += TS(q[i + l]) * (z[i + l] + vz * TS(k[i + l]));
+  for (; i < b; ++i) acc[0] += TS(q[i]) * (z[i] + vz * TS(k[i]));
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// c' = mu - alpha sd of the far scores from (N, sum s, sum s^2 / 2); 0 without far keys (sata.hybrid.centre)
+template <typename T>
+inline T centre(T N, T m1, T m2, T alpha) {
+  if (!(N > T(0))) return T(0);
+  const T mu = m1 / N;
+  if (alpha == T(0)) return mu;
+  const T var = T(2) * m2 / N - mu * mu;
+  return mu - alpha * (var > T(0) ? std::sqrt(var) : T(0));
+}
+
+// a_m(c) = sum_{n < P-m} (-c)^n / n! for m < P (sata.hybrid.centre_coefficients; 1 / n a constant factor)
+template <typename T>
+inline void coefficients(T c, int64_t P, T* a) {
+  T term = T(1), sum = T(0);
+  for (int64_t n = 0; n < P; ++n) {
+    if (n) term = term * (-c) * (T(1) / T(n));
+    sum += term;
+    a[P - 1 - n] = sum;
+  }
+}
+
+// heads n0 .. n1-1 of a window decode step, in one thread's buffers; off [P + 1] the degree offsets
+template <typename T, typename TS>
+void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const Rows<T>& rows, const int64_t* off,
+                  int64_t n0, int64_t n1, WindowBuffers<T, TS>& buf) {
+  const DecodeArgs& a = w.base;
+  const int64_t G = a.G, d = a.d, Ev = a.Ev, D = a.D, F = Ev + 1, P = a.P, W = w.W, S = w.S, ld = buf.ld;
+  const int64_t slot = W ? t.n_tokens % W : 0, Dm = off[P < 3 ? P : 3];
+  const T sq = T(a.sq), sk = T(a.sk);
+  const T *q = static_cast<const T*>(t.q), *k = static_cast<const T*>(t.k), *v = static_cast<const T*>(t.v);
+  const T *alpha = static_cast<const T*>(t.alpha), *beta = static_cast<const T*>(t.beta);
+  const TS* mu = static_cast<const TS*>(t.key_centre);
+  TS *win_k = static_cast<TS*>(t.win_k), *win_v = static_cast<TS*>(t.win_v);
+  TS *sink_k = static_cast<TS*>(t.sink_k), *sink_v = static_cast<TS*>(t.sink_v);
+  T* y = static_cast<T*>(t.y);
+  T* phi = buf.phi.get();
+  const Features<T> feat{d, P, a.prefix_len, static_cast<const T*>(a.weight)};
+  const bool scaled = w.recentre || mu != nullptr;  // else every a_m is 1
+
+  // feature rows: per head the absorbed key (centred, then scaled), then its scaled queries
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t b = n / w.Hkv;
+    T* base = phi + (n - n0) * (1 + G) * ld;
+    if (rows.absorb[b]) {
+      for (int64_t j = 0; j < d; ++j) {
+        const T x = W ? T(win_k[(n * W + slot) * d + j]) : k[n * d + j];
+        buf.key[j] = mu ? x - T(mu[n * d + j]) : x;
+      }
+      feat.degree01(buf.key.data(), sk, base);
+    } else {
+      feat.degree01(nullptr, sk, base);  // a padded key's NaNs must not be read
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      T* x = buf.qs.data() + ((n - n0) * G + g) * d;
+      for (int64_t j = 0; j < d; ++j) x[j] = q[(n * G + g) * d + j] * sq;
+      feat.degree01(x, T(1), base + (1 + g) * ld);
+    }
+  }
+  feat.build(phi, (n1 - n0) * (1 + G), ld);
+
+  // per head: the absorbed key's v~, the new key into its slots, the centre of each query and its query
+  // row scaled per degree by a_m(c'). A loop of its own: each head's centre is a chain of dependent
+  // steps (moments, a division, the coefficients), which overlap across heads here
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t b = n / w.Hkv, h0 = (n % w.Hkv) * G, i = n - n0;
+    const T* pk = phi + i * (1 + G) * ld;
+    T* pq = phi + i * (1 + G) * ld + ld;
+    const T* qs = buf.qs.data() + i * G * d;
+    T* vt = buf.vts.data() + i * F;
+    // v~ of the absorbed key, read before the new key takes its slot
+    const bool use = rows.absorb[b];
+    for (int64_t f = 0; f < Ev; ++f) vt[f] = !use ? T(0) : W ? T(win_v[(n * W + slot) * Ev + f]) : v[n * Ev + f];
+    vt[Ev] = use ? T(1) : T(0);
+    if (W) {
+      for (int64_t j = 0; j < d; ++j) win_k[(n * W + slot) * d + j] = TS(k[n * d + j]);
+      for (int64_t f = 0; f < Ev; ++f) win_v[(n * W + slot) * Ev + f] = TS(v[n * Ev + f]);
+    }
+    if (const int64_t s = rows.sink_slot[b]; s >= 0) {
+      for (int64_t j = 0; j < d; ++j) sink_k[(n * S + s) * d + j] = TS(k[n * d + j]);
+      for (int64_t f = 0; f < Ev; ++f) sink_v[(n * S + s) * Ev + f] = TS(v[n * Ev + f]);
+    }
+    const TS* z = static_cast<const TS*>(t.S_in) + (n * F + F - 1) * D;  // the normaliser row, before this key
+    const TS vz = TS(vt[Ev]);
+    for (int64_t g = 0; g < G; ++g) {
+      T* row = pq + g * ld;
+      T delta = T(0);
+      if (mu)
+        for (int64_t j = 0; j < d; ++j) delta += qs[g * d + j] * (T(mu[n * d + j]) * sk);
+      T shifted = -delta;
+      buf.c[i * G + g] = TS(0);
+      if (w.recentre) {
+        // moments of the far scores over the far keys, this step's included (as the sweep adds it); the
+        // second only for a centre below the mean
+        const TS a = TS(alpha[h0 + g]);
+        const TS N = z[0] + vz * TS(pk[0]), m1 = moment<T, TS>(row, z, vz, pk, 1, 1 + d);
+        const TS m2 = a == TS(0) ? TS(0) : moment<T, TS>(row, z, vz, pk, 1 + d, Dm);
+        shifted = T(centre<TS>(N, m1, m2, a));
+        buf.c[i * G + g] = TS(shifted + delta);
+      }
+      if (scaled) {
+        T* coef = buf.coef.data();
+        coefficients<T>(shifted, P, coef);
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t r = off[p]; r < off[p + 1]; ++r) row[r] *= coef[p];
+      }
+    }
+  }
+  // per head: the sweep that absorbs the leaving key into the far state and reads it
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t i = n - n0;
+    const T* pk = phi + i * (1 + G) * ld;
+    const TS* src = static_cast<const TS*>(t.S_in) + n * F * D;
+    TS* dst = static_cast<TS*>(t.S_out) + n * F * D;
+    sata::sweep<T, TS>(src, dst, D, F, G, pk, pk + ld, ld, buf.vts.data() + i * F, buf.uf.data() + i * G * F);
+    buf.has_far[i] = dst[(F - 1) * D] > TS(0);  // far keys counted by the degree-0 normaliser entry
+  }
+
+  // the exact part of every query of the group, stage by stage: within a stage the queries do not
+  // wait on each other (one query's steps form a chain of dependent reductions)
+  using VE = Vec<T>;
+  typedef typename Bits<T>::type MaskLane;
+  typedef MaskLane Mask __attribute__((vector_size(sizeof(typename VE::type))));
+  const int64_t nq = (n1 - n0) * G, Lp = rows.Lp;
+  const typename VE::type ninf = typename VE::type{} - std::numeric_limits<T>::infinity();
+  for (int64_t iq = 0; iq < nq; ++iq) {  // scores, scaled; out of the window -inf (a key there may be NaN)
+    const int64_t n = n0 + iq / G;
+    T* e = buf.e.data() + iq * Lp;
+    dots<T, TS>(buf.qs.data() + iq * d, win_k + n * W * d, W, d, e);
+    dots<T, TS>(buf.qs.data() + iq * d, sink_k + n * S * d, S, d, e + W);
+    const MaskLane* in = rows.exact.data() + (n / w.Hkv) * Lp;
+    typename VE::type top = ninf;
+    for (int64_t j = 0; j < Lp; j += VE::W) {
+      Mask m;
+      std::memcpy(&m, in + j, sizeof(m));
+      const typename VE::type s = m != 0 ? VE::load(e + j) * sk : ninf;  // the padding is stale: -inf too
+      VE::store(e + j, s);
+      top = s > top ? s : top;
+    }
+    buf.top[iq] = lanes_max<T>(top);
+  }
+  for (int64_t iq = 0; iq < nq; ++iq) {  // weights e^{s - max} and their sum
+    T* e = buf.e.data() + iq * Lp;
+    const T m_safe = std::isfinite(buf.top[iq]) ? buf.top[iq] : T(0);
+    typename VE::type sum{};
+    for (int64_t j = 0; j < Lp; j += VE::W) {
+      const typename VE::type p = vexp<T>(VE::load(e + j) - m_safe);
+      VE::store(e + j, p);
+      sum += p;
+    }
+    buf.den[iq] = lanes_sum<T>(sum);
+  }
+  for (int64_t iq = 0; iq < nq; ++iq) {  // the weighted values
+    const int64_t n = n0 + iq / G;
+    const T* e = buf.e.data() + iq * Lp;
+    T* num = buf.num.data() + iq * Ev;
+    for (int64_t f = 0; f < Ev; ++f) num[f] = T(0);
+    if (rows.all_in[n / w.Hkv]) {
+      weighted_rows<false, T, TS>(e, win_v + n * W * Ev, W, Ev, num);
+      weighted_rows<false, T, TS>(e + W, sink_v + n * S * Ev, S, Ev, num);
+    } else {
+      weighted_rows<true, T, TS>(e, win_v + n * W * Ev, W, Ev, num);
+      weighted_rows<true, T, TS>(e + W, sink_v + n * S * Ev, S, Ev, num);
+    }
+  }
+  for (int64_t iq = 0; iq < nq; ++iq) {  // both parts scaled to their common maximum, one normaliser
+    const int64_t n = n0 + iq / G, g = iq % G;
+    const bool has_far = buf.has_far[iq / G];
+    const TS c = buf.c[iq], m_exact = TS(buf.top[iq]);
+    TS m = has_far && c > m_exact ? c : m_exact;
+    if (!std::isfinite(m)) m = TS(0);
+    const TS e_exact = std::exp(m_exact - m);  // 0 without exact keys
+    const TS e_far = has_far ? TS(beta[(n % w.Hkv) * G + g]) * std::exp(c - m) : TS(0);
+    const TS* u = buf.uf.data() + iq * F;
+    const T* num = buf.num.data() + iq * Ev;
+    const TS den = e_exact * TS(buf.den[iq]) + e_far * u[Ev];
+    T* yq = y + (n * G + g) * Ev;
+    const TS inv = TS(1) / den;
+    for (int64_t f = 0; f < Ev; ++f)
+      yq[f] = den <= TS(0) ? T(0) : T((e_exact * TS(num[f]) + e_far * u[f]) * inv);  // NaN propagates
+  }
+}
+
+template <typename T, typename TS>
+void decode_window(const WindowDecodeArgs& w, const WindowDecodeTensors& t) {
+  const DecodeArgs& a = w.base;
+  const int64_t B = a.N / w.Hkv, W = w.W, S = w.S, d = a.d, P = a.P;
+  // feature offsets of the degrees: 0, 1, 1 + d, then the sums of the hierarchy's segments
+  std::vector<int64_t> off(P + 1, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    int64_t size = p == 0 ? 1 : d;
+    if (p >= 2) {
+      size = 0;
+      for (int64_t j = 0; j < d; ++j) size += a.prefix_len[(p - 2) * d + j];
+    }
+    off[p + 1] = off[p] + size;
+  }
+  const int64_t Lp = (W + S + Vec<T>::W - 1) / Vec<T>::W * Vec<T>::W;
+  Rows<T> rows{Lp, std::vector<uint8_t>(B), std::vector<int64_t>(B), std::vector<typename Bits<T>::type>(B * Lp, 0),
+               std::vector<uint8_t>(B)};
+  // per batch row, before any head reads them: the leaving slot's flag, then the new token's flag,
+  // sink slot and position (sinks fill in order, so the free ones are the last)
+  const int64_t slot = W ? t.n_tokens % W : 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const bool kept = t.keep == nullptr || t.keep[b];
+    int64_t filled = 0;
+    for (int64_t j = 0; j < S; ++j) filled += t.sink_pos[b * S + j] >= 0;
+    const bool sink = kept && filled < S;
+    rows.sink_slot[b] = sink ? filled : -1;
+    if (sink) t.sink_pos[b * S + filled] = t.n_tokens;
+    if (W) {
+      rows.absorb[b] = t.win_keep[b * W + slot];
+      t.win_keep[b * W + slot] = kept && !sink;
+    } else {
+      rows.absorb[b] = kept && !sink;
+    }
+    for (int64_t j = 0; j < W; ++j) rows.exact[b * Lp + j] = t.win_keep[b * W + j] ? -1 : 0;
+    for (int64_t j = 0; j < S; ++j) rows.exact[b * Lp + W + j] = t.sink_pos[b * S + j] >= 0 ? -1 : 0;
+    rows.all_in[b] = std::all_of(&rows.exact[b * Lp], &rows.exact[b * Lp] + W + S, [](auto m) { return m != 0; });
+  }
+  using Buffers = WindowBuffers<T, TS>;
+  const double flops = sata::work(a.N, 1, a.G, a.Ev + 1, a.D) + 2.0 * a.N * a.G * (W + S) * (d + a.Ev);
+  sata::share_heads(
+      a.N, Buffers::kHeads, flops, a.work_per_thread, [&] { return Buffers(w, Lp); },
+      [&](Buffers& buf, int64_t n0, int64_t n1) { window_heads<T, TS>(w, t, rows, off.data(), n0, n1, buf); });
+}
+
+}  // namespace
+
+extern "C" {
+
+// returns 0, or 1 when the step failed (out of memory): the outputs and the state are then undefined
+#define SATA_DECODE_WINDOW(NAME, T, TS)                                                                       \
+  int NAME(const WindowDecodeArgs* a, const WindowDecodeTensors* t) {                                       \
+    return sata::guarded([&] { decode_window<T, TS>(*a, *t); });                                            \
+  }
+
+SATA_DECODE_WINDOW(sata_decode_window_f32, float, float)
+SATA_DECODE_WINDOW(sata_decode_window_f32s64, float, double)
+SATA_DECODE_WINDOW(sata_decode_window_f64, double, double)
+
+}  // extern "C"

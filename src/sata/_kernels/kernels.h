@@ -1,0 +1,140 @@
+// What the fused kernels share: the argument structs of the C interface, the ABI number the
+// Python side checks on load, the SIMD vector type and the thread policy.
+//
+// Threads come from torch's own intra-op pool (at::parallel_for, at::get_num_threads): one pool
+// in the process, sized by torch.set_num_threads. A call fans out only when its work pays for
+// the threads: waking a worker costs microseconds on an idle machine, and on a busy one a worker
+// the scheduler has not run yet stalls the whole call for a time slice (milliseconds), so a
+// decode step or a short prefill segment runs on the calling thread alone.
+
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+// Bump on any change to the structs or the entry points: the Python side compares it (and the
+// struct sizes) with its own on load and rebuilds a cached library that disagrees.
+#define SATA_KERNEL_ABI 7
+
+extern "C" {
+
+// the constants of a decode plan, bound once (fewer arguments per call: each costs in ctypes)
+struct DecodeArgs {
+  int64_t N, G, d, Ev, D, P;     // heads (batch x kv heads), query heads per kv head, sizes, terms
+  const int64_t* prefix_len;     // [(P-2) d]
+  const void* weight;            // [D-1-d + padding] in the compute dtype
+  double sq, sk;                 // input scales of queries and keys
+  double work_per_thread;        // fan out only beyond this many flops per thread
+};
+
+// the constants of a prefill plan
+struct PrefillArgs {
+  int64_t Hkv, G, d, Ev, D, P;
+  const int64_t* prefix_len;
+  const void* weight;
+  double sq, sk;
+  double work_per_thread;
+  int64_t causal;
+};
+
+// one [B, H, L, X] tensor with a contiguous last dimension: its data and element strides
+struct View {
+  void* data;
+  int64_t b, h, l;
+};
+
+// the tensors of one prefill call (lengths read from them, so a plan serves every length)
+struct PrefillTensors {
+  int64_t B, Lq, Lk;
+  View q, k, v, y;               // q [B, Hkv G, Lq, d], k [B, Hkv, Lk, d], v [B, Hkv, Lk, Ev], y [B, Hkv G, Lq, Ev]
+  const uint8_t* keep;           // [B, Lk] contiguous, 0 = ignore the key; or null
+  void* S;                       // state element (b, h, D, f) at S[b s_b + h s_h + D s_d + f s_f]
+  int64_t s_b, s_h, s_d, s_f;
+};
+
+// the constants of a window-mode decode plan (MATH.md section 6)
+struct WindowDecodeArgs {
+  DecodeArgs base;               // N = B Hkv heads, G, sizes, hierarchy, input scales, thread policy
+  int64_t Hkv, W, S;             // kv heads per batch row (flags and positions are per row), window, sinks
+  int64_t recentre;              // 1: centre c' = mu' - alpha sd' read from the far state; 0: c' = -delta
+};
+
+// the tensors of one window-mode decode step, all contiguous; T the compute dtype, TS the state's
+struct WindowDecodeTensors {
+  const void* q;                 // [N, G, d] T
+  const void* k;                 // [N, d] T
+  const void* v;                 // [N, Ev] T
+  const uint8_t* keep;           // [B] 0 = padded token; or null
+  const void* S_in;              // far state [N, F, D] TS
+  void* S_out;                   // [N, F, D] TS, may be S_in
+  void* y;                       // [N, G, Ev] T
+  void* win_k;                   // [N, W, d] TS, slot p % W holds position p; updated in place
+  void* win_v;                   // [N, W, Ev] TS, updated in place
+  uint8_t* win_keep;             // [B, W] bool: the slot holds a kept key that is not a sink; updated in place
+  void* sink_k;                  // [N, S, d] TS, updated in place
+  void* sink_v;                  // [N, S, Ev] TS, updated in place
+  int64_t* sink_pos;             // [B, S] position of each sink, -1 while free; updated in place
+  const void* key_centre;        // [N, d] TS subtracted from the far state's keys; or null
+  const void* alpha;             // [Hkv G] T per query head (recentre only)
+  const void* beta;              // [Hkv G] T per query head: taylor_mix
+  int64_t n_tokens;              // positions before this step (the same in every batch row)
+};
+
+}  // extern "C"
+
+namespace sata {
+
+// one vector of `Bytes` bytes of T (GCC/Clang vector extension: SIMD where the target has it)
+template <typename T, int Bytes = 64>
+struct Vec {
+  static constexpr int W = Bytes / sizeof(T);
+  typedef T type __attribute__((vector_size(Bytes)));
+  static type load(const T* p) {
+    type x;
+    std::memcpy(&x, p, sizeof(x));
+    return x;
+  }
+  static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
+};
+
+// flops of a call over `heads` heads: a state update per key and a read-out per query, 2 F D each
+inline double work(int64_t heads, int64_t keys, int64_t queries, int64_t F, int64_t D) {
+  return 2.0 * double(heads) * double(keys + queries) * double(F) * double(D);
+}
+
+// torch's thread count, capped by the units of parallel work and by what the work pays for
+inline int64_t threads_for(int64_t units, double flops, double work_per_thread) {
+  const int64_t most = std::min<int64_t>(at::get_num_threads(), units);
+  const double paid = flops / std::max(work_per_thread, 1.0);
+  return std::max<int64_t>(1, paid < double(most) ? int64_t(paid) : most);
+}
+
+// f() on each of nt threads of torch's pool (the calling thread alone when nt == 1); the threads
+// share the work out among themselves
+template <typename F>
+inline void on_threads(int64_t nt, const F& f) {
+  if (nt <= 1) {
+    f();
+    return;
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) f();
+  });
+}
+
+// an entry point's body with every C++ exception turned into a status (0 = done, 1 = failed):
+// nothing may unwind through the C interface
+template <typename F>
+inline int guarded(const F& f) noexcept {
+  try {
+    f();
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+}  // namespace sata
