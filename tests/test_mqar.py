@@ -15,7 +15,7 @@ from sata import cli
 from sata.bench import mqar
 from sata.bench.mqar import MQARPoint, MQARTask
 from sata.bench.mqar_data import mqar_batch, slice_generator
-from sata.bench.mqar_model import SATA, Based, MQARModel, SlidingWindow, Softmax, model_state_bytes
+from sata.bench.mqar_model import SATA, Based, MQARModel, SATAWindow, SlidingWindow, Softmax, model_state_bytes
 from sata.bench.mqar_report import ANCHORS, best_per_config, frontier
 
 
@@ -129,6 +129,38 @@ def test_sata_with_three_terms_in_one_head_is_based():
     torch.testing.assert_close(sata_(x), based(x), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("P,E,H,W,S", [(3, 4, None, 5, 2), (4, 4, 2, 3, 0), (2, 8, None, 7, 1)],
+                         ids=["P3-W5-S2", "P4-W3-gqa-free", "P2-W7-S1"])
+def test_sata_window_mixer_matches_oracle_forward_and_backward(P, E, H, W, S):
+    d = 16
+    m = SATAWindow(d, n_taylor=P, head_dim=E, n_heads=H, window=W, sinks=S).double()
+    with torch.no_grad():                               # away from the start values, so they are really read
+        m.mix_param.copy_(torch.linspace(-1.0, 1.0, m.n_heads))
+        if m.recentre is not None:
+            m.recentre.copy_(torch.linspace(0.0, 0.8, m.n_heads))
+    x = _x(d=d, seed=5)
+    y = m(x)
+    q, k, v = _heads(m.q_proj(x), m.n_heads), _heads(m.k_proj(x), m.n_heads), _heads(m.v_proj(x), m.n_heads)
+    ref = m.out_proj(_merge(sata.naive_sata_attention(
+        q, k, v, n_taylor=P, is_causal=True, window=W, sinks=S, taylor_mix=torch.nn.functional.softplus(m.mix_param),
+        recentre=m.recentre)))
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y)
+    params = (x, m.mix_param) + (() if m.recentre is None else (m.recentre,))
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert P < 3 or m.recentre.shape == (m.n_heads,)
+
+
+def test_sata_window_state_accounting_adds_the_exact_keys():
+    d, E, W, S = 64, 8, 16, 2
+    floats = SATAWindow.state_floats(d, 512, n_taylor=3, head_dim=E, window=W, sinks=S)
+    assert floats == SATA.state_floats(d, 512, n_taylor=3, head_dim=E) + (d // E) * (W + S) * (E + E)
+    assert floats == (d // E) * sata.state_size(E, E, 3, window=W, sinks=S)
+    assert model_state_bytes("sata+window", d, 512, {"n_taylor": 3, "head_dim": E, "window": W, "sinks": S}) == \
+        4 * (3 * d + floats)
+
+
 def _softmax_ref(m: Softmax, x, window):
     B, L, d = x.shape
     q, k, v = (_heads(t, m.n_heads) for t in m.qkv(x).split(d, dim=-1))
@@ -165,6 +197,8 @@ def test_attention_dropout_only_while_training():
     (SATA, dict(d_model=16, n_taylor=0), "n_taylor must be a positive int"),
     (Based, dict(d_model=16, feature_dim=0), "feature_dim must be a positive int"),
     (SlidingWindow, dict(d_model=16, window=0), "window must be a positive int"),
+    (SATAWindow, dict(d_model=16, head_dim=4, window=0), "window must be a positive int"),
+    (SATAWindow, dict(d_model=16, head_dim=4, sinks=-1), "sinks must be a non-negative int"),
     (Softmax, dict(d_model=16, dropout=1.0), "dropout must be in"),
 ])
 def test_bad_mixer_parameters_are_refused(cls, kwargs, match):
@@ -202,7 +236,8 @@ def test_sata_in_based_layout_counts_as_based():
 
 # ---------------------------------------------------------------------------- the model
 @pytest.mark.parametrize("mixer,params", [("softmax", {}), ("sliding", {"window": 3}), ("based", {"feature_dim": 4}),
-                                          ("sata", {"n_taylor": 3, "head_dim": 4})])
+                                          ("sata", {"n_taylor": 3, "head_dim": 4}),
+                                          ("sata+window", {"n_taylor": 3, "head_dim": 4, "window": 4, "sinks": 1})])
 def test_model_logits_at_query_positions_see_only_the_past(mixer, params):
     torch.manual_seed(0)
     model = MQARModel(64, 16, mixer, params).double().eval()
@@ -325,7 +360,7 @@ def test_points_parse_and_refuse_bad_specs():
 def test_full_preset_covers_the_issue_within_its_state_cap():
     preset = mqar.PRESETS["full"]
     mixers = {p.mixer for p in preset.points}
-    assert mixers == {"softmax", "sliding", "based", "sata"}
+    assert mixers == {"softmax", "sliding", "based", "sata", "sata+window"}
     sata_points = [p.kwargs for p in preset.points if p.mixer == "sata"]
     assert {k["n_taylor"] for k in sata_points} == {2, 3, 4, 5} and {k["head_dim"] for k in sata_points} == {8, 16, 32, 64}
     assert {"n_taylor": 3, "head_dim": 16, "n_heads": 1} in sata_points              # Based's map, packed
@@ -341,13 +376,13 @@ def test_bench_mqar_smoke_end_to_end_and_resume(tmp_path, capsys, one_thread):
     argv = ["bench", "mqar", "--preset", "smoke", "--no-progress", "--threads", "1", "--results", str(res),
             "--json", str(js), "--markdown", str(md), "--figure", str(fig)]
     assert cli.main(argv) == 0
-    assert len(mqar.read_results(res)) == 4
+    assert len(mqar.read_results(res)) == 5
     summary = json.loads(js.read_text())
-    assert summary["preset"] == "smoke" and len(summary["runs"]) == 4 and len(summary["best"]) == 4
+    assert summary["preset"] == "smoke" and len(summary["runs"]) == 5 and len(summary["best"]) == 5
     for b in summary["best"]:
         assert 0.0 <= b["accuracy"] <= 1.0 and set(b["slices"]) == {"16x2", "32x4"}
         assert b["state_bytes"] > 0 and b["steps"] == 4
-    assert set(summary["frontier"]) == {"softmax", "sliding", "based", "sata"}
+    assert set(summary["frontier"]) == {"softmax", "sliding", "based", "sata", "sata+window"}
     assert "| mixer |" in md.read_text() and fig.stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "sata" in out and "P=3 E=4" in out
@@ -355,7 +390,7 @@ def test_bench_mqar_smoke_end_to_end_and_resume(tmp_path, capsys, one_thread):
     res.write_text(res.read_text() + '{"key": "torn')
     before = res.read_text()
     assert cli.main(argv) == 0
-    assert res.read_text() == before and len(json.loads(js.read_text())["runs"]) == 4
+    assert res.read_text() == before and len(json.loads(js.read_text())["runs"]) == 5
     assert "1 line(s) are not JSON" in capsys.readouterr().err
 
 

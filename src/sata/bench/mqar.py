@@ -181,7 +181,8 @@ def run_key(task: MQARTask, point: MQARPoint, lr: float) -> str:
 # ---------------------------------------------------------------------------- presets
 def _full_points() -> list[MQARPoint]:
     """The sweep of the issue: Based (f = 8, 16, 24), softmax, sliding windows 8-512 and SATA at
-    2-5 terms and head sizes 8-64 (values E wide, and Based's one-head layout), within 600 KB;
+    2-5 terms and head sizes 8-64 (values E wide, and Based's one-head layout), SATA + window (16, 64)
+    at a few small states, within 600 KB;
     d_model 48, 64 and 128 as the Based paper. The published points come first: a partial sweep
     already says whether they are reproduced."""
     points = [MQARPoint.make("based", d, feature_dim=f) for d in (128, 64, 48) for f in (16, 24, 8)]
@@ -194,6 +195,8 @@ def _full_points() -> list[MQARPoint]:
                     points.append(MQARPoint.make("sata", d, n_taylor=P, head_dim=E))
                 if E <= 16 and E < d:
                     points.append(MQARPoint.make("sata", d, n_taylor=P, head_dim=E, n_heads=1))
+    points += [MQARPoint.make("sata+window", d, n_taylor=P, head_dim=E, window=w)
+               for d in (64, 128) for E, P in ((8, 3), (16, 3), (8, 4)) for w in (16, 64)]
     return [p for p in points if p.state_bytes(MQARTask()) <= 600_000]
 
 
@@ -211,7 +214,8 @@ PRESETS: dict[str, Preset] = {
         MQARTask(vocab_size=64, train_slices=((16, 2), (32, 4)), train_weights=(1, 1), test_slices=((16, 2), (32, 4)),
                  n_test=16, n_valid=8, batch_size=8, steps=4, eval_every=2),
         (MQARPoint.make("softmax", 16), MQARPoint.make("sliding", 16, window=4),
-         MQARPoint.make("based", 16, feature_dim=4), MQARPoint.make("sata", 16, n_taylor=3, head_dim=4)),
+         MQARPoint.make("based", 16, feature_dim=4), MQARPoint.make("sata", 16, n_taylor=3, head_dim=4),
+         MQARPoint.make("sata+window", 16, n_taylor=3, head_dim=4, window=4, sinks=1)),
         (3e-3,), "tiny sizes: checks the harness runs, not recall"),
     # does the harness learn? one point per mixer family on the two easiest slices (minutes each)
     "pilot": Preset(

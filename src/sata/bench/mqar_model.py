@@ -6,7 +6,7 @@ studied, not copied. Two layers, no MLP, no position embeddings, tied embeddings
 
     x = Embed(tokens)                                                 [B, L, d]
     layer 0: BaseConv     y = ShortConv_3(u) * (W u + b) + u,  u = LN(x)
-    layer 1: mixer under test (softmax, sliding window, Based, SATA)
+    layer 1: mixer under test (softmax, sliding window, Based, SATA, SATA + window)
     logits = LN(x) E^T at the query positions only                    [B, N, V]
 
 wired as Zoology's ``TransformerBlock`` with an ``Identity`` state mixer: each block adds its
@@ -20,7 +20,8 @@ the convolution layer holds ``d K`` floats (``K = 3``), plus
 - Based (feature dim ``f``, ``H`` heads, values ``d / H`` wide): ``H D (d / H + 1)`` with the
   packed ``D = f (f + 1) / 2 + f + 1`` (Zoology counts Based's state packed; its implementation
   keeps the unpacked square, ``1 + f + f^2`` features: ``state_floats(..., as_implemented=True)``);
-- SATA (head size ``E``, ``P`` terms, ``H`` heads): ``H D (d / H + 1)``, ``D = C(E + P - 1, P - 1)``.
+- SATA (head size ``E``, ``P`` terms, ``H`` heads): ``H D (d / H + 1)``, ``D = C(E + P - 1, P - 1)``;
+- SATA + window ``W`` and ``S`` sinks: SATA's plus the exact keys and values, ``H (W + S) (E + d / H)``.
 
 A new mixer is one class with ``__init__(d_model, **params)``, ``forward(x [B, L, d]) -> [B, L, d]``,
 ``state_floats(d_model, max_len, **params)`` and ``label(**params)``, registered in :data:`MIXERS`.
@@ -226,8 +227,56 @@ class SATA(nn.Module):
         return f"P={n_taylor} E={head_dim}" + ("" if n_heads is None else f" H={n_heads}")
 
 
-# name -> mixer class; "sata+window" joins once sata_attention takes window=
-MIXERS: dict[str, type[nn.Module]] = {"softmax": Softmax, "sliding": SlidingWindow, "based": Based, "sata": SATA}
+class SATAWindow(SATA):
+    r"""SATA with an exact softmax window and sinks beside the Taylor state, under one normaliser.
+
+    .. math:: y_i = \frac{\sum_{j \in E_i} e^{s_{ij} - m_i} v_j + \beta_h e^{c_i - m_i} \sum_{j \in F_i} T_P(s_{ij} - c_i) v_j}
+              {\text{the same with } 1 \text{ for } v_j}
+
+    ``E_i``: the ``window`` most recent keys and the first ``sinks``; ``F_i``: the older keys, read from
+    the state around ``c_i = mu_i - alpha_h sd_i`` (``MATH.md`` section 6). ``beta_h = softplus(.)``
+    (start 1) and ``alpha_h`` (start 0) are learned per head.
+
+    Args:
+        d_model, n_taylor, head_dim, n_heads: as :class:`SATA`.
+        window (int): ``W`` exact recent keys. Default: ``32``.
+        sinks (int): ``S`` exact first keys. Default: ``0``.
+    """
+
+    def __init__(self, d_model: int, n_taylor: int = 3, head_dim: int = 16, n_heads: int | None = None,
+                 window: int = 32, sinks: int = 0):
+        super().__init__(d_model, n_taylor, head_dim, n_heads)
+        _positive("SATA+window", window=window)
+        if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+            raise ValueError(f"SATA+window: sinks must be a non-negative int, got {sinks!r}")
+        self.window, self.sinks = window, sinks
+        self.mix_param = nn.Parameter(torch.full((self.n_heads,), math.log(math.e - 1)))     # softplus -> 1
+        self.recentre = nn.Parameter(torch.zeros(self.n_heads)) if n_taylor >= 3 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, d = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)               # [B, H, L, E]
+        k = self.k_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)               # [B, H, L, E]
+        v = self.v_proj(x).view(B, L, self.n_heads, self.d_value).transpose(1, 2)                # [B, H, L, Ev]
+        y = sata_attention(q, k, v, n_taylor=self.n_taylor, is_causal=True, window=self.window, sinks=self.sinks,
+                           taylor_mix=F.softplus(self.mix_param), recentre=self.recentre)         # [B, H, L, Ev]
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, d))
+
+    @staticmethod
+    def state_floats(d_model: int, max_len: int, n_taylor: int = 3, head_dim: int = 16, n_heads: int | None = None,
+                     window: int = 32, sinks: int = 0) -> int:
+        H = d_model // head_dim if n_heads is None else n_heads
+        exact = H * (window + sinks) * (head_dim + d_model // H)                 # ring buffer + sinks: keys, values
+        return SATA.state_floats(d_model, max_len, n_taylor, head_dim, n_heads) + exact
+
+    @staticmethod
+    def label(n_taylor: int = 3, head_dim: int = 16, n_heads: int | None = None, window: int = 32, sinks: int = 0) -> str:
+        return SATA.label(n_taylor, head_dim, n_heads) + f" W={window}" + (f" S={sinks}" if sinks else "")
+
+
+# name -> mixer class
+MIXERS: dict[str, type[nn.Module]] = {"softmax": Softmax, "sliding": SlidingWindow, "based": Based, "sata": SATA,
+                                      "sata+window": SATAWindow}
 
 
 def _mixer_class(mixer: str) -> type[nn.Module]:
