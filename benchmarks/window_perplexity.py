@@ -150,13 +150,13 @@ def figure(results: dict, path: str) -> None:
     s = results["summary"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = list(range(len(WINDOWS)))
-    for prefix, label, style in (("window-only", f"window + {SINKS} sinks only (taylor_mix 0)", "o--"),
-                                 ("hybrid", f"hybrid: window + {SINKS} sinks + Taylor state (c = mean)", "s-")):
+    for prefix, label, style, dy in (("window-only", f"window + {SINKS} sinks only (taylor_mix 0)", "o--", 5),
+                                     ("hybrid", f"hybrid: window + {SINKS} sinks + Taylor state (c = mean)", "s-", -11)):
         pts = [(i, s[f"{prefix}-w{w}"]["ppl"]) for i, w in zip(x, WINDOWS) if f"{prefix}-w{w}" in s]
         if pts:
             line, = ax.plot(*zip(*pts), style, label=label)
             for i, y in pts:
-                ax.annotate(f"{y:.3g}", (i, y), textcoords="offset points", xytext=(6, 4), fontsize=7,
+                ax.annotate(f"{y:.3g}", (i, y), textcoords="offset points", xytext=(6, dy), fontsize=7,
                             color=line.get_color())
     for name, label, color in (("softmax", "softmax (original)", "k"), ("plain", "plain SATA (series around 0)", "r")):
         if name in s:
