@@ -191,6 +191,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             }, os.path.join(out_dir, f"{case.name}-{rank}.pt"))
         if world == 2:
             _bad_calls(rank, out_dir)
+            with torch.no_grad():  # serving: float32, no autograd (the fused kernels may run), a one-token rank
+                q, k, v = _float32_stream()
+                a, b = (0, 12) if rank == 0 else (12, 13)
+                y = context_parallel_attention(q[..., a:b, :], k[..., a:b, :], v[..., a:b, :], **FLOAT32_KW)
+            torch.save({"y": y}, os.path.join(out_dir, f"float32-nograd-{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -213,7 +218,16 @@ def _bad_calls(rank: int, out_dir: str) -> None:
         torch.save({"message": _catch(call)}, os.path.join(out_dir, f"{name}-{rank}.pt"))
 
 
-BAD_CALLS = ["mismatch", "invalid", "mismatch-window", "mismatch-mode", "mismatch-mix", "invalid-window",
+FLOAT32_KW = dict(n_taylor=3, enable_gqa=True, window=5, sinks=2, recentre=0.5, taylor_mix=0.8)
+
+
+def _float32_stream():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(2, 4, 13, 8, generator=g), torch.randn(2, 2, 13, 8, generator=g),
+            torch.randn(2, 2, 13, 8, generator=g))
+
+
+WORLD2_RUNS = ["float32-nograd", "mismatch", "invalid", "mismatch-window", "mismatch-mode", "mismatch-mix", "invalid-window",
              "noncausal-window"]
 
 
@@ -224,7 +238,7 @@ def distributed_results(tmp_path_factory):
     for world in WORLDS:
         out = tmp_path_factory.mktemp(f"cp{world}")
         mp.spawn(_worker, args=(world, str(out / "rendezvous"), str(out)), nprocs=world, join=True)
-        names = [c.name for c in CASES if c.world == world] + (BAD_CALLS if world == 2 else [])
+        names = [c.name for c in CASES if c.world == world] + (WORLD2_RUNS if world == 2 else [])
         results.update({name: [torch.load(out / f"{name}-{r}.pt", weights_only=False) for r in range(world)]  # our files
                         for name in names})
     return results
@@ -330,6 +344,15 @@ def test_ranks_that_disagree_on_the_window_mode_all_raise(name, details, distrib
     assert "the ranks disagree" in messages[0]
     for detail in details:
         assert detail in messages[0], messages[0]
+
+
+def test_float32_without_autograd(distributed_results):
+    q, k, v = _float32_stream()
+    y = torch.cat([p["y"] for p in distributed_results["float32-nograd"]], dim=-2)
+    assert y.dtype == torch.float32
+    expected = sata.naive_sata_attention(q.double(), k.double(), v.double(), is_causal=True, **FLOAT32_KW)
+    err = ((y.double() - expected).abs().max() / expected.abs().max()).item()
+    assert err < 1e-5, err
 
 
 def test_invalid_window_on_one_rank_stops_every_rank(distributed_results):

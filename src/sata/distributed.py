@@ -132,18 +132,21 @@ def _check_initialised() -> None:
         )
 
 
+def _check_segment(query, key, is_causal) -> None:
+    """``is_causal`` is a bool, and a causal segment has as many queries as keys."""
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{_FN}: is_causal must be a bool, got {is_causal!r}")
+    if is_causal and query.shape[-2] != key.shape[-2]:
+        raise ValueError(f"{_FN}: is_causal=True needs as many queries as keys in each segment, "
+                         f"got {query.shape[-2]} and {key.shape[-2]}")
+
+
 def _local_state(query, key, value, is_causal: bool, key_padding_mask, state, group, taylor_mix, *, n_taylor,
                  scale, enable_gqa) -> SATAState:
     """This rank's segment state, after validating its arguments; a rank that fails alone makes every
     rank raise (through :func:`_check_agreement`) instead of leaving the others waiting."""
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"context_parallel_attention: is_causal must be a bool, got {is_causal!r}")
     try:
-        if is_causal and query.shape[-2] != key.shape[-2]:
-            raise ValueError(
-                f"context_parallel_attention: is_causal=True needs as many queries as keys in each segment, "
-                f"got {query.shape[-2]} and {key.shape[-2]}"
-            )
+        _check_segment(query, key, is_causal)
         sata_attention(query[..., :0, :], key[..., :0, :], value[..., :0, :], n_taylor=n_taylor, scale=scale,
                        enable_gqa=enable_gqa, taylor_mix=taylor_mix)           # checks the query side; no work
         local = accumulate_state(key, value, n_taylor=n_taylor, scale=scale, key_padding_mask=key_padding_mask)
@@ -199,16 +202,12 @@ def _window_mode(query, key, value, is_causal: bool, key_padding_mask, state: SA
 
 def _check_window_call(query, key, value, is_causal, key_padding_mask, state, hybrid_args: dict, common: dict):
     """Validate this rank's arguments for the window mode: ``(Spec, Hybrid)`` or a ``ValueError`` / ``TypeError``."""
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"{_FN}: is_causal must be a bool, got {is_causal!r}")
+    _check_segment(query, key, is_causal)
     if not is_causal:
         raise ValueError(
             f"{_FN}: window, sinks and recentre need is_causal=True (a non-causal query would also need the "
             "window keys and the Taylor state of the later ranks); use is_causal=True or the plain op"
         )
-    if query.shape[-2] != key.shape[-2]:
-        raise ValueError(f"{_FN}: is_causal=True needs as many queries as keys in each segment, "
-                         f"got {query.shape[-2]} and {key.shape[-2]}")
     spec = check_inputs(_FN, query, key, value, is_causal=True, key_padding_mask=key_padding_mask, state=state, **common)
     hybrid = check_hybrid(_FN, **hybrid_args, n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
     if state is not None:
