@@ -33,14 +33,35 @@ from .baselines import KVCacheAttention, PaperTaylorAttention
 from .compare import agreement, crossover
 from .timing import peak_memory, time_interleaved, torch_threads
 
-__all__ = ["DecodeConfig", "absorb", "run_decode", "sata_step"]
+__all__ = ["DecodeConfig", "WindowSettings", "run_decode", "sata_step"]
 
 METHODS = ("sata", "sdpa", "paper")
 WINDOW_METHODS = ("sata", "plain", "sdpa", "paper")   # the window mode: sata = window mode, plain = the plain op
 
 
 @dataclass
-class DecodeConfig:
+class WindowSettings:
+    """The window mode of ``sata`` in a decode or prefill sweep (``0, 0, None``: the plain op); on, the
+    default methods gain ``plain`` (the plain op on the same inputs)."""
+
+    window: int = 0
+    sinks: int = 0
+    recentre: float | None = None
+
+    def __post_init__(self):
+        if self.hybrid and self.methods == METHODS:
+            self.methods = WINDOW_METHODS
+
+    @property
+    def hybrid(self) -> dict:
+        """The window-mode arguments of ``sata_attention`` (empty: the plain op)."""
+        if not self.window and not self.sinks and self.recentre is None:
+            return {}
+        return {"window": self.window, "sinks": self.sinks, "recentre": self.recentre}
+
+
+@dataclass
+class DecodeConfig(WindowSettings):
     """One decode sweep: shapes, contexts and measurement settings."""
 
     batch: int = 1
@@ -63,32 +84,13 @@ class DecodeConfig:
     threads: int | None = None            # torch threads of the timed steps (None: as the caller set them)
     seed: int = 0
     label: str = field(default="")
-    window: int = 0                       # the window mode of sata_attention (0, 0, None: the plain op)
-    sinks: int = 0
-    recentre: float | None = None
-
-    def __post_init__(self):
-        if self.hybrid and self.methods == METHODS:
-            self.methods = WINDOW_METHODS
 
     @property
     def dv(self) -> int:
         return self.d_key if self.d_value is None else self.d_value
 
-    @property
-    def hybrid(self) -> dict:
-        """The window-mode arguments of ``sata`` (empty: the plain op)."""
-        return window_args(self)
 
-
-def window_args(cfg) -> dict:
-    """``window``, ``sinks``, ``recentre`` of a decode or prefill config, or ``{}`` for the plain op."""
-    if not cfg.window and not cfg.sinks and cfg.recentre is None:
-        return {}
-    return {"window": cfg.window, "sinks": cfg.sinks, "recentre": cfg.recentre}
-
-
-def absorb(k, v, state: sata.SATAState | None, n_taylor: int, **hybrid) -> sata.SATAState:
+def _absorb(k, v, state: sata.SATAState | None, n_taylor: int, **hybrid) -> sata.SATAState:
     """``state`` after keys and values (no outputs); with ``hybrid``, a window-mode state whose first
     call fixes the key centre, as a re-centred stream's does."""
     if not hybrid:
@@ -156,11 +158,11 @@ class _Streams:
             k, v = self._tokens(t)
             with torch.no_grad():
                 if "sata" in self.cfg.methods:
-                    self.state = absorb(k, v, self.state, self.cfg.n_taylor, **self.cfg.hybrid)
+                    self.state = _absorb(k, v, self.state, self.cfg.n_taylor, **self.cfg.hybrid)
                 if "plain" in self.cfg.methods:
-                    self.plain_state = absorb(k, v, self.plain_state, self.cfg.n_taylor)
+                    self.plain_state = _absorb(k, v, self.plain_state, self.cfg.n_taylor)
                 if self.paper is not None:
-                    self.paper_state = self.paper.absorb(k, v, self.paper_state)
+                    self.paper_state = self.paper._absorb(k, v, self.paper_state)
             if self.cache is not None and self.cache.length + t <= self.cache.capacity - 1:
                 self.cache.extend(k, v)
             self.pos += t

@@ -18,14 +18,14 @@ import sata
 
 from .baselines import PaperTaylorAttention, sdpa_causal
 from .compare import crossover
-from .decode import METHODS, WINDOW_METHODS, compare, window_args
+from .decode import METHODS, WindowSettings, compare
 from .timing import peak_memory, time_interleaved
 
 __all__ = ["PrefillConfig", "run_prefill"]
 
 
 @dataclass
-class PrefillConfig:
+class PrefillConfig(WindowSettings):
     """One prefill sweep."""
 
     batch: int = 1
@@ -45,22 +45,10 @@ class PrefillConfig:
     paper_max_length: int | None = None   # longest prompt the paper's formulation is run on
     seed: int = 0
     label: str = ""
-    window: int = 0                       # the window mode of sata_attention (0, 0, None: the plain op)
-    sinks: int = 0
-    recentre: float | None = None
-
-    def __post_init__(self):
-        if self.hybrid and self.methods == METHODS:
-            self.methods = WINDOW_METHODS
 
     @property
     def dv(self) -> int:
         return self.d_key if self.d_value is None else self.d_value
-
-    @property
-    def hybrid(self) -> dict:
-        """The window-mode arguments of ``sata`` (empty: the plain op)."""
-        return window_args(self)
 
 
 def method_flops(batch: int, n_heads: int, length: int, d_key: int, d_value: int, n_taylor: int,
