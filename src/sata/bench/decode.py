@@ -162,7 +162,7 @@ class _Streams:
                 if "plain" in self.cfg.methods:
                     self.plain_state = _absorb(k, v, self.plain_state, self.cfg.n_taylor)
                 if self.paper is not None:
-                    self.paper_state = self.paper._absorb(k, v, self.paper_state)
+                    self.paper_state = self.paper.absorb(k, v, self.paper_state)
             if self.cache is not None and self.cache.length + t <= self.cache.capacity - 1:
                 self.cache.extend(k, v)
             self.pos += t
