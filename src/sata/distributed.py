@@ -25,7 +25,8 @@ none of it depends on the sequence length:
 - window mode: sends one state plus its exact keys, ``B Hkv (D (Ev + 1) + (window + sinks)(E + Ev))``
   floats and ``B (window + sinks)`` int64 slot flags and sink positions, and receives ``world_size - 1``
   of them; with ``recentre`` and no ``state``, also ``B (Hkv E + 1)`` float64 key sums. The backward
-  pass all-reduces the gradients of all ``world_size`` states' floats (``gloo`` has no reduce-scatter).
+  pass all-reduces the gradients of all ``world_size`` states' floats (an all-reduce: every backend of
+  torch >= 2.5 has it, gloo's reduce-scatter came later).
 
 Works with any backend that implements ``all_gather`` and ``all_reduce`` (gloo on CPU, nccl on GPU).
 Launch with ``torchrun --nproc-per-node N script.py`` (see ``examples/context_parallel.py``).
@@ -101,7 +102,8 @@ def context_parallel_attention(
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
-        ValueError: the ranks disagree on shapes, dtype or settings (raised on every rank).
+        ValueError: the ranks disagree on shapes, dtype or settings, window settings included (raised on
+            every rank); the window mode with ``is_causal=False``.
     """
     common = dict(n_taylor=n_taylor, scale=scale, enable_gqa=enable_gqa)
     _check_initialised()
@@ -219,7 +221,7 @@ def _mode_codes(hybrid: Hybrid, n_q_heads: int) -> list[int]:
     """``taylor_mix`` and ``recentre`` per query head as float64 bits, for :func:`_check_agreement`:
     ``[Hq, *mix bits, has recentre, *recentre bits]`` (read back by :func:`_fields`)."""
     def bits(x) -> list[int]:
-        t = x.detach() if isinstance(x, torch.Tensor) else torch.tensor(x)
+        t = x.detach() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
         return t.to("cpu", torch.float64).expand(n_q_heads).contiguous().view(torch.int64).tolist()
 
     codes = [n_q_heads, *bits(hybrid.taylor_mix), int(hybrid.recentre is not None)]
