@@ -4,6 +4,10 @@ Run on CPU with 2 processes (gloo), from the repository root:
 
     OMP_NUM_THREADS=1 PYTHONPATH=src torchrun --standalone --nproc-per-node 2 examples/context_parallel.py
 
+With ``--window 64 --sinks 4 --recentre 0.5`` it runs the window mode (exact softmax on the last
+64 positions, which may lie on earlier ranks, and the first 4 keys, the re-centred Taylor state for
+the rest); the ranks then also exchange their window and sink keys, still independent of the length.
+
 (``torchrun`` sets RANK, WORLD_SIZE, MASTER_ADDR, ...; on GPUs the backend is nccl.) Started
 without torchrun (``python examples/context_parallel.py``), it starts those 2 processes itself.
 Each rank holds one contiguous segment of the sequence, runs a forward and backward pass,
@@ -34,6 +38,9 @@ def main() -> None:
     p.add_argument("--d-head", type=int, default=8)
     p.add_argument("--n-taylor", type=int, default=4)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--window", type=int, default=0, help="window mode: recent positions attended exactly")
+    p.add_argument("--sinks", type=int, default=0, help="window mode: first keys attended exactly")
+    p.add_argument("--recentre", type=float, default=None, help="window mode: alpha of the re-centred series")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="compare with one process running the whole sequence")
     args = p.parse_args()
@@ -53,7 +60,8 @@ def main() -> None:
     bounds = [L * r // world for r in range(world + 1)]
     a, b = bounds[rank], bounds[rank + 1]
     ql, kl, vl = (t[..., a:b, :].to(device).clone().requires_grad_() for t in (q, k, v))
-    opts = dict(n_taylor=args.n_taylor, is_causal=True, enable_gqa=args.heads != args.kv_heads)
+    opts = dict(n_taylor=args.n_taylor, is_causal=True, enable_gqa=args.heads != args.kv_heads, window=args.window,
+                sinks=args.sinks, recentre=args.recentre)
 
     dist.barrier()
     t0 = time.perf_counter()
@@ -61,13 +69,16 @@ def main() -> None:
     y.square().sum().backward()
     elapsed = time.perf_counter() - t0
 
-    vol = state_exchange_bytes(1, args.kv_heads, E, E, args.n_taylor, world, torch.float64 if dtype == torch.float64 else torch.float32)
+    vol = state_exchange_bytes(1, args.kv_heads, E, E, args.n_taylor, world, torch.float64 if dtype == torch.float64 else torch.float32,
+                               window=args.window, sinks=args.sinks, recentre=args.recentre is not None)
     if rank == 0:
         print(f"{world} ranks x {L // world:,} tokens, {args.heads} query / {args.kv_heads} kv heads of size {E}, "
-              f"n_taylor={args.n_taylor}, {args.dtype}")
-        print(f"state per rank: {state_size(E, E, args.n_taylor):,} floats per kv head, {format_bytes(vol['state'])}; "
+              f"n_taylor={args.n_taylor}, {args.dtype}"
+              + (f", window={args.window}, sinks={args.sinks}, recentre={args.recentre}" if args.window or args.sinks
+                 or args.recentre is not None else ""))
+        print(f"state per rank: {state_size(E, E, args.n_taylor, window=args.window, sinks=args.sinks):,} floats per kv head, {format_bytes(vol['state'])}; "
               f"forward sends {format_bytes(vol['sent'])} and receives {format_bytes(vol['received'])} per rank "
-              "(backward: twice that), whatever the length", flush=True)
+              f"(backward: {format_bytes(vol['backward'])}), whatever the length", flush=True)
     print(f"rank {rank}: tokens {a:,}..{b - 1:,}  forward+backward {elapsed:.2f} s", flush=True)
 
     if args.check:

@@ -246,3 +246,35 @@ def test_bench_and_replicate_print_no_profiler_lines(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         noise = [line for line in (r.stdout + r.stderr).splitlines() if "USDT" in line or ".cpp:" in line]
         assert noise == [], noise[:3]
+
+
+@pytest.mark.parametrize("what", ["decode", "prefill"])
+def test_bench_window_flags_reach_the_op(what, tmp_path, capsys):
+    """--window covering every context makes sata's window mode exact softmax: it agrees with SDPA where the
+    plain op does not; the JSON records the settings and the plain op's timings beside the window mode's."""
+    js = tmp_path / "w.json"
+    assert cli.main(["bench", what, "--tiny", "--no-progress", "--heads", "2", "--head-size", "4", "--contexts",
+                     "16,48", "--window", "64", "--sinks", "2", "--recentre", "0.5", "--json", str(js),
+                     *_threads()]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(js.read_text())[what]
+    c = res["config"]
+    assert (c["window"], c["sinks"], c["recentre"]) == (64, 2, 0.5) and "plain" in c["methods"]
+    for r in res["rows"]:
+        assert r["sata"]["vs_sdpa"]["frac_close"] == 1.0          # window >= context: softmax
+        assert r["sata"]["vs_plain"]["frac_close"] < 1.0          # not the plain op
+        assert r["plain"]["time"]["median"] > 0 and r["sata_over_plain"] > 0
+    if what == "decode":  # the state held: the plain state, the window and sink buffers, the key centre
+        H, E, W, S = 2, 4, 64, 2
+        floats = H * sata.state_size(E, E, c["n_taylor"], window=W, sinks=S) + H * E
+        assert res["rows"][0]["sata"]["held_bytes"] == 4 * floats + W + 8 * S
+    assert "Window mode (window=64, sinks=2, recentre=0.5" in out and "window/plain" in out
+
+
+def test_bench_window_flags_default_off_and_checked(capsys):
+    assert DecodeConfig().methods == ("sata", "sdpa", "paper") and DecodeConfig().hybrid == {}
+    assert DecodeConfig(sinks=4).methods == ("sata", "plain", "sdpa", "paper")
+    assert cli.main(["bench", "decode", "--tiny", "--window", "-1"]) == 2
+    assert "window must be a non-negative int" in capsys.readouterr().err
+    assert cli.main(["bench", "targets", "--tiny", "--sinks", "2"]) == 2
+    assert "apply to decode and prefill" in capsys.readouterr().err

@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-size", type=int, default=None, help="decode/prefill: head size (default 8)")
     parser.add_argument("--n-taylor", type=int, default=None, help="decode/prefill: Taylor terms (default 4)")
     parser.add_argument("--contexts", default=None, help="decode/prefill: comma-separated lengths, e.g. 1024,65536")
+    parser.add_argument("--window", type=int, default=0, metavar="W",
+                        help="decode/prefill: time sata's window mode (W recent keys exact) against SDPA and the plain op")
+    parser.add_argument("--sinks", type=int, default=0, metavar="S", help="decode/prefill: window mode, first S keys exact")
+    parser.add_argument("--recentre", type=float, default=None, metavar="A",
+                        help="decode/prefill: window mode, the re-centred series (alpha)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: seconds, meaningless numbers
     from .mqar import add_arguments as mqar_arguments
@@ -87,7 +92,13 @@ def main(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     contexts = tuple(int(x) for x in args.contexts.split(",")) if args.contexts else None
     shape = {"batch": args.batch or 1, "n_heads": args.heads or sizes.heads, "d_key": args.head_size or sizes.d_key,
-             "n_taylor": args.n_taylor or sizes.n_taylor}
+             "n_taylor": args.n_taylor or sizes.n_taylor, "window": args.window, "sinks": args.sinks,
+             "recentre": args.recentre}
+    if args.window or args.sinks or args.recentre is not None:
+        problem = _check_window(args.what, shape)
+        if problem:
+            print(f"sata bench: {problem}", file=sys.stderr)
+            return 2
     common = {"device": args.device, "dtype": dtype, "max_bytes": max_bytes}
     run = {"command": command_line("bench", args, add_arguments), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "sizes": sizes.name, "what": args.what, "max_memory_bytes": max_bytes,
@@ -108,11 +119,13 @@ def main(args: argparse.Namespace) -> int:
                            min_time=sizes.min_time, threads=latency if shape["batch"] == 1 else None, **common)
         res = run["decode"] = run_decode(cfg, progress)
         sections.append((_decode_title(res), decode_table(res), decode_table(res, True)))
+        _window_section(sections, res)
     elif args.what == "prefill":
         cfg = PrefillConfig(**shape, lengths=contexts or sizes.prefill_lengths, paper_max_length=sizes.paper_prefill_max,
                             min_time=sizes.min_time, **common)
         res = run["prefill"] = run_prefill(cfg, progress)
         sections.append((_prefill_title(res), prefill_table(res), prefill_table(res, True)))
+        _window_section(sections, res)
     else:
         only = tuple(x.strip() for x in args.only.split(",")) if args.only else None
         res = run["targets"] = run_targets(sizes, only=only, progress=progress, latency_threads=latency, **common)
@@ -143,6 +156,34 @@ def main(args: argparse.Namespace) -> int:
         _write_markdown(args.markdown, run, sections)
         print(f"wrote {args.markdown}")
     return 0
+
+
+def _check_window(what: str, shape: dict) -> str | None:
+    """Why --window/--sinks/--recentre cannot run (the op's own message), or None."""
+    import torch
+
+    import sata
+
+    if what not in ("decode", "prefill"):
+        return "--window, --sinks and --recentre apply to decode and prefill"
+    x = torch.zeros(1, 1, 1, shape["d_key"])
+    try:  # one token through the op validates the settings
+        sata.sata_attention(x, x, x, n_taylor=shape["n_taylor"], window=shape["window"], sinks=shape["sinks"],
+                            recentre=shape["recentre"])
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _window_section(sections: list, res: dict) -> None:
+    """With --window/--sinks/--recentre: the window mode beside the plain op (the table above shows it as sata)."""
+    from .tables import window_table
+
+    c = res["config"]
+    if c["window"] or c["sinks"] or c["recentre"] is not None:
+        title = (f"Window mode (window={c['window']}, sinks={c['sinks']}, recentre={c['recentre']}; sata above) "
+                 "against the plain op on the same inputs")
+        sections.append((title, window_table(res), window_table(res, True)))
 
 
 def _decode_title(res: dict) -> str:

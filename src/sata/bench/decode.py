@@ -13,6 +13,11 @@ are streamed and longer contexts repeat that segment (``n = r T``): their states
 times the segment's state, exactly, since states of disjoint segments add, and the KV cache
 holds the same ``r`` copies. Time and memory per decode step do not depend on token values,
 so this keeps long contexts affordable in quick runs; ``streamed_tokens`` records it.
+
+The window mode (``window``, ``sinks``, ``recentre``; ``MATH.md`` section 6): ``sata`` is then
+the window mode, and ``plain`` the plain op on the same tokens, so one run times the window
+mode against SDPA and against the plain op. (A repeated segment's window state is scaled like
+a plain one: its values are then not those of the longer stream, its cost is.)
 """
 
 from __future__ import annotations
@@ -28,13 +33,35 @@ from .baselines import KVCacheAttention, PaperTaylorAttention
 from .compare import agreement, crossover
 from .timing import peak_memory, time_interleaved, torch_threads
 
-__all__ = ["DecodeConfig", "run_decode", "sata_step"]
+__all__ = ["DecodeConfig", "WindowSettings", "run_decode", "sata_step"]
 
 METHODS = ("sata", "sdpa", "paper")
+WINDOW_METHODS = ("sata", "plain", "sdpa", "paper")   # the window mode: sata = window mode, plain = the plain op
 
 
 @dataclass
-class DecodeConfig:
+class WindowSettings:
+    """The window mode of ``sata`` in a decode or prefill sweep (``0, 0, None``: the plain op); on, the
+    default methods gain ``plain`` (the plain op on the same inputs)."""
+
+    window: int = 0
+    sinks: int = 0
+    recentre: float | None = None
+
+    def __post_init__(self):
+        if self.hybrid and self.methods == METHODS:
+            self.methods = WINDOW_METHODS
+
+    @property
+    def hybrid(self) -> dict:
+        """The window-mode arguments of ``sata_attention`` (empty: the plain op)."""
+        if not self.window and not self.sinks and self.recentre is None:
+            return {}
+        return {"window": self.window, "sinks": self.sinks, "recentre": self.recentre}
+
+
+@dataclass
+class DecodeConfig(WindowSettings):
     """One decode sweep: shapes, contexts and measurement settings."""
 
     batch: int = 1
@@ -63,16 +90,26 @@ class DecodeConfig:
         return self.d_key if self.d_value is None else self.d_value
 
 
-def sata_step(state: sata.SATAState, query, key, value, n_taylor: int, inplace: bool = True):
+def _absorb(k, v, state: sata.SATAState | None, n_taylor: int, **hybrid) -> sata.SATAState:
+    """``state`` after keys and values (no outputs); with ``hybrid``, a window-mode state whose first
+    call fixes the key centre, as a re-centred stream's does."""
+    if not hybrid:
+        return sata.accumulate_state(k, v, n_taylor=n_taylor, state=state)
+    # sata_attention with no queries: accumulate_state takes no recentre (the stream's centre)
+    return sata.sata_attention(k[..., :0, :], k, v, n_taylor=n_taylor, state=state, return_state=True, **hybrid)[1]
+
+
+def sata_step(state: sata.SATAState, query, key, value, n_taylor: int, inplace: bool = True, **hybrid):
     """A decode step to time: ``sata_attention`` on one token with the context's state.
 
     ``inplace=True`` (a serving loop) updates a private copy of the state in place, so timed calls
     leave ``state`` as it was (the copy drifts by one token per call, which changes no cost);
-    ``inplace=False`` returns a new state per call, leaving the old one valid.
+    ``inplace=False`` returns a new state per call, leaving the old one valid. ``hybrid``: the
+    window mode's ``window``, ``sinks``, ``recentre`` (the state's own window and sinks).
     """
     st = state.clone() if inplace else state
     return lambda: sata.sata_attention(query, key, value, n_taylor=n_taylor, is_causal=True, state=st,
-                                       return_state=True, inplace=inplace)
+                                       return_state=True, inplace=inplace, **hybrid)
 
 
 def _chunk_tokens(cfg: DecodeConfig) -> int:
@@ -99,6 +136,7 @@ class _Streams:
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.pos = 0
         self.state: sata.SATAState | None = None
+        self.plain_state: sata.SATAState | None = None      # the plain op's, beside a window-mode ``state``
         self.paper = PaperTaylorAttention(cfg.d_key, cfg.n_taylor, device=cfg.device) if "paper" in cfg.methods else None
         self.paper_state = None
         self.cache = None
@@ -120,7 +158,9 @@ class _Streams:
             k, v = self._tokens(t)
             with torch.no_grad():
                 if "sata" in self.cfg.methods:
-                    self.state = sata.accumulate_state(k, v, n_taylor=self.cfg.n_taylor, state=self.state)
+                    self.state = _absorb(k, v, self.state, self.cfg.n_taylor, **self.cfg.hybrid)
+                if "plain" in self.cfg.methods:
+                    self.plain_state = _absorb(k, v, self.plain_state, self.cfg.n_taylor)
                 if self.paper is not None:
                     self.paper_state = self.paper.absorb(k, v, self.paper_state)
             if self.cache is not None and self.cache.length + t <= self.cache.capacity - 1:
@@ -128,6 +168,10 @@ class _Streams:
             self.pos += t
             if progress is not None:
                 progress.update(t)
+
+    def states(self) -> dict[str, sata.SATAState | None]:
+        """The sata states so far by method: ``sata`` (the window mode's, if on) and ``plain``."""
+        return {"sata": self.state, "plain": self.plain_state}
 
     def fill_cache_periodic(self, n: int, seg: int) -> None:
         """Extend the KV cache to ``n`` positions by repeating its first ``seg`` ones."""
@@ -171,22 +215,22 @@ def run_decode(cfg: DecodeConfig, progress: bool = True) -> dict:
     desc = cfg.label or f"decode B={cfg.batch} H={cfg.n_heads} d={cfg.d_key} P={cfg.n_taylor}"
     bar = tqdm(total=min(seg, contexts[-1]), desc=f"{desc}: streaming", unit="tok", unit_scale=True,
                disable=not progress, leave=False)
-    seg_state = seg_paper = None
+    seg_states = seg_paper = None
     for n in tqdm(contexts, desc=desc, unit="ctx", disable=not progress, leave=False):
         if n <= seg:
             streams.stream_to(n, bar)
-            state, paper_state = streams.state, streams.paper_state
+            states, paper_state = streams.states(), streams.paper_state
             if n == seg:
-                seg_state, seg_paper = state, paper_state
+                seg_states, seg_paper = states, paper_state
         else:
-            if seg_state is None:
+            if seg_states is None:
                 streams.stream_to(seg, bar)
-                seg_state, seg_paper = streams.state, streams.paper_state
+                seg_states, seg_paper = streams.states(), streams.paper_state
             r = n // seg
-            state = _scaled_state(seg_state, r, n) if seg_state is not None else None
+            states = {m: None if st is None else _scaled_state(st, r, n) for m, st in seg_states.items()}
             paper_state = None if seg_paper is None else [(a * r, b * r) for a, b in seg_paper]
             streams.fill_cache_periodic(n, seg)
-        rows.append(_measure(cfg, n, min(n, seg), streams, state, paper_state, q1, k1, v1))
+        rows.append(_measure(cfg, n, min(n, seg), streams, states, paper_state, q1, k1, v1))
     bar.close()
 
     ns = [r["context"] for r in rows]
@@ -207,15 +251,18 @@ def _config_dict(cfg: DecodeConfig) -> dict:
     return d
 
 
-def _measure(cfg, n, streamed, streams: _Streams, state, paper_state, q1, k1, v1) -> dict:
+def _measure(cfg, n, streamed, streams: _Streams, states: dict, paper_state, q1, k1, v1) -> dict:
     row: dict = {"context": n, "streamed_tokens": streamed}
     fns, held = {}, {}
-    if "sata" in cfg.methods:
-        if state is None:
-            row["sata"] = {"skipped": "no state"}
+    for name in ("sata", "plain"):
+        if name not in cfg.methods:
+            continue
+        if states[name] is None:
+            row[name] = {"skipped": "no state"}
         else:
-            fns["sata"] = sata_step(state, q1, k1, v1, cfg.n_taylor, cfg.sata_inplace)
-            held["sata"] = state.nbytes
+            hybrid = cfg.hybrid if name == "sata" else {}
+            fns[name] = sata_step(states[name], q1, k1, v1, cfg.n_taylor, cfg.sata_inplace, **hybrid)
+            held[name] = states[name].nbytes
     if "sdpa" in cfg.methods:
         cache = streams.cache
         if cache is None or cache.length < n or n + 1 > cache.capacity:
@@ -250,10 +297,14 @@ def _measure(cfg, n, streamed, streams: _Streams, state, paper_state, q1, k1, v1
             entry["transient_peak_bytes"] = peaks[name]
             entry["peak_bytes"] = None if peaks[name] is None else int(held[name] + peaks[name])
         row[name] = entry
-    for name in ("sdpa", "paper"):
+    compare(row, outs)
+    return row
+
+
+def compare(row: dict, outs: dict) -> None:
+    """``sata``'s agreement with every other method's output, and its time over theirs (``sata_over_<m>``)."""
+    for name in ("sdpa", "paper", "plain"):
         if "sata" in outs and name in outs:
             row["sata"][f"vs_{name}"] = agreement(outs["sata"], outs[name])
-    for base in ("sdpa", "paper"):
-        if "time" in row.get("sata", {}) and "time" in row.get(base, {}):
-            row[f"sata_over_{base}"] = row["sata"]["time"]["median"] / row[base]["time"]["median"]
-    return row
+        if "time" in row.get("sata", {}) and "time" in row.get(name, {}):
+            row[f"sata_over_{name}"] = row["sata"]["time"]["median"] / row[name]["time"]["median"]

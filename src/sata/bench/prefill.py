@@ -3,6 +3,8 @@
 For every length, in one run on the same ``q, k, v``: ``sata`` (:func:`sata.sata_attention`
 with ``is_causal=True``), SDPA's causal kernel, and the paper's formulation by cumulative
 sums (skipped where its ``n x m_p x d_v`` cumulative sums would not fit in ``max_bytes``).
+In the window mode (``window``, ``sinks``, ``recentre``) ``sata`` is the window mode and ``plain``
+the plain op on the same inputs.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import torch
 import sata
 
 from .baselines import PaperTaylorAttention, sdpa_causal
-from .compare import agreement, crossover
+from .compare import crossover
+from .decode import METHODS, WindowSettings, compare
 from .timing import peak_memory, time_interleaved
 
 __all__ = ["PrefillConfig", "run_prefill"]
 
 
 @dataclass
-class PrefillConfig:
+class PrefillConfig(WindowSettings):
     """One prefill sweep."""
 
     batch: int = 1
@@ -34,7 +37,7 @@ class PrefillConfig:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     max_bytes: int = 4 * 2**30
-    methods: tuple[str, ...] = ("sata", "sdpa", "paper")
+    methods: tuple[str, ...] = METHODS
     measure_memory: bool = True
     min_time: float = 0.5
     min_repeat: int = 3
@@ -48,11 +51,15 @@ class PrefillConfig:
         return self.d_key if self.d_value is None else self.d_value
 
 
-def method_flops(batch: int, n_heads: int, length: int, d_key: int, d_value: int, n_taylor: int) -> int:
+def method_flops(batch: int, n_heads: int, length: int, d_key: int, d_value: int, n_taylor: int,
+                 exact_keys: int = 0) -> int:
     """FLOPs of the method for causal attention over ``length`` tokens: the per-token cost of
     the recurrent formulation (:func:`sata.flops_per_token`: features, state update, read-out)
-    times tokens and heads. The chunked algorithm's extra intra-chunk work is not counted."""
-    return batch * n_heads * length * sata.flops_per_token(d_key, d_value, n_taylor)
+    times tokens and heads, plus ``2 (E + Ev)`` per exact key of the window mode (``exact_keys =
+    window + sinks``: scores and weighted values). The chunked algorithm's extra intra-chunk work and
+    the centre's moments are not counted."""
+    per_token = sata.flops_per_token(d_key, d_value, n_taylor) + 2 * exact_keys * (d_key + d_value)
+    return batch * n_heads * length * per_token
 
 
 def sdpa_flops(batch: int, n_heads: int, length: int, d_key: int, d_value: int) -> int:
@@ -75,11 +82,15 @@ def run_prefill(cfg: PrefillConfig, progress: bool = True) -> dict:
         k = torch.randn(*shape, cfg.d_key, generator=g).to(cfg.device, cfg.dtype)    # [B, H, L, E]
         v = torch.randn(*shape, cfg.dv, generator=g).to(cfg.device, cfg.dtype)       # [B, H, L, Ev]
         row: dict = {"length": n,
-                     "method_flops": method_flops(cfg.batch, cfg.n_heads, n, cfg.d_key, cfg.dv, cfg.n_taylor),
+                     "method_flops": method_flops(cfg.batch, cfg.n_heads, n, cfg.d_key, cfg.dv, cfg.n_taylor,
+                                                  cfg.window + cfg.sinks),
                      "sdpa_flops": sdpa_flops(cfg.batch, cfg.n_heads, n, cfg.d_key, cfg.dv)}
         fns = {}
-        if "sata" in cfg.methods:
-            fns["sata"] = lambda q=q, k=k, v=v: sata.sata_attention(q, k, v, n_taylor=cfg.n_taylor, is_causal=True)
+        for name in ("sata", "plain"):
+            if name in cfg.methods:
+                hybrid = cfg.hybrid if name == "sata" else {}
+                fns[name] = lambda q=q, k=k, v=v, h=hybrid: sata.sata_attention(q, k, v, n_taylor=cfg.n_taylor,
+                                                                             is_causal=True, **h)
         if "sdpa" in cfg.methods:
             fns["sdpa"] = lambda q=q, k=k, v=v: sdpa_causal(q, k, v)
         if paper is not None:
@@ -103,13 +114,8 @@ def run_prefill(cfg: PrefillConfig, progress: bool = True) -> dict:
                     entry["transient_peak_bytes"] = peaks[name]
                 row[name] = entry
         if "sata" in outs:
-            for name in ("sdpa", "paper"):
-                if name in outs:
-                    row["sata"][f"vs_{name}"] = agreement(outs["sata"], outs[name])
             row["sata"]["method_flops_per_s"] = row["method_flops"] / timings["sata"].median
-        for base in ("sdpa", "paper"):
-            if "time" in row.get("sata", {}) and "time" in row.get(base, {}):
-                row[f"sata_over_{base}"] = row["sata"]["time"]["median"] / row[base]["time"]["median"]
+        compare(row, outs)
         rows.append(row)
         del q, k, v, outs
     med = lambda m: [r[m]["time"]["median"] if "time" in r.get(m, {}) else None for r in rows]

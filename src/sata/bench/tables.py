@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["CONTAMINATED", "count_contaminated", "decode_table", "fmt_bytes", "fmt_time", "prefill_table", "render",
-           "scaling_table", "targets_table"]
+           "scaling_table", "targets_table", "window_table"]
 
 CONTAMINATED = ("* contaminated: other processes slowed this measurement (its repeats spread, or a reference "
                 "workload timed beside it ran slower than on the quiet machine): not a result; rerun on a quiet machine")
@@ -95,6 +95,17 @@ def prefill_table(res: dict, markdown: bool = False) -> str:
         rows.append([_ctx(r["length"]), _t(r.get("sata")), _t(r.get("sdpa")), _t(r.get("paper")),
                      _ratio(r.get("sata_over_sdpa")), _ratio(r.get("sata_over_paper")),
                      "-" if rate is None else f"{rate / 1e9:.3g}", mem("sata"), mem("paper")])
+    return render(headers, rows, markdown)
+
+
+def window_table(res: dict, markdown: bool = False) -> str:
+    """The window mode (``sata``) beside the plain op (``plain``) of a decode or prefill sweep, one row per length."""
+    n_key = "context" if "context" in res["rows"][0] else "length"
+    headers = [n_key, "window mode", "plain op", "window/plain", "window/SDPA", "window mem", "plain mem"]
+    mem = lambda e: fmt_bytes(e.get("peak_bytes", e.get("transient_peak_bytes", e.get("held_bytes")))) \
+        if "time" in (e or {}) else "-"
+    rows = [[_ctx(r[n_key]), _t(r.get("sata")), _t(r.get("plain")), _ratio(r.get("sata_over_plain")),
+             _ratio(r.get("sata_over_sdpa")), mem(r.get("sata")), mem(r.get("plain"))] for r in res["rows"]]
     return render(headers, rows, markdown)
 
 
