@@ -204,6 +204,25 @@ def test_merged_segment_states_continue_the_stream():
         assert_rel(y, expected[..., cut_b:, :], 1e-10, f"a=[0,{cut_a}) b=[{cut_a},{cut_b})")
 
 
+def test_recentred_stream_without_exact_keys_keeps_its_key_centre():
+    """A re-centred stream without window or sinks still holds centred keys: continuing it with the series around
+    0, accumulating into it, or merging it must use the centre (the plain path would silently drop it)."""
+    q, k, v = qkv((2,), 2, 40, 4, 3, seed=31)
+    kw = dict(n_taylor=3, is_causal=True)
+    _, st = sata.sata_attention(q[..., :20, :], k[..., :20, :], v[..., :20, :], recentre=0.0, return_state=True, **kw)
+    assert st.exact is None and st.key_centre is not None
+    y = sata.sata_attention(q[..., 20:, :], k[..., 20:, :], v[..., 20:, :], state=st, **kw)
+    assert_rel(y, sata.naive_sata_attention(q, k, v, **kw)[..., 20:, :], 1e-10, "continued around 0")
+    _, streamed = sata.sata_attention(q[..., 20:, :], k[..., 20:, :], v[..., 20:, :], state=st, recentre=0.0,
+                                      return_state=True, **kw)
+    acc = sata.accumulate_state(k[..., 20:, :], v[..., 20:, :], n_taylor=3, state=st)
+    assert_rel(acc.kv, streamed.kv, 1e-12, "accumulated")
+    _, later = sata.sata_attention(q[..., 20:, :], k[..., 20:, :], v[..., 20:, :], recentre=0.0, return_state=True, **kw)
+    merged = st + later                              # the later segment has its own centre: translated exactly
+    assert_rel(merged.kv, streamed.kv, 1e-10, "merged")
+    assert torch.equal(merged.key_centre, st.key_centre)
+
+
 def test_accumulate_equals_attention_state():
     q, k, v = qkv((2,), 2, 30, 4, 3, seed=15)
     _, st = sata.sata_attention(q, k, v, n_taylor=3, is_causal=True, window=5, sinks=2, return_state=True)

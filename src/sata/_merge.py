@@ -22,18 +22,18 @@ def merge_exact(a: SATAState, b: SATAState) -> SATAState:
     W, S, n_a = a.window, a.sinks, a.n_tokens
     N = n_a + b.n_tokens
     batch, Hkv = a.batch_shape, a.n_heads
-    ea = a.exact.map(lambda t: t.flatten(0, len(batch) - 1) if batch else t[None])     # batch flattened to [B, ...]
-    eb = b.exact.map(lambda t: t.to(a.dtype if t.is_floating_point() else None).flatten(0, len(batch) - 1) if batch else t[None])
-    B = ea.sink_pos.shape[0]
     zero = a.kv.new_zeros(*batch, Hkv, a.d_key)
     mu_a = zero if a.key_centre is None else a.key_centre.to(a.dtype)
     mu_b = zero if b.key_centre is None else b.key_centre.to(a.dtype)
     b_kv = b.kv.to(a.dtype)
     if not torch.equal(mu_a, mu_b):  # b's keys were centred elsewhere: phi(k - mu_a) = M(mu_b - mu_a) phi(k - mu_b)
         b_kv = translate(b_kv, (mu_b - mu_a) * math.sqrt(abs(a.scale)), a.n_taylor)
-    far = (a.kv + b_kv).reshape(B, Hkv, *a.kv.shape[-2:])                      # [B, Hkv, D, F]
     if a.exact is None:  # a re-centred stream without window or sinks: the far states are everything
-        return replace(a, kv=far.reshape(a.kv.shape), n_tokens=N)
+        return replace(a, kv=a.kv + b_kv, n_tokens=N)
+    ea = a.exact.map(lambda t: t.flatten(0, len(batch) - 1) if batch else t[None])     # batch flattened to [B, ...]
+    eb = b.exact.map(lambda t: t.to(a.dtype if t.is_floating_point() else None).flatten(0, len(batch) - 1) if batch else t[None])
+    B = ea.sink_pos.shape[0]
+    far = (a.kv + b_kv).reshape(B, Hkv, *a.kv.shape[-2:])                      # [B, Hkv, D, F]
     leave_k, leave_v, leave_f = [], [], []                                     # keys that enter the far state
 
     # sinks: the first S kept keys of a, then of b

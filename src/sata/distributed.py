@@ -192,7 +192,7 @@ def _window_mode(query, key, value, is_causal: bool, key_padding_mask, state: SA
     incoming = state if state is not None else start
     prefix = incoming
     for r in range(world if return_state else rank):     # left fold: the merge keeps the stream's order
-        incoming = _merge(incoming, states[r])
+        incoming = incoming + states[r]
         if r + 1 == rank:
             prefix = incoming
     out = sata_attention(query, key, value, is_causal=True, key_padding_mask=key_padding_mask, state=prefix, **common,
@@ -257,14 +257,6 @@ def _stream_key_centre(key, key_padding_mask, dtype, group, world: int) -> torch
     total = torch.stack(parts).sum(0)
     sums, counts = total[: sums.numel()].view(sums.shape), total[sums.numel():].view(kept.shape[:-1])
     return (sums / counts.clamp_min(1)[..., None, None]).to(dtype)
-
-
-def _merge(a: SATAState, b: SATAState) -> SATAState:
-    """``a + b`` for window-mode states of one centre. A re-centred state without window or sinks is a plain sum
-    (``SATAState.__add__`` fails on it: ``_merge.merge_exact`` reads ``a.exact`` before testing it for None)."""
-    if a.exact is None:
-        return replace(a, kv=a.kv + b.kv, n_tokens=a.n_tokens + b.n_tokens)
-    return a + b
 
 
 def _all_gather_states(local: SATAState, lengths: list[int], group, world: int, anchors):

@@ -113,12 +113,10 @@ def sata_attention(
                                 taylor_mix=taylor_mix, recentre=recentre)
     spec = check_inputs("sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state)
-    if window or sinks or recentre is not None or taylor_mix is not _DEFAULT_MIX or (
-        state is not None and state.exact is not None
-    ):  # the window mode, MATH.md section 6 (the plain defaults skip this test in a decode loop)
+    if window or sinks or recentre is not None or taylor_mix is not _DEFAULT_MIX or _windowed(state):  # the window mode, MATH.md section 6 (the plain defaults skip this test in a decode loop)
         hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
-        if not hybrid.plain or (state is not None and state.exact is not None):
+        if not hybrid.plain or _windowed(state):
             return window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state,
                                inplace, _TUNING.get().kernels)
     grad = needs_grad(query, key, value, state)
@@ -154,11 +152,17 @@ def accumulate_state(
     query = key[..., :0, :]
     spec = check_inputs("accumulate_state", query, key, value, n_taylor=n_taylor, is_causal=False, scale=scale,
                         enable_gqa=False, key_padding_mask=key_padding_mask, state=state)
-    if window or sinks or (state is not None and state.exact is not None):
+    if window or sinks or _windowed(state):
         hybrid = check_hybrid("accumulate_state", window=window, sinks=sinks, taylor_mix=1.0, recentre=None,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
         return window_call(query, key, value, spec, hybrid, False, key_padding_mask, state, True)[1]
     return _attention(query, key, value, spec, key_padding_mask, state, True, False, needs_grad(key, value, state))[1]
+
+
+def _windowed(state: SATAState | None) -> bool:
+    """A state of the window mode's stream: exact keys, or keys centred by a key centre (which the plain path
+    would silently drop)."""
+    return state is not None and (state.exact is not None or state.key_centre is not None)
 
 
 # ---------------------------------------------------------------------------- dispatch
