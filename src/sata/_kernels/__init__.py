@@ -40,8 +40,8 @@ import torch
 
 from ..basis import get_basis
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.h", "decode.cpp", "decode_window.cpp", "prefill.cpp")]
-_ABI = 7  # SATA_KERNEL_ABI in kernels.h
+_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.h", "decode.cpp", "decode_window.cpp", "prefill.h", "prefill.cpp", "window.h", "prefill_window.cpp")]
+_ABI = 8  # SATA_KERNEL_ABI in kernels.h
 _TORCH = Path(torch.__file__).parent
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
@@ -123,12 +123,23 @@ class _WindowDecodeTensors(ctypes.Structure):
                                                      "alpha", "beta")] + [("n_tokens", ctypes.c_int64)]
 
 
+class _WindowPrefillArgs(ctypes.Structure):
+    _fields_ = [("base", _PrefillArgs), ("W", ctypes.c_int64), ("S", ctypes.c_int64), ("recentre", ctypes.c_int64)]
+
+
+class _WindowPrefillTensors(ctypes.Structure):
+    _fields_ = [("B", ctypes.c_int64), ("L", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("q", "k", "k_far", "v", "flag", "sink_k", "sink_v", "sink_pos", "key_centre",
+                                             "alpha", "beta", "S", "y")] + [("n_tokens", ctypes.c_int64)]
+
+
 # every field of the window decode tensors is 8 bytes (pointers and int64), in order: filled as one int64 array
 _WORDS = len(_WindowDecodeTensors._fields_)
 assert ctypes.sizeof(_WindowDecodeTensors) == 8 * _WORDS and ctypes.sizeof(ctypes.c_void_p) == 8
 
 # sata_struct_size(0, 1, ...)
-_STRUCTS = (_DecodeArgs, _PrefillArgs, _PrefillTensors, _WindowDecodeArgs, _WindowDecodeTensors)
+_STRUCTS = (_DecodeArgs, _PrefillArgs, _PrefillTensors, _WindowDecodeArgs, _WindowDecodeTensors, _WindowPrefillArgs,
+            _WindowPrefillTensors)
 
 
 def _open(path: str) -> ctypes.CDLL:
@@ -149,7 +160,8 @@ def _open(path: str) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ptr] * 8, ctypes.c_int
     for name in ("sata_prefill_f32", "sata_prefill_f32s64", "sata_prefill_f64", "sata_decode_window_f32",
-                 "sata_decode_window_f32s64", "sata_decode_window_f64"):
+                 "sata_decode_window_f32s64", "sata_decode_window_f64", "sata_prefill_window_f32",
+                 "sata_prefill_window_f32s64", "sata_prefill_window_f64"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ptr, ptr], ctypes.c_int
     return lib
@@ -312,6 +324,48 @@ class WindowDecodePlan:
                     alpha.data_ptr(), beta.data_ptr(), n_tokens)
         if self._fn(self._args_ptr, self._local.address):
             raise _failed("window decode")
+
+
+class WindowPrefillPlan:
+    """The fused window-mode causal prefill (``MATH.md`` section 6) for one configuration, its constants bound once.
+
+    Call with contiguous CPU tensors, ``T`` the plan's compute dtype, ``TS`` its state dtype, ``N = B Hkv``,
+    ``X = W + L`` (the extended stream: the state's window keys, oldest first, then the call's): q ``[N, G, L, d]``,
+    k ``[N, X, d]``, k_far ``[N, X, d]`` (the keys minus the key centre) or ``None``, v ``[N, X, Ev]``, all T;
+    flag ``[B, X]`` uint8 (1 = a kept key that is not a sink); sink_k ``[N, S, d]``, sink_v ``[N, S, Ev]`` in T
+    (the sinks after the call), sink_pos ``[B, S]`` int64; key_centre ``[N, d]`` T or ``None``; alpha, beta
+    ``[Hkv G]`` T; S ``[N, F, D]`` TS, updated in place; y ``[N, G, L, Ev]`` T; n_tokens, the positions before.
+    """
+
+    def __init__(self, lib, Hkv: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
+                 state_dtype: torch.dtype, window: int, sinks: int, recentre: bool):
+        self._prefix_len, self._weight = _hierarchy(basis, dtype)
+        self._fn = _entry(lib, "prefill_window", dtype, state_dtype)
+        base = _PrefillArgs(Hkv, G, d, Ev, basis.dim, basis.n_taylor, self._prefix_len.data_ptr(),
+                            self._weight.data_ptr(), sq, sk, _WORK_PER_THREAD["prefill"], 1)
+        self._args = _WindowPrefillArgs(base, window, sinks, int(recentre))
+        self._args_ptr = ctypes.addressof(self._args)
+        self._shape = (Hkv, G, d, Ev, basis.dim, window, sinks, dtype, state_dtype)
+
+    def __call__(self, q, k, k_far, v, flag, sink_k, sink_v, sink_pos, key_centre, alpha, beta, S, y,
+                 n_tokens: int) -> None:
+        Hkv, G, d, Ev, D, W, Sn, dt, sdt = self._shape
+        B, L = flag.shape[0], q.shape[-2]
+        N, X = B * Hkv, W + L
+        # the kernel reads raw memory: anything that disagrees with the plan would read out of bounds
+        want = [(q, (N, G, L, d), dt), (k, (N, X, d), dt), (k_far, (N, X, d), dt), (v, (N, X, Ev), dt),
+                (flag, (B, X), torch.uint8), (sink_k, (N, Sn, d), dt), (sink_v, (N, Sn, Ev), dt),
+                (sink_pos, (B, Sn), torch.int64), (key_centre, (N, d), dt), (alpha, (Hkv * G,), dt),
+                (beta, (Hkv * G,), dt), (S, (N, Ev + 1, D), sdt), (y, (N, G, L, Ev), dt)]
+        for t, shape, dtype in want:
+            if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous()):
+                raise ValueError(f"window prefill kernel: a {tuple(t.shape)} {t.dtype} tensor where the plan needs a "
+                                 f"contiguous {shape} {dtype} one")
+        ptr = lambda t: None if t is None else t.data_ptr()
+        t = _WindowPrefillTensors(B, L, *(ptr(x) for x in (q, k, k_far, v, flag, sink_k, sink_v, sink_pos, key_centre,
+                                                            alpha, beta, S, y)), n_tokens)
+        if self._fn(self._args_ptr, ctypes.addressof(t)):
+            raise _failed("window prefill")
 
 
 def _view(t: torch.Tensor) -> _View:

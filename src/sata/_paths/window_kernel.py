@@ -55,17 +55,21 @@ class _Plan:
     def params(self, hybrid: Hybrid) -> tuple[torch.Tensor, torch.Tensor]:
         """``alpha`` and ``beta`` as contiguous ``[Hq]`` tensors in the compute dtype (plain numbers: cached)."""
         alpha, beta = hybrid.recentre, hybrid.taylor_mix
-        tensors = isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor)
-        pair = None if tensors else self._params.get((alpha, beta))
+        if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
+            return head_params(hybrid, self.spec)
+        pair = self._params.get((alpha, beta))
         if pair is None:
-            spec = self.spec
-            pair = tuple(x.detach().to(spec.compute_dtype).expand(spec.n_q_heads).contiguous()
-                         if isinstance(x, torch.Tensor) else
-                         torch.full((spec.n_q_heads,), 0.0 if x is None else x, dtype=spec.compute_dtype)
-                         for x in (alpha, beta))
-            if not tensors:
-                self._params[(alpha, beta)] = pair
+            pair = self._params[(alpha, beta)] = head_params(hybrid, self.spec)
         return pair
+
+
+def head_params(hybrid: Hybrid, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``alpha`` (0 without recentre) and ``beta`` as contiguous ``[Hq]`` tensors in the compute dtype, as the
+    window kernels read them."""
+    return tuple(x.detach().to(spec.compute_dtype).expand(spec.n_q_heads).contiguous()
+                 if isinstance(x, torch.Tensor) else
+                 torch.full((spec.n_q_heads,), 0.0 if x is None else x, dtype=spec.compute_dtype)
+                 for x in (hybrid.recentre, hybrid.taylor_mix))
 
 
 def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state: bool,
