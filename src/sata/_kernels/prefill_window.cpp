@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -45,6 +46,7 @@ struct WindowHead : sata::Head<T, TS> {
   std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
   std::vector<T> ex;         // [C + W + S][C] exact scores, then weights
   std::vector<const T*> val; // [C + W + S] the value row of each exact row in use
+  std::vector<std::pair<int64_t, int64_t>> lane;  // [C + W + S] its lanes [lo, hi)
   std::vector<T> top, den;   // [C]
   std::vector<T> num;        // [Ev][C]
   std::vector<T> mus;        // [d] the key centre, scaled
@@ -53,8 +55,9 @@ struct WindowHead : sata::Head<T, TS> {
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
         W(w.W), S(w.S), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D), s(C * C), coef(w.base.P * C),
-        cen(C), nfar(C), ex((C + w.W + w.S) * C), val(C + w.W + w.S), top(C), den(C), num(w.base.Ev * C),
-        mus(w.base.d) {
+        cen(C), nfar(C), ex((C + w.W + w.S) * C), val(C + w.W + w.S), lane(C + w.W + w.S), top(C), den(C),
+        num(w.base.Ev * C), mus(w.base.d) {
+    std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
     const int64_t P = this->P, d = this->d;
     for (int64_t p = 0; p < P; ++p) {
       int64_t size = p == 0 ? 1 : d;
@@ -95,30 +98,66 @@ struct WindowHead : sata::Head<T, TS> {
       nfar[i] = M[Ev] + count;
     }
     const bool scaled = recentre || mu != nullptr;  // else every a_m is 1
-    for (int64_t i = 0; i < C; ++i) {
-      T delta = T(0);
-      if (mu != nullptr)
-        for (int64_t e = 0; e < d; ++e) delta += qx[e * C + i] * mus[e];
-      T shifted = -delta;
-      cen[i] = T(0);
-      if (recentre) {
-        // (N, sum s', sum s'^2 / 2) over the far keys: the state's degree 1 and 2 read-outs of the
-        // normaliser column, then the chunk's keys at or before the query
-        T m1 = T(0), m2 = T(0);
-        for (int64_t r = off[1]; r < off[std::min<int64_t>(P, 2)]; ++r) m1 += X[r * C + i] * M[r * Fp + Ev];
-        for (int64_t r = off[std::min<int64_t>(P, 2)]; r < off[std::min<int64_t>(P, 3)]; ++r)
-          m2 += X[r * C + i] * M[r * Fp + Ev];
-        for (int64_t j = 0; j <= i && j < c; ++j) {
-          const T wj = vt[j * Fp + Ev], sj = s[j * C + i];
-          m1 += wj * sj;
-          if (P >= 3) m2 += wj * sj * sj * T(0.5);
-        }
-        shifted = sata::centre<T>(nfar[i], m1, m2, alpha);
-        cen[i] = shifted + delta;
+    // lane by lane (each lane a query): delta, the centre c' of the far scores s' and a_m(c')
+    T delta[C], shifted[C];
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) delta[i] = T(0);
+    if (mu != nullptr)
+      for (int64_t e = 0; e < d; ++e) {
+        const T* qe = qx + e * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) delta[i] += qe[i] * mus[e];
       }
-      T a[64];  // a_m for m < P (P <= 64: the features would not fit long before)
-      if (scaled) sata::coefficients<T>(shifted, P, a);
-      for (int64_t m = 0; m < P; ++m) coef[m * C + i] = scaled ? a[m] : T(1);
+    if (recentre) {
+      // (N, sum s', sum s'^2 / 2) over the far keys: the state's degree 1 and 2 read-outs of the normaliser
+      // column, then the chunk's keys at or before the query (the second moment only for a centre below the mean)
+      const bool second = P >= 3 && alpha != T(0);
+      T m1[C], m2[C];
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) m1[i] = m2[i] = T(0);
+      for (int64_t r = off[1]; r < off[std::min<int64_t>(P, second ? 3 : 2)]; ++r) {
+        const T z = M[r * Fp + Ev];
+        T* m = r < off[2] ? m1 : m2;
+        const T* x = X + r * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) m[i] += x[i] * z;
+      }
+      for (int64_t j = 0; j < c; ++j) {
+        const T wj = vt[j * Fp + Ev];
+        if (wj == T(0)) continue;
+        const T* sj = s.data() + j * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) {
+          const T a = i >= j ? wj * sj[i] : T(0);
+          m1[i] += a;
+          m2[i] += a * sj[i] * T(0.5);
+        }
+      }
+      for (int64_t i = 0; i < C; ++i) {
+        shifted[i] = sata::centre<T>(nfar[i], m1[i], second ? m2[i] : T(0), alpha);
+        cen[i] = shifted[i] + delta[i];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) {
+        shifted[i] = -delta[i];
+        cen[i] = T(0);
+      }
+    }
+    if (scaled) {  // a_m(c) = sum_{n < P-m} (-c)^n / n! (sata::coefficients, lane by lane)
+      T term[C], sum[C];
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) term[i] = T(1), sum[i] = T(0);
+      for (int64_t n = 0; n < P; ++n) {
+        const T inv = n ? T(1) / T(n) : T(1);
+        T* cm = coef.data() + (P - 1 - n) * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) {
+          if (n) term[i] = term[i] * (-shifted[i]) * inv;
+          sum[i] += term[i];
+          cm[i] = sum[i];
+        }
+      }
     }
     if (scaled)
       for (int64_t r = 0; r < D; ++r) {
@@ -147,32 +186,37 @@ struct WindowHead : sata::Head<T, TS> {
   }
 
   // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
-  // top, den and num (unnormalised, around top)
+  // top, den and num (unnormalised, around top). Each row of scores is worked on the whole vectors that
+  // hold its lanes only (the band's edges cover part of the chunk), -inf on their other lanes
   void exact_part(int64_t t0, int64_t c, const T* k, const T* v, const uint8_t* flag, const T* sink_k, const T* sink_v,
                   const int64_t* sink_pos, int64_t n_tokens) {
     using VV = Vec<T>;
+    using V = typename VV::type;
+    typedef typename sata::Bits<T>::type Lane;
+    typedef Lane I __attribute__((vector_size(sizeof(V))));
+    constexpr int64_t L = VV::W;
+    static_assert(C % L == 0, "a chunk is whole vectors");
     const int64_t d = this->d, Ev = this->Ev;
     const T* qx = this->qx.data();
     const T sk = this->sk, ninf = -std::numeric_limits<T>::infinity();
+    I iota;
+    for (int64_t l = 0; l < L; ++l) iota[l] = l;
     int64_t rows = 0;
-    // one row of scores: lanes [lo, c) with lo >= 0 are in (the band's lanes below hi too)
+    // one row of scores on the vectors that hold lanes [lo, hi)
     const auto row = [&](const T* key, const T* value, int64_t lo, int64_t hi) {
       lo = std::max<int64_t>(lo, 0);
       hi = std::min<int64_t>(hi, c);
       if (lo >= hi) return;
-      T a[C];
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) a[i] = T(0);
-      for (int64_t e = 0; e < d; ++e) {
-        const T ke = key[e] * sk;
-        const T* qe = qx + e * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) a[i] += ke * qe[i];
-      }
+      const int64_t v0 = lo / L * L, v1 = (hi + L - 1) / L * L;
       T* out = ex.data() + rows * C;
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) out[i] = i >= lo && i < hi ? a[i] : ninf;
-      val[rows++] = value;
+      for (int64_t i = v0; i < v1; i += L) {
+        V acc{};
+        for (int64_t e = 0; e < d; ++e) acc += (key[e] * sk) * VV::load(qx + e * C + i);
+        const I at = iota + Lane(i);
+        VV::store(out + i, (at >= Lane(lo)) & (at < Lane(hi)) ? acc : V{} + ninf);
+      }
+      val[rows] = value;
+      lane[rows++] = {v0, v1};
     };
     for (int64_t u = 0; u < c - 1 + W; ++u) {  // stream position e = t0 + 1 + u: exact for lanes u + 1 - W .. u
       const int64_t e = t0 + 1 + u;
@@ -180,33 +224,32 @@ struct WindowHead : sata::Head<T, TS> {
     }
     for (int64_t j = 0; j < S; ++j)  // a sink at stream position p: exact for queries at n_tokens + t0 + i >= p
       if (sink_pos[j] >= 0) row(sink_k + j * d, sink_v + j * Ev, sink_pos[j] - n_tokens - t0, C);
-    T mx[C];
-#pragma omp simd
-    for (int64_t i = 0; i < C; ++i) mx[i] = ninf;
+    V mx[C / L];
+    for (int64_t b = 0; b < C / L; ++b) mx[b] = V{} + ninf;
     for (int64_t r = 0; r < rows; ++r) {
       const T* x = ex.data() + r * C;
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) mx[i] = x[i] > mx[i] ? x[i] : mx[i];
+      for (int64_t i = lane[r].first; i < lane[r].second; i += L) {
+        const V xi = VV::load(x + i);
+        mx[i / L] = xi > mx[i / L] ? xi : mx[i / L];
+      }
     }
-    T safe[C];
-    for (int64_t i = 0; i < C; ++i) {
-      top[i] = mx[i];
-      safe[i] = std::isfinite(mx[i]) ? mx[i] : T(0);
-      den[i] = T(0);
+    V safe[C / L], dn[C / L];
+    for (int64_t b = 0; b < C / L; ++b) {
+      VV::store(top.data() + b * L, mx[b]);
+      for (int64_t l = 0; l < L; ++l) safe[b][l] = std::isfinite(mx[b][l]) ? mx[b][l] : T(0);
+      dn[b] = V{};
     }
     std::fill(num.begin(), num.end(), T(0));
     for (int64_t r = 0; r < rows; ++r) {  // weights e^{s - max}, their sum and the weighted values
-      T* x = ex.data() + r * C;
-      for (int64_t i = 0; i < C; i += VV::W) VV::store(x + i, sata::vexp<T>(VV::load(x + i) - VV::load(safe + i)));
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) den[i] += x[i];
-      for (int64_t f = 0; f < Ev; ++f) {
-        const T vf = val[r][f];
-        T* nf = num.data() + f * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) nf[i] += x[i] * vf;
+      const T* x = ex.data() + r * C;
+      const T* vr = val[r];
+      for (int64_t i = lane[r].first; i < lane[r].second; i += L) {
+        const V p = sata::vexp<T>(VV::load(x + i) - safe[i / L]);
+        dn[i / L] += p;
+        for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * vr[f]);
       }
     }
+    for (int64_t b = 0; b < C / L; ++b) VV::store(den.data() + b * L, dn[b]);
   }
 
   // both parts scaled to their common maximum, one normaliser: y rows t0 .. t0 + c - 1
