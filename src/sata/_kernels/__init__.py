@@ -129,8 +129,8 @@ class _WindowPrefillArgs(ctypes.Structure):
 
 class _WindowPrefillTensors(ctypes.Structure):
     _fields_ = [("B", ctypes.c_int64), ("L", ctypes.c_int64)] + [
-        (name, ctypes.c_void_p) for name in ("q", "k", "k_far", "v", "flag", "sink_k", "sink_v", "sink_pos", "key_centre",
-                                             "alpha", "beta", "S", "y")] + [("n_tokens", ctypes.c_int64)]
+        (name, ctypes.c_void_p) for name in ("q", "k_win", "v_win", "k", "v", "flag", "sink_k", "sink_v", "sink_pos",
+                                             "key_centre", "alpha", "beta", "S", "y")] + [("n_tokens", ctypes.c_int64)]
 
 
 # every field of the window decode tensors is 8 bytes (pointers and int64), in order: filled as one int64 array
@@ -329,12 +329,12 @@ class WindowDecodePlan:
 class WindowPrefillPlan:
     """The fused window-mode causal prefill (``MATH.md`` section 6) for one configuration, its constants bound once.
 
-    Call with contiguous CPU tensors, ``T`` the plan's compute dtype, ``TS`` its state dtype, ``N = B Hkv``,
-    ``X = W + L`` (the extended stream: the state's window keys, oldest first, then the call's): q ``[N, G, L, d]``,
-    k ``[N, X, d]``, k_far ``[N, X, d]`` (the keys minus the key centre) or ``None``, v ``[N, X, Ev]``, all T;
-    flag ``[B, X]`` uint8 (1 = a kept key that is not a sink); sink_k ``[N, S, d]``, sink_v ``[N, S, Ev]`` in T
-    (the sinks after the call), sink_pos ``[B, S]`` int64; key_centre ``[N, d]`` T or ``None``; alpha, beta
-    ``[Hkv G]`` T; S ``[N, F, D]`` TS, updated in place; y ``[N, G, L, Ev]`` T; n_tokens, the positions before.
+    Call with contiguous CPU tensors, ``T`` the plan's compute dtype, ``TS`` its state dtype, ``N = B Hkv``:
+    q ``[N, G, L, d]``; the state's window, oldest first, k_win ``[N, W, d]``, v_win ``[N, W, Ev]``; the call's
+    k ``[N, L, d]``, v ``[N, L, Ev]``, all T; flag ``[B, W + L]`` uint8 (1 = a kept key that is not a sink, window
+    then call); sink_k ``[N, S, d]``, sink_v ``[N, S, Ev]`` in T (the sinks after the call), sink_pos ``[B, S]``
+    int64; key_centre ``[N, d]`` T or ``None``; alpha, beta ``[Hkv G]`` T; S ``[N, F, D]`` TS, updated in place;
+    y ``[N, G, L, Ev]`` T; n_tokens, the positions before the call.
     """
 
     def __init__(self, lib, Hkv: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
@@ -347,23 +347,23 @@ class WindowPrefillPlan:
         self._args_ptr = ctypes.addressof(self._args)
         self._shape = (Hkv, G, d, Ev, basis.dim, window, sinks, dtype, state_dtype)
 
-    def __call__(self, q, k, k_far, v, flag, sink_k, sink_v, sink_pos, key_centre, alpha, beta, S, y,
+    def __call__(self, q, k_win, v_win, k, v, flag, sink_k, sink_v, sink_pos, key_centre, alpha, beta, S, y,
                  n_tokens: int) -> None:
         Hkv, G, d, Ev, D, W, Sn, dt, sdt = self._shape
         B, L = flag.shape[0], q.shape[-2]
-        N, X = B * Hkv, W + L
+        N = B * Hkv
         # the kernel reads raw memory: anything that disagrees with the plan would read out of bounds
-        want = [(q, (N, G, L, d), dt), (k, (N, X, d), dt), (k_far, (N, X, d), dt), (v, (N, X, Ev), dt),
-                (flag, (B, X), torch.uint8), (sink_k, (N, Sn, d), dt), (sink_v, (N, Sn, Ev), dt),
-                (sink_pos, (B, Sn), torch.int64), (key_centre, (N, d), dt), (alpha, (Hkv * G,), dt),
-                (beta, (Hkv * G,), dt), (S, (N, Ev + 1, D), sdt), (y, (N, G, L, Ev), dt)]
+        want = [(q, (N, G, L, d), dt), (k_win, (N, W, d), dt), (v_win, (N, W, Ev), dt), (k, (N, L, d), dt),
+                (v, (N, L, Ev), dt), (flag, (B, W + L), torch.uint8), (sink_k, (N, Sn, d), dt),
+                (sink_v, (N, Sn, Ev), dt), (sink_pos, (B, Sn), torch.int64), (key_centre, (N, d), dt),
+                (alpha, (Hkv * G,), dt), (beta, (Hkv * G,), dt), (S, (N, Ev + 1, D), sdt), (y, (N, G, L, Ev), dt)]
         for t, shape, dtype in want:
             if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous()):
                 raise ValueError(f"window prefill kernel: a {tuple(t.shape)} {t.dtype} tensor where the plan needs a "
                                  f"contiguous {shape} {dtype} one")
         ptr = lambda t: None if t is None else t.data_ptr()
-        t = _WindowPrefillTensors(B, L, *(ptr(x) for x in (q, k, k_far, v, flag, sink_k, sink_v, sink_pos, key_centre,
-                                                            alpha, beta, S, y)), n_tokens)
+        t = _WindowPrefillTensors(B, L, *(ptr(x) for x in (q, k_win, v_win, k, v, flag, sink_k, sink_v, sink_pos,
+                                                            key_centre, alpha, beta, S, y)), n_tokens)
         if self._fn(self._args_ptr, ctypes.addressof(t)):
             raise _failed("window prefill")
 

@@ -97,14 +97,15 @@ struct WindowPrefillArgs {
 struct WindowPrefillTensors {
   int64_t B, L;
   const void* q;                 // [N, G, L, d] T
-  const void* k;                 // [N, W + L, d] T the extended stream's keys (read where flagged)
-  const void* k_far;             // [N, W + L, d] T its keys minus the key centre (the far state's); or null: k
-  const void* v;                 // [N, W + L, Ev] T
-  const uint8_t* flag;           // [B, W + L] 1 = a kept key that is not a sink (window, then far)
+  const void* k_win;             // [N, W, d] T the state's window keys, oldest first (read where flagged)
+  const void* v_win;             // [N, W, Ev] T
+  const void* k;                 // [N, L, d] T the call's keys (read where flagged)
+  const void* v;                 // [N, L, Ev] T
+  const uint8_t* flag;           // [B, W + L] 1 = a kept key that is not a sink, window then call
   const void* sink_k;            // [N, S, d] T the sinks after the call
   const void* sink_v;            // [N, S, Ev] T
   const int64_t* sink_pos;       // [B, S] stream position of each sink, -1 while free
-  const void* key_centre;        // [N, d] T; or null
+  const void* key_centre;        // [N, d] T subtracted from the far state's keys; or null
   const void* alpha;             // [Hkv G] T per query head (recentre only)
   const void* beta;              // [Hkv G] T per query head: taylor_mix
   void* S;                       // far state [N, F, D] TS, updated in place

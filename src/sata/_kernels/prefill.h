@@ -184,13 +184,21 @@ struct Head {
   int64_t k_sl = 0, v_sl = 0, q_sl = 0, q_sh = 0, y_sl = 0, y_sh = 0;
 
   void load_keys(const T* k, const T* v, const uint8_t* keep, int64_t t0, int64_t c) {
+    load_rows([&](int64_t t) { return k + t * k_sl; }, [&](int64_t t) { return v + t * v_sl; }, keep, t0, c, nullptr);
+  }
+
+  // load_keys with token t's key and value rows at key_row(t), value_row(t), and the keys minus centre
+  // (null: none) before they are scaled
+  template <typename KeyRow, typename ValueRow>
+  void load_rows(const KeyRow& key_row, const ValueRow& value_row, const uint8_t* keep, int64_t t0, int64_t c,
+                 const T* centre) {
     std::fill(kx.begin(), kx.end(), T(0));
     std::fill(vt, vt + C * Fp, T(0));
     for (int64_t i = 0; i < c; ++i) {
       if (keep != nullptr && !keep[t0 + i]) continue;
-      const T* kr = k + (t0 + i) * k_sl;
-      for (int64_t e = 0; e < d; ++e) kx[e * C + i] = kr[e] * sk;
-      const T* vr = v + (t0 + i) * v_sl;
+      const T* kr = key_row(t0 + i);
+      for (int64_t e = 0; e < d; ++e) kx[e * C + i] = (centre == nullptr ? kr[e] : kr[e] - centre[e]) * sk;
+      const T* vr = value_row(t0 + i);
       T* row = vt + i * Fp;
       for (int64_t f = 0; f < Ev; ++f) row[f] = vr[f];
       row[Ev] = T(1);

@@ -188,8 +188,9 @@ struct WindowHead : sata::Head<T, TS> {
   // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
   // top, den and num (unnormalised, around top). Each row of scores is worked on the whole vectors that
   // hold its lanes only (the band's edges cover part of the chunk), -inf on their other lanes
-  void exact_part(int64_t t0, int64_t c, const T* k, const T* v, const uint8_t* flag, const T* sink_k, const T* sink_v,
-                  const int64_t* sink_pos, int64_t n_tokens) {
+  template <typename KeyRow, typename ValueRow>
+  void exact_part(int64_t t0, int64_t c, const KeyRow& k, const ValueRow& v, const uint8_t* flag, const T* sink_k,
+                  const T* sink_v, const int64_t* sink_pos, int64_t n_tokens) {
     using VV = Vec<T>;
     using V = typename VV::type;
     typedef typename sata::Bits<T>::type Lane;
@@ -220,7 +221,7 @@ struct WindowHead : sata::Head<T, TS> {
     };
     for (int64_t u = 0; u < c - 1 + W; ++u) {  // stream position e = t0 + 1 + u: exact for lanes u + 1 - W .. u
       const int64_t e = t0 + 1 + u;
-      if (flag[e]) row(k + e * d, v + e * Ev, u + 1 - W, u + 1);
+      if (flag[e]) row(k(e), v(e), u + 1 - W, u + 1);
     }
     for (int64_t j = 0; j < S; ++j)  // a sink at stream position p: exact for queries at n_tokens + t0 + i >= p
       if (sink_pos[j] >= 0) row(sink_k + j * d, sink_v + j * Ev, sink_pos[j] - n_tokens - t0, C);
@@ -273,12 +274,16 @@ struct WindowHead : sata::Head<T, TS> {
 
   void run(const WindowPrefillTensors& t, int64_t n, int64_t Hkv) {
     const int64_t G = this->G, d = this->d, Ev = this->Ev, D = this->D, F = this->F, Fp = this->Fp, L = t.L;
-    const int64_t b = n / Hkv, h0 = (n % Hkv) * G, ext = W + L;
+    const int64_t b = n / Hkv, h0 = (n % Hkv) * G;
     const T* q = static_cast<const T*>(t.q) + n * G * L * d;
-    const T* k = static_cast<const T*>(t.k) + n * ext * d;
-    const T* kf = t.k_far == nullptr ? k : static_cast<const T*>(t.k_far) + n * ext * d;
-    const T* v = static_cast<const T*>(t.v) + n * ext * Ev;
-    const uint8_t* flag = t.flag + b * ext;
+    const T* kw = static_cast<const T*>(t.k_win) + n * W * d;
+    const T* vw = static_cast<const T*>(t.v_win) + n * W * Ev;
+    const T* kc = static_cast<const T*>(t.k) + n * L * d;
+    const T* vc = static_cast<const T*>(t.v) + n * L * Ev;
+    // rows of the extended stream: the window, then the call
+    const auto k = [&](int64_t e) { return e < W ? kw + e * d : kc + (e - W) * d; };
+    const auto v = [&](int64_t e) { return e < W ? vw + e * Ev : vc + (e - W) * Ev; };
+    const uint8_t* flag = t.flag + b * (W + L);
     const T* sink_k = static_cast<const T*>(t.sink_k) + n * S * d;
     const T* sink_v = static_cast<const T*>(t.sink_v) + n * S * Ev;
     const int64_t* sink_pos = t.sink_pos + b * S;
@@ -288,15 +293,14 @@ struct WindowHead : sata::Head<T, TS> {
     T* y = static_cast<T*>(t.y) + n * G * L * Ev;
     if (mu != nullptr)
       for (int64_t e = 0; e < d; ++e) mus[e] = mu[e] * this->sk;
-    this->k_sl = this->q_sl = d;
-    this->v_sl = Ev;
+    this->q_sl = d;
     std::fill(this->Sp.begin(), this->Sp.end(), TS(0));
     for (int64_t r = 0; r < D; ++r)
       for (int64_t f = 0; f < F; ++f) this->Sp[r * Fp + f] = Sg[f * D + r];
     this->sync_state();
     for (int64_t t0 = 0; t0 < L; t0 += C) {
       const int64_t c = std::min(C, L - t0);
-      this->load_keys(kf, v, flag, t0, c);  // the far keys of the chunk: stream positions t0 .. t0 + c - 1
+      this->load_rows(k, v, flag, t0, c, mu);  // the far keys of the chunk: stream positions t0 .. t0 + c - 1
       for (int64_t g = 0; g < G; ++g) {
         this->load_queries(q + g * L * d, t0, c);
         far_part(c, mu, recentre ? alpha[h0 + g] : T(0));

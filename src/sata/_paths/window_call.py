@@ -83,6 +83,8 @@ def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B:
         return None if state.key_centre is None else state.key_centre.reshape(B, *state.key_centre.shape[-2:])
     if hybrid.recentre is None:
         return None
-    kept = torch.ones(B, 1, spec.len_k, 1, dtype=torch.bool, device=k.device) if mask is None else (~mask)[:, None, :, None]
+    if mask is None:
+        return k.detach().to(spec.state_dtype).mean(-2) if spec.len_k else k.new_zeros(B, k.shape[1], spec.d_key, dtype=spec.state_dtype)
+    kept = (~mask)[:, None, :, None]
     total = torch.where(kept, k.detach().to(spec.state_dtype), 0.0).sum(-2)       # [B, Hkv, E]
     return total / kept.sum(-2).clamp_min(1)

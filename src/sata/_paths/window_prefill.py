@@ -43,30 +43,29 @@ def _plan(Hkv: int, G: int, d: int, Ev: int, n_taylor: int, scale: float, dtype:
                                       window, sinks, recentre)
 
 
-def prefill(q, ext_k, ext_v, ext_f, new_exact: ExactKeys, far, n_tokens: int, spec, hybrid: Hybrid, key_centre):
+def prefill(q, k, v, win_k, win_v, ext_f, new_exact: ExactKeys, far, n_tokens: int, spec, hybrid: Hybrid, key_centre):
     """The window mode's causal call through the kernel.
 
     Args:
-        q: ``[B, Hkv, g, L, E]``; ext_k: ``[B, Hkv, W + L, E]``, ext_v: ``[B, Hkv, W + L, Ev]`` and ext_f ``[B, W + L]``
-            bool, the extended stream (:func:`sata._paths.window.stream`); new_exact: the window and sinks after
-            the call; far: the far state ``[B, Hkv, F, D]`` or None (not modified);
+        q: ``[B, Hkv, g, L, E]``; k: ``[B, Hkv, L, E]``; v: ``[B, Hkv, L, Ev]``; win_k, win_v: ``[B, Hkv, W, E | Ev]``
+            the state's window, oldest first, and ext_f ``[B, W + L]`` bool the flags of the extended stream
+            (:func:`sata._paths.window.stream`); new_exact: the window and sinks after the call;
+        far: the far state ``[B, Hkv, F, D]`` or None (not modified);
         n_tokens: positions before the call; key_centre: ``[B, Hkv, E]`` or None.
 
     Returns:
         ``y [B, Hkv, g, L, Ev]`` and the far state after the call ``[B, Hkv, F, D]``.
     """
     B, Hkv, g, L, E = q.shape
-    cd, sd, Ev = spec.compute_dtype, spec.state_dtype, spec.d_value
-    plan = _plan(Hkv, g, E, Ev, spec.n_taylor, spec.scale, cd, sd, hybrid.window, hybrid.sinks,
-                 hybrid.recentre is not None)
-    N, X = B * Hkv, ext_k.shape[-2]
-    flat = lambda t, *shape: t.to(cd).contiguous().view(*shape)
-    k_far = None if key_centre is None else flat(ext_k - key_centre[:, :, None].to(ext_k.dtype), N, X, E)
+    cd, sd, Ev, W, S_ = spec.compute_dtype, spec.state_dtype, spec.d_value, hybrid.window, hybrid.sinks
+    plan = _plan(Hkv, g, E, Ev, spec.n_taylor, spec.scale, cd, sd, W, S_, hybrid.recentre is not None)
+    N = B * Hkv
+    flat = lambda t, *shape: t.to(cd).contiguous().view(*shape)                # no copy for contiguous inputs in T
     S = torch.zeros(B, Hkv, Ev + 1, spec.feature_dim, dtype=sd) if far is None else \
         far.to(sd).clone(memory_format=torch.contiguous_format)                  # [B, Hkv, F, D], ours to update
     y = torch.empty(B, Hkv, g, L, Ev, dtype=cd)                                  # [B, Hkv, g, L, Ev]
-    plan(flat(q, N, g, L, E), flat(ext_k, N, X, E), k_far, flat(ext_v, N, X, Ev), ext_f.to(torch.uint8).contiguous(),
-         flat(new_exact.sink_k, N, hybrid.sinks, E), flat(new_exact.sink_v, N, hybrid.sinks, Ev), new_exact.sink_pos.contiguous(),
-         None if key_centre is None else flat(key_centre, N, E), *head_params(hybrid, spec),
-         S.view(N, Ev + 1, spec.feature_dim), y.view(N, g, L, Ev), n_tokens)
+    plan(flat(q, N, g, L, E), flat(win_k, N, W, E), flat(win_v, N, W, Ev), flat(k, N, L, E), flat(v, N, L, Ev),
+         ext_f.to(torch.uint8).contiguous(), flat(new_exact.sink_k, N, S_, E), flat(new_exact.sink_v, N, S_, Ev),
+         new_exact.sink_pos.contiguous(), None if key_centre is None else flat(key_centre, N, E),
+         *head_params(hybrid, spec), S.view(N, Ev + 1, spec.feature_dim), y.view(N, g, L, Ev), n_tokens)
     return y.to(spec.dtype), S
