@@ -84,7 +84,7 @@ def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B:
     if hybrid.recentre is None:
         return None
     if mask is None:
-        return k.detach().to(spec.state_dtype).mean(-2) if spec.len_k else k.new_zeros(B, k.shape[1], spec.d_key, dtype=spec.state_dtype)
+        return k.detach().to(spec.state_dtype).sum(-2) / max(spec.len_k, 1)     # [B, Hkv, E]
     kept = (~mask)[:, None, :, None]
     total = torch.where(kept, k.detach().to(spec.state_dtype), 0.0).sum(-2)       # [B, Hkv, E]
     return total / kept.sum(-2).clamp_min(1)
