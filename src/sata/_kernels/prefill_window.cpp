@@ -234,23 +234,49 @@ struct WindowHead : sata::Head<T, TS> {
         mx[i / L] = xi > mx[i / L] ? xi : mx[i / L];
       }
     }
-    V safe[C / L], dn[C / L];
+    V safe[C / L];
     for (int64_t b = 0; b < C / L; ++b) {
       VV::store(top.data() + b * L, mx[b]);
       for (int64_t l = 0; l < L; ++l) safe[b][l] = std::isfinite(mx[b][l]) ? mx[b][l] : T(0);
-      dn[b] = V{};
     }
-    std::fill(num.begin(), num.end(), T(0));
-    for (int64_t r = 0; r < rows; ++r) {  // weights e^{s - max}, their sum and the weighted values
-      const T* x = ex.data() + r * C;
+    for (int64_t b = 0; b < C / L; ++b) {  // weights e^{s - max}, their sum and the weighted values, vector by vector
+      switch (Ev) {
+        case 8: weigh<8>(rows, b, safe[b]); break;
+        case 16: weigh<16>(rows, b, safe[b]); break;
+        case 32: weigh<32>(rows, b, safe[b]); break;
+        case 64: weigh<64>(rows, b, safe[b]); break;
+        default: weigh<0>(rows, b, safe[b]);
+      }
+    }
+  }
+
+  // den and num on lanes b L .. (b + 1) L from the rows of scores that cover them: with the value size EV
+  // known the sums stay in registers across the rows (0: any size, summed in memory)
+  template <int EV>
+  void weigh(int64_t rows, int64_t b, typename Vec<T>::type safe) {
+    using VV = Vec<T>;
+    using V = typename VV::type;
+    constexpr int64_t L = VV::W;
+    const int64_t Ev = EV ? EV : this->Ev, i = b * L;
+    V dn{}, acc[EV ? EV : 1];
+    for (int64_t f = 0; f < (EV ? EV : 1); ++f) acc[f] = V{};
+    if (!EV)
+      for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, V{});
+    for (int64_t r = 0; r < rows; ++r) {
+      if (i < lane[r].first || i >= lane[r].second) continue;
+      const V p = sata::vexp<T>(VV::load(ex.data() + r * C + i) - safe);
+      dn += p;
       const T* vr = val[r];
-      for (int64_t i = lane[r].first; i < lane[r].second; i += L) {
-        const V p = sata::vexp<T>(VV::load(x + i) - safe[i / L]);
-        dn[i / L] += p;
+      if constexpr (EV != 0) {
+#pragma GCC unroll 64
+        for (int64_t f = 0; f < EV; ++f) acc[f] += p * vr[f];
+      } else {
         for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * vr[f]);
       }
     }
-    for (int64_t b = 0; b < C / L; ++b) VV::store(den.data() + b * L, dn[b]);
+    if constexpr (EV != 0)
+      for (int64_t f = 0; f < EV; ++f) VV::store(num.data() + f * C + i, acc[f]);
+    VV::store(den.data() + i, dn);
   }
 
   // both parts scaled to their common maximum, one normaliser: y rows t0 .. t0 + c - 1
