@@ -126,11 +126,16 @@ struct WindowHead : sata::Head<T, TS> {
         const T wj = vt[j * Fp + Ev];
         if (wj == T(0)) continue;
         const T* sj = s.data() + j * C;
+        if (second) {
 #pragma omp simd
-        for (int64_t i = 0; i < C; ++i) {
-          const T a = i >= j ? wj * sj[i] : T(0);
-          m1[i] += a;
-          m2[i] += a * sj[i] * T(0.5);
+          for (int64_t i = 0; i < C; ++i) {
+            const T a = i >= j ? wj * sj[i] : T(0);
+            m1[i] += a;
+            m2[i] += a * sj[i] * T(0.5);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < C; ++i) m1[i] += i >= j ? wj * sj[i] : T(0);
         }
       }
       for (int64_t i = 0; i < C; ++i) {
@@ -159,8 +164,8 @@ struct WindowHead : sata::Head<T, TS> {
         }
       }
     }
-    if (scaled)
-      for (int64_t r = 0; r < D; ++r) {
+    if (scaled)  // a_{P-1} = 1: the last degree, the largest block, stays as it is
+      for (int64_t r = 0; r < off[P - 1]; ++r) {
         const T* cm = coef.data() + deg[r] * C;
         T* x = X + r * C;
 #pragma omp simd
@@ -203,6 +208,8 @@ struct WindowHead : sata::Head<T, TS> {
     I iota;
     for (int64_t l = 0; l < L; ++l) iota[l] = l;
     int64_t rows = 0;
+    V mx[C / L];  // the largest score of each lane
+    for (int64_t b = 0; b < C / L; ++b) mx[b] = V{} + ninf;
     // one row of scores on the vectors that hold lanes [lo, hi)
     const auto row = [&](const T* key, const T* value, int64_t lo, int64_t hi) {
       lo = std::max<int64_t>(lo, 0);
@@ -210,11 +217,17 @@ struct WindowHead : sata::Head<T, TS> {
       if (lo >= hi) return;
       const int64_t v0 = lo / L * L, v1 = (hi + L - 1) / L * L;
       T* out = ex.data() + rows * C;
+      T ks[64];  // the key, scaled (a head of d <= 64 in the fast path; longer ones row by row)
+      const bool short_key = d <= 64;
+      if (short_key)
+        for (int64_t e = 0; e < d; ++e) ks[e] = key[e] * sk;
       for (int64_t i = v0; i < v1; i += L) {
         V acc{};
-        for (int64_t e = 0; e < d; ++e) acc += (key[e] * sk) * VV::load(qx + e * C + i);
+        for (int64_t e = 0; e < d; ++e) acc += (short_key ? ks[e] : key[e] * sk) * VV::load(qx + e * C + i);
         const I at = iota + Lane(i);
-        VV::store(out + i, (at >= Lane(lo)) & (at < Lane(hi)) ? acc : V{} + ninf);
+        acc = (at >= Lane(lo)) & (at < Lane(hi)) ? acc : V{} + ninf;
+        VV::store(out + i, acc);
+        mx[i / L] = acc > mx[i / L] ? acc : mx[i / L];
       }
       val[rows] = value;
       lane[rows++] = {v0, v1};
@@ -225,15 +238,6 @@ struct WindowHead : sata::Head<T, TS> {
     }
     for (int64_t j = 0; j < S; ++j)  // a sink at stream position p: exact for queries at n_tokens + t0 + i >= p
       if (sink_pos[j] >= 0) row(sink_k + j * d, sink_v + j * Ev, sink_pos[j] - n_tokens - t0, C);
-    V mx[C / L];
-    for (int64_t b = 0; b < C / L; ++b) mx[b] = V{} + ninf;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* x = ex.data() + r * C;
-      for (int64_t i = lane[r].first; i < lane[r].second; i += L) {
-        const V xi = VV::load(x + i);
-        mx[i / L] = xi > mx[i / L] ? xi : mx[i / L];
-      }
-    }
     V safe[C / L];
     for (int64_t b = 0; b < C / L; ++b) {
       VV::store(top.data() + b * L, mx[b]);
