@@ -120,7 +120,8 @@ class _WindowDecodeArgs(ctypes.Structure):
 class _WindowDecodeTensors(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("q", "k", "v", "keep", "S_in", "S_out", "y", "win_k", "win_v",
                                                      "win_keep", "sink_k", "sink_v", "sink_pos", "key_centre",
-                                                     "alpha", "beta")] + [("n_tokens", ctypes.c_int64)]
+                                                     "alpha", "beta")] + [("n_tokens", ctypes.c_int64)] + [
+        ("win_k_src", ctypes.c_void_p), ("win_v_src", ctypes.c_void_p)]
 
 
 class _WindowPrefillArgs(ctypes.Structure):
@@ -300,7 +301,9 @@ class WindowDecodePlan:
     ``[N, F, D]`` in TS (may be one tensor: in place); y ``[N, G, Ev]`` in T; ``exact``, the data pointers of the
     state's window and sink buffers (:meth:`sata.state.ExactKeys.tensors` order, contiguous, batch x kv heads
     flattened, TS; updated in place); key_centre ``[N, d]`` in TS or ``None``; alpha and beta ``[Hkv G]`` in T
-    (alpha read only by a re-centring plan); n_tokens, the positions before the step.
+    (alpha read only by a re-centring plan); n_tokens, the positions before the step; ring, the data pointers of
+    the window keys and values before the step when ``exact`` holds new (uninitialised) window buffers, which
+    the kernel fills from them (``(0, 0)``: in place).
     """
 
     def __init__(self, lib, N: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
@@ -313,7 +316,8 @@ class WindowDecodePlan:
         self._args_ptr = ctypes.addressof(self._args)
         self._local = threading.local()  # one tensors struct per calling thread: the kernel reads it unlocked
 
-    def __call__(self, q, k, v, keep, S_in, S_out, y, exact: tuple, key_centre, alpha, beta, n_tokens: int) -> None:
+    def __call__(self, q, k, v, keep, S_in, S_out, y, exact: tuple, key_centre, alpha, beta, n_tokens: int,
+                 ring: tuple = (0, 0)) -> None:
         words = getattr(self._local, "words", None)
         if words is None:  # the struct, and its 8-byte fields as one int64 array (one assignment fills it)
             self._local.tensors = _WindowDecodeTensors()
@@ -321,7 +325,7 @@ class WindowDecodePlan:
             self._local.address = ctypes.addressof(self._local.tensors)
         words[:] = (q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if keep is None else keep.data_ptr(), S_in.data_ptr(),
                     S_out.data_ptr(), y.data_ptr(), *exact, 0 if key_centre is None else key_centre.data_ptr(),
-                    alpha.data_ptr(), beta.data_ptr(), n_tokens)
+                    alpha.data_ptr(), beta.data_ptr(), n_tokens, *ring)
         if self._fn(self._args_ptr, self._local.address):
             raise _failed("window decode")
 

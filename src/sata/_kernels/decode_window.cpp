@@ -248,6 +248,10 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
   const T *alpha = static_cast<const T*>(t.alpha), *beta = static_cast<const T*>(t.beta);
   const TS* mu = static_cast<const TS*>(t.key_centre);
   TS *win_k = static_cast<TS*>(t.win_k), *win_v = static_cast<TS*>(t.win_v);
+  // the ring before the step: its own buffers (copied head by head into win_k / win_v just before the head
+  // writes its slot) or, in place, the same
+  const TS* ring_k = t.win_k_src == nullptr ? win_k : static_cast<const TS*>(t.win_k_src);
+  const TS* ring_v = t.win_v_src == nullptr ? win_v : static_cast<const TS*>(t.win_v_src);
   TS *sink_k = static_cast<TS*>(t.sink_k), *sink_v = static_cast<TS*>(t.sink_v);
   T* y = static_cast<T*>(t.y);
   T* phi = buf.phi.get();
@@ -260,7 +264,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     T* base = phi + (n - n0) * (1 + G) * ld;
     if (rows.absorb[b]) {
       for (int64_t j = 0; j < d; ++j) {
-        const T x = W ? T(win_k[(n * W + slot) * d + j]) : k[n * d + j];
+        const T x = W ? T(ring_k[(n * W + slot) * d + j]) : k[n * d + j];
         buf.key[j] = mu ? x - T(mu[n * d + j]) : x;
       }
       feat.degree01(buf.key.data(), sk, base);
@@ -286,7 +290,11 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     T* vt = buf.vts.data() + i * F;
     // v~ of the absorbed key, read before the new key takes its slot
     const bool use = rows.absorb[b];
-    for (int64_t f = 0; f < Ev; ++f) vt[f] = !use ? T(0) : W ? T(win_v[(n * W + slot) * Ev + f]) : v[n * Ev + f];
+    for (int64_t f = 0; f < Ev; ++f) vt[f] = !use ? T(0) : W ? T(ring_v[(n * W + slot) * Ev + f]) : v[n * Ev + f];
+    if (ring_k != win_k) {  // the head's ring into the new buffers, where the exact part reads it next
+      std::memcpy(win_k + n * W * d, ring_k + n * W * d, sizeof(TS) * W * d);
+      std::memcpy(win_v + n * W * Ev, ring_v + n * W * Ev, sizeof(TS) * W * Ev);
+    }
     vt[Ev] = use ? T(1) : T(0);
     if (W) {
       for (int64_t j = 0; j < d; ++j) win_k[(n * W + slot) * d + j] = TS(k[n * d + j]);
@@ -317,7 +325,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
       if (scaled) {
         T* coef = buf.coef.data();
         coefficients<T>(shifted, P, coef);
-        for (int64_t p = 0; p < P; ++p)
+        for (int64_t p = 0; p + 1 < P; ++p)  // a_{P-1} = 1: the last degree, the largest block, stays as it is
           for (int64_t r = off[p]; r < off[p + 1]; ++r) row[r] *= coef[p];
       }
     }

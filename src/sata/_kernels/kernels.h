@@ -71,8 +71,8 @@ struct WindowDecodeTensors {
   const void* S_in;              // far state [N, F, D] TS
   void* S_out;                   // [N, F, D] TS, may be S_in
   void* y;                       // [N, G, Ev] T
-  void* win_k;                   // [N, W, d] TS, slot p % W holds position p; updated in place
-  void* win_v;                   // [N, W, Ev] TS, updated in place
+  void* win_k;                   // [N, W, d] TS, slot p % W holds position p; updated in place (or from win_k_src)
+  void* win_v;                   // [N, W, Ev] TS, updated in place (or from win_v_src)
   uint8_t* win_keep;             // [B, W] bool: the slot holds a kept key that is not a sink; updated in place
   void* sink_k;                  // [N, S, d] TS, updated in place
   void* sink_v;                  // [N, S, Ev] TS, updated in place
@@ -81,6 +81,8 @@ struct WindowDecodeTensors {
   const void* alpha;             // [Hkv G] T per query head (recentre only)
   const void* beta;              // [Hkv G] T per query head: taylor_mix
   int64_t n_tokens;              // positions before this step (the same in every batch row)
+  const void* win_k_src;         // [N, W, d] TS the window before the step when win_k is a new buffer; or null
+  const void* win_v_src;         // [N, W, Ev] TS likewise; or null (in place)
 };
 
 
