@@ -17,6 +17,7 @@ import sata
 from sata import _kernels
 from sata.ops import force_path
 from conftest import assert_rel, needs_kernels, qkv
+from test_window_kernel import _assert_same_state, count_calls
 
 pytestmark = needs_kernels
 
@@ -41,15 +42,7 @@ CONFIGS = [
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """How many times the window prefill kernel ran."""
-    calls = [0]
-    run = _kernels.WindowPrefillPlan.__call__
-
-    def counted(self, *args):
-        calls[0] += 1
-        return run(self, *args)
-
-    monkeypatch.setattr(_kernels.WindowPrefillPlan, "__call__", counted)
-    return calls
+    return count_calls(monkeypatch, _kernels.WindowPrefillPlan)
 
 
 def _inputs(dtype, seed=0, Ev=EV):
@@ -60,15 +53,6 @@ def _inputs(dtype, seed=0, Ev=EV):
     mask[2, [4, 13, 14, 15, 24, 60, 61]] = True
     poison = lambda t: t.masked_fill(mask[:, None, :, None], float("nan")).to(dtype)
     return q.to(dtype), poison(k), poison(v), mask, (q, k, v)
-
-
-def _assert_same_state(a, b, kv_tol):
-    """The kernel's state ``a`` against the PyTorch path's ``b``."""
-    assert (a.n_tokens, a.window, a.sinks, a.dtype) == (b.n_tokens, b.window, b.sinks, b.dtype)
-    assert_rel(a.kv, b.kv, kv_tol, "far state")
-    assert (a.exact is None) == (b.exact is None) and (a.key_centre is None) == (b.key_centre is None)
-    for (name, x), (_, y) in zip(a._extras(), b._extras()):
-        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def _stream(q, k, v, mask, kw, state_dtype=None, kv_tol=1e-12, tol=1e-10):
