@@ -4,7 +4,8 @@ A decode step in plain PyTorch is about twenty small operator calls whose fixed
 overheads dominate at batch 1; the fused kernel in ``decode.cpp`` does the whole step in
 one pass over the state, ``decode_window.cpp`` the window mode's step (``MATH.md`` section 6:
 the far state, the window and the sinks), ``prefill.cpp`` the chunked causal (or
-state-then-read) prefill.
+state-then-read) prefill, ``prefill_window.cpp`` the window mode's chunked causal prefill
+(shared pieces in ``prefill.h`` and ``window.h``).
 They are plain C++ called through ``ctypes`` with one argument struct per kernel
 (``kernels.h``), built in a few seconds with ``g++ -O3 -march=native -fopenmp`` against
 torch's headers only for ``at::parallel_for``: the kernels share torch's intra-op thread
@@ -18,7 +19,8 @@ flags, compiler, CPU and torch build, and is checked against this module's ABI n
 struct sizes on load (a disagreeing file is rebuilt).
 
 Plans bind a configuration's constants once; :func:`decode_plan` and :func:`prefill_plan`
-cache them (window decode plans are cached by ``sata._paths.window_kernel``).
+cache them (window decode plans are cached by ``sata._paths.window_kernel``, window prefill plans by
+``sata._paths.window_prefill``).
 """
 
 from __future__ import annotations
