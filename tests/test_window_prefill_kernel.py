@@ -15,6 +15,7 @@ import torch
 
 import sata
 from sata import _kernels
+from sata._paths import window_prefill
 from sata.ops import force_path
 from conftest import assert_rel, needs_kernels, qkv
 from test_window_kernel import _assert_same_state, count_calls
@@ -173,6 +174,7 @@ def test_calls_the_kernel_does_not_serve_take_the_torch_path(kernel_calls):
     sata.sata_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), is_causal=True, **kw)
     with force_path(kernels=False):
         sata.sata_attention(q, k, v, is_causal=True, **kw)
+    sata.sata_attention(q, k, v, is_causal=True, **{**kw, "window": window_prefill.MAX_EXACT})   # a window this long
     assert kernel_calls[0] == 0
 
 

@@ -23,10 +23,16 @@ from .kernel import available
 from .window_kernel import head_params
 
 
+# the most window positions and sinks the kernel takes: it visits every window position of a chunk's band and
+# keeps a row of scores per exact key (windows beyond this are near-softmax calls: the PyTorch path)
+MAX_EXACT = 4096
+
+
 def serves(spec, hybrid: Hybrid, q, k, v, far, exact: ExactKeys, key_centre) -> bool:
     """CPU, float32 or float64 inputs (the kernel computes in the input dtype), a supported state dtype, a
-    compiler, and no autograd graph to record."""
+    compiler, at most :data:`MAX_EXACT` window positions and sinks, and no autograd graph to record."""
     if not (spec.device.type == "cpu" and spec.dtype in (torch.float32, torch.float64)
+            and hybrid.window + hybrid.sinks <= MAX_EXACT
             and _kernels.supports(spec.compute_dtype, spec.state_dtype) and available()):
         return False
     if not torch.is_grad_enabled():
