@@ -41,18 +41,23 @@ CONFIGS = [
 ]
 
 
+def count_calls(monkeypatch, plan_class) -> list[int]:
+    """``[n]``: how many times the kernel of ``plan_class`` ran from now on."""
+    calls = [0]
+    run = plan_class.__call__
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(plan_class, "__call__", counted)
+    return calls
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """How many times the window decode kernel ran."""
-    calls = [0]
-    run = _kernels.WindowDecodePlan.__call__
-
-    def counted(self, *args):
-        calls[0] += 1
-        return run(self, *args)
-
-    monkeypatch.setattr(_kernels.WindowDecodePlan, "__call__", counted)
-    return calls
+    return count_calls(monkeypatch, _kernels.WindowDecodePlan)
 
 
 def _inputs(dtype, seed=0, n_taylor=3):

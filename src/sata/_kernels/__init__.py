@@ -4,7 +4,8 @@ A decode step in plain PyTorch is about twenty small operator calls whose fixed
 overheads dominate at batch 1; the fused kernel in ``decode.cpp`` does the whole step in
 one pass over the state, ``decode_window.cpp`` the window mode's step (``MATH.md`` section 6:
 the far state, the window and the sinks), ``prefill.cpp`` the chunked causal (or
-state-then-read) prefill.
+state-then-read) prefill, ``prefill_window.cpp`` the window mode's chunked causal prefill
+(shared pieces in ``prefill.h`` and ``window.h``).
 They are plain C++ called through ``ctypes`` with one argument struct per kernel
 (``kernels.h``), built in a few seconds with ``g++ -O3 -march=native -fopenmp`` against
 torch's headers only for ``at::parallel_for``: the kernels share torch's intra-op thread
@@ -18,7 +19,8 @@ flags, compiler, CPU and torch build, and is checked against this module's ABI n
 struct sizes on load (a disagreeing file is rebuilt).
 
 Plans bind a configuration's constants once; :func:`decode_plan` and :func:`prefill_plan`
-cache them (window decode plans are cached by ``sata._paths.window_kernel``).
+cache them (window decode plans are cached by ``sata._paths.window_kernel``, window prefill plans by
+``sata._paths.window_prefill``).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ import torch
 
 from ..basis import get_basis
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.h", "decode.cpp", "decode_window.cpp", "prefill.cpp")]
-_ABI = 7  # SATA_KERNEL_ABI in kernels.h
+_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.h", "decode.cpp", "decode_window.cpp", "prefill.h", "prefill.cpp", "window.h", "prefill_window.cpp")]
+_ABI = 8  # SATA_KERNEL_ABI in kernels.h
 _TORCH = Path(torch.__file__).parent
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
@@ -120,7 +122,18 @@ class _WindowDecodeArgs(ctypes.Structure):
 class _WindowDecodeTensors(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("q", "k", "v", "keep", "S_in", "S_out", "y", "win_k", "win_v",
                                                      "win_keep", "sink_k", "sink_v", "sink_pos", "key_centre",
-                                                     "alpha", "beta")] + [("n_tokens", ctypes.c_int64)]
+                                                     "alpha", "beta")] + [("n_tokens", ctypes.c_int64)] + [
+        ("win_k_src", ctypes.c_void_p), ("win_v_src", ctypes.c_void_p)]
+
+
+class _WindowPrefillArgs(ctypes.Structure):
+    _fields_ = [("base", _PrefillArgs), ("W", ctypes.c_int64), ("S", ctypes.c_int64), ("recentre", ctypes.c_int64)]
+
+
+class _WindowPrefillTensors(ctypes.Structure):
+    _fields_ = [("B", ctypes.c_int64), ("L", ctypes.c_int64)] + [
+        (name, ctypes.c_void_p) for name in ("q", "k_win", "v_win", "k", "v", "flag", "sink_k", "sink_v", "sink_pos",
+                                             "key_centre", "alpha", "beta", "S", "y")] + [("n_tokens", ctypes.c_int64)]
 
 
 # every field of the window decode tensors is 8 bytes (pointers and int64), in order: filled as one int64 array
@@ -128,7 +141,8 @@ _WORDS = len(_WindowDecodeTensors._fields_)
 assert ctypes.sizeof(_WindowDecodeTensors) == 8 * _WORDS and ctypes.sizeof(ctypes.c_void_p) == 8
 
 # sata_struct_size(0, 1, ...)
-_STRUCTS = (_DecodeArgs, _PrefillArgs, _PrefillTensors, _WindowDecodeArgs, _WindowDecodeTensors)
+_STRUCTS = (_DecodeArgs, _PrefillArgs, _PrefillTensors, _WindowDecodeArgs, _WindowDecodeTensors, _WindowPrefillArgs,
+            _WindowPrefillTensors)
 
 
 def _open(path: str) -> ctypes.CDLL:
@@ -149,7 +163,8 @@ def _open(path: str) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ptr] * 8, ctypes.c_int
     for name in ("sata_prefill_f32", "sata_prefill_f32s64", "sata_prefill_f64", "sata_decode_window_f32",
-                 "sata_decode_window_f32s64", "sata_decode_window_f64"):
+                 "sata_decode_window_f32s64", "sata_decode_window_f64", "sata_prefill_window_f32",
+                 "sata_prefill_window_f32s64", "sata_prefill_window_f64"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = [ptr, ptr], ctypes.c_int
     return lib
@@ -288,7 +303,9 @@ class WindowDecodePlan:
     ``[N, F, D]`` in TS (may be one tensor: in place); y ``[N, G, Ev]`` in T; ``exact``, the data pointers of the
     state's window and sink buffers (:meth:`sata.state.ExactKeys.tensors` order, contiguous, batch x kv heads
     flattened, TS; updated in place); key_centre ``[N, d]`` in TS or ``None``; alpha and beta ``[Hkv G]`` in T
-    (alpha read only by a re-centring plan); n_tokens, the positions before the step.
+    (alpha read only by a re-centring plan); n_tokens, the positions before the step; ring, the data pointers of
+    the window keys and values before the step when ``exact`` holds new (uninitialised) window buffers, which
+    the kernel fills from them (``(0, 0)``: in place).
     """
 
     def __init__(self, lib, N: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
@@ -301,7 +318,8 @@ class WindowDecodePlan:
         self._args_ptr = ctypes.addressof(self._args)
         self._local = threading.local()  # one tensors struct per calling thread: the kernel reads it unlocked
 
-    def __call__(self, q, k, v, keep, S_in, S_out, y, exact: tuple, key_centre, alpha, beta, n_tokens: int) -> None:
+    def __call__(self, q, k, v, keep, S_in, S_out, y, exact: tuple, key_centre, alpha, beta, n_tokens: int,
+                 ring: tuple = (0, 0)) -> None:
         words = getattr(self._local, "words", None)
         if words is None:  # the struct, and its 8-byte fields as one int64 array (one assignment fills it)
             self._local.tensors = _WindowDecodeTensors()
@@ -309,9 +327,51 @@ class WindowDecodePlan:
             self._local.address = ctypes.addressof(self._local.tensors)
         words[:] = (q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if keep is None else keep.data_ptr(), S_in.data_ptr(),
                     S_out.data_ptr(), y.data_ptr(), *exact, 0 if key_centre is None else key_centre.data_ptr(),
-                    alpha.data_ptr(), beta.data_ptr(), n_tokens)
+                    alpha.data_ptr(), beta.data_ptr(), n_tokens, *ring)
         if self._fn(self._args_ptr, self._local.address):
             raise _failed("window decode")
+
+
+class WindowPrefillPlan:
+    """The fused window-mode causal prefill (``MATH.md`` section 6) for one configuration, its constants bound once.
+
+    Call with contiguous CPU tensors, ``T`` the plan's compute dtype, ``TS`` its state dtype, ``N = B Hkv``:
+    q ``[N, G, L, d]``; the state's window, oldest first, k_win ``[N, W, d]``, v_win ``[N, W, Ev]``; the call's
+    k ``[N, L, d]``, v ``[N, L, Ev]``, all T; flag ``[B, W + L]`` uint8 (1 = a kept key that is not a sink, window
+    then call); sink_k ``[N, S, d]``, sink_v ``[N, S, Ev]`` in T (the sinks after the call), sink_pos ``[B, S]``
+    int64; key_centre ``[N, d]`` T or ``None``; alpha, beta ``[Hkv G]`` T; S ``[N, F, D]`` TS, updated in place;
+    y ``[N, G, L, Ev]`` T; n_tokens, the positions before the call.
+    """
+
+    def __init__(self, lib, Hkv: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
+                 state_dtype: torch.dtype, window: int, sinks: int, recentre: bool):
+        self._prefix_len, self._weight = _hierarchy(basis, dtype)
+        self._fn = _entry(lib, "prefill_window", dtype, state_dtype)
+        base = _PrefillArgs(Hkv, G, d, Ev, basis.dim, basis.n_taylor, self._prefix_len.data_ptr(),
+                            self._weight.data_ptr(), sq, sk, _WORK_PER_THREAD["prefill"], 1)
+        self._args = _WindowPrefillArgs(base, window, sinks, int(recentre))
+        self._args_ptr = ctypes.addressof(self._args)
+        self._shape = (Hkv, G, d, Ev, basis.dim, window, sinks, dtype, state_dtype)
+
+    def __call__(self, q, k_win, v_win, k, v, flag, sink_k, sink_v, sink_pos, key_centre, alpha, beta, S, y,
+                 n_tokens: int) -> None:
+        Hkv, G, d, Ev, D, W, Sn, dt, sdt = self._shape
+        B, L = flag.shape[0], q.shape[-2]
+        N = B * Hkv
+        # the kernel reads raw memory: anything that disagrees with the plan would read out of bounds
+        want = [(q, (N, G, L, d), dt), (k_win, (N, W, d), dt), (v_win, (N, W, Ev), dt), (k, (N, L, d), dt),
+                (v, (N, L, Ev), dt), (flag, (B, W + L), torch.uint8), (sink_k, (N, Sn, d), dt),
+                (sink_v, (N, Sn, Ev), dt), (sink_pos, (B, Sn), torch.int64), (key_centre, (N, d), dt),
+                (alpha, (Hkv * G,), dt), (beta, (Hkv * G,), dt), (S, (N, Ev + 1, D), sdt), (y, (N, G, L, Ev), dt)]
+        for t, shape, dtype in want:
+            if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous()):
+                raise ValueError(f"window prefill kernel: a {tuple(t.shape)} {t.dtype} tensor where the plan needs a "
+                                 f"contiguous {shape} {dtype} one")
+        ptr = lambda t: None if t is None else t.data_ptr()
+        t = _WindowPrefillTensors(B, L, *(ptr(x) for x in (q, k_win, v_win, k, v, flag, sink_k, sink_v, sink_pos,
+                                                            key_centre, alpha, beta, S, y)), n_tokens)
+        if self._fn(self._args_ptr, ctypes.addressof(t)):
+            raise _failed("window prefill")
 
 
 def _view(t: torch.Tensor) -> _View:

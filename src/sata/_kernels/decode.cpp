@@ -70,11 +70,11 @@ extern "C" {
 int64_t sata_kernel_abi() { return SATA_KERNEL_ABI; }
 
 // sizes of the argument structs, which the Python side mirrors (0 decode, 1 prefill, 2 prefill tensors,
-// 3 window decode, 4 window decode tensors)
+// 3 window decode, 4 window decode tensors, 5 window prefill, 6 window prefill tensors)
 int64_t sata_struct_size(int64_t which) {
   const int64_t sizes[] = {sizeof(DecodeArgs), sizeof(PrefillArgs), sizeof(PrefillTensors), sizeof(WindowDecodeArgs),
-                           sizeof(WindowDecodeTensors)};
-  return which >= 0 && which < 5 ? sizes[which] : -1;
+                           sizeof(WindowDecodeTensors), sizeof(WindowPrefillArgs), sizeof(WindowPrefillTensors)};
+  return which >= 0 && which < 7 ? sizes[which] : -1;
 }
 
 // returns 0, or 1 when the step failed (out of memory): the outputs are then undefined

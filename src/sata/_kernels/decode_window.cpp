@@ -31,24 +31,18 @@
 
 #include "decode.h"
 #include "kernels.h"
+#include "window.h"
 
 namespace {
 
+using sata::Bits;
 using sata::Features;
 using sata::Vec;
+using sata::centre;
+using sata::coefficients;
+using sata::vexp;
 
 // ---------------------------------------------------------------- vectors of the exact part
-template <typename T>
-struct Bits;  // the integer lanes of T: bit casts and shuffle masks
-template <>
-struct Bits<float> {
-  typedef int32_t type;
-};
-template <>
-struct Bits<double> {
-  typedef int64_t type;
-};
-
 // a vector of T loaded from TS (lane by lane when they differ: keys stored in double, computed in float)
 template <typename T, typename TS, int Bytes = 64>
 inline typename Vec<T, Bytes>::type load_as(const TS* p) {
@@ -193,53 +187,6 @@ inline T lanes_sum(typename Vec<T>::type x) {
   return x[0];
 }
 
-// the constants of vexp: x = n ln2 + r (ln2 = hi + lo, hi with few bits so n hi is exact), |r| <= ln2 / 2
-template <typename T>
-struct ExpConst;
-template <>
-struct ExpConst<float> {
-  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f, log2e = 1.44269504088896341f;
-  static constexpr float lo = -87.3f, hi = 88.3f;  // 2^n stays a normal number
-  static constexpr float magic = 12582912.0f;      // 1.5 2^23: t = x log2e + magic holds n in its low bits
-  static constexpr int degree = 7, mantissa = 23, bias = 127;
-};
-template <>
-struct ExpConst<double> {
-  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-  static constexpr double log2e = 1.4426950408889634074, lo = -708.3, hi = 709.4;
-  static constexpr double magic = 6755399441055744.0;  // 1.5 2^52
-  static constexpr int degree = 13, mantissa = 52, bias = 1023;
-};
-
-// 1 / k! (a constant where k is)
-template <typename T>
-constexpr T inverse_factorial(int k) {
-  T f = T(1);
-  for (int i = 2; i <= k; ++i) f *= T(i);
-  return T(1) / f;
-}
-
-// e^x lane by lane, within a few ulps: 2^n e^r with e^r by its Taylor polynomial (the terms past
-// `degree` are below half an ulp for |r| <= ln2 / 2); 0 below lo (no subnormal results), inf above hi,
-// NaN for NaN
-template <typename T>
-inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
-  using C = ExpConst<T>;
-  using V = typename Vec<T>::type;
-  typedef typename Bits<T>::type I __attribute__((vector_size(sizeof(V))));
-  const V lo = V{} + C::lo, hi = V{} + C::hi, magic = V{} + C::magic;
-  const V xc = x < lo ? lo : x > hi ? hi : x;
-  const V t = xc * C::log2e + magic;
-  const V n = t - magic;  // x log2e rounded to an integer
-  const V r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
-  V p = V{} + inverse_factorial<T>(C::degree);
-#pragma GCC unroll 16
-  for (int k = C::degree - 1; k >= 0; --k) p = p * r + inverse_factorial<T>(k);
-  const I scale = ((I)t - (I)magic + C::bias) << C::mantissa;  // the bits of 2^n
-  const V y = p * (V)scale;
-  return x < lo ? V{} : x > hi ? V{} + std::numeric_limits<T>::infinity() : y;
-}
-
 // one thread's buffers: the decode step's, and for the queries of a group of heads their scaled
 // vectors, exact scores and sums, and far read-outs
 template <typename T, typename TS>
@@ -289,27 +236,6 @@ inline TS moment(const T* q, const TS* z, TS vz, const T* k, int64_t a, int64_t 
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
-// c' = mu - alpha sd of the far scores from (N, sum s, sum s^2 / 2); 0 without far keys (sata.hybrid.centre)
-template <typename T>
-inline T centre(T N, T m1, T m2, T alpha) {
-  if (!(N > T(0))) return T(0);
-  const T mu = m1 / N;
-  if (alpha == T(0)) return mu;
-  const T var = T(2) * m2 / N - mu * mu;
-  return mu - alpha * (var > T(0) ? std::sqrt(var) : T(0));
-}
-
-// a_m(c) = sum_{n < P-m} (-c)^n / n! for m < P (sata.hybrid.centre_coefficients; 1 / n a constant factor)
-template <typename T>
-inline void coefficients(T c, int64_t P, T* a) {
-  T term = T(1), sum = T(0);
-  for (int64_t n = 0; n < P; ++n) {
-    if (n) term = term * (-c) * (T(1) / T(n));
-    sum += term;
-    a[P - 1 - n] = sum;
-  }
-}
-
 // heads n0 .. n1-1 of a window decode step, in one thread's buffers; off [P + 1] the degree offsets
 template <typename T, typename TS>
 void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const Rows<T>& rows, const int64_t* off,
@@ -322,6 +248,10 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
   const T *alpha = static_cast<const T*>(t.alpha), *beta = static_cast<const T*>(t.beta);
   const TS* mu = static_cast<const TS*>(t.key_centre);
   TS *win_k = static_cast<TS*>(t.win_k), *win_v = static_cast<TS*>(t.win_v);
+  // the ring before the step: its own buffers (copied head by head into win_k / win_v just before the head
+  // writes its slot) or, in place, the same
+  const TS* ring_k = t.win_k_src == nullptr ? win_k : static_cast<const TS*>(t.win_k_src);
+  const TS* ring_v = t.win_v_src == nullptr ? win_v : static_cast<const TS*>(t.win_v_src);
   TS *sink_k = static_cast<TS*>(t.sink_k), *sink_v = static_cast<TS*>(t.sink_v);
   T* y = static_cast<T*>(t.y);
   T* phi = buf.phi.get();
@@ -334,7 +264,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     T* base = phi + (n - n0) * (1 + G) * ld;
     if (rows.absorb[b]) {
       for (int64_t j = 0; j < d; ++j) {
-        const T x = W ? T(win_k[(n * W + slot) * d + j]) : k[n * d + j];
+        const T x = W ? T(ring_k[(n * W + slot) * d + j]) : k[n * d + j];
         buf.key[j] = mu ? x - T(mu[n * d + j]) : x;
       }
       feat.degree01(buf.key.data(), sk, base);
@@ -360,7 +290,11 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     T* vt = buf.vts.data() + i * F;
     // v~ of the absorbed key, read before the new key takes its slot
     const bool use = rows.absorb[b];
-    for (int64_t f = 0; f < Ev; ++f) vt[f] = !use ? T(0) : W ? T(win_v[(n * W + slot) * Ev + f]) : v[n * Ev + f];
+    for (int64_t f = 0; f < Ev; ++f) vt[f] = !use ? T(0) : W ? T(ring_v[(n * W + slot) * Ev + f]) : v[n * Ev + f];
+    if (ring_k != win_k) {  // the head's ring into the new buffers, where the exact part reads it next
+      std::memcpy(win_k + n * W * d, ring_k + n * W * d, sizeof(TS) * W * d);
+      std::memcpy(win_v + n * W * Ev, ring_v + n * W * Ev, sizeof(TS) * W * Ev);
+    }
     vt[Ev] = use ? T(1) : T(0);
     if (W) {
       for (int64_t j = 0; j < d; ++j) win_k[(n * W + slot) * d + j] = TS(k[n * d + j]);
@@ -391,7 +325,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
       if (scaled) {
         T* coef = buf.coef.data();
         coefficients<T>(shifted, P, coef);
-        for (int64_t p = 0; p < P; ++p)
+        for (int64_t p = 0; p + 1 < P; ++p)  // a_{P-1} = 1: the last degree, the largest block, stays as it is
           for (int64_t r = off[p]; r < off[p + 1]; ++r) row[r] *= coef[p];
       }
     }

@@ -17,7 +17,7 @@
 
 // Bump on any change to the structs or the entry points: the Python side compares it (and the
 // struct sizes) with its own on load and rebuilds a cached library that disagrees.
-#define SATA_KERNEL_ABI 7
+#define SATA_KERNEL_ABI 8
 
 extern "C" {
 
@@ -71,8 +71,8 @@ struct WindowDecodeTensors {
   const void* S_in;              // far state [N, F, D] TS
   void* S_out;                   // [N, F, D] TS, may be S_in
   void* y;                       // [N, G, Ev] T
-  void* win_k;                   // [N, W, d] TS, slot p % W holds position p; updated in place
-  void* win_v;                   // [N, W, Ev] TS, updated in place
+  void* win_k;                   // [N, W, d] TS, slot p % W holds position p; updated in place (or from win_k_src)
+  void* win_v;                   // [N, W, Ev] TS, updated in place (or from win_v_src)
   uint8_t* win_keep;             // [B, W] bool: the slot holds a kept key that is not a sink; updated in place
   void* sink_k;                  // [N, S, d] TS, updated in place
   void* sink_v;                  // [N, S, Ev] TS, updated in place
@@ -81,6 +81,38 @@ struct WindowDecodeTensors {
   const void* alpha;             // [Hkv G] T per query head (recentre only)
   const void* beta;              // [Hkv G] T per query head: taylor_mix
   int64_t n_tokens;              // positions before this step (the same in every batch row)
+  const void* win_k_src;         // [N, W, d] TS the window before the step when win_k is a new buffer; or null
+  const void* win_v_src;         // [N, W, Ev] TS likewise; or null (in place)
+};
+
+
+// the constants of a window-mode causal prefill plan (MATH.md section 6)
+struct WindowPrefillArgs {
+  PrefillArgs base;              // Hkv, G, sizes, hierarchy, input scales, thread policy (causal)
+  int64_t W, S;                  // window, sinks
+  int64_t recentre;              // 1: centre c' = mu' - alpha sd' read from the far keys; 0: c' = -delta
+};
+
+// the tensors of one window-mode causal prefill call, all contiguous, N = B Hkv heads; T the compute
+// dtype, TS the state's. The extended stream of a head is the state's window (oldest first) then the
+// call's L keys: stream position e < L is far for call query i when e <= i, exact when i < e <= i + W.
+struct WindowPrefillTensors {
+  int64_t B, L;
+  const void* q;                 // [N, G, L, d] T
+  const void* k_win;             // [N, W, d] T the state's window keys, oldest first (read where flagged)
+  const void* v_win;             // [N, W, Ev] T
+  const void* k;                 // [N, L, d] T the call's keys (read where flagged)
+  const void* v;                 // [N, L, Ev] T
+  const uint8_t* flag;           // [B, W + L] 1 = a kept key that is not a sink, window then call
+  const void* sink_k;            // [N, S, d] T the sinks after the call
+  const void* sink_v;            // [N, S, Ev] T
+  const int64_t* sink_pos;       // [B, S] stream position of each sink, -1 while free
+  const void* key_centre;        // [N, d] T subtracted from the far state's keys; or null
+  const void* alpha;             // [Hkv G] T per query head (recentre only)
+  const void* beta;              // [Hkv G] T per query head: taylor_mix
+  void* S;                       // far state [N, F, D] TS, updated in place
+  void* y;                       // [N, G, L, Ev] T
+  int64_t n_tokens;              // positions before the call
 };
 
 }  // extern "C"

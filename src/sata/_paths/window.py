@@ -12,8 +12,9 @@ With that stream, query ``i`` of the call sees
   call, and the band widens to ``i < e < i + 2W``.
 
 Under autograd each block of queries is checkpointed (recomputed in the backward pass) with the far state
-carried between blocks, so memory holds one state per block, never features per token. A single causal
-token on the CPU without autograd takes the fused kernel instead (:mod:`sata._paths.window_kernel`).
+carried between blocks, so memory holds one state per block, never features per token. Without autograd on
+the CPU, a single causal token takes the fused decode kernel instead (:mod:`sata._paths.window_kernel`) and
+a longer causal call the fused prefill kernel (:mod:`sata._paths.window_prefill`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..basis import TaylorBasis, get_basis
 from ..features import _phi
 from ..state import ExactKeys
 from ..hybrid import Hybrid, centre, centre_coefficients, combine, exact_part, per_head
+from . import window_prefill
 
 # bytes of scores and features one block may hold
 _BLOCK_BYTES = 32 * 2**20
@@ -54,7 +56,7 @@ class _Call:
 
 
 def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool,
-                     key_centre=None):
+                     key_centre=None, kernels: bool = True):
     """The window mode for one call.
 
     Args:
@@ -64,7 +66,8 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         far: the far Taylor state before the call, F-major ``[B, Hkv, Ev + 1, D]``, or None (empty);
         exact: the window and sink keys before the call, batch flattened to ``B``;
         n_tokens: positions seen before the call;
-        key_centre: ``[B, Hkv, E]`` subtracted from the keys of the far state, or None.
+        key_centre: ``[B, Hkv, E]`` subtracted from the keys of the far state, or None;
+        kernels: a causal call may take the fused prefill kernel (:mod:`sata._paths.window_prefill`).
 
     Returns:
         ``y [B, Hkv, g, Lq, Ev]``, the far state and the :class:`ExactKeys` after the call.
@@ -73,6 +76,10 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     ``delta_i = scale q_i . mu``, and the series around ``c_i`` is the series of ``s'`` around
     ``c_i - delta_i`` (moments read from the state are those of ``s'``); the exact keys use ``s``.
     """
+    if causal and kernels and q.shape[-2] and window_prefill.serves(spec, hybrid, q, k, v, far, exact, key_centre):
+        win_k, win_v, ext_f, new_exact = stream(hybrid.window, spec.state_dtype, k, v, mask, exact, n_tokens)
+        y, far = window_prefill.prefill(q, k, v, win_k, win_v, ext_f, new_exact, far, n_tokens, spec, hybrid, key_centre)
+        return y, far, new_exact
     run = _Call(spec, hybrid)
     B, Hkv, g, L, E = q.shape
     ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact = _extend(run, k, v, mask, exact, n_tokens, key_centre)
@@ -105,23 +112,33 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
 def _extend(run: _Call, k, v, mask, exact: ExactKeys, n_tokens: int, key_centre):
     """The extended stream (the state's window, oldest first, then the call), its scaled keys and ``[v, 1]``
     rows (raw for the exact part, centred for the far state) and the window and sinks after the call."""
+    win_k, win_v, ext_f, new_exact = stream(run.hybrid.window, run.sd, k, v, mask, exact, n_tokens)
+    ext_k = torch.cat([win_k, k], dim=-2)                                       # [B, Hkv, W + Lk, E]
+    ext_v = torch.cat([win_v, v], dim=-2)                                       # [B, Hkv, W + Lk, Ev]
+    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
+    ks_far = ks if key_centre is None else _keys_values(run, ext_k - key_centre[:, :, None].to(ext_k.dtype), ext_v, ext_f)[0]
+    return ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact
+
+
+def stream(W: int, state_dtype: torch.dtype, k, v, mask, exact: ExactKeys, n_tokens: int):
+    """The extended stream without copying the call: the state's window keys and values ``[B, Hkv, W, E | Ev]``,
+    oldest first, in the call's dtype (the call's keys follow them), the flags ``[B, W + Lk]`` (a kept key that
+    is not a sink) of the whole stream, and the window and sinks after the call."""
     B, Hkv, Lk, _ = k.shape
-    W = run.hybrid.window
     kept = torch.ones(B, Lk, dtype=torch.bool, device=k.device) if mask is None else ~mask
     sink_k, sink_v, sink_pos, is_sink = _take_sinks(exact, k, v, kept, n_tokens)
     flag = kept & ~is_sink                                                       # [B, Lk] window/far keys
     shift = n_tokens % W if W else 0
-    ext_k = torch.cat([exact.win_k.roll(-shift, dims=-2).to(k.dtype), k], dim=-2)        # [B, Hkv, W + Lk, E]
-    ext_v = torch.cat([exact.win_v.roll(-shift, dims=-2).to(v.dtype), v], dim=-2)        # [B, Hkv, W + Lk, Ev]
+    win_k = exact.win_k.roll(-shift, dims=-2).to(k.dtype)                       # [B, Hkv, W, E]
+    win_v = exact.win_v.roll(-shift, dims=-2).to(v.dtype)                       # [B, Hkv, W, Ev]
     ext_f = torch.cat([exact.win_keep.roll(-shift, dims=-1), flag], dim=-1)              # [B, W + Lk]
-    ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
-    ks_far = ks if key_centre is None else _keys_values(run, ext_k - key_centre[:, :, None].to(ext_k.dtype), ext_v, ext_f)[0]
+    last = lambda w, x: torch.cat([w, x[:, :, -W:]], dim=-2)[:, :, -W:] if W else w   # the stream's last W rows
     shift = (n_tokens + Lk) % W if W else 0
     new_exact = ExactKeys(                                                      # the last W positions, ring order
-        ext_k[:, :, Lk:].roll(shift, dims=-2).to(run.sd), ext_v[:, :, Lk:].roll(shift, dims=-2).to(run.sd),
-        ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(run.sd), sink_v.to(run.sd), sink_pos,
+        last(win_k, k).roll(shift, dims=-2).to(state_dtype), last(win_v, v).roll(shift, dims=-2).to(state_dtype),
+        ext_f[:, Lk:].roll(shift, dims=-1), sink_k.to(state_dtype), sink_v.to(state_dtype), sink_pos,
     )
-    return ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact
+    return win_k, win_v, ext_f, new_exact
 
 
 def _centre(run: _Call, qs, ks_far, w_far, far, right, key_centre):
@@ -151,21 +168,23 @@ def absorb(run: _Call, ks, vt, S):
 def _take_sinks(parts: ExactKeys, k, v, kept, n_tokens: int):
     """The sink slots after the call, and which of the call's keys fill them (the first kept keys of the stream)."""
     S = parts.sink_pos.shape[-1]
-    B, Hkv, L, _ = k.shape
+    B, Hkv = k.shape[:2]
     filled = (parts.sink_pos >= 0).sum(-1, keepdim=True)                       # [B, 1]
     slot = filled + kept.long().cumsum(-1) - kept.long()                       # [B, L] the slot key j would fill
     is_sink = kept & (slot < S)
     if S == 0 or not bool(is_sink.any()):
         return parts.sink_k, parts.sink_v, parts.sink_pos, is_sink
-    idx = torch.where(is_sink, slot, S)                                         # slot S: scratch, dropped
-    pos = torch.arange(n_tokens, n_tokens + L, device=k.device).expand(B, L)
+    n = int(is_sink.any(0).nonzero()[-1]) + 1                                  # only keys up to the last sink fill one
+    k, v, sink = k[:, :, :n], v[:, :, :n], is_sink[:, :n]
+    idx = torch.where(sink, slot[:, :n], S)                                     # [B, n]; slot S: scratch, dropped
+    pos = torch.arange(n_tokens, n_tokens + n, device=k.device).expand(B, n)
     keep_old = torch.cat([parts.sink_pos, parts.sink_pos.new_full((B, 1), -1)], -1)
-    sink_pos = keep_old.scatter(-1, idx, torch.where(is_sink, pos, -1))[:, :S]
+    sink_pos = keep_old.scatter(-1, idx, torch.where(sink, pos, -1))[:, :S]
 
-    def fill(buf, x):  # [B, Hkv, S, X] <- the sink rows of x [B, Hkv, L, X]
+    def fill(buf, x):  # [B, Hkv, S, X] <- the sink rows of x [B, Hkv, n, X]
         ext = torch.cat([buf.to(x.dtype), x.new_zeros(B, Hkv, 1, x.shape[-1])], dim=-2)
-        rows = torch.where(is_sink[:, None, :, None], x, 0.0)   # a non-sink row lands in the scratch slot
-        return ext.scatter(-2, idx[:, None, :, None].expand(B, Hkv, L, x.shape[-1]), rows)[:, :, :S]
+        rows = torch.where(sink[:, None, :, None], x, 0.0)   # a non-sink row lands in the scratch slot
+        return ext.scatter(-2, idx[:, None, :, None].expand(B, Hkv, n, x.shape[-1]), rows)[:, :, :S]
 
     return fill(parts.sink_k, k), fill(parts.sink_v, v), sink_pos, is_sink
 

@@ -60,7 +60,7 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
             if state.exact is None else state.exact.map(flat)
         far, n0 = flat(state.kv).mT.to(spec.state_dtype), state.n_tokens          # [B, Hkv, F, D]
     centre = _key_centre(state, hybrid, k, mask, spec, B)
-    y, far, exact = window_attention(q, k, v, mask, far, exact, n0, spec, hybrid, is_causal, centre)
+    y, far, exact = window_attention(q, k, v, mask, far, exact, n0, spec, hybrid, is_causal, centre, kernels)
     out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
     if not return_state:
         return out
@@ -83,6 +83,8 @@ def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B:
         return None if state.key_centre is None else state.key_centre.reshape(B, *state.key_centre.shape[-2:])
     if hybrid.recentre is None:
         return None
-    kept = torch.ones(B, 1, spec.len_k, 1, dtype=torch.bool, device=k.device) if mask is None else (~mask)[:, None, :, None]
+    if mask is None:
+        return k.detach().to(spec.state_dtype).sum(-2) / max(spec.len_k, 1)     # [B, Hkv, E]
+    kept = (~mask)[:, None, :, None]
     total = torch.where(kept, k.detach().to(spec.state_dtype), 0.0).sum(-2)       # [B, Hkv, E]
     return total / kept.sum(-2).clamp_min(1)

@@ -55,17 +55,21 @@ class _Plan:
     def params(self, hybrid: Hybrid) -> tuple[torch.Tensor, torch.Tensor]:
         """``alpha`` and ``beta`` as contiguous ``[Hq]`` tensors in the compute dtype (plain numbers: cached)."""
         alpha, beta = hybrid.recentre, hybrid.taylor_mix
-        tensors = isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor)
-        pair = None if tensors else self._params.get((alpha, beta))
+        if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
+            return head_params(hybrid, self.spec)
+        pair = self._params.get((alpha, beta))
         if pair is None:
-            spec = self.spec
-            pair = tuple(x.detach().to(spec.compute_dtype).expand(spec.n_q_heads).contiguous()
-                         if isinstance(x, torch.Tensor) else
-                         torch.full((spec.n_q_heads,), 0.0 if x is None else x, dtype=spec.compute_dtype)
-                         for x in (alpha, beta))
-            if not tensors:
-                self._params[(alpha, beta)] = pair
+            pair = self._params[(alpha, beta)] = head_params(hybrid, self.spec)
         return pair
+
+
+def head_params(hybrid: Hybrid, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``alpha`` (0 without recentre) and ``beta`` as contiguous ``[Hq]`` tensors in the compute dtype, as the
+    window kernels read them."""
+    return tuple(x.detach().to(spec.compute_dtype).expand(spec.n_q_heads).contiguous()
+                 if isinstance(x, torch.Tensor) else
+                 torch.full((spec.n_q_heads,), 0.0 if x is None else x, dtype=spec.compute_dtype)
+                 for x in (hybrid.recentre, hybrid.taylor_mix))
 
 
 def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state: bool,
@@ -95,7 +99,7 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     ready = _ready(exact, spec.state_dtype, copy=not in_place)
     if ready is None:
         return None  # buffers in another dtype than the state's: the PyTorch path converts them
-    exact, pointers = ready
+    exact, pointers, ring = ready
     S_in = state._fmajor()                                                     # [..., Hkv, F, D]
     if S_in is None:  # a state in another layout (e.g. loaded from a file): from now on in the kernel's
         S_in = state.kv.mT.contiguous()
@@ -112,7 +116,7 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(spec.batch).contiguous()
     # the output: like the query when it has the query's shape (the cheapest allocation)
     y = torch.empty_like(query) if plan.out_like_query else query.new_empty(plan.out_shape)   # [..., Hq, 1, Ev]
-    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, *plan.params(hybrid), state.n_tokens)
+    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, *plan.params(hybrid), state.n_tokens, ring)
     if not return_state:
         return y
     return y, SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,
@@ -121,21 +125,28 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
 
 
 def _ready(exact: ExactKeys, dtype: torch.dtype, copy: bool):
-    """``(exact, pointers)``: the buffers the kernel updates (contiguous copies where needed, or all of them
-    with ``copy``) and their data pointers; None if a buffer is not in the state's dtype. The pointers of
-    buffers that were fine as they are are kept on the object, so a decode loop checks them once."""
+    """``(exact, pointers, ring)``: the buffers the kernel updates and their data pointers, and the pointers of the
+    window keys and values the kernel copies into them (``(0, 0)``: none); None if a buffer is not in the state's
+    dtype. In place the buffers are the state's (contiguous copies where needed), and their pointers are kept on
+    the object, so a decode loop checks them once. With ``copy`` the window buffers are new and filled by the
+    kernel from the state's, head by head as it reads them (no pass of its own), and the small ones are copies."""
     cached = exact.__dict__.get("_kernel_pointers")
     if not copy and cached is not None and cached[0] is dtype:
-        return exact, cached[1]
+        return exact, cached[1], (0, 0)
     if any(t.dtype is not dtype for t in (exact.win_k, exact.win_v, exact.sink_k, exact.sink_v)):
         return None
-    if copy:
+    ring = (0, 0)
+    if copy and exact.win_k.is_contiguous() and exact.win_v.is_contiguous():
+        ring = (exact.win_k.data_ptr(), exact.win_v.data_ptr())
+        exact = ExactKeys(torch.empty_like(exact.win_k), torch.empty_like(exact.win_v),
+                          *(_contiguous_copy(t) for t in exact.tensors()[2:]))
+    elif copy:
         exact = exact.map(_contiguous_copy)
     elif not all(t.is_contiguous() for t in exact.tensors()):
         exact = exact.map(torch.Tensor.contiguous)
     pointers = tuple(t.data_ptr() for t in exact.tensors())
     exact.__dict__["_kernel_pointers"] = (dtype, pointers)   # a frozen dataclass: its fields cannot change
-    return exact, pointers
+    return exact, pointers, ring
 
 
 def _needs_grad(query, key, value, state, hybrid: Hybrid) -> bool:

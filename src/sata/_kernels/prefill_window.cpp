@@ -1,0 +1,375 @@
+// Fused causal prefill of the window mode (MATH.md section 6), for the CPU (forward, no autograd).
+//
+// Per key/value head, on the extended stream (the state's W window keys, oldest first, then the
+// call's L keys), chunk by chunk of C queries at call positions [t0, t0 + c):
+//   far keys     stream positions e <= i: the state of every e < t0 read by phi(q_i), and the keys
+//                e in [t0, i] through a causal c x c block (the plain prefill with the keys shifted by
+//                W), both in the series around the query's centre: a_m(c'_i) scales the degree-m
+//                feature rows of q_i and the terms of T(s) in the block (Horner per lane)
+//   the centre   c' = mu' - alpha sd' of the far scores s' (keys minus the key centre), from the
+//                degree 0..2 read-outs of the normaliser column plus the block; or c' = -delta
+//                (delta = scale q.mu) without recentre, c = c' + delta (0 without recentre)
+//   exact keys   the band i < e <= i + W (c - 1 + W keys per chunk, each lane masked to its own
+//                window) and the sinks filled at positions <= n_tokens + i, through exp
+//   y            (e^{m_x - m} num_x + beta e^{c - m} U[:Ev]) / (same with den_x, U[Ev]),
+//                m = max(m_x, c) where the query has far keys (0 where that normaliser is not positive)
+//   S            += phi(k_e - mu) [v_e, 1] for e in [t0, t0 + c): the chunk's far keys, after its queries
+// Every step is the PyTorch path's (sata._paths.window) in the compute dtype T; the state accumulates
+// in TS. Layouts: WindowPrefillTensors in kernels.h. Heads are shared out to the threads dynamically.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "kernels.h"
+#include "prefill.h"
+#include "window.h"
+
+namespace {
+
+using sata::C;
+using sata::Vec;
+
+template <typename T, typename TS>
+struct WindowHead : sata::Head<T, TS> {
+  using Base = sata::Head<T, TS>;
+  int64_t W, S;
+  bool recentre;
+  std::vector<int64_t> off;  // [P + 1] feature offsets of the degrees
+  std::vector<int64_t> deg;  // [D] degree of each feature row
+  std::vector<T> s;          // [C][C] far scores of the chunk's keys (rows) and queries (lanes)
+  std::vector<T> coef;       // [P][C] a_m(c'_i), or ones
+  std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
+  std::vector<T> ex;         // [C + W + S][C] exact scores, then weights
+  std::vector<const T*> val; // [C + W + S] the value row of each exact row in use
+  std::vector<std::pair<int64_t, int64_t>> lane;  // [C + W + S] its lanes [lo, hi)
+  std::vector<T> top, den;   // [C]
+  std::vector<T> num;        // [Ev][C]
+  std::vector<T> mus;        // [d] the key centre, scaled
+
+  WindowHead(const WindowPrefillArgs& w)
+      : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
+             static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
+        W(w.W), S(w.S), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D), s(C * C), coef(w.base.P * C),
+        cen(C), nfar(C), ex((C + w.W + w.S) * C), val(C + w.W + w.S), lane(C + w.W + w.S), top(C), den(C),
+        num(w.base.Ev * C), mus(w.base.d) {
+    std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
+    const int64_t P = this->P, d = this->d;
+    for (int64_t p = 0; p < P; ++p) {
+      int64_t size = p == 0 ? 1 : d;
+      if (p >= 2) {
+        size = 0;
+        for (int64_t j = 0; j < d; ++j) size += this->prefix_len[(p - 2) * d + j];
+      }
+      off[p + 1] = off[p] + size;
+      for (int64_t r = off[p]; r < off[p + 1]; ++r) deg[r] = p;
+    }
+  }
+
+  // the far part of the chunk for one query head: centres and coefficients, the query rows of X scaled
+  // per degree, the causal block as rows D.. of X, then U = M^T X
+  void far_part(int64_t c, const T* mu, T alpha) {
+    const int64_t d = this->d, D = this->D, P = this->P, Fp = this->Fp, Ev = this->Ev;
+    const T* kx = this->kx.data();
+    const T* qx = this->qx.data();
+    T* X = this->X.data();
+    const T* M = this->M;
+    const T* vt = this->vt;
+    for (int64_t j = 0; j < C; ++j) {  // s[j][i] = k'_j . q_i, scaled
+      T* a = s.data() + j * C;
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) a[i] = T(0);
+      if (j >= c) continue;
+      for (int64_t e = 0; e < d; ++e) {
+        const T kj = kx[e * C + j];
+        const T* qe = qx + e * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) a[i] += kj * qe[i];
+      }
+    }
+    // far keys of each query: the state's count and the chunk's flagged keys at or before it
+    T count = T(0);
+    for (int64_t i = 0; i < C; ++i) {
+      if (i < c) count += vt[i * Fp + Ev];
+      nfar[i] = M[Ev] + count;
+    }
+    const bool scaled = recentre || mu != nullptr;  // else every a_m is 1
+    // lane by lane (each lane a query): delta, the centre c' of the far scores s' and a_m(c')
+    T delta[C], shifted[C];
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) delta[i] = T(0);
+    if (mu != nullptr)
+      for (int64_t e = 0; e < d; ++e) {
+        const T* qe = qx + e * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) delta[i] += qe[i] * mus[e];
+      }
+    if (recentre) {
+      // (N, sum s', sum s'^2 / 2) over the far keys: the state's degree 1 and 2 read-outs of the normaliser
+      // column, then the chunk's keys at or before the query (the second moment only for a centre below the mean)
+      const bool second = P >= 3 && alpha != T(0);
+      T m1[C], m2[C];
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) m1[i] = m2[i] = T(0);
+      for (int64_t r = off[1]; r < off[std::min<int64_t>(P, second ? 3 : 2)]; ++r) {
+        const T z = M[r * Fp + Ev];
+        T* m = r < off[2] ? m1 : m2;
+        const T* x = X + r * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) m[i] += x[i] * z;
+      }
+      for (int64_t j = 0; j < c; ++j) {
+        const T wj = vt[j * Fp + Ev];
+        if (wj == T(0)) continue;
+        const T* sj = s.data() + j * C;
+        if (second) {
+#pragma omp simd
+          for (int64_t i = 0; i < C; ++i) {
+            const T a = i >= j ? wj * sj[i] : T(0);
+            m1[i] += a;
+            m2[i] += a * sj[i] * T(0.5);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < C; ++i) m1[i] += i >= j ? wj * sj[i] : T(0);
+        }
+      }
+      for (int64_t i = 0; i < C; ++i) {
+        shifted[i] = sata::centre<T>(nfar[i], m1[i], second ? m2[i] : T(0), alpha);
+        cen[i] = shifted[i] + delta[i];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) {
+        shifted[i] = -delta[i];
+        cen[i] = T(0);
+      }
+    }
+    if (scaled) {  // a_m(c) = sum_{n < P-m} (-c)^n / n! (sata::coefficients, lane by lane)
+      T term[C], sum[C];
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) term[i] = T(1), sum[i] = T(0);
+      for (int64_t n = 0; n < P; ++n) {
+        const T inv = n ? T(1) / T(n) : T(1);
+        T* cm = coef.data() + (P - 1 - n) * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) {
+          if (n) term[i] = term[i] * (-shifted[i]) * inv;
+          sum[i] += term[i];
+          cm[i] = sum[i];
+        }
+      }
+    }
+    if (scaled)  // a_{P-1} = 1: the last degree, the largest block, stays as it is
+      for (int64_t r = 0; r < off[P - 1]; ++r) {
+        const T* cm = coef.data() + deg[r] * C;
+        T* x = X + r * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) x[i] *= cm[i];
+      }
+    T* A = X + D * C;  // A[j][i] = sum_m a_m(c'_i) s^m / m! for j <= i, by Horner per lane
+    for (int64_t j = 0; j < C; ++j) {
+      T* out = A + j * C;
+      const T* sj = s.data() + j * C;
+      T r[C];
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) r[i] = coef[(P - 1) * C + i];
+      for (int64_t m = P - 2; m >= 0; --m) {
+        const T inv = T(1) / T(m + 1);
+        const T* cm = coef.data() + m * C;
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) r[i] = cm[i] + r[i] * sj[i] * inv;
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) out[i] = i >= j && j < c ? r[i] : T(0);
+    }
+    sata::gemm_t(M, Fp, this->F, D + c, X, this->U.data(), false);
+  }
+
+  // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
+  // top, den and num (unnormalised, around top). Each row of scores is worked on the whole vectors that
+  // hold its lanes only (the band's edges cover part of the chunk), -inf on their other lanes
+  template <typename KeyRow, typename ValueRow>
+  void exact_part(int64_t t0, int64_t c, const KeyRow& k, const ValueRow& v, const uint8_t* flag, const T* sink_k,
+                  const T* sink_v, const int64_t* sink_pos, int64_t n_tokens) {
+    using VV = Vec<T>;
+    using V = typename VV::type;
+    typedef typename sata::Bits<T>::type Lane;
+    typedef Lane I __attribute__((vector_size(sizeof(V))));
+    constexpr int64_t L = VV::W;
+    static_assert(C % L == 0, "a chunk is whole vectors");
+    const int64_t d = this->d, Ev = this->Ev;
+    const T* qx = this->qx.data();
+    const T sk = this->sk, ninf = -std::numeric_limits<T>::infinity();
+    I iota;
+    for (int64_t l = 0; l < L; ++l) iota[l] = l;
+    int64_t rows = 0;
+    V mx[C / L];  // the largest score of each lane
+    for (int64_t b = 0; b < C / L; ++b) mx[b] = V{} + ninf;
+    // one row of scores on the vectors that hold lanes [lo, hi)
+    const auto row = [&](const T* key, const T* value, int64_t lo, int64_t hi) {
+      lo = std::max<int64_t>(lo, 0);
+      hi = std::min<int64_t>(hi, c);
+      if (lo >= hi) return;
+      const int64_t v0 = lo / L * L, v1 = (hi + L - 1) / L * L;
+      T* out = ex.data() + rows * C;
+      T ks[64];  // the key, scaled (a head of d <= 64 in the fast path; longer ones row by row)
+      const bool short_key = d <= 64;
+      if (short_key)
+        for (int64_t e = 0; e < d; ++e) ks[e] = key[e] * sk;
+      for (int64_t i = v0; i < v1; i += L) {
+        V acc{};
+        for (int64_t e = 0; e < d; ++e) acc += (short_key ? ks[e] : key[e] * sk) * VV::load(qx + e * C + i);
+        const I at = iota + Lane(i);
+        acc = (at >= Lane(lo)) & (at < Lane(hi)) ? acc : V{} + ninf;
+        VV::store(out + i, acc);
+        mx[i / L] = acc > mx[i / L] ? acc : mx[i / L];
+      }
+      val[rows] = value;
+      lane[rows++] = {v0, v1};
+    };
+    for (int64_t u = 0; u < c - 1 + W; ++u) {  // stream position e = t0 + 1 + u: exact for lanes u + 1 - W .. u
+      const int64_t e = t0 + 1 + u;
+      if (flag[e]) row(k(e), v(e), u + 1 - W, u + 1);
+    }
+    for (int64_t j = 0; j < S; ++j)  // a sink at stream position p: exact for queries at n_tokens + t0 + i >= p
+      if (sink_pos[j] >= 0) row(sink_k + j * d, sink_v + j * Ev, sink_pos[j] - n_tokens - t0, C);
+    V safe[C / L];
+    for (int64_t b = 0; b < C / L; ++b) {
+      VV::store(top.data() + b * L, mx[b]);
+      for (int64_t l = 0; l < L; ++l) safe[b][l] = std::isfinite(mx[b][l]) ? mx[b][l] : T(0);
+    }
+    for (int64_t b = 0; b < C / L; ++b) {  // weights e^{s - max}, their sum and the weighted values, vector by vector
+      switch (Ev) {
+        case 8: weigh<8>(rows, b, safe[b]); break;
+        case 16: weigh<16>(rows, b, safe[b]); break;
+        case 32: weigh<32>(rows, b, safe[b]); break;
+        case 64: weigh<64>(rows, b, safe[b]); break;
+        default: weigh<0>(rows, b, safe[b]);
+      }
+    }
+  }
+
+  // den and num on lanes b L .. (b + 1) L from the rows of scores that cover them: with the value size EV
+  // known the sums stay in registers across the rows (0: any size, summed in memory)
+  template <int EV>
+  void weigh(int64_t rows, int64_t b, typename Vec<T>::type safe) {
+    using VV = Vec<T>;
+    using V = typename VV::type;
+    constexpr int64_t L = VV::W;
+    const int64_t Ev = EV ? EV : this->Ev, i = b * L;
+    V dn{}, acc[EV ? EV : 1];
+    for (int64_t f = 0; f < (EV ? EV : 1); ++f) acc[f] = V{};
+    if (!EV)
+      for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, V{});
+    for (int64_t r = 0; r < rows; ++r) {
+      if (i < lane[r].first || i >= lane[r].second) continue;
+      const V p = sata::vexp<T>(VV::load(ex.data() + r * C + i) - safe);
+      dn += p;
+      const T* vr = val[r];
+      if constexpr (EV != 0) {
+#pragma GCC unroll 64
+        for (int64_t f = 0; f < EV; ++f) acc[f] += p * vr[f];
+      } else {
+        for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * vr[f]);
+      }
+    }
+    if constexpr (EV != 0)
+      for (int64_t f = 0; f < EV; ++f) VV::store(num.data() + f * C + i, acc[f]);
+    VV::store(den.data() + i, dn);
+  }
+
+  // both parts scaled to their common maximum, one normaliser: y rows t0 .. t0 + c - 1
+  void combine(T* y, int64_t t0, int64_t c, T beta) const {
+    const int64_t Ev = this->Ev;
+    const T* U = this->U.data();
+    for (int64_t i = 0; i < c; ++i) {
+      const bool far = nfar[i] > T(0);
+      const T mx = top[i], cc = cen[i];
+      T m = far && cc > mx ? cc : mx;
+      if (!std::isfinite(m)) m = T(0);
+      const T e_exact = std::exp(mx - m);  // 0 without exact keys
+      const T e_far = far ? beta * std::exp(cc - m) : T(0);
+      const T dn = e_exact * den[i] + e_far * U[Ev * C + i];
+      const T inv = T(1) / dn;
+      T* yr = y + (t0 + i) * Ev;
+      for (int64_t f = 0; f < Ev; ++f)
+        yr[f] = dn <= T(0) ? T(0) : (e_exact * num[f * C + i] + e_far * U[f * C + i]) * inv;  // NaN propagates
+    }
+  }
+
+  void run(const WindowPrefillTensors& t, int64_t n, int64_t Hkv) {
+    const int64_t G = this->G, d = this->d, Ev = this->Ev, D = this->D, F = this->F, Fp = this->Fp, L = t.L;
+    const int64_t b = n / Hkv, h0 = (n % Hkv) * G;
+    const T* q = static_cast<const T*>(t.q) + n * G * L * d;
+    const T* kw = static_cast<const T*>(t.k_win) + n * W * d;
+    const T* vw = static_cast<const T*>(t.v_win) + n * W * Ev;
+    const T* kc = static_cast<const T*>(t.k) + n * L * d;
+    const T* vc = static_cast<const T*>(t.v) + n * L * Ev;
+    // rows of the extended stream: the window, then the call
+    const auto k = [&](int64_t e) { return e < W ? kw + e * d : kc + (e - W) * d; };
+    const auto v = [&](int64_t e) { return e < W ? vw + e * Ev : vc + (e - W) * Ev; };
+    const uint8_t* flag = t.flag + b * (W + L);
+    const T* sink_k = static_cast<const T*>(t.sink_k) + n * S * d;
+    const T* sink_v = static_cast<const T*>(t.sink_v) + n * S * Ev;
+    const int64_t* sink_pos = t.sink_pos + b * S;
+    const T* mu = t.key_centre == nullptr ? nullptr : static_cast<const T*>(t.key_centre) + n * d;
+    const T *alpha = static_cast<const T*>(t.alpha), *beta = static_cast<const T*>(t.beta);
+    TS* Sg = static_cast<TS*>(t.S) + n * F * D;
+    T* y = static_cast<T*>(t.y) + n * G * L * Ev;
+    if (mu != nullptr)
+      for (int64_t e = 0; e < d; ++e) mus[e] = mu[e] * this->sk;
+    this->q_sl = d;
+    std::fill(this->Sp.begin(), this->Sp.end(), TS(0));
+    for (int64_t r = 0; r < D; ++r)
+      for (int64_t f = 0; f < F; ++f) this->Sp[r * Fp + f] = Sg[f * D + r];
+    this->sync_state();
+    for (int64_t t0 = 0; t0 < L; t0 += C) {
+      const int64_t c = std::min(C, L - t0);
+      this->load_rows(k, v, flag, t0, c, mu);  // the far keys of the chunk: stream positions t0 .. t0 + c - 1
+      for (int64_t g = 0; g < G; ++g) {
+        this->load_queries(q + g * L * d, t0, c);
+        far_part(c, mu, recentre ? alpha[h0 + g] : T(0));
+        exact_part(t0, c, k, v, flag, sink_k, sink_v, sink_pos, t.n_tokens);
+        combine(y + g * L * Ev, t0, c, beta[h0 + g]);
+      }
+      sata::update_state(this->Sp.data(), Fp, D, this->phik.data(), this->vt);
+      this->sync_state();
+    }
+    for (int64_t r = 0; r < D; ++r)
+      for (int64_t f = 0; f < F; ++f) Sg[f * D + r] = this->Sp[r * Fp + f];
+  }
+};
+
+template <typename T, typename TS>
+void prefill_window(const WindowPrefillArgs& w, const WindowPrefillTensors& t) {
+  const PrefillArgs& a = w.base;
+  const int64_t N = t.B * a.Hkv;
+  const double flops = sata::work(N, t.L, a.G * t.L, a.Ev + 1, a.D) + 2.0 * N * a.G * t.L * (w.W + w.S) * (a.d + a.Ev);
+  const int64_t nt = sata::threads_for(N, flops, a.work_per_thread);
+  std::atomic<int64_t> next{0};
+  sata::on_threads(nt, [&] {
+    WindowHead<T, TS> head(w);
+    for (int64_t n = next++; n < N; n = next++) head.run(t, n, a.Hkv);
+  });
+}
+
+}  // namespace
+
+extern "C" {
+
+// returns 0, or 1 when the call failed (out of memory): the outputs and the state are then undefined
+#define SATA_PREFILL_WINDOW(NAME, T, TS)                                                  \
+  int NAME(const WindowPrefillArgs* a, const WindowPrefillTensors* t) {                 \
+    return sata::guarded([&] { prefill_window<T, TS>(*a, *t); });                       \
+  }
+
+SATA_PREFILL_WINDOW(sata_prefill_window_f32, float, float)
+SATA_PREFILL_WINDOW(sata_prefill_window_f32s64, float, double)
+SATA_PREFILL_WINDOW(sata_prefill_window_f64, double, double)
+
+}  // extern "C"
