@@ -593,6 +593,9 @@ class SATACache(Cache):
     counts them, and they too are allocated once: per layer ``B Hkv (D (E + 1) + (W + S)(2 E))`` floats plus a
     flag per window slot and a position per sink.
 
+    Decoding (no autograd) updates each state in place, so a state read from :attr:`states` changes with the next
+    token: keep a snapshot with ``state.clone()`` (or ``copy.deepcopy(cache)``).
+
     Args:
         config (PreTrainedConfig, optional): the model's config; gives the number of layers and
             lets the whole model's state size be checked against ``sata``'s memory budget up front.
