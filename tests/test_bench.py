@@ -278,3 +278,55 @@ def test_bench_window_flags_default_off_and_checked(capsys):
     assert "window must be a non-negative int" in capsys.readouterr().err
     assert cli.main(["bench", "targets", "--tiny", "--sinks", "2"]) == 2
     assert "apply to decode and prefill" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- sata bench generate
+def test_bench_generate_quick_tiny_llama(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    from sata.bench.generate import VARIANTS
+
+    assert cli.main(["bench", "generate", "--model", "tiny-llama", "--quick", "--contexts", "64,160", "--steps", "3",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    run = json.loads((tmp_path / "generate.json").read_text())
+    assert (tmp_path / "generate.png").stat().st_size > 10_000
+    rows = run["generate"]["rows"]
+    assert [r["context"] for r in rows] == [64, 160]
+    for row in rows:
+        v = row["variants"]
+        assert list(v) == list(VARIANTS)
+        assert v["sdpa_dynamic"]["vs_dynamic"] == 1.0
+        for name, r in v.items():
+            assert r["time"]["n"] == 3 and r["p10"] <= r["time"]["median"] <= r["p90"], name
+            assert r["tokens_per_s"] == pytest.approx(1 / r["time"]["median"])
+            assert r["filled_by"] == "prefill"
+            assert f"{row['context']:,}" in text and name in text
+        # tiny-llama: 2 layers, 2 key/value heads of 16; SATA: D = C(18, 2) = 153 features x 17 columns (float32)
+        assert v["sata"]["cache_bytes"] == v["sata"]["cache_bytes_after"] == 2 * 2 * 153 * 17 * 4
+        window = 2 * 2 * (64 + 4) * 2 * 16 * 4                               # keys and values of window and sinks
+        assert window < v["sata_window"]["cache_bytes_after"] - v["sata"]["cache_bytes_after"] < 2 * window
+        # DynamicCache: keys and values of every token, the prompt's and those of 2 warm-up + 3 timed steps
+        assert v["sdpa_dynamic"]["cache_bytes_after"] == 2 * 2 * 2 * 16 * 4 * (row["context"] + 5)
+        assert v["sdpa_static"]["cache_bytes"] == 2 * 2 * 2 * 16 * 4 * (row["context"] + 3 + 4)
+    # constant state, growing KV cache
+    assert rows[0]["variants"]["sata"]["cache_bytes_after"] == rows[1]["variants"]["sata"]["cache_bytes_after"]
+    assert rows[1]["variants"]["sdpa_dynamic"]["cache_bytes_after"] > rows[0]["variants"]["sdpa_dynamic"]["cache_bytes_after"]
+
+
+def test_bench_generate_random_fill_above_the_limit():
+    pytest.importorskip("transformers")
+    from sata.bench.generate import GenerateConfig, load_model, run_generate
+
+    res = run_generate(GenerateConfig(model="tiny-llama", contexts=(32, 96), steps=2, prefill_limit=64), progress=False,
+                       model=load_model("tiny-llama"))
+    fills = [{name: r["filled_by"] for name, r in row["variants"].items()} for row in res["rows"]]
+    assert fills[0] == dict.fromkeys(fills[0], "prefill")
+    assert fills[1] == dict.fromkeys(fills[1], "random")
+    for row in res["rows"]:      # the sizes a prefill leaves
+        v = row["variants"]
+        assert v["sdpa_dynamic"]["cache_bytes"] == 2 * 2 * 2 * 16 * 4 * row["context"]
+        assert v["sata"]["cache_bytes"] == 2 * 2 * 153 * 17 * 4
+        assert v["sata_window"]["cache_bytes"] == res["rows"][0]["variants"]["sata_window"]["cache_bytes"]
+        for r in v.values():
+            assert r["time"]["n"] == 2 and r["time"]["median"] > 0

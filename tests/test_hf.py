@@ -6,6 +6,7 @@ oracle (``T_P`` applied to the score matrix) to rounding error.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import tracemalloc
@@ -462,3 +463,73 @@ def test_smollm2_loads_and_generates_with_sata_cache():
     model.config.sata_n_taylor = 5
     with sata.memory_budget(4 * 2**30), pytest.raises(sata.MemoryBudgetError, match="n_taylor<=4 fits this model"):
         sata_hf.SATACache(model.config)
+
+
+# --------------------------------------------------------------------------- the SATACache decode entry
+def _state_tensors(cache) -> list[list[torch.Tensor]]:
+    """Every layer's state tensors: the F-major ``kv`` the kernels write, the window and sink buffers."""
+    return [[st._fmajor(), *(t for _, t in st._extras())] for st in cache.states]
+
+
+@pytest.mark.parametrize("fields", [{}, dict(sata_window=6, sata_sinks=2, sata_recentre=0.0),
+                                    dict(sata_window=5, sata_sinks=3, sata_taylor_mix=[0.5, 1.0, 1.5, 2.0])],
+                         ids=["plain", "window", "window-per-head-mix"])
+def test_sata_cache_decode_is_in_place_and_equals_one_pass(fields):
+    # prefill 30 tokens, then 16 one at a time: every step writes into the tensors the last one left (no state
+    # allocated per step; the first may lay out the prefill's sink buffers for the kernel) and the logits are
+    # those of one forward over the whole sequence
+    model = tiny_llama(**fields)
+    ids, _ = left_padded([30], seed=4)
+    cache = sata_hf.SATACache(model.config)
+    with torch.no_grad():
+        step = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        prefilled = _state_tensors(cache)[0][0].data_ptr()
+        stepped, addresses = [], None
+        for _ in range(16):
+            ids = torch.cat([ids, step.argmax(-1, keepdim=True)], dim=-1)
+            step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+            stepped.append(step)
+            now = [[t.data_ptr() for t in layer] for layer in _state_tensors(cache)]
+            assert now == (addresses := addresses or now)
+        assert addresses[0][0] == prefilled                                    # kv: the prefill's own tensor
+        full = model(ids).logits[:, 30:]                                         # one forward, no cache
+    torch.testing.assert_close(torch.stack(stepped, 1), full, rtol=1e-9, atol=1e-10)
+    assert [st.n_tokens for st in cache.states] == [46, 46]
+
+
+def test_sata_cache_rereads_a_changed_config():
+    model = tiny_llama(3)
+    ids, _ = left_padded([20], seed=5)
+    cache = sata_hf.SATACache(model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        model(ids[:, -1:], past_key_values=cache, use_cache=True)
+        model.config.sata_n_taylor = 2          # the states hold 3 terms: continuing them must refuse, not ignore
+        with pytest.raises(ValueError, match="n_taylor"):
+            model(ids[:, -1:], past_key_values=cache, use_cache=True)
+    model.config.sata_n_taylor, model.config.sata_window = 3, 4
+    model.config.sata_taylor_mix = [1.0, 1.0, 1.0, 0.5]   # a list changed in place is read again too
+    layer = cache.layers[0]
+    mix = layer._settings(model.config, "sata", 4, torch.device("cpu"))[1]["taylor_mix"]
+    model.config.sata_taylor_mix[3] = 2.0
+    mix2 = layer._settings(model.config, "sata", 4, torch.device("cpu"))[1]["taylor_mix"]
+    assert mix.tolist() == [1.0, 1.0, 1.0, 0.5] and mix2.tolist() == [1.0, 1.0, 1.0, 2.0]
+
+
+def test_sata_cache_under_autograd_keeps_the_old_state():
+    # training through a cache: the step must not overwrite a state autograd may still need
+    model = tiny_llama()
+    ids, _ = left_padded([20], seed=6)
+    cache = sata_hf.SATACache(model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    frozen = copy.deepcopy(cache)
+    before = [st.kv.clone() for st in cache.states]
+    old = cache.states
+    logits = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+    logits.sum().backward()
+    assert all(torch.equal(st.kv, b) for st, b in zip(old, before))
+    assert all(new is not st for new, st in zip(cache.states, old))
+    with torch.no_grad():
+        want = model(ids[:, -1:], past_key_values=frozen, use_cache=True).logits
+    torch.testing.assert_close(logits.detach(), want, rtol=1e-12, atol=1e-12)

@@ -5,6 +5,7 @@
     sata bench targets  [--quick]   issue 4's targets 1-6, PASS/FAIL (includes both sweeps)
     sata bench all      [--quick]   the same as targets, printing every table
     sata bench mqar     [--preset]  recall accuracy against state size (sata.bench.mqar)
+    sata bench generate [--model]   a Hugging Face model generating, SATACache against KV caches (sata.bench.generate)
 
 Every comparison is measured in one run on the same inputs; we report medians of repeated
 timings after warm-up, and ratios sata / baseline. ``--quick`` uses smaller contexts (minutes on
@@ -22,7 +23,7 @@ _DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all", "mqar"),
+    parser.add_argument("what", nargs="?", default="all", choices=("decode", "prefill", "targets", "all", "mqar", "generate"),
                         help="what to measure")
     parser.add_argument("--quick", action="store_true", help="smaller contexts: a few minutes on 2 CPU cores")
     parser.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file")
@@ -47,9 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode/prefill: window mode, the re-centred series (alpha)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: seconds, meaningless numbers
+    from .generate import add_arguments as generate_arguments
     from .mqar import add_arguments as mqar_arguments
 
     mqar_arguments(parser)
+    generate_arguments(parser)
 
 
 def _max_memory(text: str | None) -> int:
@@ -84,6 +87,10 @@ def main(args: argparse.Namespace) -> int:
         from .mqar import main as mqar_main
 
         return mqar_main(args)
+    if args.what == "generate":
+        from .generate import main as generate_main
+
+        return generate_main(args)
     threads = set_threads(args.threads)
     latency = args.threads or LATENCY_THREADS
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
