@@ -212,3 +212,52 @@ def test_convert_quick_end_to_end_and_reload(tmp_path, capsys):
 def test_convert_bad_flags(tmp_path, extra, match):
     with pytest.raises(SystemExit, match=match):
         convert_cli.main(_args(tmp_path, *extra))
+
+
+def test_stages_resume_after_interruption(tmp_path, monkeypatch):
+    """Killed mid-stage, the stages restart from their checkpoints and end where an uninterrupted run ends."""
+    import copy
+
+    teacher = _tiny_hybrid(torch.float32)
+    teacher.set_attn_implementation("sdpa")
+    windows = torch.randint(1, 97, (5, 48), generator=torch.Generator().manual_seed(6))
+    hc = hybrid_convert.HybridConfig(window=6, sinks=2, transfer_steps=3, distill_steps=5, lora_rank=2)
+
+    def run(ckpt, interrupt=None):
+        student = copy.deepcopy(teacher)
+        for a in hybrid_convert._attention_modules(student):
+            del a.sata_adapter
+        hybrid_convert.configure(student, hc)
+        student.set_attn_implementation("sata")
+        hybrid_convert.transfer(student, windows[:3], hc, ckpt / "transfer.pt", progress=False)
+        hybrid_convert.distill(student, teacher, windows, hc, ckpt / "distill.pt", progress=False, save_every=2)
+        return student
+
+    whole = run(tmp_path / "a")
+    real_layer, real_kl = hybrid_convert.transfer_layer, hybrid_convert._kl
+    calls = {"layer": 0, "kl": 0}
+
+    def layer_then_fail(model, i, *a, **k):
+        if i == 1 and calls["layer"] == 0:
+            calls["layer"] = 1
+            raise KeyboardInterrupt
+        return real_layer(model, i, *a, **k)
+
+    def kl_then_fail(*a):
+        calls["kl"] += 1
+        if calls["kl"] == 4:                                                   # after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return real_kl(*a)
+
+    (tmp_path / "b").mkdir()
+    monkeypatch.setattr(hybrid_convert, "transfer_layer", layer_then_fail)
+    monkeypatch.setattr(hybrid_convert, "_kl", kl_then_fail)
+    for _ in range(3):                     # killed in (a), then killed in (b), then to the end
+        try:
+            resumed = run(tmp_path / "b")
+            break
+        except KeyboardInterrupt:
+            pass
+    assert calls == {"layer": 1, "kl": 4 + 3}                                  # steps 3..5 redone, 1..2 not
+    for (n, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)

@@ -334,7 +334,8 @@ def _cosine(opt, lr: float, step: int, steps: int) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")                                # a kill mid-write keeps the old file
     torch.save(obj, tmp)
     tmp.replace(path)
 
