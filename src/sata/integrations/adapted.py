@@ -199,25 +199,27 @@ def attach_adapters(model, directory: str | Path | None = None) -> list[QKAdapte
     Maps come from ``directory/sata_adapters.safetensors`` when given, else identity; alpha and beta from
     ``config.sata_layer_recentre`` / ``sata_layer_taylor_mix`` when set (else 0 and 1).
     """
-    cfg = model.config
-    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    E = getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq
-    alphas, betas = getattr(cfg, "sata_layer_recentre", None), getattr(cfg, "sata_layer_taylor_mix", None)
     tensors = _read(str(Path(directory) / ADAPTER_FILE)) if directory is not None else {}
-    out = []
-    for i, layer in enumerate(_layers(model)):
-        ad = QKAdapter(Hq, Hkv, E).to(next(model.parameters()).device)
-        with torch.no_grad():
-            if tensors:
-                ad.q_map.copy_(tensors[f"{i}.q_map"])
-                ad.k_map.copy_(tensors[f"{i}.k_map"])
-            if alphas is not None:
-                ad.alpha.copy_(torch.tensor(alphas[i]))
-            if betas is not None:
-                ad.log_beta.copy_(torch.tensor(betas[i]).log())
-        layer.self_attn.sata_adapter = ad
-        out.append(ad)
-    return out
+    return [_attach(layer.self_attn, tensors) for layer in _layers(model)]
+
+
+def _attach(module, tensors: dict[str, torch.Tensor]) -> QKAdapter:
+    """``module.sata_adapter`` for layer ``module.layer_idx``: maps from ``tensors`` (identity if absent), alpha and
+    beta from the config (0 and 1 if absent)."""
+    cfg, i = module.config, module.layer_idx
+    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    ad = QKAdapter(Hq, Hkv, getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq)
+    alphas, betas = getattr(cfg, "sata_layer_recentre", None), getattr(cfg, "sata_layer_taylor_mix", None)
+    with torch.no_grad():
+        if tensors:
+            ad.q_map.copy_(tensors[f"{i}.q_map"])
+            ad.k_map.copy_(tensors[f"{i}.k_map"])
+        if alphas is not None:
+            ad.alpha.copy_(torch.tensor(alphas[i]))
+        if betas is not None:
+            ad.log_beta.copy_(torch.tensor(betas[i]).log())
+    module.sata_adapter = ad.to(module.q_proj.weight.device)
+    return module.sata_adapter
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
@@ -248,13 +250,4 @@ def adapter_for(module) -> QKAdapter:
     if ad is not None:
         return ad
     directory = getattr(module.config, "_name_or_path", "") or ""
-    tensors = _read(str(Path(directory) / ADAPTER_FILE))
-    cfg, i = module.config, module.layer_idx
-    ad = QKAdapter(tensors[f"{i}.q_map"].shape[0], tensors[f"{i}.k_map"].shape[0], tensors[f"{i}.q_map"].shape[1])
-    with torch.no_grad():
-        ad.q_map.copy_(tensors[f"{i}.q_map"])
-        ad.k_map.copy_(tensors[f"{i}.k_map"])
-        ad.alpha.copy_(torch.tensor(cfg.sata_layer_recentre[i]))
-        ad.log_beta.copy_(torch.tensor(cfg.sata_layer_taylor_mix[i]).log())
-    module.sata_adapter = ad.to(module.q_proj.weight.device)
-    return module.sata_adapter
+    return _attach(module, _read(str(Path(directory) / ADAPTER_FILE)))

@@ -62,7 +62,7 @@ def main(args) -> int:
         import transformers  # noqa: F401
 
         import sata.integrations.hf  # noqa: F401  (registers attn_implementation "sata")
-        from sata.integrations import convert, corpus, hybrid_convert
+        from sata.integrations import convert, hybrid_convert
     except ImportError as e:
         print(f"sata convert needs transformers, gguf, accelerate and tqdm ({e}): pip install 'sata-attention[hf]'")
         return 2
@@ -83,10 +83,8 @@ def main(args) -> int:
     model, tok, name = _tiny() if args.quick else (*convert.load_model(args.model, args.gguf_file), _name(args))
     model.set_attn_implementation("sdpa")
     say(f"loaded {name}")
-    train_text, held_text = corpus.split_text("train"), corpus.split_text("heldout")
-    train = convert.token_windows(tok, train_text, args.context, args.train_windows)
     contexts = _ints(args.eval_contexts)
-    held = {c: convert.token_windows(tok, held_text, c, args.eval_windows) for c in contexts}
+    train, held = _token_windows(tok, args, contexts, out / "stages" / "tokens.pt")
     say(f"text: {len(train)} training windows of {args.context}; held out: "
         + ", ".join(f"{len(w)} x {c}" for c, w in held.items()))
     hc = hybrid_convert.HybridConfig(
@@ -122,6 +120,25 @@ def main(args) -> int:
     say(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'ppl_by_position.png'}")
     print("\n".join(lines))
     return 0
+
+
+def _token_windows(tok, args, contexts: list[int], path: Path):
+    """Training windows ``[N, context]`` and held-out windows per evaluation context; tokenized once, then read
+    from ``path`` (tokenizing the corpus takes minutes)."""
+    import torch
+
+    from sata.integrations import convert, corpus
+
+    key = [args.context, args.train_windows, contexts, args.eval_windows]
+    if path.exists():
+        saved = torch.load(path)
+        if saved["key"] == key:
+            return saved["train"], saved["held"]
+    train = convert.token_windows(tok, corpus.split_text("train"), args.context, args.train_windows)
+    held_text = corpus.split_text("heldout")
+    held = {c: convert.token_windows(tok, held_text, c, args.eval_windows) for c in contexts}
+    torch.save({"key": key, "train": train, "held": held}, path)
+    return train, held
 
 
 def _check(args) -> None:
@@ -222,7 +239,7 @@ def _tiny():
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=_Bytes.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.6,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.3,
                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(cfg).eval(), _Bytes(), "tiny random Llama (2 layers, hidden 64, 4/2 heads; --quick)"
 
