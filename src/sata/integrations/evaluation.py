@@ -56,7 +56,8 @@ def passkey(model, tokenizer, context: int, trials: int, seed: int = 0, progress
     for _ in range(trials):
         key, depth = str(rng.randrange(10_000, 100_000)), rng.random()
         ids = passkey_prompt(tokenizer, context, depth, key)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             past_key_values=_cache(model), pad_token_id=getattr(tokenizer, "eos_token_id", None))
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         digits = "".join(ch for ch in text if ch.isdigit())[:5]
         hits += digits == key
@@ -64,3 +65,12 @@ def passkey(model, tokenizer, context: int, trials: int, seed: int = 0, progress
         if progress is not None:
             progress.update(1)
     return {"context": context, "trials": trials, "accuracy": hits / trials, "answers": answers}
+
+
+def _cache(model):
+    """A :class:`~sata.integrations.hf.SATACache` for a SATA model (the standard caches would fold every earlier key
+    into a state again at each token), else None (the model's default cache)."""
+    import sata.integrations.hf as sata_hf
+
+    impl = getattr(model.config, "_attn_implementation", None)
+    return sata_hf.SATACache(model.config) if impl == "sata" else None
