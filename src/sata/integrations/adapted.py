@@ -34,7 +34,8 @@ from torch.utils.checkpoint import checkpoint
 import sata
 from sata.hybrid import centre, centre_coefficients, combine, exact_part
 
-__all__ = ["ADAPTER_FILE", "AdaptedState", "QKAdapter", "adapted_attention", "attach_adapters", "adapter_state_dict"]
+__all__ = ["ADAPTER_FILE", "AdaptedState", "QKAdapter", "adapted_attention", "adapter_for", "adapter_state_dict",
+           "attach_adapters", "decode_step", "start_state"]
 
 ADAPTER_FILE = "sata_adapters.safetensors"
 _BLOCK = 256  # queries per block of the quadratic form

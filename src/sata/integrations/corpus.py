@@ -10,6 +10,7 @@ CRC-32 of its name is divisible by 5: the split does not move when documents are
 from __future__ import annotations
 
 import ast
+import functools
 import sysconfig
 import zlib
 from pathlib import Path
@@ -30,8 +31,10 @@ def _docstrings(path: Path) -> str:
     return "\n\n".join(doc for n in nodes if (doc := ast.get_docstring(n, clean=True)))
 
 
+@functools.lru_cache(maxsize=1)
 def documents() -> dict[str, list[str]]:
-    """``{name: paragraphs}`` of every document (``topic:NAME``, ``module:PATH``), paragraphs deduplicated."""
+    """``{name: paragraphs}`` of every document (``topic:NAME``, ``module:PATH``), paragraphs deduplicated
+    (computed once per process; do not modify)."""
     from pydoc_data.topics import topics
 
     from sata.integrations.convert import _prose
