@@ -326,7 +326,7 @@ def _report(results: dict, args) -> list[str]:
                  for c in contexts]
         cells += [f"{row['passkey'][str(c)]['accuracy']:.2f}" for c in pk]
         lines.append(f"| {_LABELS[kind]} | " + " | ".join(cells) + " |")
-    lines += ["", f"Tokens scored per context: " + ", ".join(f"{base[str(c)]['tokens']:,} @{c}" for c in contexts)
+    lines += ["", "Tokens scored per context: " + ", ".join(f"{base[str(c)]['tokens']:,} @{c}" for c in contexts)
               + f"; passkey: {args.passkey_trials} trials per context, greedy, exact match.", ""]
     for kind in ("hybrid", "window_only"):
         if kind not in rows:
