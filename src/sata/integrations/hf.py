@@ -330,6 +330,9 @@ def _sata_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` function: query ``[B, Hq, Lq, E]``, key/value ``[B, Hkv, Lk, E]`` -> ``[B, Lq, Hq, Ev]``."""
+    if getattr(module.config, "sata_qk_adapter", False):  # a converted hybrid (sata convert)
+        return _adapted_forward(module, query, key, value, attention_mask, is_causal, scaling,
+                                n_taylor_for(module.config, impl_name))
     if dropout:
         _warn_once("dropout", f"sata attention does not apply attention dropout (p={dropout}); it is ignored")
     layer = key.__dict__.get(_TAG)
@@ -453,6 +456,8 @@ def _oracle_forward(
     if key.__dict__.get(_TAG) is not None:
         raise ValueError("the oracle attention keeps no state: use it with DynamicCache or no cache, not SATACache")
     n_taylor = n_taylor_for(module.config, impl_name)
+    if getattr(module.config, "sata_qk_adapter", False):  # its own quadratic form is the reference
+        return _adapted_forward(module, query, key, value, attention_mask, is_causal, scaling, n_taylor)
     B, Hq, Lq, E = query.shape
     Lk = key.shape[2]
     hybrid = window_args(module.config, n_taylor, Hq, query.device)
@@ -474,6 +479,45 @@ def _oracle_forward(
         query, key[:, :, :Lk], value[:, :, :Lk], n_taylor=n_taylor, is_causal=mask.causal, scale=scaling,
         enable_gqa=Hq != key.shape[1], key_padding_mask=None if kpm is None else kpm[:, :Lk], **hybrid,
     )[:, :, Lk - Lq :]                                                          # [B, Hq, Lq, Ev]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _adapted_forward(module, query, key, value, attention_mask, is_causal, scaling, n_taylor: int):
+    """The converted hybrid of ``config.sata_qk_adapter`` (:mod:`sata.integrations.adapted`): the window mode with
+    learned maps on the Taylor part's queries and keys. Causal, without padding; through :class:`SATACache`
+    a prefill then one token per step at constant memory, else the quadratic form over the given keys."""
+    from sata.integrations import adapted
+
+    B, Hq, Lq, E = query.shape
+    Lk = key.shape[2]
+    mask = _resolve_mask(module, attention_mask, is_causal, Lq, Lk)
+    if not isinstance(mask, SATAMask) or not mask.causal or mask.key_padding_mask is not None:
+        raise NotImplementedError(
+            "sata attention: a converted hybrid (config.sata_qk_adapter) runs causal attention without padding; "
+            "got a tensor mask, bidirectional attention or padded keys. Run one unpadded sequence per batch row."
+        )
+    window, sinks = _exact_slots(module.config)
+    ad = adapted.adapter_for(module)
+    kw = dict(n_taylor=n_taylor, scale=scaling if scaling is not None else E**-0.5, window=window, sinks=sinks)
+    layer = key.__dict__.get(_TAG)
+    if layer is not None:  # SATACache: this step's keys only
+        layer._pending = False
+        if layer.state is None:
+            out = adapted.adapted_attention(query, key, value, ad.map_q(query), ad.map_k(key), alpha=ad.alpha,
+                                            beta=ad.beta, **kw)                 # [B, Hq, Lq, Ev]
+            layer.state = adapted.start_state(key, value, ad.map_k(key), **kw)
+        else:
+            outs = []
+            for t in range(Lq):
+                y, layer.state = adapted.decode_step(layer.state, query[:, :, t : t + 1], key[:, :, t : t + 1],
+                                                     value[:, :, t : t + 1], ad, **kw)
+                outs.append(y)
+            out = torch.cat(outs, dim=2)                                         # [B, Hq, Lq, Ev]
+        return out.transpose(1, 2).contiguous(), None
+    p = _first_query_key(mask, Lq, Lk, {"sinks": sinks})
+    k, v = key[:, :, : p + Lq], value[:, :, : p + Lq]                            # later keys: unfilled cache slots
+    out = adapted.adapted_attention(query, k, v, ad.map_q(query), ad.map_k(k), alpha=ad.alpha, beta=ad.beta,
+                                    q_offset=p, **kw)                           # [B, Hq, Lq, Ev]
     return out.transpose(1, 2).contiguous(), None
 
 

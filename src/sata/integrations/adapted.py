@@ -1,0 +1,254 @@
+r"""The converted hybrid (issue 17): the window mode with learned query/key maps on its Taylor part.
+
+A converted layer attends exactly (softmax) to the ``window`` most recent keys and the first ``sinks``
+keys with its original queries and keys, and to every older key through the Taylor series of
+per-head *adapted* queries and keys ``q' = A_h^T q``, ``k' = B_g^T k`` (``[E, E]`` maps after the
+rotary embedding), re-centred per query and weighted by a per-head ``beta``, under one normaliser
+(``MATH.md`` section 6 with two score sets: ``s`` for the exact part, ``s'`` for the far part):
+
+.. math::
+    y_i = \frac{\sum_{E_i} e^{s_{ij} - m_i} v_j + \beta e^{c_i - m_i} \sum_{F_i} T_P(s'_{ij} - c_i) v_j}
+               {\text{the same with } 1 \text{ for } v_j},\qquad c_i = \mu'_i - \alpha\,\sigma'_i
+
+(``mu', sigma'``: mean and deviation of ``s'_ij`` over ``F_i``). With identity maps this is exactly
+:func:`sata.sata_attention` in the window mode; one pair ``(q, k)`` cannot express it otherwise, so
+this module carries its own two forms: the quadratic one (training, prefill; blocks of queries,
+checkpointed under autograd) and a constant-memory decode step (:class:`AdaptedState`: the far
+Taylor state in float64, the window's and the sinks' keys and values).
+
+Config (saved with the model): ``sata_qk_adapter=True``, ``sata_window``, ``sata_sinks``,
+``sata_layer_recentre`` and ``sata_layer_taylor_mix`` (``[n_layers][Hq]``: alpha and beta per layer and
+head); the maps live in ``sata_adapters.safetensors`` beside the weights and are attached on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import sata
+from sata.hybrid import centre, centre_coefficients, combine, exact_part
+
+__all__ = ["ADAPTER_FILE", "AdaptedState", "QKAdapter", "adapted_attention", "adapter_for", "adapter_state_dict",
+           "attach_adapters", "decode_step", "start_state"]
+
+ADAPTER_FILE = "sata_adapters.safetensors"
+_BLOCK = 256  # queries per block of the quadratic form
+
+
+class QKAdapter(torch.nn.Module):
+    """One layer's learned pieces: query/key maps ``[Hq, E, E]`` / ``[Hkv, E, E]``, alpha ``[Hq]``, beta ``[Hq]``.
+
+    ``beta = exp(log_beta)`` keeps the mix positive. Default: identity maps, ``alpha = 0`` (centre at the
+    mean), ``beta = 1``.
+    """
+
+    def __init__(self, n_q_heads: int, n_kv_heads: int, head_dim: int, alpha: float = 0.0, beta: float = 1.0):
+        super().__init__()
+        eye = torch.eye(head_dim)
+        self.q_map = torch.nn.Parameter(eye.repeat(n_q_heads, 1, 1))               # [Hq, E, E]
+        self.k_map = torch.nn.Parameter(eye.repeat(n_kv_heads, 1, 1))              # [Hkv, E, E]
+        self.alpha = torch.nn.Parameter(torch.full((n_q_heads,), float(alpha)))    # [Hq]
+        self.log_beta = torch.nn.Parameter(torch.full((n_q_heads,), math.log(beta)))
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.log_beta.exp()
+
+    def map_q(self, q: torch.Tensor) -> torch.Tensor:
+        """``[B, Hq, L, E] -> [B, Hq, L, E]``: ``q'_h = A_h^T q_h``."""
+        return torch.einsum("bhle,hef->bhlf", q, self.q_map.to(q.dtype))
+
+    def map_k(self, k: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, L, E] -> [B, Hkv, L, E]``."""
+        return torch.einsum("bhle,hef->bhlf", k, self.k_map.to(k.dtype))
+
+
+# --------------------------------------------------------------------------- the quadratic form
+def adapted_attention(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks: int,
+                      alpha: torch.Tensor, beta: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
+    """The converted hybrid, quadratic in the keys, causal: ``[B, Hq, Lq, Ev]``.
+
+    Args:
+        q, qa: original and adapted queries ``[B, Hq, Lq, E]`` at positions ``q_offset .. q_offset + Lq - 1``.
+        k, ka: original and adapted keys ``[B, Hkv, Lk, E]`` at positions ``0 .. Lk - 1`` (``Hq`` a multiple).
+        v: values ``[B, Hkv, Lk, Ev]``.
+        alpha, beta: ``[Hq]`` (beta >= 0); window, sinks: as in :func:`sata.sata_attention`.
+    """
+    B, Hq, Lq, E = q.shape
+    g = Hq // k.shape[1]
+    k, ka, v = (x.repeat_interleave(g, dim=1) for x in (k, ka, v))             # [B, Hq, Lk, .]
+    alpha, beta = alpha.to(q.dtype)[:, None], beta.to(q.dtype)[:, None]          # [Hq, 1]
+    outs = []
+    for a in range(0, Lq, _BLOCK):
+        b = min(a + _BLOCK, Lq)
+        n_keys = q_offset + b                                                   # causal: later keys unseen
+        args = (q[:, :, a:b], qa[:, :, a:b], k[:, :, :n_keys], ka[:, :, :n_keys], v[:, :, :n_keys], alpha, beta)
+        run = functools.partial(_block, n_taylor=n_taylor, scale=scale, window=window, sinks=sinks,
+                                first=q_offset + a)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+        outs.append(checkpoint(run, *args, use_reentrant=False) if grad else run(*args))
+    return torch.cat(outs, dim=2)
+
+
+def _block(q, qa, k, ka, v, alpha, beta, *, n_taylor, scale, window, sinks, first):
+    T, Lk = q.shape[2], k.shape[2]
+    i = torch.arange(first, first + T, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    seen = j <= i
+    exact = seen & ((i - j < window) | (j < sinks))                              # [T, Lk]
+    far = (seen & ~exact).to(q.dtype)
+    s = scale * (q @ k.mT)                                                      # [B, Hq, T, Lk]
+    sa = scale * (qa @ ka.mT)                                                   # [B, Hq, T, Lk] far scores
+    moments = torch.stack([far.sum(-1).expand(sa.shape[:-1]), (sa * far).sum(-1), (sa * sa * far).sum(-1) / 2], -1)
+    c = centre(moments, alpha)                                                  # [B, Hq, T]
+    U = (sata.taylor_exp(sa - c[..., None], n_taylor) * far) @ torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    m, num, den = exact_part(s, exact, v)
+    return combine(m, num, den, U, c, moments[..., 0] > 0, beta, v.shape[-1], q.dtype)   # [B, Hq, T, Ev]
+
+
+# --------------------------------------------------------------------------- constant-memory decoding
+@dataclass
+class AdaptedState:
+    """One layer's decoding state: far Taylor state ``[B, Hkv, D, Ev + 1]`` (float64, the adapted keys), the
+    window's keys/values ``[B, Hkv, <= window, E]`` (oldest first, sinks excluded) and the sinks' ``[B, Hkv, <= sinks, E]``.
+
+    Its size stops growing after ``window + sinks`` tokens.
+    """
+
+    far: torch.Tensor
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    n_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.far, self.win_k, self.win_v, self.sink_k, self.sink_v))
+
+    def _map(self, fn) -> AdaptedState:
+        return AdaptedState(*(fn(t) for t in (self.far, self.win_k, self.win_v, self.sink_k, self.sink_v)), self.n_tokens)
+
+
+def start_state(k, v, ka, *, n_taylor: int, scale: float, window: int, sinks: int) -> AdaptedState:
+    """The state after keys ``[B, Hkv, L, E]`` at positions ``0 .. L - 1`` (a prefill)."""
+    L = k.shape[2]
+    first_win = max(sinks, L - window)                                          # keys older are far (or sinks)
+    far = _features(ka[:, :, sinks:first_win], n_taylor, scale).mT @ _ones_col(v[:, :, sinks:first_win]).double()
+    return AdaptedState(far, k[:, :, first_win:], v[:, :, first_win:], k[:, :, :sinks], v[:, :, :sinks], L)
+
+
+def decode_step(state: AdaptedState, q, k, v, adapter: QKAdapter, *, n_taylor: int, scale: float, window: int,
+                sinks: int) -> tuple[torch.Tensor, AdaptedState]:
+    """One token: ``q [B, Hq, 1, E]``, ``k, v [B, Hkv, 1, E]`` -> output ``[B, Hq, 1, Ev]`` and the new state."""
+    if state.n_tokens < sinks:
+        state = AdaptedState(state.far, state.win_k, state.win_v, torch.cat([state.sink_k, k], 2),
+                             torch.cat([state.sink_v, v], 2), state.n_tokens + 1)
+    else:
+        win_k, win_v, far = torch.cat([state.win_k, k], 2), torch.cat([state.win_v, v], 2), state.far
+        if win_k.shape[2] > window:                                             # the oldest leaves the window
+            ka = adapter.map_k(win_k[:, :, :1])
+            far = far + _features(ka, n_taylor, scale).mT @ _ones_col(win_v[:, :, :1]).double()
+            win_k, win_v = win_k[:, :, 1:], win_v[:, :, 1:]
+        state = AdaptedState(far, win_k, win_v, state.sink_k, state.sink_v, state.n_tokens + 1)
+    B, Hq, _, E = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    # exact part: sinks and window, original queries and keys
+    ek, ev = torch.cat([state.sink_k, state.win_k], 2), torch.cat([state.sink_v, state.win_v], 2)
+    s = scale * (q.view(B, Hkv, g, E) @ ek.mT)                                  # [B, Hkv, g, K]
+    m, num, den = exact_part(s, torch.ones_like(s, dtype=torch.bool), ev)       # [B, Hkv, g], [.., Ev]
+    # far part: per-degree read-outs of the state with the adapted query, weighted by a_m(c)
+    qa = adapter.map_q(q).view(B, Hkv, g, E)
+    basis = sata.get_basis(E, n_taylor)
+    r = _features(qa, n_taylor, scale).double()                                 # [B, Hkv, g, D]
+    blocks = [(r[..., None, basis.degree_slice(p)] @ state.far[:, :, None, basis.degree_slice(p)])[..., 0, :]
+              for p in range(n_taylor)]                                         # P x [B, Hkv, g, Ev + 1]
+    moments = torch.stack([blocks[p][..., -1] for p in range(3)], -1)            # [B, Hkv, g, 3]: N, sum s, sum s^2/2
+    alpha = adapter.alpha.double().view(Hkv, g)
+    c = centre(moments, alpha)                                                  # [B, Hkv, g]
+    a = centre_coefficients(c, n_taylor)                                        # [B, Hkv, g, P]
+    U = sum(a[..., p, None] * blocks[p] for p in range(n_taylor))               # [B, Hkv, g, Ev + 1]
+    beta = adapter.beta.double().view(Hkv, g)
+    y = combine(m.double(), num.double(), den.double(), U, c, moments[..., 0] > 0, beta, v.shape[-1], q.dtype)
+    return y.view(B, Hq, 1, -1), state
+
+
+def _features(x, n_taylor: int, scale: float) -> torch.Tensor:
+    """``phi`` of ``[..., L, E]`` with the whole scale on this side's square root, in float64: ``[..., L, D]``."""
+    return sata.taylor_features(x.double(), n_taylor, scale)
+
+
+def _ones_col(v):
+    return torch.cat([v, torch.ones_like(v[..., :1])], -1)                      # [..., Ev + 1]
+
+
+# --------------------------------------------------------------------------- home in a model and its checkpoint
+def _layers(model):
+    return getattr(model, "model", model).layers
+
+
+def attach_adapters(model, directory: str | Path | None = None) -> list[QKAdapter]:
+    """Give every attention module of ``model`` its :class:`QKAdapter` (``self_attn.sata_adapter``).
+
+    Maps come from ``directory/sata_adapters.safetensors`` when given, else identity; alpha and beta from
+    ``config.sata_layer_recentre`` / ``sata_layer_taylor_mix`` when set (else 0 and 1).
+    """
+    tensors = _read(str(Path(directory) / ADAPTER_FILE)) if directory is not None else {}
+    return [_attach(layer.self_attn, tensors) for layer in _layers(model)]
+
+
+def _attach(module, tensors: dict[str, torch.Tensor]) -> QKAdapter:
+    """``module.sata_adapter`` for layer ``module.layer_idx``: maps from ``tensors`` (identity if absent), alpha and
+    beta from the config (0 and 1 if absent)."""
+    cfg, i = module.config, module.layer_idx
+    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    ad = QKAdapter(Hq, Hkv, getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq)
+    alphas, betas = getattr(cfg, "sata_layer_recentre", None), getattr(cfg, "sata_layer_taylor_mix", None)
+    with torch.no_grad():
+        if tensors:
+            ad.q_map.copy_(tensors[f"{i}.q_map"])
+            ad.k_map.copy_(tensors[f"{i}.k_map"])
+        if alphas is not None:
+            ad.alpha.copy_(torch.tensor(alphas[i]))
+        if betas is not None:
+            ad.log_beta.copy_(torch.tensor(betas[i]).log())
+    module.sata_adapter = ad.to(module.q_proj.weight.device)
+    return module.sata_adapter
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The maps of every layer, for ``sata_adapters.safetensors``; also writes alpha/beta into the config."""
+    ads = [layer.self_attn.sata_adapter for layer in _layers(model)]
+    model.config.sata_qk_adapter = True
+    model.config.sata_layer_recentre = [a.alpha.detach().tolist() for a in ads]
+    model.config.sata_layer_taylor_mix = [a.beta.detach().tolist() for a in ads]
+    return {f"{i}.{n}": getattr(a, n).detach().contiguous() for i, a in enumerate(ads) for n in ("q_map", "k_map")}
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"config.sata_qk_adapter is set but {path} does not exist: the converted model's query/key maps are "
+            "saved there by `sata convert`; copy it beside the weights or call "
+            "sata.integrations.adapted.attach_adapters(model, directory)"
+        )
+    return load_file(path)
+
+
+def adapter_for(module) -> QKAdapter:
+    """The module's adapter, attached on first use from the checkpoint directory the config was loaded from."""
+    ad = getattr(module, "sata_adapter", None)
+    if ad is not None:
+        return ad
+    directory = getattr(module.config, "_name_or_path", "") or ""
+    return _attach(module, _read(str(Path(directory) / ADAPTER_FILE)))

@@ -1,0 +1,263 @@
+"""The conversion pipeline of issue 17: the adapted hybrid against the oracle, its decode state, its home in
+a HF model and checkpoint, the corpus split, and `sata convert --quick` end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import sata  # noqa: E402
+import sata.integrations.hf as sata_hf  # noqa: E402
+from sata.integrations import adapted, convert_cli, corpus, hybrid_convert  # noqa: E402
+
+KW = dict(n_taylor=3, window=16, sinks=3)
+
+
+def _qkv(B=2, Hq=4, Hkv=2, L=200, E=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (1.5 * torch.randn(B, H, L, E, generator=g, dtype=torch.float64) for H in (Hq, Hkv))
+    v = torch.randn(B, Hkv, L, E, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def _adapter(Hq=4, Hkv=2, E=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ad = adapted.QKAdapter(Hq, Hkv, E).double()
+    with torch.no_grad():
+        ad.q_map.add_(0.3 * torch.randn(ad.q_map.shape, generator=g, dtype=torch.float64))
+        ad.k_map.add_(0.3 * torch.randn(ad.k_map.shape, generator=g, dtype=torch.float64))
+        ad.alpha.copy_(torch.rand(Hq, generator=g, dtype=torch.float64))
+        ad.log_beta.copy_(torch.randn(Hq, generator=g, dtype=torch.float64) * 0.5)
+    return ad
+
+
+def test_identity_maps_are_the_window_mode_forward_and_backward():
+    """With q' = q, k' = k the adapted hybrid is sata's window mode: the O(n^2) oracle, values and gradients."""
+    q, k, v = (x.requires_grad_() for x in _qkv())
+    alpha = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor([0.2, 1.0, 1.5, 3.0], dtype=torch.float64, requires_grad=True)
+    y = adapted.adapted_attention(q, k, v, q, k, scale=0.4, alpha=alpha, beta=beta, **KW)
+    ref = sata.naive_sata_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.4, taylor_mix=beta,
+                                    recentre=alpha, **KW)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(y)
+    got = torch.autograd.grad((y * w).sum(), (q, k, v, alpha, beta))
+    want = torch.autograd.grad((ref * w).sum(), (q, k, v, alpha, beta))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_maps_change_only_the_far_part():
+    """Within the window (no far keys yet) the maps do nothing; beyond it they do."""
+    q, k, v = _qkv(L=64)
+    ad = _adapter()
+    y = adapted.adapted_attention(q, k, v, ad.map_q(q), ad.map_k(k), scale=0.4, alpha=ad.alpha, beta=ad.beta, **KW)
+    plain = adapted.adapted_attention(q, k, v, q, k, scale=0.4, alpha=ad.alpha, beta=ad.beta, **KW)
+    first_far = KW["window"] + KW["sinks"]                           # query W + S - 1 has none yet
+    torch.testing.assert_close(y[:, :, :first_far], plain[:, :, :first_far], rtol=1e-12, atol=1e-12)
+    assert (y[:, :, first_far:] - plain[:, :, first_far:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("prefill", [1, 3, 40, 120])
+def test_decode_state_matches_the_quadratic_form(prefill):
+    q, k, v = _qkv()
+    ad = _adapter()
+    kw = dict(scale=0.4, **KW)
+    with torch.no_grad():
+        full = adapted.adapted_attention(q, k, v, ad.map_q(q), ad.map_k(k), alpha=ad.alpha, beta=ad.beta, **kw)
+        state = adapted.start_state(k[:, :, :prefill], v[:, :, :prefill], ad.map_k(k[:, :, :prefill]), **kw)
+        outs, sizes = [], []
+        for t in range(prefill, q.shape[2]):
+            y, state = adapted.decode_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], ad, **kw)
+            outs.append(y)
+            sizes.append(state.nbytes)
+        offset = adapted.adapted_attention(q[:, :, prefill:], k, v, ad.map_q(q[:, :, prefill:]), ad.map_k(k),
+                                           alpha=ad.alpha, beta=ad.beta, q_offset=prefill, **kw)
+    torch.testing.assert_close(torch.cat(outs, 2), full[:, :, prefill:], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(offset, full[:, :, prefill:], rtol=1e-12, atol=1e-12)
+    assert len(set(sizes[KW["window"] + KW["sinks"]:])) == 1                  # constant once window and sinks fill
+
+
+# --------------------------------------------------------------------------- in a HF model
+def _tiny_hybrid(dtype=torch.float64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.6)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    hc = hybrid_convert.HybridConfig(window=6, sinks=2, recentre=0.5, taylor_mix=0.8)
+    hybrid_convert.configure(model, hc)
+    for i, layer in enumerate(model.model.layers):
+        with torch.no_grad():
+            layer.self_attn.sata_adapter.q_map.add_(0.2 * torch.randn_like(layer.self_attn.sata_adapter.q_map))
+    model.to(dtype)
+    model.set_attn_implementation("sata")
+    return model
+
+
+def test_hybrid_model_generates_with_sata_cache_like_recomputation():
+    from transformers import DynamicCache
+
+    model = _tiny_hybrid()
+    ids = torch.randint(1, 97, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = sata_hf.SATACache(model.config)
+        a = model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False)
+        b = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=20, do_sample=False)
+        full = model(a, use_cache=False).logits                                    # no cache: the quadratic form
+        c2 = sata_hf.SATACache(model.config)
+        step = [model(a[:, :30], past_key_values=c2).logits[:, -1]]
+        sizes = []
+        for t in range(30, a.shape[1] - 1):
+            step.append(model(a[:, t:t + 1], past_key_values=c2).logits[:, -1])
+            sizes.append(c2.nbytes)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(torch.stack(step, 1), full[:, 29:-1], rtol=1e-9, atol=1e-10)
+    assert len(set(sizes)) == 1
+
+
+def test_hybrid_checkpoint_roundtrip(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_hybrid(torch.float32)
+    ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(4))
+    hybrid_convert.add_lora(model, rank=2)
+    with torch.no_grad():
+        for a in hybrid_convert._attention_modules(model):
+            a.q_proj.parametrizations.weight[0].B.normal_()
+        before = model(ids).logits
+        hybrid_convert.save(model, None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["sata_qk_adapter"] and cfg["sata_window"] == 6 and cfg["sata_sinks"] == 2
+    assert len(cfg["sata_layer_recentre"]) == 2 and len(cfg["sata_layer_taylor_mix"][0]) == 4
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sata").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-5, atol=1e-5)
+    (tmp_path / adapted.ADAPTER_FILE).unlink()
+    adapted._read.cache_clear()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sata").eval()
+    with pytest.raises(FileNotFoundError, match="sata_adapters.safetensors"):
+        again(ids)
+
+
+def test_lora_fold_is_exact():
+    model = _tiny_hybrid()
+    hybrid_convert.add_lora(model, rank=3)
+    ids = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for a in hybrid_convert._attention_modules(model):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(a, name).parametrizations.weight[0].B.normal_(std=0.1)
+        before = model(ids).logits
+        hybrid_convert.fold_lora(model)
+        after = model(ids).logits
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
+    torch.testing.assert_close(after, before, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- data and the tool
+def test_corpus_split_by_document_is_deterministic_and_long_enough():
+    docs = corpus.documents()
+    held = [n for n in docs if corpus._is_heldout(n)]
+    assert 0.1 < len(held) / len(docs) < 0.3
+    train, heldout = corpus.split_text("train"), corpus.split_text("heldout")
+    assert heldout == corpus.split_text("heldout")
+    assert not set(train.split("\n\n")) & set(heldout.split("\n\n"))
+    assert len(heldout) > 150_000 and len(train) > 600_000                    # > 10 windows of 4,096 tokens held out
+    with pytest.raises(ValueError, match="split must be"):
+        corpus.split_text("eval")
+
+
+def _args(tmp_path, *extra):
+    p = argparse.ArgumentParser()
+    convert_cli.add_arguments(p)
+    return p.parse_args(["--quick", "--out", str(tmp_path), *extra])
+
+
+def test_convert_quick_end_to_end_and_reload(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from sata.integrations import convert, evaluation
+
+    assert convert_cli.main(_args(tmp_path)) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["rows"]) == {"original", "plain_sata", "hybrid", "window_only"}
+    assert (tmp_path / "report.md").exists() and (tmp_path / "ppl_by_position.png").stat().st_size > 1000
+    _, tok, _ = convert_cli._tiny()
+    held = convert.token_windows(tok, corpus.split_text("heldout"), 192, 2)
+    for kind in ("hybrid", "window_only"):
+        row = results["rows"][kind]
+        assert row["cache_bytes"][0] == row["cache_bytes"][1] > 0
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / kind.replace("_", "-"), attn_implementation="sata")
+        again = evaluation.perplexity_by_position(model.eval(), held)["ppl"]
+        assert again == pytest.approx(row["ppl"]["192"]["ppl"], rel=1e-5), kind
+    # a second run resumes from the checkpoints: nothing retrained, the same numbers
+    capsys.readouterr()
+    assert convert_cli.main(_args(tmp_path)) == 0
+    assert "loading the converted model" in capsys.readouterr().out
+    rerun = json.loads((tmp_path / "results.json").read_text())
+    for kind in results["rows"]:
+        assert rerun["rows"][kind]["ppl"] == results["rows"][kind]["ppl"]
+
+
+@pytest.mark.parametrize("extra, match", [(("--window", "200"), "--window is now"),
+                                          (("--n-taylor", "2"), "n_taylor >= 3"),
+                                          (("--taylor-mix", "0"), "--baseline window-only")])
+def test_convert_bad_flags(tmp_path, extra, match):
+    with pytest.raises(SystemExit, match=match):
+        convert_cli.main(_args(tmp_path, *extra))
+
+
+def test_stages_resume_after_interruption(tmp_path, monkeypatch):
+    """Killed mid-stage, the stages restart from their checkpoints and end where an uninterrupted run ends."""
+    import copy
+
+    teacher = _tiny_hybrid(torch.float32)
+    teacher.set_attn_implementation("sdpa")
+    windows = torch.randint(1, 97, (5, 48), generator=torch.Generator().manual_seed(6))
+    hc = hybrid_convert.HybridConfig(window=6, sinks=2, transfer_steps=3, distill_steps=5, lora_rank=2)
+
+    def run(ckpt, interrupt=None):
+        student = copy.deepcopy(teacher)
+        for a in hybrid_convert._attention_modules(student):
+            del a.sata_adapter
+        hybrid_convert.configure(student, hc)
+        student.set_attn_implementation("sata")
+        hybrid_convert.transfer(student, windows[:3], hc, ckpt / "transfer.pt", progress=False)
+        hybrid_convert.distill(student, teacher, windows, hc, ckpt / "distill.pt", progress=False, save_every=2)
+        return student
+
+    whole = run(tmp_path / "a")
+    real_layer, real_kl = hybrid_convert.transfer_layer, hybrid_convert._kl
+    calls = {"layer": 0, "kl": 0}
+
+    def layer_then_fail(model, i, *a, **k):
+        if i == 1 and calls["layer"] == 0:
+            calls["layer"] = 1
+            raise KeyboardInterrupt
+        return real_layer(model, i, *a, **k)
+
+    def kl_then_fail(*a):
+        calls["kl"] += 1
+        if calls["kl"] == 4:                                                   # after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return real_kl(*a)
+
+    (tmp_path / "b").mkdir()
+    monkeypatch.setattr(hybrid_convert, "transfer_layer", layer_then_fail)
+    monkeypatch.setattr(hybrid_convert, "_kl", kl_then_fail)
+    for _ in range(3):                     # killed in (a), then killed in (b), then to the end
+        try:
+            resumed = run(tmp_path / "b")
+            break
+        except KeyboardInterrupt:
+            pass
+    assert calls == {"layer": 1, "kl": 4 + 3}                                  # steps 3..5 redone, 1..2 not
+    for (n, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
