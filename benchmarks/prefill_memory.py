@@ -22,25 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import sata  # noqa: E402
+from sata.bench.generate import _reset_peak_rss as _reset_peak, _status_kib  # noqa: E402
 
 
 def _status(field: str) -> int:
     """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False if not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    value = _status_kib(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    return value
 
 
 def measure(tokens: int, heads: int, head_dim: int, n_taylor: int, batch: int = 1, dtype: str = "float32",
