@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import sata  # noqa: E402
-from sata.bench.generate import _reset_peak_rss as _reset_peak, _status_kib  # noqa: E402
+from sata.bench.generate import _reset_peak_rss as _reset_peak, _status_bytes  # noqa: E402
 
 
 def _status(field: str) -> int:
     """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``)."""
-    value = _status_kib(field)
+    value = _status_bytes(field)
     if value is None:
         raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
     return value

@@ -134,7 +134,8 @@ def cache_bytes(cache) -> int:
 
 
 # ---------------------------------------------------------------------------- resident memory
-def _status_kib(field: str) -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in bytes; None where it cannot be read."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -259,7 +260,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True, model: torch.nn.Mod
         for name, m in models.items():
             caches[name] = _new_cache(name, m, context + cfg.steps + 4)
             peak_ok = _reset_peak_rss()
-            rss0 = _status_kib("VmRSS")
+            rss0 = _status_bytes("VmRSS")
             t0 = time.perf_counter()
             how = "prefill"
             with torch.no_grad():
@@ -271,7 +272,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True, model: torch.nn.Mod
                 else:
                     tokens[name], how = _random_fill(name, m, caches[name], context, cfg.seed + context), "random"
             rec[name] = {"filled_by": how, "fill_seconds": time.perf_counter() - t0, "rss_before": rss0,
-                         "rss_after_fill": _status_kib("VmRSS"), "rss_peak_fill": _status_kib("VmHWM") if peak_ok else None,
+                         "rss_after_fill": _status_bytes("VmRSS"), "rss_peak_fill": _status_bytes("VmHWM") if peak_ok else None,
                          "cache_bytes": cache_bytes(caches[name])}
         with torch_threads(cfg.decode_threads):
             timed = _decode_round_robin(models, caches, tokens, cfg.steps)
@@ -279,7 +280,7 @@ def run_generate(cfg: GenerateConfig, progress: bool = True, model: torch.nn.Mod
         for name in models:
             rec[name].update(timed[name], vs_dynamic=timed[name]["time"]["median"] / ref,
                              cache_bytes_after=cache_bytes(caches[name]))
-        rows.append({"context": context, "rss_all_caches": _status_kib("VmRSS"), "variants": rec})
+        rows.append({"context": context, "rss_all_caches": _status_bytes("VmRSS"), "variants": rec})
         del caches
     if bar is not None:
         bar.close()
