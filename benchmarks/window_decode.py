@@ -30,14 +30,19 @@ import sata
 from sata.ops import force_path
 
 
-def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_window_config(p: argparse.ArgumentParser) -> None:
+    """The configuration both window benchmarks time (this one and ``window_prefill.py``)."""
     p.add_argument("--heads", type=int, default=64)
     p.add_argument("--d-head", type=int, default=8)
     p.add_argument("--n-taylor", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--recentre", type=float, default=0.0)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_window_config(p)
     p.add_argument("--prefill", type=int, default=1024, help="tokens of the prefill that builds the 1K state")
     p.add_argument("--rounds", type=int, default=30, help="interleaved rounds over the configurations")
     p.add_argument("--steps", type=int, default=100, help="timed steps per configuration and round")

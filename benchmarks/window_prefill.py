@@ -24,16 +24,12 @@ import torch
 
 import sata
 from sata.ops import force_path
+from window_decode import add_window_config  # the script's own folder is on sys.path
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--d-head", type=int, default=8)
-    p.add_argument("--n-taylor", type=int, default=4)
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--recentre", type=float, default=0.0)
+    add_window_config(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     p.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per length and thread count")
