@@ -9,6 +9,10 @@
 #include <memory>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "kernels.h"
 
 namespace sata {
@@ -60,39 +64,102 @@ struct Features {
   }
 };
 
+// a vector of TS from Vec<TS>::W entries of T at p: one load when they are the same type, else a
+// narrower load widened lane-wise in registers (a lane-by-lane copy compiles to masked broadcasts)
+template <typename T, typename TS>
+inline typename Vec<TS>::type widen(const T* p) {
+  if constexpr (sizeof(T) == sizeof(TS)) {
+    return Vec<TS>::load(reinterpret_cast<const TS*>(p));
+  } else {
+    typedef T N __attribute__((vector_size(Vec<TS>::W * sizeof(T))));
+    N x;
+    std::memcpy(&x, p, sizeof(x));
+    return __builtin_convertvector(x, typename Vec<TS>::type);
+  }
+}
+
+// the first n < Vec<TS>::W lanes of p (the rest 0), and their store: masked moves where the target
+// has them (a row's tail may end the buffer), else lane by lane
+template <typename TS>
+inline typename Vec<TS>::type load_first(const TS* p, int64_t n) {
+  typename Vec<TS>::type x{};
+#if defined(__AVX512F__)
+  if constexpr (sizeof(TS) == 4 && Vec<TS>::W == 16) {
+    const __m512 r = _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+    std::memcpy(&x, &r, sizeof(x));
+    return x;
+  } else if constexpr (sizeof(TS) == 8 && Vec<TS>::W == 8) {
+    const __m512d r = _mm512_maskz_loadu_pd(__mmask8((1u << n) - 1), p);
+    std::memcpy(&x, &r, sizeof(x));
+    return x;
+  }
+#endif
+  for (int64_t l = 0; l < n; ++l) x[l] = p[l];
+  return x;
+}
+
+template <typename TS>
+inline void store_first(TS* p, typename Vec<TS>::type x, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(TS) == 4 && Vec<TS>::W == 16) {
+    __m512 r;
+    std::memcpy(&r, &x, sizeof(r));
+    _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), r);
+    return;
+  } else if constexpr (sizeof(TS) == 8 && Vec<TS>::W == 8) {
+    __m512d r;
+    std::memcpy(&r, &x, sizeof(r));
+    _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1), r);
+    return;
+  }
+#endif
+  for (int64_t l = 0; l < n; ++l) p[l] = x[l];
+}
+
+// widen() of the first n < Vec<TS>::W entries, the rest 0 (a feature row's padding may hold anything)
+template <typename T, typename TS>
+inline typename Vec<TS>::type widen_first(const T* p, int64_t n) {
+  if constexpr (sizeof(T) == sizeof(TS)) {
+    return load_first<TS>(reinterpret_cast<const TS*>(p), n);
+  } else {
+    typename Vec<TS>::type x{};
+    for (int64_t l = 0; l < n; ++l) x[l] = TS(p[l]);
+    return x;
+  }
+}
+
 // One head with one query head and F = Ev + 1 known at compile time: a single sweep over the
-// feature index updates all F state rows and accumulates all F read-outs in registers.
+// feature index updates all F state rows and accumulates all F read-outs in registers. The feature
+// rows pk, pq are read up to D only.
 template <typename T, typename TS, int F>
 inline void sweep_fixed(const TS* src, TS* dst, int64_t D, const T* pk, const T* pq, const T* vt, TS* u) {
   using V = Vec<TS>;
-  typename V::type acc[F];
-  for (int f = 0; f < F; ++f) acc[f] = typename V::type{};
+  using VT = typename V::type;
+  VT acc[F], vf[F];
+  for (int f = 0; f < F; ++f) {
+    acc[f] = VT{};
+    vf[f] = VT{} + TS(vt[f]);
+  }
   int64_t i = 0;
   for (; i + V::W <= D; i += V::W) {
-    typename V::type p, q;
-    for (int w = 0; w < V::W; ++w) {  // widen T -> TS lane by lane (a no-op copy when equal)
-      p[w] = TS(pk[i + w]);
-      q[w] = TS(pq[i + w]);
-    }
+    const VT p = widen<T, TS>(pk + i), q = widen<T, TS>(pq + i);
 #pragma GCC unroll 17
     for (int f = 0; f < F; ++f) {
-      const typename V::type s = V::load(src + f * D + i) + TS(vt[f]) * p;
+      const VT s = V::load(src + f * D + i) + vf[f] * p;
       V::store(dst + f * D + i, s);
       acc[f] += q * s;
     }
   }
-  TS tail[F] = {};
-  for (; i < D; ++i)
+  if (const int64_t n = D - i; n > 0) {  // the last n < W features: lanes past D are 0 and not stored
+    const VT p = widen_first<T, TS>(pk + i, n), q = widen_first<T, TS>(pq + i, n);
+#pragma GCC unroll 17
     for (int f = 0; f < F; ++f) {
-      const TS s = src[f * D + i] + TS(vt[f] * pk[i]);
-      dst[f * D + i] = s;
-      tail[f] += TS(pq[i]) * s;
+      const VT s = load_first<TS>(src + f * D + i, n) + vf[f] * p;
+      store_first<TS>(dst + f * D + i, s, n);
+      acc[f] += q * s;
     }
-  for (int f = 0; f < F; ++f) {
-    TS t = tail[f];
-    for (int w = 0; w < V::W; ++w) t += acc[f][w];
-    u[f] = t;
   }
+  for (int f = 0; f < F; ++f) u[f] = lanes_sum<TS>(acc[f]);
 }
 
 // Any G and F: update every row, then read it once per query head.

@@ -36,6 +36,9 @@
 namespace {
 
 using sata::Bits;
+using sata::lane_mask;
+using sata::lanes_max;
+using sata::lanes_sum;
 using sata::Features;
 using sata::Vec;
 using sata::centre;
@@ -53,12 +56,6 @@ inline typename Vec<T, Bytes>::type load_as(const TS* p) {
     for (int l = 0; l < Vec<T, Bytes>::W; ++l) x[l] = T(p[l]);
   }
   return x;
-}
-
-// the integer vector {f(0), f(1), ..., f(L - 1)}, a constant: a shuffle mask built at compile time
-template <typename M, typename F, int... l>
-constexpr M lane_mask(F f, std::integer_sequence<int, l...>) {
-  return M{f(l)...};
 }
 
 // the lanes of a and b added pairwise: lanes 2l and 2l + 1 of their concatenation go to lane l
@@ -154,37 +151,6 @@ inline void weighted_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T
       if (!checked || e[j] != T(0)) a += e[j] * T(val[j * Ev + f]);
     num[f] += a;
   }
-}
-
-// x with its lanes rotated down by h (lane l takes lane l + h mod L)
-template <typename T, int h>
-inline typename Vec<T>::type rotate(typename Vec<T>::type x) {
-  constexpr int L = Vec<T>::W;
-  typedef typename Bits<T>::type M __attribute__((vector_size(sizeof(x))));
-  constexpr M up = lane_mask<M>([](int l) { return (l + h) % L; }, std::make_integer_sequence<int, L>{});
-  return __builtin_shuffle(x, up);
-}
-
-// the largest lane and the sum of the lanes of x, in log2(lanes) steps, each folding half the lanes
-template <typename T>
-inline T lanes_max(typename Vec<T>::type x) {
-  const auto fold = [](auto x, auto y) { return y > x ? y : x; };
-  constexpr int L = Vec<T>::W;
-  if constexpr (L >= 16) x = fold(x, rotate<T, 8>(x));
-  x = fold(x, rotate<T, 4>(x));
-  x = fold(x, rotate<T, 2>(x));
-  x = fold(x, rotate<T, 1>(x));
-  return x[0];
-}
-
-template <typename T>
-inline T lanes_sum(typename Vec<T>::type x) {
-  constexpr int L = Vec<T>::W;
-  if constexpr (L >= 16) x += rotate<T, 8>(x);
-  x += rotate<T, 4>(x);
-  x += rotate<T, 2>(x);
-  x += rotate<T, 1>(x);
-  return x[0];
 }
 
 // one thread's buffers: the decode step's, and for the queries of a group of heads their scaled

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 
@@ -131,6 +132,54 @@ struct Vec {
   }
   static void store(T* p, type x) { std::memcpy(p, &x, sizeof(x)); }
 };
+
+template <typename T>
+struct Bits;  // the integer lanes of T: bit casts and shuffle masks
+template <>
+struct Bits<float> {
+  typedef int32_t type;
+};
+template <>
+struct Bits<double> {
+  typedef int64_t type;
+};
+
+// the integer vector {f(0), f(1), ..., f(L - 1)}, a constant: a shuffle mask built at compile time
+template <typename M, typename F, int... l>
+constexpr M lane_mask(F f, std::integer_sequence<int, l...>) {
+  return M{f(l)...};
+}
+
+// x with its lanes rotated down by h (lane l takes lane l + h mod L)
+template <typename T, int h>
+inline typename Vec<T>::type rotate(typename Vec<T>::type x) {
+  constexpr int L = Vec<T>::W;
+  typedef typename Bits<T>::type M __attribute__((vector_size(sizeof(x))));
+  constexpr M up = lane_mask<M>([](int l) { return (l + h) % L; }, std::make_integer_sequence<int, L>{});
+  return __builtin_shuffle(x, up);
+}
+
+// the largest lane and the sum of the lanes of x, in log2(lanes) steps, each folding half the lanes
+template <typename T>
+inline T lanes_max(typename Vec<T>::type x) {
+  const auto fold = [](auto x, auto y) { return y > x ? y : x; };
+  constexpr int L = Vec<T>::W;
+  if constexpr (L >= 16) x = fold(x, rotate<T, 8>(x));
+  x = fold(x, rotate<T, 4>(x));
+  x = fold(x, rotate<T, 2>(x));
+  x = fold(x, rotate<T, 1>(x));
+  return x[0];
+}
+
+template <typename T>
+inline T lanes_sum(typename Vec<T>::type x) {
+  constexpr int L = Vec<T>::W;
+  if constexpr (L >= 16) x += rotate<T, 8>(x);
+  x += rotate<T, 4>(x);
+  x += rotate<T, 2>(x);
+  x += rotate<T, 1>(x);
+  return x[0];
+}
 
 // flops of a call over `heads` heads: a state update per key and a read-out per query, 2 F D each
 inline double work(int64_t heads, int64_t keys, int64_t queries, int64_t F, int64_t D) {

@@ -1,5 +1,5 @@
 // What the window-mode kernels (decode_window.cpp, prefill_window.cpp) share: e^x on whole SIMD vectors
-// for the softmax of the exact keys, the integer lanes of a vector's type, and the far part's centre
+// for the softmax of the exact keys, and the far part's centre
 // and the coefficients of the series around it (MATH.md section 6).
 
 #pragma once
@@ -11,17 +11,6 @@
 #include "kernels.h"
 
 namespace sata {
-
-template <typename T>
-struct Bits;  // the integer lanes of T: bit casts and shuffle masks
-template <>
-struct Bits<float> {
-  typedef int32_t type;
-};
-template <>
-struct Bits<double> {
-  typedef int64_t type;
-};
 
 // the constants of vexp: x = n ln2 + r (ln2 = hi + lo, hi with few bits so n hi is exact), |r| <= ln2 / 2
 template <typename T>
