@@ -59,7 +59,7 @@ void decode(const DecodeArgs& a, const T* q, const T* k, const T* v, const uint8
   using Buffers = sata::HeadBuffers<T, TS>;
   sata::share_heads(
       a.N, Buffers::kHeads, sata::work(a.N, 1, a.G, a.Ev + 1, a.D), a.work_per_thread,
-      [&] { return Buffers(a.D, a.G, a.Ev + 1); },
+      [&]() -> Buffers& { return sata::reused<Buffers>({a.D, a.G, a.Ev + 1, 0, 0, 0}, a.D, a.G, a.Ev + 1); },
       [&](Buffers& buf, int64_t n0, int64_t n1) { decode_heads<T, TS>(a, n0, n1, q, k, v, keep, S_in, S_out, y, buf); });
 }
 

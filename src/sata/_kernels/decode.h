@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -212,6 +213,20 @@ struct HeadBuffers {
       : ld(D + Vec<T>::W), phi(new T[kHeads * (1 + G) * (D + Vec<T>::W)]), vt(F), u(G * F) {}
 };
 
+// a thread's buffers of type B for one configuration (its sizes in key), kept for the next call: a
+// decode loop allocates nothing per step; made anew when the configuration changes
+template <typename B, typename... A>
+inline B& reused(const std::array<int64_t, 6>& key, const A&... args) {
+  thread_local std::unique_ptr<B> buf;
+  thread_local std::array<int64_t, 6> made{};
+  if (!buf || made != key) {
+    buf.reset();
+    buf = std::make_unique<B>(args...);
+    made = key;
+  }
+  return *buf;
+}
+
 // heads 0 .. N-1 in groups of B::kHeads, handed out as threads ask for them (a thread the scheduler
 // delays takes fewer, instead of the call waiting for its fixed share): body(buffers, n0, n1) with
 // each thread's own buffers = make()
@@ -221,7 +236,7 @@ inline void share_heads(int64_t N, int64_t per_group, double flops, double work_
   const int64_t groups = (N + per_group - 1) / per_group;
   std::atomic<int64_t> next{0};
   on_threads(threads_for(groups, flops, work_per_thread), [&] {
-    auto buffers = make();
+    auto&& buffers = make();  // a reference to reused() buffers, or a value
     for (int64_t group = next++; group < groups; group = next++)
       body(buffers, group * per_group, std::min(N, (group + 1) * per_group));
   });

@@ -183,7 +183,7 @@ struct WindowBuffers : sata::HeadBuffers<T, TS> {
 // vectors with 0
 template <typename T>
 struct Rows {
-  int64_t Lp;                                  // W + S rounded up to whole vectors
+  int64_t Lp = 0;                              // W + S rounded up to whole vectors
   std::vector<uint8_t> absorb;                 // [B]
   std::vector<int64_t> sink_slot;              // [B]
   std::vector<typename Bits<T>::type> exact;   // [B, Lp]
@@ -386,8 +386,12 @@ void decode_window(const WindowDecodeArgs& w, const WindowDecodeTensors& t) {
     off[p + 1] = off[p] + size;
   }
   const int64_t Lp = (W + S + Vec<T>::W - 1) / Vec<T>::W * Vec<T>::W;
-  Rows<T> rows{Lp, std::vector<uint8_t>(B), std::vector<int64_t>(B), std::vector<typename Bits<T>::type>(B * Lp, 0),
-               std::vector<uint8_t>(B)};
+  thread_local Rows<T> rows;  // kept between steps: assign() reuses the vectors' memory
+  rows.Lp = Lp;
+  rows.absorb.assign(B, 0);
+  rows.sink_slot.assign(B, -1);
+  rows.exact.assign(B * Lp, 0);
+  rows.all_in.assign(B, 0);
   // per batch row, before any head reads them: the leaving slot's flag, then the new token's flag,
   // sink slot and position (sinks fill in order, so the free ones are the last)
   const int64_t slot = W ? t.n_tokens % W : 0;
@@ -411,7 +415,7 @@ void decode_window(const WindowDecodeArgs& w, const WindowDecodeTensors& t) {
   using Buffers = WindowBuffers<T, TS>;
   const double flops = sata::work(a.N, 1, a.G, a.Ev + 1, a.D) + 2.0 * a.N * a.G * (W + S) * (d + a.Ev);
   sata::share_heads(
-      a.N, Buffers::kHeads, flops, a.work_per_thread, [&] { return Buffers(w, Lp); },
+      a.N, Buffers::kHeads, flops, a.work_per_thread, [&]() -> Buffers& { return sata::reused<Buffers>({a.D, a.G, a.Ev, d, P, Lp}, w, Lp); },
       [&](Buffers& buf, int64_t n0, int64_t n1) { window_heads<T, TS>(w, t, rows, off.data(), n0, n1, buf); });
 }
 
