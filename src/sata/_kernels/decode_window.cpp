@@ -386,7 +386,10 @@ void decode_window(const WindowDecodeArgs& w, const WindowDecodeTensors& t) {
     off[p + 1] = off[p] + size;
   }
   const int64_t Lp = (W + S + Vec<T>::W - 1) / Vec<T>::W * Vec<T>::W;
-  thread_local Rows<T> rows;  // kept between steps: assign() reuses the vectors' memory
+  // kept between steps (assign() reuses the vectors' memory); a reference, so the lambda below captures this
+  // thread's object (the name of a thread_local would mean each worker thread's own)
+  thread_local Rows<T> kept_rows;
+  Rows<T>& rows = kept_rows;
   rows.Lp = Lp;
   rows.absorb.assign(B, 0);
   rows.sink_slot.assign(B, -1);
