@@ -58,6 +58,18 @@ inline typename Vec<T, Bytes>::type load_as(const TS* p) {
   return x;
 }
 
+// load_as() of the first n lanes (the rest 0): the vector that ends a buffer
+template <typename T, typename TS, int Bytes = 64>
+inline typename Vec<T, Bytes>::type load_as_first(const TS* p, int64_t n) {
+  if constexpr (sizeof(T) == sizeof(TS) && Bytes == 64) {
+    return sata::load_first<T>(reinterpret_cast<const T*>(p), n);
+  } else {
+    typename Vec<T, Bytes>::type x{};
+    for (int64_t l = 0; l < n; ++l) x[l] = T(p[l]);
+    return x;
+  }
+}
+
 // the lanes of a and b added pairwise: lanes 2l and 2l + 1 of their concatenation go to lane l
 template <typename T, int Bytes>
 inline typename Vec<T, Bytes>::type pair_sums(typename Vec<T, Bytes>::type a, typename Vec<T, Bytes>::type b) {
@@ -81,29 +93,35 @@ inline void dots_fixed(const T* x, const TS* K, int64_t rows, T* s) {
   V xv[DK < L ? 1 : DK / L];  // the query: repeated L / DK times in one vector, or DK / L vectors
   for (int c = 0; c < (DK < L ? 1 : DK / L); ++c)
     for (int l = 0; l < L; ++l) xv[c][l] = x[DK < L ? l % DK : c * L + l];
-  int64_t j = 0;
-  for (; j + L <= rows; j += L) {
+  // one block of L rows from j on, of which the first n exist (n < L: the last block, read only up to
+  // the end of K, the missing rows 0): p[r] products, reduced by pair sums, stored for the n rows
+  const auto block = [&](int64_t j, int64_t n) {
     V p[nv];
 #pragma GCC unroll 16
     for (int r = 0; r < nv; ++r) {
       if constexpr (DK <= L) {
-        p[r] = load_as<T, TS>(K + j * DK + r * L) * xv[0];
-      } else {
+        const int64_t lanes = n * DK - r * L;  // of this vector, in the n rows
+        p[r] = lanes >= L ? load_as<T, TS>(K + j * DK + r * L) * xv[0]
+               : lanes > 0 ? load_as_first<T, TS>(K + j * DK + r * L, lanes) * xv[0] : V{};
+      } else if (r < n) {
         p[r] = load_as<T, TS>(K + (j + r) * DK) * xv[0];
         for (int c = 1; c < DK / L; ++c) p[r] += load_as<T, TS>(K + (j + r) * DK + c * L) * xv[c];
+      } else {
+        p[r] = V{};
       }
     }
 #pragma GCC unroll 16
     for (int m = nv; m > 1; m /= 2)
 #pragma GCC unroll 16
       for (int r = 0; r < m / 2; ++r) p[r] = pair_sums<T, 64>(p[2 * r], p[2 * r + 1]);
-    VV::store(s + j, p[0]);
-  }
-  for (; j < rows; ++j) {
-    T t = T(0);
-    for (int i = 0; i < DK; ++i) t += x[i] * T(K[j * DK + i]);
-    s[j] = t;
-  }
+    if (n == L)
+      VV::store(s + j, p[0]);
+    else
+      sata::store_first<T>(s + j, p[0], n);
+  };
+  int64_t j = 0;
+  for (; j + L <= rows; j += L) block(j, L);
+  if (j < rows) block(j, rows - j);
 }
 
 // s[j] = x . K[j] for the `rows` rows of K (head size d): the fixed-size reduction for the head sizes
@@ -359,8 +377,9 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     const TS c = buf.c[iq], m_exact = TS(buf.top[iq]);
     TS m = has_far && c > m_exact ? c : m_exact;
     if (!std::isfinite(m)) m = TS(0);
-    const TS e_exact = std::exp(m_exact - m);  // 0 without exact keys
-    const TS e_far = has_far ? TS(beta[(n % w.Hkv) * G + g]) * std::exp(c - m) : TS(0);
+    // e^0 = 1 for the part that holds the maximum: one exponential per query
+    const TS e_exact = m_exact == m ? TS(1) : std::exp(m_exact - m);  // 0 without exact keys
+    const TS e_far = has_far ? TS(beta[(n % w.Hkv) * G + g]) * (c == m ? TS(1) : std::exp(c - m)) : TS(0);
     const TS* u = buf.uf.data() + iq * F;
     const T* num = buf.num.data() + iq * Ev;
     const TS den = e_exact * TS(buf.den[iq]) + e_far * u[Ev];
