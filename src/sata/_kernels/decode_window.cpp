@@ -171,6 +171,61 @@ inline void weighted_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T
   }
 }
 
+// Weighted rows when k = L / Ev > 1 rows of values fill one vector (L = Vec<T>::W; short value heads, e.g.
+// Ev 8 in float): per chunk of L rows, one vector of weights e, spread to each group of k rows by a constant
+// shuffle (lane l of group g takes weight g k + l / Ev), one product per group; the k partial sums of a
+// vector fold together at the end. Every row must be in (the unchecked case).
+template <typename T, int Ev, int g>
+inline void packed_group(typename Vec<T>::type ev, const T* val, int64_t n, typename Vec<T>::type& acc) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::W, k = L / Ev;
+  typedef typename Bits<T>::type M __attribute__((vector_size(sizeof(V))));
+  constexpr M spread = lane_mask<M>([](int l) { return g * k + l / Ev; }, std::make_integer_sequence<int, L>{});
+  if (g * k >= n) return;
+  const int64_t lanes = std::min<int64_t>(k, n - g * k) * Ev;
+  const V vals = lanes == L ? Vec<T>::load(val + g * k * Ev) : sata::load_first<T>(val + g * k * Ev, lanes);
+  acc += __builtin_shuffle(ev, spread) * vals;
+}
+
+template <typename T, int Ev, int... g>
+inline void packed_chunk(typename Vec<T>::type ev, const T* val, int64_t n, typename Vec<T>::type* acc,
+                         std::integer_sequence<int, g...>) {
+  (packed_group<T, Ev, g>(ev, val, n, acc[g % 4]), ...);
+}
+
+template <typename T, int Ev>
+inline void weighted_rows_packed(const T* e, const T* val, int64_t rows, T* num) {
+  using VV = Vec<T>;
+  using V = typename VV::type;
+  constexpr int L = VV::W, k = L / Ev;
+  V acc[4] = {V{}, V{}, V{}, V{}};
+  for (int64_t c = 0; c < rows; c += L) {
+    const int64_t n = std::min<int64_t>(L, rows - c);  // a partial last chunk: e and the values read up to its end
+    const V ev = n == L ? VV::load(e + c) : sata::load_first<T>(e + c, n);
+    packed_chunk<T, Ev>(ev, val + c * Ev, n, acc, std::make_integer_sequence<int, L / k>{});
+  }
+  V x = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  if constexpr (k >= 2) x += sata::rotate<T, L / 2>(x);
+  if constexpr (k >= 4) x += sata::rotate<T, L / 4>(x);
+  if constexpr (k >= 8) x += sata::rotate<T, L / 8>(x);
+  for (int f = 0; f < Ev; ++f) num[f] += x[f];
+}
+
+// num[f] += sum_j e[j] val[j, f] over every row (all in the window): packed for the short value heads
+// it serves, else weighted_rows
+template <typename T, typename TS>
+inline void weighted_all_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T* num) {
+  if constexpr (sizeof(T) == sizeof(TS)) {
+    const T* v = reinterpret_cast<const T*>(val);
+    switch (Vec<T>::W / Ev * (Vec<T>::W % Ev == 0)) {  // rows per vector (0: not a divisor)
+      case 2: return weighted_rows_packed<T, Vec<T>::W / 2>(e, v, rows, num);
+      case 4: return weighted_rows_packed<T, Vec<T>::W / 4>(e, v, rows, num);
+      default: break;
+    }
+  }
+  weighted_rows<false, T, TS>(e, val, rows, Ev, num);
+}
+
 // one thread's buffers: the decode step's, and for the queries of a group of heads their scaled
 // vectors, exact scores and sums, and far read-outs
 template <typename T, typename TS>
@@ -364,8 +419,8 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     T* num = buf.num.data() + iq * Ev;
     for (int64_t f = 0; f < Ev; ++f) num[f] = T(0);
     if (rows.all_in[n / w.Hkv]) {
-      weighted_rows<false, T, TS>(e, win_v + n * W * Ev, W, Ev, num);
-      weighted_rows<false, T, TS>(e + W, sink_v + n * S * Ev, S, Ev, num);
+      weighted_all_rows<T, TS>(e, win_v + n * W * Ev, W, Ev, num);
+      weighted_all_rows<T, TS>(e + W, sink_v + n * S * Ev, S, Ev, num);
     } else {
       weighted_rows<true, T, TS>(e, win_v + n * W * Ev, W, Ev, num);
       weighted_rows<true, T, TS>(e + W, sink_v + n * S * Ev, S, Ev, num);
