@@ -345,6 +345,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     }
     const TS* z = static_cast<const TS*>(t.S_in) + (n * F + F - 1) * D;  // the normaliser row, before this key
     const TS vz = TS(vt[Ev]);
+    buf.has_far[i] = z[0] + vz * TS(pk[0]) > TS(0);  // far keys, counted by the normaliser's degree-0 entry after the sweep
     for (int64_t g = 0; g < G; ++g) {
       T* row = pq + g * ld;
       T delta = T(0);
@@ -376,7 +377,6 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     const TS* src = static_cast<const TS*>(t.S_in) + n * F * D;
     TS* dst = static_cast<TS*>(t.S_out) + n * F * D;
     sata::sweep<T, TS>(src, dst, D, F, G, pk, pk + ld, ld, buf.vts.data() + i * F, buf.uf.data() + i * G * F);
-    buf.has_far[i] = dst[(F - 1) * D] > TS(0);  // far keys counted by the degree-0 normaliser entry
   }
 
   // the exact part of every query of the group, stage by stage: within a stage the queries do not
