@@ -88,9 +88,13 @@ def check_hybrid(
     reuses the earlier verdict; tensors (which can change in place) are checked every call.
     """
     key = None
-    if not isinstance(taylor_mix, torch.Tensor) and not isinstance(recentre, torch.Tensor):
+    if type(window) is int and type(sinks) is int and type(taylor_mix) is float and (
+            recentre is None or type(recentre) is float):  # the usual types: their values are the key
+        key = (fn, window, sinks, taylor_mix, recentre, n_taylor, n_q_heads, device)
+    elif not isinstance(taylor_mix, torch.Tensor) and not isinstance(recentre, torch.Tensor):
         key = (fn, type(window), window, type(sinks), sinks, type(taylor_mix), taylor_mix, type(recentre), recentre,
                n_taylor, n_q_heads, device)
+    if key is not None:
         try:
             hybrid = _HYBRID_CACHE.get(key)
         except TypeError:  # unhashable settings: the full check explains
