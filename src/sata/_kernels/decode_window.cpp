@@ -226,6 +226,15 @@ inline void weighted_all_rows(const T* e, const TS* val, int64_t rows, int64_t E
   weighted_rows<false, T, TS>(e, val, rows, Ev, num);
 }
 
+// x[0 .. n) *= c in whole vectors, the last one masked (a degree's block ends where the next begins)
+template <typename T>
+inline void scale_range(T* x, int64_t n, T c) {
+  using VV = Vec<T>;
+  int64_t i = 0;
+  for (; i + VV::W <= n; i += VV::W) VV::store(x + i, VV::load(x + i) * c);
+  if (i < n) sata::store_first<T>(x + i, sata::load_first<T>(x + i, n - i) * c, n - i);
+}
+
 // one thread's buffers: the decode step's, and for the queries of a group of heads their scaled
 // vectors, exact scores and sums, and far read-outs
 template <typename T, typename TS>
@@ -366,7 +375,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
         T* coef = buf.coef.data();
         coefficients<T>(shifted, P, coef);
         for (int64_t p = 0; p + 1 < P; ++p)  // a_{P-1} = 1: the last degree, the largest block, stays as it is
-          for (int64_t r = off[p]; r < off[p + 1]; ++r) row[r] *= coef[p];
+          scale_range<T>(row + off[p], off[p + 1] - off[p], coef[p]);
       }
     }
   }
