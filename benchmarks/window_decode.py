@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +26,8 @@ import torch
 
 import sata
 from sata.ops import force_path
+
+from _report import write_json
 
 
 def add_window_config(p: argparse.ArgumentParser) -> None:
@@ -108,13 +108,7 @@ def main() -> None:
     if torch_us is not None:
         print(f"window step through the PyTorch path (1K, median of {args.torch_steps}): {torch_us:.0f} us")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                        "load": os.getloadavg(), "kernels": sata._kernels.status()},
-            "rows": rows, "torch_path_window_us": torch_us}, indent=1))
-
+        write_json(args.json, args, rows, torch_path_window_us=torch_us)
 
 def time_torch_path(state, pool, steps: int, kw) -> float:
     """Median seconds of a window step through the PyTorch path (the kernels switched off)."""
