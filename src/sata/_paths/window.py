@@ -80,7 +80,7 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         win_k, win_v, ext_f, new_exact = stream(hybrid.window, spec.state_dtype, k, v, mask, exact, n_tokens)
         y, far = window_prefill.prefill(q, k, v, win_k, win_v, ext_f, new_exact, far, n_tokens, spec, hybrid, key_centre)
         return y, far, new_exact
-    run = _Call(spec, hybrid)
+    run = _Call(spec, hybrid, chunk=min(64, max(q.shape[-2], 1)))  # a short call (decode) is not padded to a whole chunk
     B, Hkv, g, L, E = q.shape
     ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact = _extend(run, k, v, mask, exact, n_tokens, key_centre)
     Lk, W = k.shape[-2], hybrid.window
