@@ -48,6 +48,34 @@ inline void features_t(const T* x_t, int64_t d, int64_t P, const int64_t* prefix
   }
 }
 
+constexpr int64_t RJ = 4;  // key rows per block of dot products
+
+// s[j][i] = sum_e k[e][j] qx[e][i] for rows j < round_up(n, RJ): dot products of keys (rows) and a chunk's
+// queries (lanes), both feature-major (k [d][ldk], qx [d][C]); blocks of RJ rows x the chunk's vectors keep
+// independent sums in registers (one sum per vector would wait on each product's latency)
+template <typename T>
+inline void dots(const T* __restrict__ k, int64_t ldk, int64_t n, const T* __restrict__ qx, int64_t d,
+                 T* __restrict__ s) {
+  using VV = Vec<T>;
+  using V = typename VV::type;
+  constexpr int64_t L = VV::W, NB = C / L;
+  static_assert(C % L == 0, "a chunk is whole vectors");
+  for (int64_t j0 = 0; j0 < n; j0 += RJ) {
+    V acc[RJ][NB];
+    for (int64_t r = 0; r < RJ; ++r)
+      for (int64_t b = 0; b < NB; ++b) acc[r][b] = V{};
+    for (int64_t e = 0; e < d; ++e) {
+      V qe[NB];
+      for (int64_t b = 0; b < NB; ++b) qe[b] = VV::load(qx + e * C + b * L);
+      const T* ke = k + e * ldk + j0;
+      for (int64_t r = 0; r < RJ; ++r)
+        for (int64_t b = 0; b < NB; ++b) acc[r][b] += ke[r] * qe[b];
+    }
+    for (int64_t r = 0; r < RJ; ++r)
+      for (int64_t b = 0; b < NB; ++b) VV::store(s + (j0 + r) * C + b * L, acc[r][b]);
+  }
+}
+
 // U[f][i] (+)= sum_r M[r][f] * X[r][i] for f < F: a [F x K] x [K x C] product, f in register blocks
 template <typename T, int NB>
 inline void gemm_block(const T* __restrict__ M, int64_t ldm, int64_t f0, int64_t K, const T* __restrict__ X,
@@ -216,19 +244,12 @@ struct Head {
   }
 
   // A[j][i] = T_P(k_j . q_i) for j <= i (causal within the chunk), 0 otherwise: rows D.. of X
-  void scores(int64_t c) {
+  // (keys j >= c are zero in kx, and so are their v~ rows)
+  void scores() {
     T* A = X.data() + D * C;
+    dots(kx.data(), C, C, qx.data(), d, A);
     for (int64_t j = 0; j < C; ++j) {
       T* a = A + j * C;
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) a[i] = T(0);
-      if (j >= c) continue;  // a padded key: its v~ row is zero anyway
-      for (int64_t e = 0; e < d; ++e) {
-        const T kj = kx[e * C + j];
-        const T* qe = qx.data() + e * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) a[i] += kj * qe[i];
-      }
       // Horner: T_P(s) = 1 + s (1 + s/2 (1 + ... (1 + s/(P-1))))
       T r[C];
 #pragma omp simd
@@ -272,7 +293,7 @@ struct Head {
         load_keys(k, v, keep, t0, c);
         for (int64_t g = 0; g < G; ++g) {
           load_queries(q + g * q_sh, t0, c);
-          scores(c);
+          scores();
           gemm_t(M, Fp, F, D + c, X.data(), U.data(), false);
           write_out(y + g * y_sh, t0, c);
         }

@@ -44,9 +44,11 @@ struct WindowHead : sata::Head<T, TS> {
   std::vector<T> s;          // [C][C] far scores of the chunk's keys (rows) and queries (lanes)
   std::vector<T> coef;       // [P][C] a_m(c'_i), or ones
   std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
-  std::vector<T> ex;         // [C + W + S][C] exact scores, then weights
+  int64_t R;                 // rows of exact scores: C + W + S rounded up to blocks of dot products
+  std::vector<T> ex;         // [R][C] exact scores
+  std::vector<T> ks;         // [d][R] the key of each exact row in use, scaled
   std::vector<const T*> val; // [C + W + S] the value row of each exact row in use
-  std::vector<std::pair<int64_t, int64_t>> lane;  // [C + W + S] its lanes [lo, hi)
+  std::vector<std::pair<int64_t, int64_t>> lane;  // [C + W + S] its lanes [lo, hi) in the chunk
   std::vector<T> top, den;   // [C]
   std::vector<T> num;        // [Ev][C]
   std::vector<T> mus;        // [d] the key centre, scaled
@@ -55,8 +57,8 @@ struct WindowHead : sata::Head<T, TS> {
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
         W(w.W), S(w.S), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D), s(C * C), coef(w.base.P * C),
-        cen(C), nfar(C), ex((C + w.W + w.S) * C), val(C + w.W + w.S), lane(C + w.W + w.S), top(C), den(C),
-        num(w.base.Ev * C), mus(w.base.d) {
+        cen(C), nfar(C), R(sata::round_up(C + w.W + w.S, sata::RJ)), ex(R * C), ks(w.base.d * R), val(C + w.W + w.S),
+        lane(C + w.W + w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d) {
     std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
     const int64_t P = this->P, d = this->d;
     for (int64_t p = 0; p < P; ++p) {
@@ -79,18 +81,7 @@ struct WindowHead : sata::Head<T, TS> {
     T* X = this->X.data();
     const T* M = this->M;
     const T* vt = this->vt;
-    for (int64_t j = 0; j < C; ++j) {  // s[j][i] = k'_j . q_i, scaled
-      T* a = s.data() + j * C;
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) a[i] = T(0);
-      if (j >= c) continue;
-      for (int64_t e = 0; e < d; ++e) {
-        const T kj = kx[e * C + j];
-        const T* qe = qx + e * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) a[i] += kj * qe[i];
-      }
-    }
+    sata::dots(kx, C, C, qx, d, s.data());  // s[j][i] = k'_j . q_i, scaled (0 for keys j >= c)
     // far keys of each query: the state's count and the chunk's flagged keys at or before it
     T count = T(0);
     for (int64_t i = 0; i < C; ++i) {
@@ -191,46 +182,27 @@ struct WindowHead : sata::Head<T, TS> {
   }
 
   // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
-  // top, den and num (unnormalised, around top). Each row of scores is worked on the whole vectors that
-  // hold its lanes only (the band's edges cover part of the chunk), -inf on their other lanes
+  // top, den and num (unnormalised, around top). The rows of scores are one register-blocked product over
+  // the whole chunk (independent sums hide the latency of each); each row keeps its own lanes [lo, hi)
+  // (the band's edges cover part of the chunk), -inf on the others, and the weights skip its vectors outside
   template <typename KeyRow, typename ValueRow>
   void exact_part(int64_t t0, int64_t c, const KeyRow& k, const ValueRow& v, const uint8_t* flag, const T* sink_k,
                   const T* sink_v, const int64_t* sink_pos, int64_t n_tokens) {
     using VV = Vec<T>;
     using V = typename VV::type;
-    typedef typename sata::Bits<T>::type Lane;
-    typedef Lane I __attribute__((vector_size(sizeof(V))));
     constexpr int64_t L = VV::W;
     static_assert(C % L == 0, "a chunk is whole vectors");
     const int64_t d = this->d, Ev = this->Ev;
-    const T* qx = this->qx.data();
-    const T sk = this->sk, ninf = -std::numeric_limits<T>::infinity();
-    I iota;
-    for (int64_t l = 0; l < L; ++l) iota[l] = l;
+    const T sk = this->sk;
     int64_t rows = 0;
-    V mx[C / L];  // the largest score of each lane
-    for (int64_t b = 0; b < C / L; ++b) mx[b] = V{} + ninf;
-    // one row of scores on the vectors that hold lanes [lo, hi)
+    // one row of scores: its key scaled, its value row and its lanes [lo, hi)
     const auto row = [&](const T* key, const T* value, int64_t lo, int64_t hi) {
       lo = std::max<int64_t>(lo, 0);
       hi = std::min<int64_t>(hi, c);
       if (lo >= hi) return;
-      const int64_t v0 = lo / L * L, v1 = (hi + L - 1) / L * L;
-      T* out = ex.data() + rows * C;
-      T ks[64];  // the key, scaled (a head of d <= 64 in the fast path; longer ones row by row)
-      const bool short_key = d <= 64;
-      if (short_key)
-        for (int64_t e = 0; e < d; ++e) ks[e] = key[e] * sk;
-      for (int64_t i = v0; i < v1; i += L) {
-        V acc{};
-        for (int64_t e = 0; e < d; ++e) acc += (short_key ? ks[e] : key[e] * sk) * VV::load(qx + e * C + i);
-        const I at = iota + Lane(i);
-        acc = (at >= Lane(lo)) & (at < Lane(hi)) ? acc : V{} + ninf;
-        VV::store(out + i, acc);
-        mx[i / L] = acc > mx[i / L] ? acc : mx[i / L];
-      }
+      for (int64_t e = 0; e < d; ++e) ks[e * R + rows] = key[e] * sk;
       val[rows] = value;
-      lane[rows++] = {v0, v1};
+      lane[rows++] = {lo, hi};
     };
     for (int64_t u = 0; u < c - 1 + W; ++u) {  // stream position e = t0 + 1 + u: exact for lanes u + 1 - W .. u
       const int64_t e = t0 + 1 + u;
@@ -238,6 +210,25 @@ struct WindowHead : sata::Head<T, TS> {
     }
     for (int64_t j = 0; j < S; ++j)  // a sink at stream position p: exact for queries at n_tokens + t0 + i >= p
       if (sink_pos[j] >= 0) row(sink_k + j * d, sink_v + j * Ev, sink_pos[j] - n_tokens - t0, C);
+    sata::dots(ks.data(), R, rows, this->qx.data(), d, ex.data());
+    // each row's lanes kept, -inf on the others, and the largest score of each lane
+    typedef typename sata::Bits<T>::type Lane;
+    typedef Lane I __attribute__((vector_size(sizeof(V))));
+    const V ninf = V{} - std::numeric_limits<T>::infinity();
+    I iota;
+    for (int64_t l = 0; l < L; ++l) iota[l] = l;
+    V mx[C / L];
+    for (int64_t b = 0; b < C / L; ++b) mx[b] = ninf;
+    for (int64_t r = 0; r < rows; ++r) {
+      const Lane lo = Lane(lane[r].first), hi = Lane(lane[r].second);
+      T* out = ex.data() + r * C;
+      for (int64_t b = 0; b < C / L; ++b) {
+        const I at = iota + Lane(b * L);
+        const V x = (at >= lo) & (at < hi) ? VV::load(out + b * L) : ninf;  // [L]
+        VV::store(out + b * L, x);
+        mx[b] = x > mx[b] ? x : mx[b];
+      }
+    }
     V safe[C / L];
     for (int64_t b = 0; b < C / L; ++b) {
       VV::store(top.data() + b * L, mx[b]);
@@ -267,7 +258,7 @@ struct WindowHead : sata::Head<T, TS> {
     if (!EV)
       for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, V{});
     for (int64_t r = 0; r < rows; ++r) {
-      if (i < lane[r].first || i >= lane[r].second) continue;
+      if (i + L <= lane[r].first || i >= lane[r].second) continue;  // no lane of this row here
       const V p = sata::vexp<T>(VV::load(ex.data() + r * C + i) - safe);
       dn += p;
       const T* vr = val[r];
