@@ -50,26 +50,28 @@ inline void features_t(const T* x_t, int64_t d, int64_t P, const int64_t* prefix
 
 constexpr int64_t RJ = 4;  // key rows per block of dot products
 
-// s[j][i] = sum_e k[e][j] qx[e][i] for rows j < round_up(n, RJ): dot products of keys (rows) and a chunk's
-// queries (lanes), both feature-major (k [d][ldk], qx [d][C]); blocks of RJ rows x the chunk's vectors keep
-// independent sums in registers (one sum per vector would wait on each product's latency)
+// s[j][i] = sum_e key[j][e es] qx[e][i] for rows j < round_up(n, RJ) (key[] holds that many rows): dot
+// products of keys (rows, element stride es) and a chunk's queries (lanes, feature-major qx [d][C]); blocks of
+// RJ rows x the chunk's vectors keep independent sums in registers (one sum per vector would wait on each
+// product's latency)
 template <typename T>
-inline void dots(const T* __restrict__ k, int64_t ldk, int64_t n, const T* __restrict__ qx, int64_t d,
-                 T* __restrict__ s) {
+inline void dots(const T* const* key, int64_t es, int64_t n, const T* __restrict__ qx, int64_t d, T* __restrict__ s) {
   using VV = Vec<T>;
   using V = typename VV::type;
   constexpr int64_t L = VV::W, NB = C / L;
   static_assert(C % L == 0, "a chunk is whole vectors");
   for (int64_t j0 = 0; j0 < n; j0 += RJ) {
+    const T* kr[RJ];
     V acc[RJ][NB];
-    for (int64_t r = 0; r < RJ; ++r)
+    for (int64_t r = 0; r < RJ; ++r) {
+      kr[r] = key[j0 + r];
       for (int64_t b = 0; b < NB; ++b) acc[r][b] = V{};
+    }
     for (int64_t e = 0; e < d; ++e) {
       V qe[NB];
       for (int64_t b = 0; b < NB; ++b) qe[b] = VV::load(qx + e * C + b * L);
-      const T* ke = k + e * ldk + j0;
       for (int64_t r = 0; r < RJ; ++r)
-        for (int64_t b = 0; b < NB; ++b) acc[r][b] += ke[r] * qe[b];
+        for (int64_t b = 0; b < NB; ++b) acc[r][b] += kr[r][e * es] * qe[b];
     }
     for (int64_t r = 0; r < RJ; ++r)
       for (int64_t b = 0; b < NB; ++b) VV::store(s + (j0 + r) * C + b * L, acc[r][b]);
@@ -190,6 +192,7 @@ struct Head {
   std::vector<TS> Sp;      // the head's state [D][Fp] in the state's precision (+ the v~ rows when TS == T)
   std::vector<T> Mf;       // when TS != T: [state in the compute precision; v~ rows]
   std::vector<T> kx, qx, phik, X, U;
+  std::vector<const T*> key_rows;  // [C] key j of kx (element stride C)
   T* M;                    // Sp or Mf
   T* vt;                   // the v~ rows of M: [C][Fp]
 
@@ -199,7 +202,8 @@ struct Head {
         prefix_len(pl), weight(w), sq(sq_), sk(sk_),
         Sp((D_ + (std::is_same<T, TS>::value ? C : 0)) * round_up(Ev_ + 1, VW)),
         Mf(std::is_same<T, TS>::value ? 0 : (D_ + C) * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C),
-        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C) {
+        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C), key_rows(C) {
+    for (int64_t j = 0; j < C; ++j) key_rows[j] = kx.data() + j;
     if constexpr (std::is_same<T, TS>::value) {
       M = reinterpret_cast<T*>(Sp.data());
     } else {
@@ -247,7 +251,7 @@ struct Head {
   // (keys j >= c are zero in kx, and so are their v~ rows)
   void scores() {
     T* A = X.data() + D * C;
-    dots(kx.data(), C, C, qx.data(), d, A);
+    dots(key_rows.data(), C, C, qx.data(), d, A);
     for (int64_t j = 0; j < C; ++j) {
       T* a = A + j * C;
       // Horner: T_P(s) = 1 + s (1 + s/2 (1 + ... (1 + s/(P-1))))

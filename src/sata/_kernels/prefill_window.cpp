@@ -46,7 +46,7 @@ struct WindowHead : sata::Head<T, TS> {
   std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
   int64_t R;                 // rows of exact scores: C + W + S rounded up to blocks of dot products
   std::vector<T> ex;         // [R][C] exact scores
-  std::vector<T> ks;         // [d][R] the key of each exact row in use, scaled
+  std::vector<const T*> kp;  // [R] the key row of each exact row in use
   std::vector<const T*> val; // [C + W + S] the value row of each exact row in use
   std::vector<std::pair<int64_t, int64_t>> lane;  // [C + W + S] its lanes [lo, hi) in the chunk
   std::vector<T> top, den;   // [C]
@@ -57,7 +57,7 @@ struct WindowHead : sata::Head<T, TS> {
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
         W(w.W), S(w.S), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D), s(C * C), coef(w.base.P * C),
-        cen(C), nfar(C), R(sata::round_up(C + w.W + w.S, sata::RJ)), ex(R * C), ks(w.base.d * R), val(C + w.W + w.S),
+        cen(C), nfar(C), R(sata::round_up(C + w.W + w.S, sata::RJ)), ex(R * C), kp(R), val(C + w.W + w.S),
         lane(C + w.W + w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d) {
     std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
     const int64_t P = this->P, d = this->d;
@@ -81,7 +81,7 @@ struct WindowHead : sata::Head<T, TS> {
     T* X = this->X.data();
     const T* M = this->M;
     const T* vt = this->vt;
-    sata::dots(kx, C, C, qx, d, s.data());  // s[j][i] = k'_j . q_i, scaled (0 for keys j >= c)
+    sata::dots(this->key_rows.data(), C, C, qx, d, s.data());  // s[j][i] = k'_j . q_i, scaled (0 for keys j >= c)
     // far keys of each query: the state's count and the chunk's flagged keys at or before it
     T count = T(0);
     for (int64_t i = 0; i < C; ++i) {
@@ -200,7 +200,7 @@ struct WindowHead : sata::Head<T, TS> {
       lo = std::max<int64_t>(lo, 0);
       hi = std::min<int64_t>(hi, c);
       if (lo >= hi) return;
-      for (int64_t e = 0; e < d; ++e) ks[e * R + rows] = key[e] * sk;
+      kp[rows] = key;
       val[rows] = value;
       lane[rows++] = {lo, hi};
     };
@@ -210,8 +210,9 @@ struct WindowHead : sata::Head<T, TS> {
     }
     for (int64_t j = 0; j < S; ++j)  // a sink at stream position p: exact for queries at n_tokens + t0 + i >= p
       if (sink_pos[j] >= 0) row(sink_k + j * d, sink_v + j * Ev, sink_pos[j] - n_tokens - t0, C);
-    sata::dots(ks.data(), R, rows, this->qx.data(), d, ex.data());
-    // each row's lanes kept, -inf on the others, and the largest score of each lane
+    for (int64_t r = rows; r < sata::round_up(rows, sata::RJ); ++r) kp[r] = kp[rows - 1];  // the last block's padding
+    sata::dots(kp.data(), 1, rows, this->qx.data(), d, ex.data());  // unscaled keys: sk applied below
+    // each row's lanes kept (scaled), -inf on the others, and the largest score of each lane
     typedef typename sata::Bits<T>::type Lane;
     typedef Lane I __attribute__((vector_size(sizeof(V))));
     const V ninf = V{} - std::numeric_limits<T>::infinity();
@@ -224,7 +225,7 @@ struct WindowHead : sata::Head<T, TS> {
       T* out = ex.data() + r * C;
       for (int64_t b = 0; b < C / L; ++b) {
         const I at = iota + Lane(b * L);
-        const V x = (at >= lo) & (at < hi) ? VV::load(out + b * L) : ninf;  // [L]
+        const V x = (at >= lo) & (at < hi) ? VV::load(out + b * L) * sk : ninf;  // [L]
         VV::store(out + b * L, x);
         mx[b] = x > mx[b] ? x : mx[b];
       }
