@@ -76,7 +76,6 @@ struct WindowHead : sata::Head<T, TS> {
   // per degree, the causal block as rows D.. of X, then U = M^T X
   void far_part(int64_t c, const T* mu, T alpha) {
     const int64_t d = this->d, D = this->D, P = this->P, Fp = this->Fp, Ev = this->Ev;
-    const T* kx = this->kx.data();
     const T* qx = this->qx.data();
     T* X = this->X.data();
     const T* M = this->M;
@@ -275,23 +274,26 @@ struct WindowHead : sata::Head<T, TS> {
     VV::store(den.data() + i, dn);
   }
 
-  // both parts scaled to their common maximum, one normaliser: y rows t0 .. t0 + c - 1
-  void combine(T* y, int64_t t0, int64_t c, T beta) const {
+  // both parts scaled to their common maximum m = max(top, c) (top alone for a query without far keys), summed
+  // into U ([Ev + 1][C], lane by lane), then y rows t0 .. t0 + c - 1 = U[:Ev] / U[Ev] (Head::write_out)
+  void combine(T* y, int64_t t0, int64_t c, T beta) {
+    using VV = Vec<T>;
+    using V = typename VV::type;
+    constexpr int64_t L = VV::W;
     const int64_t Ev = this->Ev;
-    const T* U = this->U.data();
-    for (int64_t i = 0; i < c; ++i) {
-      const bool far = nfar[i] > T(0);
-      const T mx = top[i], cc = cen[i];
-      T m = far && cc > mx ? cc : mx;
-      if (!std::isfinite(m)) m = T(0);
-      const T e_exact = std::exp(mx - m);  // 0 without exact keys
-      const T e_far = far ? beta * std::exp(cc - m) : T(0);
-      const T dn = e_exact * den[i] + e_far * U[Ev * C + i];
-      const T inv = T(1) / dn;
-      T* yr = y + (t0 + i) * Ev;
+    T* U = this->U.data();
+    for (int64_t i = 0; i < C; i += L) {
+      const V mx = VV::load(top.data() + i), cc = VV::load(cen.data() + i);
+      const auto far = VV::load(nfar.data() + i) > T(0);
+      V m = far & (cc > mx) ? cc : mx;
+      m = m - m == T(0) ? m : V{};                        // not finite (no key at all): 0
+      const V e_exact = sata::vexp<T>(mx - m);           // 0 without exact keys
+      const V e_far = far ? beta * sata::vexp<T>(cc - m) : V{};
       for (int64_t f = 0; f < Ev; ++f)
-        yr[f] = dn <= T(0) ? T(0) : (e_exact * num[f * C + i] + e_far * U[f * C + i]) * inv;  // NaN propagates
+        VV::store(U + f * C + i, e_exact * VV::load(num.data() + f * C + i) + e_far * VV::load(U + f * C + i));
+      VV::store(U + Ev * C + i, e_exact * VV::load(den.data() + i) + e_far * VV::load(U + Ev * C + i));
     }
+    this->write_out(y, t0, c);
   }
 
   void run(const WindowPrefillTensors& t, int64_t n, int64_t Hkv) {
@@ -316,6 +318,7 @@ struct WindowHead : sata::Head<T, TS> {
     if (mu != nullptr)
       for (int64_t e = 0; e < d; ++e) mus[e] = mu[e] * this->sk;
     this->q_sl = d;
+    this->y_sl = Ev;
     std::fill(this->Sp.begin(), this->Sp.end(), TS(0));
     for (int64_t r = 0; r < D; ++r)
       for (int64_t f = 0; f < F; ++f) this->Sp[r * Fp + f] = Sg[f * D + r];
