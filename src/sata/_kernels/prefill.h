@@ -11,6 +11,11 @@
 
 #include "kernels.h"
 
+// the loops below are written for whole 64-byte vectors: GCC would otherwise vectorise them for 32 bytes
+// where the target has 64-byte vectors (its default for these CPUs)
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")
+
 namespace sata {
 
 constexpr int64_t C = 32;    // tokens per chunk: the vector width of most loops
@@ -324,3 +329,5 @@ struct Head {
 };
 
 }  // namespace sata
+
+#pragma GCC pop_options

@@ -29,6 +29,9 @@
 #include "prefill.h"
 #include "window.h"
 
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")  // as in prefill.h: the loops are written for 64-byte vectors
+
 namespace {
 
 using sata::C;
@@ -44,11 +47,12 @@ struct WindowHead : sata::Head<T, TS> {
   std::vector<T> s;          // [C][C] far scores of the chunk's keys (rows) and queries (lanes)
   std::vector<T> coef;       // [P][C] a_m(c'_i), or ones
   std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
-  int64_t R;                 // rows of exact scores: C + W + S rounded up to blocks of dot products
-  std::vector<T> ex;         // [R][C] exact scores
-  std::vector<const T*> kp;  // [R] the key row of each exact row in use
-  std::vector<const T*> val; // [C + W + S] the value row of each exact row in use
-  std::vector<std::pair<int64_t, int64_t>> lane;  // [C + W + S] its lanes [lo, hi) in the chunk
+  int64_t CW;                // columns of the band: C + W rounded up to blocks of rows, and one vector
+  std::vector<T> bk, bv, badd; // [d][CW], [Ev][CW], [CW] the chunk's band (load_band)
+  std::vector<T> ex;         // [round_up(W, RJ) + round_up(S, RJ)][C] exact scores: the band's rows, the sinks'
+  std::vector<const T*> kp;  // [round_up(S, RJ)] the key row of each sink in use
+  std::vector<const T*> val; // [S] the value row of each sink in use
+  std::vector<std::pair<int64_t, int64_t>> lane;  // [S] its lanes [lo, hi) in the chunk
   std::vector<T> top, den;   // [C]
   std::vector<T> num;        // [Ev][C]
   std::vector<T> mus;        // [d] the key centre, scaled
@@ -57,8 +61,9 @@ struct WindowHead : sata::Head<T, TS> {
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
         W(w.W), S(w.S), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D), s(C * C), coef(w.base.P * C),
-        cen(C), nfar(C), R(sata::round_up(C + w.W + w.S, sata::RJ)), ex(R * C), kp(R), val(C + w.W + w.S),
-        lane(C + w.W + w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d) {
+        cen(C), nfar(C), CW(C + sata::round_up(w.W, sata::RJ) + Vec<T>::W), bk(w.base.d * CW), bv(w.base.Ev * CW),
+        badd(CW), ex((sata::round_up(w.W, sata::RJ) + sata::round_up(w.S, sata::RJ)) * C),
+        kp(sata::round_up(w.S, sata::RJ)), val(w.S), lane(w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d) {
     std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
     const int64_t P = this->P, d = this->d;
     for (int64_t p = 0; p < P; ++p) {
@@ -161,113 +166,155 @@ struct WindowHead : sata::Head<T, TS> {
 #pragma omp simd
         for (int64_t i = 0; i < C; ++i) x[i] *= cm[i];
       }
-    T* A = X + D * C;  // A[j][i] = sum_m a_m(c'_i) s^m / m! for j <= i, by Horner per lane
-    for (int64_t j = 0; j < C; ++j) {
-      T* out = A + j * C;
-      const T* sj = s.data() + j * C;
-      T r[C];
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) r[i] = coef[(P - 1) * C + i];
-      for (int64_t m = P - 2; m >= 0; --m) {
-        const T inv = T(1) / T(m + 1);
-        const T* cm = coef.data() + m * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) r[i] = cm[i] + r[i] * sj[i] * inv;
+    T* A = X + D * C;  // A[j][i] = sum_m a_m(c'_i) s^m / m! for j <= i, by Horner per lane (in registers)
+    {
+      using VV = Vec<T>;
+      using V = typename VV::type;
+      typedef typename sata::Bits<T>::type Lane;
+      typedef Lane I __attribute__((vector_size(sizeof(V))));
+      constexpr int64_t L = VV::W;
+      I iota;
+      for (int64_t l = 0; l < L; ++l) iota[l] = l;
+      for (int64_t i = 0; i < C; i += L) {
+        const I at = iota + Lane(i);
+        for (int64_t j = 0; j < C; ++j) {
+          const T* sj = s.data() + j * C + i;
+          V r = VV::load(coef.data() + (P - 1) * C + i);
+          for (int64_t m = P - 2; m >= 0; --m) r = VV::load(coef.data() + m * C + i) + r * VV::load(sj) * (T(1) / T(m + 1));
+          VV::store(A + j * C + i, j < c ? (at >= Lane(j) ? r : V{}) : V{});
+        }
       }
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) out[i] = i >= j && j < c ? r[i] : T(0);
     }
     sata::gemm_t(M, Fp, this->F, D + c, X, this->U.data(), false);
   }
 
-  // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
-  // top, den and num (unnormalised, around top). The rows of scores are one register-blocked product over
-  // the whole chunk (independent sums hide the latency of each); each row keeps its own lanes [lo, hi)
-  // (the band's edges cover part of the chunk), -inf on the others, and the weights skip its vectors outside
+  // the chunk's band, once for all its query heads: column u of bk [d][CW] (keys scaled), bv [Ev][CW] and badd
+  // [CW] holds stream position t0 + 1 + u, badd 0 for a kept key and -inf for none (or beyond the stream's end
+  // n); query i reads columns i .. i + W - 1. The columns of the previous chunk (t0 - C) that stay are moved
   template <typename KeyRow, typename ValueRow>
-  void exact_part(int64_t t0, int64_t c, const KeyRow& k, const ValueRow& v, const uint8_t* flag, const T* sink_k,
-                  const T* sink_v, const int64_t* sink_pos, int64_t n_tokens) {
-    using VV = Vec<T>;
-    using V = typename VV::type;
-    constexpr int64_t L = VV::W;
-    static_assert(C % L == 0, "a chunk is whole vectors");
+  void load_band(int64_t t0, int64_t n, const KeyRow& k, const ValueRow& v, const uint8_t* flag) {
     const int64_t d = this->d, Ev = this->Ev;
     const T sk = this->sk;
-    int64_t rows = 0;
-    // one row of scores: its key scaled, its value row and its lanes [lo, hi)
-    const auto row = [&](const T* key, const T* value, int64_t lo, int64_t hi) {
-      lo = std::max<int64_t>(lo, 0);
-      hi = std::min<int64_t>(hi, c);
-      if (lo >= hi) return;
-      kp[rows] = key;
-      val[rows] = value;
-      lane[rows++] = {lo, hi};
-    };
-    for (int64_t u = 0; u < c - 1 + W; ++u) {  // stream position e = t0 + 1 + u: exact for lanes u + 1 - W .. u
-      const int64_t e = t0 + 1 + u;
-      if (flag[e]) row(k(e), v(e), u + 1 - W, u + 1);
+    int64_t u0 = 0;
+    if (t0 > 0) {  // chunks come in order: columns C .. CW - 1 become 0 .. CW - C - 1
+      u0 = CW - C;
+      for (T* row = bk.data(); row < bk.data() + d * CW; row += CW) std::memmove(row, row + C, sizeof(T) * u0);
+      for (T* row = bv.data(); row < bv.data() + Ev * CW; row += CW) std::memmove(row, row + C, sizeof(T) * u0);
+      std::memmove(badd.data(), badd.data() + C, sizeof(T) * u0);
     }
-    for (int64_t j = 0; j < S; ++j)  // a sink at stream position p: exact for queries at n_tokens + t0 + i >= p
-      if (sink_pos[j] >= 0) row(sink_k + j * d, sink_v + j * Ev, sink_pos[j] - n_tokens - t0, C);
-    for (int64_t r = rows; r < sata::round_up(rows, sata::RJ); ++r) kp[r] = kp[rows - 1];  // the last block's padding
-    sata::dots(kp.data(), 1, rows, this->qx.data(), d, ex.data());  // unscaled keys: sk applied below
-    // each row's lanes kept (scaled), -inf on the others, and the largest score of each lane
-    typedef typename sata::Bits<T>::type Lane;
-    typedef Lane I __attribute__((vector_size(sizeof(V))));
+    for (int64_t u = u0; u < CW; ++u) {
+      const int64_t e = t0 + 1 + u;
+      const bool kept = e < n && flag[e];
+      const T* kr = kept ? k(e) : nullptr;
+      const T* vr = kept ? v(e) : nullptr;
+      for (int64_t x = 0; x < d; ++x) bk[x * CW + u] = kept ? kr[x] * sk : T(0);
+      for (int64_t f = 0; f < Ev; ++f) bv[f * CW + u] = kept ? vr[f] : T(0);
+      badd[u] = kept ? T(0) : -std::numeric_limits<T>::infinity();
+    }
+  }
+
+  // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
+  // top, den and num (unnormalised, around top). The band is diagonal: row m of scores holds key i + 1 + m of
+  // each lane i (shifted loads of bk, no lane wasted), RJ rows at once (independent sums hide the latency of
+  // each); the sinks are rows of one key each, on the lanes [lo, hi) of the queries that see them
+  void exact_part(int64_t t0, int64_t c, const T* sink_k, const T* sink_v, const int64_t* sink_pos, int64_t n_tokens) {
+    using VV = Vec<T>;
+    using V = typename VV::type;
+    constexpr int64_t L = VV::W, NB = C / L, RJ = sata::RJ;
+    static_assert(C % L == 0, "a chunk is whole vectors");
+    const int64_t d = this->d, Ev = this->Ev, WB = sata::round_up(W, RJ);
+    const T* qx = this->qx.data();
     const V ninf = V{} - std::numeric_limits<T>::infinity();
-    I iota;
-    for (int64_t l = 0; l < L; ++l) iota[l] = l;
-    V mx[C / L];
-    for (int64_t b = 0; b < C / L; ++b) mx[b] = ninf;
-    for (int64_t r = 0; r < rows; ++r) {
-      const Lane lo = Lane(lane[r].first), hi = Lane(lane[r].second);
-      T* out = ex.data() + r * C;
-      for (int64_t b = 0; b < C / L; ++b) {
-        const I at = iota + Lane(b * L);
-        const V x = (at >= lo) & (at < hi) ? VV::load(out + b * L) * sk : ninf;  // [L]
-        VV::store(out + b * L, x);
-        mx[b] = x > mx[b] ? x : mx[b];
+    V mx[NB];  // the largest score of each lane
+    for (int64_t b = 0; b < NB; ++b) {
+      mx[b] = ninf;
+      for (int64_t m0 = 0; m0 < W; m0 += RJ) {
+        const int64_t u0 = b * L + m0;
+        V acc[RJ];
+        for (int64_t r = 0; r < RJ; ++r) acc[r] = VV::load(badd.data() + u0 + r);
+        for (int64_t x = 0; x < d; ++x) {
+          const V qe = VV::load(qx + x * C + b * L);
+          const T* kr = bk.data() + x * CW + u0;
+          for (int64_t r = 0; r < RJ; ++r) acc[r] += VV::load(kr + r) * qe;
+        }
+        for (int64_t r = 0; r < RJ; ++r) {
+          VV::store(ex.data() + (m0 + r) * C + b * L, acc[r]);
+          if (m0 + r < W) mx[b] = acc[r] > mx[b] ? acc[r] : mx[b];  // rows W .. WB - 1 pad the last block
+        }
       }
     }
-    V safe[C / L];
-    for (int64_t b = 0; b < C / L; ++b) {
+    int64_t ns = 0;  // sinks in use: a sink at stream position p is exact for queries at n_tokens + t0 + i >= p
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t lo = std::max<int64_t>(sink_pos[j] - n_tokens - t0, 0);
+      if (sink_pos[j] < 0 || lo >= c) continue;
+      kp[ns] = sink_k + j * d;
+      val[ns] = sink_v + j * Ev;
+      lane[ns++] = {lo, c};
+    }
+    if (ns > 0) {
+      for (int64_t r = ns; r < sata::round_up(ns, RJ); ++r) kp[r] = kp[ns - 1];  // the last block's padding
+      T* sx = ex.data() + WB * C;
+      sata::dots(kp.data(), 1, ns, qx, d, sx);  // unscaled keys: sk applied below
+      typedef typename sata::Bits<T>::type Lane;
+      typedef Lane I __attribute__((vector_size(sizeof(V))));
+      I iota;
+      for (int64_t l = 0; l < L; ++l) iota[l] = l;
+      for (int64_t r = 0; r < ns; ++r) {  // each sink's lanes kept (scaled), -inf on the others
+        const Lane lo = Lane(lane[r].first), hi = Lane(lane[r].second);
+        for (int64_t b = 0; b < NB; ++b) {
+          const I at = iota + Lane(b * L);
+          const V x = (at >= lo) & (at < hi) ? VV::load(sx + r * C + b * L) * this->sk : ninf;  // [L]
+          VV::store(sx + r * C + b * L, x);
+          mx[b] = x > mx[b] ? x : mx[b];
+        }
+      }
+    }
+    V safe[NB];
+    for (int64_t b = 0; b < NB; ++b) {
       VV::store(top.data() + b * L, mx[b]);
       for (int64_t l = 0; l < L; ++l) safe[b][l] = std::isfinite(mx[b][l]) ? mx[b][l] : T(0);
     }
-    for (int64_t b = 0; b < C / L; ++b) {  // weights e^{s - max}, their sum and the weighted values, vector by vector
+    for (int64_t b = 0; b < NB; ++b) {  // weights e^{s - max}, their sum and the weighted values, vector by vector
       switch (Ev) {
-        case 8: weigh<8>(rows, b, safe[b]); break;
-        case 16: weigh<16>(rows, b, safe[b]); break;
-        case 32: weigh<32>(rows, b, safe[b]); break;
-        case 64: weigh<64>(rows, b, safe[b]); break;
-        default: weigh<0>(rows, b, safe[b]);
+        case 8: weigh<8>(ns, b, safe[b]); break;
+        case 16: weigh<16>(ns, b, safe[b]); break;
+        case 32: weigh<32>(ns, b, safe[b]); break;
+        case 64: weigh<64>(ns, b, safe[b]); break;
+        default: weigh<0>(ns, b, safe[b]);
       }
     }
   }
 
-  // den and num on lanes b L .. (b + 1) L from the rows of scores that cover them: with the value size EV
+  // den and num on lanes b L .. (b + 1) L from the band's W rows and the ns sinks' rows: with the value size EV
   // known the sums stay in registers across the rows (0: any size, summed in memory)
   template <int EV>
-  void weigh(int64_t rows, int64_t b, typename Vec<T>::type safe) {
+  void weigh(int64_t ns, int64_t b, typename Vec<T>::type safe) {
     using VV = Vec<T>;
     using V = typename VV::type;
     constexpr int64_t L = VV::W;
-    const int64_t Ev = EV ? EV : this->Ev, i = b * L;
+    const int64_t Ev = EV ? EV : this->Ev, i = b * L, WB = sata::round_up(W, sata::RJ);
     V dn{}, acc[EV ? EV : 1];
     for (int64_t f = 0; f < (EV ? EV : 1); ++f) acc[f] = V{};
     if (!EV)
       for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, V{});
-    for (int64_t r = 0; r < rows; ++r) {
-      if (i + L <= lane[r].first || i >= lane[r].second) continue;  // no lane of this row here
-      const V p = sata::vexp<T>(VV::load(ex.data() + r * C + i) - safe);
+    // p times the value rows value(f) [L] added to the sums
+    const auto add = [&](V p, const auto& value) {
       dn += p;
-      const T* vr = val[r];
       if constexpr (EV != 0) {
 #pragma GCC unroll 64
-        for (int64_t f = 0; f < EV; ++f) acc[f] += p * vr[f];
+        for (int64_t f = 0; f < EV; ++f) acc[f] += p * value(f);
       } else {
-        for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * vr[f]);
+        for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * value(f));
       }
+    };
+    for (int64_t m = 0; m < W; ++m) {  // the band: lane i's key at column i + m
+      const T* vr = bv.data() + i + m;
+      add(sata::vexp<T>(VV::load(ex.data() + m * C + i) - safe), [&](int64_t f) { return VV::load(vr + f * CW); });
+    }
+    for (int64_t r = 0; r < ns; ++r) {  // the sinks
+      if (i + L <= lane[r].first) continue;  // no lane of this sink here
+      const T* vr = val[r];
+      add(sata::vexp<T>(VV::load(ex.data() + (WB + r) * C + i) - safe), [&](int64_t f) { return vr[f] + V{}; });
     }
     if constexpr (EV != 0)
       for (int64_t f = 0; f < EV; ++f) VV::store(num.data() + f * C + i, acc[f]);
@@ -326,10 +373,11 @@ struct WindowHead : sata::Head<T, TS> {
     for (int64_t t0 = 0; t0 < L; t0 += C) {
       const int64_t c = std::min(C, L - t0);
       this->load_rows(k, v, flag, t0, c, mu);  // the far keys of the chunk: stream positions t0 .. t0 + c - 1
+      load_band(t0, W + L, k, v, flag);
       for (int64_t g = 0; g < G; ++g) {
         this->load_queries(q + g * L * d, t0, c);
         far_part(c, mu, recentre ? alpha[h0 + g] : T(0));
-        exact_part(t0, c, k, v, flag, sink_k, sink_v, sink_pos, t.n_tokens);
+        exact_part(t0, c, sink_k, sink_v, sink_pos, t.n_tokens);
         combine(y + g * L * Ev, t0, c, beta[h0 + g]);
       }
       sata::update_state(this->Sp.data(), Fp, D, this->phik.data(), this->vt);
@@ -354,6 +402,8 @@ void prefill_window(const WindowPrefillArgs& w, const WindowPrefillTensors& t) {
 }
 
 }  // namespace
+
+#pragma GCC pop_options
 
 extern "C" {
 
