@@ -40,16 +40,17 @@ using sata::Vec;
 template <typename T, typename TS>
 struct WindowHead : sata::Head<T, TS> {
   using Base = sata::Head<T, TS>;
-  int64_t W, S;
+  static constexpr int64_t RB = 8;  // band rows per block of scores: independent sums (RB x d FMAs)
+  int64_t W, S, WB;                 // window, sinks, W rounded up to blocks of band rows
   bool recentre;
   std::vector<int64_t> off;  // [P + 1] feature offsets of the degrees
   std::vector<int64_t> deg;  // [D] degree of each feature row
   std::vector<T> s;          // [C][C] far scores of the chunk's keys (rows) and queries (lanes)
   std::vector<T> coef;       // [P][C] a_m(c'_i), or ones
   std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
-  int64_t CW;                // columns of the band: C + W rounded up to blocks of rows, and one vector
+  int64_t CW;                // columns of the band: C + WB and one vector
   std::vector<T> bk, bv, badd; // [d][CW], [Ev][CW], [CW] the chunk's band (load_band)
-  std::vector<T> ex;         // [round_up(W, RJ) + round_up(S, RJ)][C] exact scores: the band's rows, the sinks'
+  std::vector<T> ex;         // [WB + round_up(S, RJ)][C] exact scores: the band's rows, the sinks'
   std::vector<const T*> kp;  // [round_up(S, RJ)] the key row of each sink in use
   std::vector<const T*> val; // [S] the value row of each sink in use
   std::vector<std::pair<int64_t, int64_t>> lane;  // [S] its lanes [lo, hi) in the chunk
@@ -60,9 +61,9 @@ struct WindowHead : sata::Head<T, TS> {
   WindowHead(const WindowPrefillArgs& w)
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
-        W(w.W), S(w.S), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D), s(C * C), coef(w.base.P * C),
-        cen(C), nfar(C), CW(C + sata::round_up(w.W, sata::RJ) + Vec<T>::W), bk(w.base.d * CW), bv(w.base.Ev * CW),
-        badd(CW), ex((sata::round_up(w.W, sata::RJ) + sata::round_up(w.S, sata::RJ)) * C),
+        W(w.W), S(w.S), WB(sata::round_up(w.W, RB)), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D),
+        s(C * C), coef(w.base.P * C), cen(C), nfar(C), CW(C + WB + Vec<T>::W), bk(w.base.d * CW), bv(w.base.Ev * CW),
+        badd(CW), ex((WB + sata::round_up(w.S, sata::RJ)) * C),
         kp(sata::round_up(w.S, sata::RJ)), val(w.S), lane(w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d) {
     std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
     const int64_t P = this->P, d = this->d;
@@ -215,29 +216,29 @@ struct WindowHead : sata::Head<T, TS> {
 
   // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
   // top, den and num (unnormalised, around top). The band is diagonal: row m of scores holds key i + 1 + m of
-  // each lane i (shifted loads of bk, no lane wasted), RJ rows at once (independent sums hide the latency of
+  // each lane i (shifted loads of bk, no lane wasted), RB rows at once (independent sums hide the latency of
   // each); the sinks are rows of one key each, on the lanes [lo, hi) of the queries that see them
   void exact_part(int64_t t0, int64_t c, const T* sink_k, const T* sink_v, const int64_t* sink_pos, int64_t n_tokens) {
     using VV = Vec<T>;
     using V = typename VV::type;
     constexpr int64_t L = VV::W, NB = C / L, RJ = sata::RJ;
     static_assert(C % L == 0, "a chunk is whole vectors");
-    const int64_t d = this->d, Ev = this->Ev, WB = sata::round_up(W, RJ);
+    const int64_t d = this->d, Ev = this->Ev;
     const T* qx = this->qx.data();
     const V ninf = V{} - std::numeric_limits<T>::infinity();
     V mx[NB];  // the largest score of each lane
     for (int64_t b = 0; b < NB; ++b) {
       mx[b] = ninf;
-      for (int64_t m0 = 0; m0 < W; m0 += RJ) {
+      for (int64_t m0 = 0; m0 < W; m0 += RB) {
         const int64_t u0 = b * L + m0;
-        V acc[RJ];
-        for (int64_t r = 0; r < RJ; ++r) acc[r] = VV::load(badd.data() + u0 + r);
+        V acc[RB];
+        for (int64_t r = 0; r < RB; ++r) acc[r] = VV::load(badd.data() + u0 + r);
         for (int64_t x = 0; x < d; ++x) {
           const V qe = VV::load(qx + x * C + b * L);
           const T* kr = bk.data() + x * CW + u0;
-          for (int64_t r = 0; r < RJ; ++r) acc[r] += VV::load(kr + r) * qe;
+          for (int64_t r = 0; r < RB; ++r) acc[r] += VV::load(kr + r) * qe;
         }
-        for (int64_t r = 0; r < RJ; ++r) {
+        for (int64_t r = 0; r < RB; ++r) {
           VV::store(ex.data() + (m0 + r) * C + b * L, acc[r]);
           if (m0 + r < W) mx[b] = acc[r] > mx[b] ? acc[r] : mx[b];  // rows W .. WB - 1 pad the last block
         }
@@ -292,7 +293,7 @@ struct WindowHead : sata::Head<T, TS> {
     using VV = Vec<T>;
     using V = typename VV::type;
     constexpr int64_t L = VV::W;
-    const int64_t Ev = EV ? EV : this->Ev, i = b * L, WB = sata::round_up(W, sata::RJ);
+    const int64_t Ev = EV ? EV : this->Ev, i = b * L;
     V dn{}, acc[EV ? EV : 1];
     for (int64_t f = 0; f < (EV ? EV : 1); ++f) acc[f] = V{};
     if (!EV)
