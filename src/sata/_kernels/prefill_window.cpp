@@ -9,8 +9,9 @@
 //   the centre   c' = mu' - alpha sd' of the far scores s' (keys minus the key centre), from the
 //                degree 0..2 read-outs of the normaliser column plus the block; or c' = -delta
 //                (delta = scale q.mu) without recentre, c = c' + delta (0 without recentre)
-//   exact keys   the band i < e <= i + W (c - 1 + W keys per chunk, each lane masked to its own
-//                window) and the sinks filled at positions <= n_tokens + i, through exp
+//   exact keys   the band i < e <= i + W (W diagonal rows per chunk: row m holds key i + 1 + m of each
+//                lane i, read from a feature-major copy of the band kept across chunks) and the sinks
+//                filled at positions <= n_tokens + i, through exp
 //   y            (e^{m_x - m} num_x + beta e^{c - m} U[:Ev]) / (same with den_x, U[Ev]),
 //                m = max(m_x, c) where the query has far keys (0 where that normaliser is not positive)
 //   S            += phi(k_e - mu) [v_e, 1] for e in [t0, t0 + c): the chunk's far keys, after its queries
@@ -181,7 +182,8 @@ struct WindowHead : sata::Head<T, TS> {
         for (int64_t j = 0; j < C; ++j) {
           const T* sj = s.data() + j * C + i;
           V r = VV::load(coef.data() + (P - 1) * C + i);
-          for (int64_t m = P - 2; m >= 0; --m) r = VV::load(coef.data() + m * C + i) + r * VV::load(sj) * (T(1) / T(m + 1));
+          for (int64_t m = P - 2; m >= 0; --m)
+            r = VV::load(coef.data() + m * C + i) + r * VV::load(sj) * (T(1) / T(m + 1));
           VV::store(A + j * C + i, j < c ? (at >= Lane(j) ? r : V{}) : V{});
         }
       }
@@ -305,7 +307,8 @@ struct WindowHead : sata::Head<T, TS> {
 #pragma GCC unroll 64
         for (int64_t f = 0; f < EV; ++f) acc[f] += p * value(f);
       } else {
-        for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * value(f));
+        for (int64_t f = 0; f < Ev; ++f)
+          VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * value(f));
       }
     };
     for (int64_t m = 0; m < W; ++m) {  // the band: lane i's key at column i + m
