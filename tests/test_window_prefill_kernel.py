@@ -126,6 +126,23 @@ def test_head_sizes(E, Ev, kernel_calls):
     _assert_same_state(st, slow, 1e-12)
 
 
+@pytest.mark.parametrize("window", [5, 45, 100])
+def test_the_band_rolls_across_many_chunks(window, kernel_calls):
+    """A call of many chunks after one that filled the window: the band's buffer moves by a chunk at a time
+    (prefill_window.cpp: load_band), through holes in the mask, a window shorter and longer than a chunk."""
+    q, k, v = qkv((2,), 2, 300, 4, 3, seed=17)
+    mask = torch.zeros(2, 300, dtype=torch.bool)
+    mask[0, [3, 40, 41, 99, 100, 101, 102, 200, 263]] = True
+    mask[1, :50] = True
+    kw = dict(n_taylor=3, is_causal=True, window=window, sinks=2, recentre=0.5)
+    y1, st = sata.sata_attention(q[..., :37, :], k[..., :37, :], v[..., :37, :], key_padding_mask=mask[:, :37],
+                                 return_state=True, **kw)
+    y2, _ = sata.sata_attention(q[..., 37:, :], k[..., 37:, :], v[..., 37:, :], key_padding_mask=mask[:, 37:],
+                                state=st, return_state=True, **kw)
+    assert kernel_calls[0] == 2
+    _oracle_check(torch.cat([y1, y2], dim=-2), (q, k, v), mask, kw, 1e-10)
+
+
 def test_a_prefill_continues_into_decode_steps(kernel_calls):
     """The prefill kernel's state is the decode kernel's input: a stream prefilled, then decoded, equals the oracle."""
     q, k, v = qkv((1,), 4, 80, 8, Hkv=2, seed=9)

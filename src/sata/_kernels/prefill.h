@@ -11,6 +11,11 @@
 
 #include "kernels.h"
 
+// the loops below are written for whole 64-byte vectors: GCC would otherwise vectorise them for 32 bytes
+// where the target has 64-byte vectors (its default for these CPUs)
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")
+
 namespace sata {
 
 constexpr int64_t C = 32;    // tokens per chunk: the vector width of most loops
@@ -45,6 +50,36 @@ inline void features_t(const T* x_t, int64_t d, int64_t P, const int64_t* prefix
       w += len;
     }
     prev = block;
+  }
+}
+
+constexpr int64_t RJ = 4;  // key rows per block of dot products
+
+// s[j][i] = sum_e key[j][e es] qx[e][i] for rows j < round_up(n, RJ) (key[] holds that many rows): dot
+// products of keys (rows, element stride es) and a chunk's queries (lanes, feature-major qx [d][C]); blocks of
+// RJ rows x the chunk's vectors keep independent sums in registers (one sum per vector would wait on each
+// product's latency)
+template <typename T>
+inline void dots(const T* const* key, int64_t es, int64_t n, const T* __restrict__ qx, int64_t d, T* __restrict__ s) {
+  using VV = Vec<T>;
+  using V = typename VV::type;
+  constexpr int64_t L = VV::W, NB = C / L;
+  static_assert(C % L == 0, "a chunk is whole vectors");
+  for (int64_t j0 = 0; j0 < n; j0 += RJ) {
+    const T* kr[RJ];
+    V acc[RJ][NB];
+    for (int64_t r = 0; r < RJ; ++r) {
+      kr[r] = key[j0 + r];
+      for (int64_t b = 0; b < NB; ++b) acc[r][b] = V{};
+    }
+    for (int64_t e = 0; e < d; ++e) {
+      V qe[NB];
+      for (int64_t b = 0; b < NB; ++b) qe[b] = VV::load(qx + e * C + b * L);
+      for (int64_t r = 0; r < RJ; ++r)
+        for (int64_t b = 0; b < NB; ++b) acc[r][b] += kr[r][e * es] * qe[b];
+    }
+    for (int64_t r = 0; r < RJ; ++r)
+      for (int64_t b = 0; b < NB; ++b) VV::store(s + (j0 + r) * C + b * L, acc[r][b]);
   }
 }
 
@@ -162,6 +197,7 @@ struct Head {
   std::vector<TS> Sp;      // the head's state [D][Fp] in the state's precision (+ the v~ rows when TS == T)
   std::vector<T> Mf;       // when TS != T: [state in the compute precision; v~ rows]
   std::vector<T> kx, qx, phik, X, U;
+  std::vector<const T*> key_rows;  // [C] key j of kx (element stride C)
   T* M;                    // Sp or Mf
   T* vt;                   // the v~ rows of M: [C][Fp]
 
@@ -171,7 +207,8 @@ struct Head {
         prefix_len(pl), weight(w), sq(sq_), sk(sk_),
         Sp((D_ + (std::is_same<T, TS>::value ? C : 0)) * round_up(Ev_ + 1, VW)),
         Mf(std::is_same<T, TS>::value ? 0 : (D_ + C) * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C),
-        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C) {
+        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C), key_rows(C) {
+    for (int64_t j = 0; j < C; ++j) key_rows[j] = kx.data() + j;
     if constexpr (std::is_same<T, TS>::value) {
       M = reinterpret_cast<T*>(Sp.data());
     } else {
@@ -216,19 +253,12 @@ struct Head {
   }
 
   // A[j][i] = T_P(k_j . q_i) for j <= i (causal within the chunk), 0 otherwise: rows D.. of X
-  void scores(int64_t c) {
+  // (keys j >= c are zero in kx, and so are their v~ rows)
+  void scores() {
     T* A = X.data() + D * C;
+    dots(key_rows.data(), C, C, qx.data(), d, A);
     for (int64_t j = 0; j < C; ++j) {
       T* a = A + j * C;
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) a[i] = T(0);
-      if (j >= c) continue;  // a padded key: its v~ row is zero anyway
-      for (int64_t e = 0; e < d; ++e) {
-        const T kj = kx[e * C + j];
-        const T* qe = qx.data() + e * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) a[i] += kj * qe[i];
-      }
       // Horner: T_P(s) = 1 + s (1 + s/2 (1 + ... (1 + s/(P-1))))
       T r[C];
 #pragma omp simd
@@ -272,7 +302,7 @@ struct Head {
         load_keys(k, v, keep, t0, c);
         for (int64_t g = 0; g < G; ++g) {
           load_queries(q + g * q_sh, t0, c);
-          scores(c);
+          scores();
           gemm_t(M, Fp, F, D + c, X.data(), U.data(), false);
           write_out(y + g * y_sh, t0, c);
         }
@@ -299,3 +329,5 @@ struct Head {
 };
 
 }  // namespace sata
+
+#pragma GCC pop_options

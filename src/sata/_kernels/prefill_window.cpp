@@ -9,8 +9,9 @@
 //   the centre   c' = mu' - alpha sd' of the far scores s' (keys minus the key centre), from the
 //                degree 0..2 read-outs of the normaliser column plus the block; or c' = -delta
 //                (delta = scale q.mu) without recentre, c = c' + delta (0 without recentre)
-//   exact keys   the band i < e <= i + W (c - 1 + W keys per chunk, each lane masked to its own
-//                window) and the sinks filled at positions <= n_tokens + i, through exp
+//   exact keys   the band i < e <= i + W (W diagonal rows per chunk: row m holds key i + 1 + m of each
+//                lane i, read from a feature-major copy of the band kept across chunks) and the sinks
+//                filled at positions <= n_tokens + i, through exp
 //   y            (e^{m_x - m} num_x + beta e^{c - m} U[:Ev]) / (same with den_x, U[Ev]),
 //                m = max(m_x, c) where the query has far keys (0 where that normaliser is not positive)
 //   S            += phi(k_e - mu) [v_e, 1] for e in [t0, t0 + c): the chunk's far keys, after its queries
@@ -29,6 +30,9 @@
 #include "prefill.h"
 #include "window.h"
 
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")  // as in prefill.h: the loops are written for 64-byte vectors
+
 namespace {
 
 using sata::C;
@@ -37,16 +41,20 @@ using sata::Vec;
 template <typename T, typename TS>
 struct WindowHead : sata::Head<T, TS> {
   using Base = sata::Head<T, TS>;
-  int64_t W, S;
+  static constexpr int64_t RB = 8;  // band rows per block of scores: independent sums (RB x d FMAs)
+  int64_t W, S, WB;                 // window, sinks, W rounded up to blocks of band rows
   bool recentre;
   std::vector<int64_t> off;  // [P + 1] feature offsets of the degrees
   std::vector<int64_t> deg;  // [D] degree of each feature row
   std::vector<T> s;          // [C][C] far scores of the chunk's keys (rows) and queries (lanes)
   std::vector<T> coef;       // [P][C] a_m(c'_i), or ones
   std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
-  std::vector<T> ex;         // [C + W + S][C] exact scores, then weights
-  std::vector<const T*> val; // [C + W + S] the value row of each exact row in use
-  std::vector<std::pair<int64_t, int64_t>> lane;  // [C + W + S] its lanes [lo, hi)
+  int64_t CW;                // columns of the band: C + WB and one vector
+  std::vector<T> bk, bv, badd; // [d][CW], [Ev][CW], [CW] the chunk's band (load_band)
+  std::vector<T> ex;         // [WB + round_up(S, RJ)][C] exact scores: the band's rows, the sinks'
+  std::vector<const T*> kp;  // [round_up(S, RJ)] the key row of each sink in use
+  std::vector<const T*> val; // [S] the value row of each sink in use
+  std::vector<std::pair<int64_t, int64_t>> lane;  // [S] its lanes [lo, hi) in the chunk
   std::vector<T> top, den;   // [C]
   std::vector<T> num;        // [Ev][C]
   std::vector<T> mus;        // [d] the key centre, scaled
@@ -54,9 +62,10 @@ struct WindowHead : sata::Head<T, TS> {
   WindowHead(const WindowPrefillArgs& w)
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
-        W(w.W), S(w.S), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D), s(C * C), coef(w.base.P * C),
-        cen(C), nfar(C), ex((C + w.W + w.S) * C), val(C + w.W + w.S), lane(C + w.W + w.S), top(C), den(C),
-        num(w.base.Ev * C), mus(w.base.d) {
+        W(w.W), S(w.S), WB(sata::round_up(w.W, RB)), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D),
+        s(C * C), coef(w.base.P * C), cen(C), nfar(C), CW(C + WB + Vec<T>::W), bk(w.base.d * CW), bv(w.base.Ev * CW),
+        badd(CW), ex((WB + sata::round_up(w.S, sata::RJ)) * C),
+        kp(sata::round_up(w.S, sata::RJ)), val(w.S), lane(w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d) {
     std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
     const int64_t P = this->P, d = this->d;
     for (int64_t p = 0; p < P; ++p) {
@@ -74,23 +83,11 @@ struct WindowHead : sata::Head<T, TS> {
   // per degree, the causal block as rows D.. of X, then U = M^T X
   void far_part(int64_t c, const T* mu, T alpha) {
     const int64_t d = this->d, D = this->D, P = this->P, Fp = this->Fp, Ev = this->Ev;
-    const T* kx = this->kx.data();
     const T* qx = this->qx.data();
     T* X = this->X.data();
     const T* M = this->M;
     const T* vt = this->vt;
-    for (int64_t j = 0; j < C; ++j) {  // s[j][i] = k'_j . q_i, scaled
-      T* a = s.data() + j * C;
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) a[i] = T(0);
-      if (j >= c) continue;
-      for (int64_t e = 0; e < d; ++e) {
-        const T kj = kx[e * C + j];
-        const T* qe = qx + e * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) a[i] += kj * qe[i];
-      }
-    }
+    sata::dots(this->key_rows.data(), C, C, qx, d, s.data());  // s[j][i] = k'_j . q_i, scaled (0 for keys j >= c)
     // far keys of each query: the state's count and the chunk's flagged keys at or before it
     T count = T(0);
     for (int64_t i = 0; i < C; ++i) {
@@ -171,93 +168,130 @@ struct WindowHead : sata::Head<T, TS> {
 #pragma omp simd
         for (int64_t i = 0; i < C; ++i) x[i] *= cm[i];
       }
-    T* A = X + D * C;  // A[j][i] = sum_m a_m(c'_i) s^m / m! for j <= i, by Horner per lane
-    for (int64_t j = 0; j < C; ++j) {
-      T* out = A + j * C;
-      const T* sj = s.data() + j * C;
-      T r[C];
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) r[i] = coef[(P - 1) * C + i];
-      for (int64_t m = P - 2; m >= 0; --m) {
-        const T inv = T(1) / T(m + 1);
-        const T* cm = coef.data() + m * C;
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) r[i] = cm[i] + r[i] * sj[i] * inv;
+    T* A = X + D * C;  // A[j][i] = sum_m a_m(c'_i) s^m / m! for j <= i, by Horner per lane (in registers)
+    {
+      using VV = Vec<T>;
+      using V = typename VV::type;
+      typedef typename sata::Bits<T>::type Lane;
+      typedef Lane I __attribute__((vector_size(sizeof(V))));
+      constexpr int64_t L = VV::W;
+      I iota;
+      for (int64_t l = 0; l < L; ++l) iota[l] = l;
+      for (int64_t i = 0; i < C; i += L) {
+        const I at = iota + Lane(i);
+        for (int64_t j = 0; j < C; ++j) {
+          const T* sj = s.data() + j * C + i;
+          V r = VV::load(coef.data() + (P - 1) * C + i);
+          for (int64_t m = P - 2; m >= 0; --m)
+            r = VV::load(coef.data() + m * C + i) + r * VV::load(sj) * (T(1) / T(m + 1));
+          VV::store(A + j * C + i, j < c ? (at >= Lane(j) ? r : V{}) : V{});
+        }
       }
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) out[i] = i >= j && j < c ? r[i] : T(0);
     }
     sata::gemm_t(M, Fp, this->F, D + c, X, this->U.data(), false);
   }
 
-  // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
-  // top, den and num (unnormalised, around top). Each row of scores is worked on the whole vectors that
-  // hold its lanes only (the band's edges cover part of the chunk), -inf on their other lanes
+  // the chunk's band, once for all its query heads: column u of bk [d][CW] (keys scaled), bv [Ev][CW] and badd
+  // [CW] holds stream position t0 + 1 + u, badd 0 for a kept key and -inf for none (or beyond the stream's end
+  // n); query i reads columns i .. i + W - 1. The columns of the previous chunk (t0 - C) that stay are moved
   template <typename KeyRow, typename ValueRow>
-  void exact_part(int64_t t0, int64_t c, const KeyRow& k, const ValueRow& v, const uint8_t* flag, const T* sink_k,
-                  const T* sink_v, const int64_t* sink_pos, int64_t n_tokens) {
+  void load_band(int64_t t0, int64_t n, const KeyRow& k, const ValueRow& v, const uint8_t* flag) {
+    const int64_t d = this->d, Ev = this->Ev;
+    const T sk = this->sk;
+    int64_t u0 = 0;
+    if (t0 > 0) {  // chunks come in order: columns C .. CW - 1 become 0 .. CW - C - 1
+      u0 = CW - C;
+      for (T* row = bk.data(); row < bk.data() + d * CW; row += CW) std::memmove(row, row + C, sizeof(T) * u0);
+      for (T* row = bv.data(); row < bv.data() + Ev * CW; row += CW) std::memmove(row, row + C, sizeof(T) * u0);
+      std::memmove(badd.data(), badd.data() + C, sizeof(T) * u0);
+    }
+    for (int64_t u = u0; u < CW; ++u) {
+      const int64_t e = t0 + 1 + u;
+      const bool kept = e < n && flag[e];
+      const T* kr = kept ? k(e) : nullptr;
+      const T* vr = kept ? v(e) : nullptr;
+      for (int64_t x = 0; x < d; ++x) bk[x * CW + u] = kept ? kr[x] * sk : T(0);
+      for (int64_t f = 0; f < Ev; ++f) bv[f * CW + u] = kept ? vr[f] : T(0);
+      badd[u] = kept ? T(0) : -std::numeric_limits<T>::infinity();
+    }
+  }
+
+  // the exact part of the chunk's queries: the band of stream positions (i, i + W] and the filled sinks;
+  // top, den and num (unnormalised, around top). The band is diagonal: row m of scores holds key i + 1 + m of
+  // each lane i (shifted loads of bk, no lane wasted), RB rows at once (independent sums hide the latency of
+  // each); the sinks are rows of one key each, on the lanes [lo, hi) of the queries that see them
+  void exact_part(int64_t t0, int64_t c, const T* sink_k, const T* sink_v, const int64_t* sink_pos, int64_t n_tokens) {
     using VV = Vec<T>;
     using V = typename VV::type;
-    typedef typename sata::Bits<T>::type Lane;
-    typedef Lane I __attribute__((vector_size(sizeof(V))));
-    constexpr int64_t L = VV::W;
+    constexpr int64_t L = VV::W, NB = C / L, RJ = sata::RJ;
     static_assert(C % L == 0, "a chunk is whole vectors");
     const int64_t d = this->d, Ev = this->Ev;
     const T* qx = this->qx.data();
-    const T sk = this->sk, ninf = -std::numeric_limits<T>::infinity();
-    I iota;
-    for (int64_t l = 0; l < L; ++l) iota[l] = l;
-    int64_t rows = 0;
-    V mx[C / L];  // the largest score of each lane
-    for (int64_t b = 0; b < C / L; ++b) mx[b] = V{} + ninf;
-    // one row of scores on the vectors that hold lanes [lo, hi)
-    const auto row = [&](const T* key, const T* value, int64_t lo, int64_t hi) {
-      lo = std::max<int64_t>(lo, 0);
-      hi = std::min<int64_t>(hi, c);
-      if (lo >= hi) return;
-      const int64_t v0 = lo / L * L, v1 = (hi + L - 1) / L * L;
-      T* out = ex.data() + rows * C;
-      T ks[64];  // the key, scaled (a head of d <= 64 in the fast path; longer ones row by row)
-      const bool short_key = d <= 64;
-      if (short_key)
-        for (int64_t e = 0; e < d; ++e) ks[e] = key[e] * sk;
-      for (int64_t i = v0; i < v1; i += L) {
-        V acc{};
-        for (int64_t e = 0; e < d; ++e) acc += (short_key ? ks[e] : key[e] * sk) * VV::load(qx + e * C + i);
-        const I at = iota + Lane(i);
-        acc = (at >= Lane(lo)) & (at < Lane(hi)) ? acc : V{} + ninf;
-        VV::store(out + i, acc);
-        mx[i / L] = acc > mx[i / L] ? acc : mx[i / L];
+    const V ninf = V{} - std::numeric_limits<T>::infinity();
+    V mx[NB];  // the largest score of each lane
+    for (int64_t b = 0; b < NB; ++b) {
+      mx[b] = ninf;
+      for (int64_t m0 = 0; m0 < W; m0 += RB) {
+        const int64_t u0 = b * L + m0;
+        V acc[RB];
+        for (int64_t r = 0; r < RB; ++r) acc[r] = VV::load(badd.data() + u0 + r);
+        for (int64_t x = 0; x < d; ++x) {
+          const V qe = VV::load(qx + x * C + b * L);
+          const T* kr = bk.data() + x * CW + u0;
+          for (int64_t r = 0; r < RB; ++r) acc[r] += VV::load(kr + r) * qe;
+        }
+        for (int64_t r = 0; r < RB; ++r) {
+          VV::store(ex.data() + (m0 + r) * C + b * L, acc[r]);
+          if (m0 + r < W) mx[b] = acc[r] > mx[b] ? acc[r] : mx[b];  // rows W .. WB - 1 pad the last block
+        }
       }
-      val[rows] = value;
-      lane[rows++] = {v0, v1};
-    };
-    for (int64_t u = 0; u < c - 1 + W; ++u) {  // stream position e = t0 + 1 + u: exact for lanes u + 1 - W .. u
-      const int64_t e = t0 + 1 + u;
-      if (flag[e]) row(k(e), v(e), u + 1 - W, u + 1);
     }
-    for (int64_t j = 0; j < S; ++j)  // a sink at stream position p: exact for queries at n_tokens + t0 + i >= p
-      if (sink_pos[j] >= 0) row(sink_k + j * d, sink_v + j * Ev, sink_pos[j] - n_tokens - t0, C);
-    V safe[C / L];
-    for (int64_t b = 0; b < C / L; ++b) {
+    int64_t ns = 0;  // sinks in use: a sink at stream position p is exact for queries at n_tokens + t0 + i >= p
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t lo = std::max<int64_t>(sink_pos[j] - n_tokens - t0, 0);
+      if (sink_pos[j] < 0 || lo >= c) continue;
+      kp[ns] = sink_k + j * d;
+      val[ns] = sink_v + j * Ev;
+      lane[ns++] = {lo, c};
+    }
+    if (ns > 0) {
+      for (int64_t r = ns; r < sata::round_up(ns, RJ); ++r) kp[r] = kp[ns - 1];  // the last block's padding
+      T* sx = ex.data() + WB * C;
+      sata::dots(kp.data(), 1, ns, qx, d, sx);  // unscaled keys: sk applied below
+      typedef typename sata::Bits<T>::type Lane;
+      typedef Lane I __attribute__((vector_size(sizeof(V))));
+      I iota;
+      for (int64_t l = 0; l < L; ++l) iota[l] = l;
+      for (int64_t r = 0; r < ns; ++r) {  // each sink's lanes kept (scaled), -inf on the others
+        const Lane lo = Lane(lane[r].first), hi = Lane(lane[r].second);
+        for (int64_t b = 0; b < NB; ++b) {
+          const I at = iota + Lane(b * L);
+          const V x = (at >= lo) & (at < hi) ? VV::load(sx + r * C + b * L) * this->sk : ninf;  // [L]
+          VV::store(sx + r * C + b * L, x);
+          mx[b] = x > mx[b] ? x : mx[b];
+        }
+      }
+    }
+    V safe[NB];
+    for (int64_t b = 0; b < NB; ++b) {
       VV::store(top.data() + b * L, mx[b]);
       for (int64_t l = 0; l < L; ++l) safe[b][l] = std::isfinite(mx[b][l]) ? mx[b][l] : T(0);
     }
-    for (int64_t b = 0; b < C / L; ++b) {  // weights e^{s - max}, their sum and the weighted values, vector by vector
+    for (int64_t b = 0; b < NB; ++b) {  // weights e^{s - max}, their sum and the weighted values, vector by vector
       switch (Ev) {
-        case 8: weigh<8>(rows, b, safe[b]); break;
-        case 16: weigh<16>(rows, b, safe[b]); break;
-        case 32: weigh<32>(rows, b, safe[b]); break;
-        case 64: weigh<64>(rows, b, safe[b]); break;
-        default: weigh<0>(rows, b, safe[b]);
+        case 8: weigh<8>(ns, b, safe[b]); break;
+        case 16: weigh<16>(ns, b, safe[b]); break;
+        case 32: weigh<32>(ns, b, safe[b]); break;
+        case 64: weigh<64>(ns, b, safe[b]); break;
+        default: weigh<0>(ns, b, safe[b]);
       }
     }
   }
 
-  // den and num on lanes b L .. (b + 1) L from the rows of scores that cover them: with the value size EV
+  // den and num on lanes b L .. (b + 1) L from the band's W rows and the ns sinks' rows: with the value size EV
   // known the sums stay in registers across the rows (0: any size, summed in memory)
   template <int EV>
-  void weigh(int64_t rows, int64_t b, typename Vec<T>::type safe) {
+  void weigh(int64_t ns, int64_t b, typename Vec<T>::type safe) {
     using VV = Vec<T>;
     using V = typename VV::type;
     constexpr int64_t L = VV::W;
@@ -266,40 +300,51 @@ struct WindowHead : sata::Head<T, TS> {
     for (int64_t f = 0; f < (EV ? EV : 1); ++f) acc[f] = V{};
     if (!EV)
       for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, V{});
-    for (int64_t r = 0; r < rows; ++r) {
-      if (i < lane[r].first || i >= lane[r].second) continue;
-      const V p = sata::vexp<T>(VV::load(ex.data() + r * C + i) - safe);
+    // p times the value rows value(f) [L] added to the sums
+    const auto add = [&](V p, const auto& value) {
       dn += p;
-      const T* vr = val[r];
       if constexpr (EV != 0) {
 #pragma GCC unroll 64
-        for (int64_t f = 0; f < EV; ++f) acc[f] += p * vr[f];
+        for (int64_t f = 0; f < EV; ++f) acc[f] += p * value(f);
       } else {
-        for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * vr[f]);
+        for (int64_t f = 0; f < Ev; ++f)
+          VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * value(f));
       }
+    };
+    for (int64_t m = 0; m < W; ++m) {  // the band: lane i's key at column i + m
+      const T* vr = bv.data() + i + m;
+      add(sata::vexp<T>(VV::load(ex.data() + m * C + i) - safe), [&](int64_t f) { return VV::load(vr + f * CW); });
+    }
+    for (int64_t r = 0; r < ns; ++r) {  // the sinks
+      if (i + L <= lane[r].first) continue;  // no lane of this sink here
+      const T* vr = val[r];
+      add(sata::vexp<T>(VV::load(ex.data() + (WB + r) * C + i) - safe), [&](int64_t f) { return vr[f] + V{}; });
     }
     if constexpr (EV != 0)
       for (int64_t f = 0; f < EV; ++f) VV::store(num.data() + f * C + i, acc[f]);
     VV::store(den.data() + i, dn);
   }
 
-  // both parts scaled to their common maximum, one normaliser: y rows t0 .. t0 + c - 1
-  void combine(T* y, int64_t t0, int64_t c, T beta) const {
+  // both parts scaled to their common maximum m = max(top, c) (top alone for a query without far keys), summed
+  // into U ([Ev + 1][C], lane by lane), then y rows t0 .. t0 + c - 1 = U[:Ev] / U[Ev] (Head::write_out)
+  void combine(T* y, int64_t t0, int64_t c, T beta) {
+    using VV = Vec<T>;
+    using V = typename VV::type;
+    constexpr int64_t L = VV::W;
     const int64_t Ev = this->Ev;
-    const T* U = this->U.data();
-    for (int64_t i = 0; i < c; ++i) {
-      const bool far = nfar[i] > T(0);
-      const T mx = top[i], cc = cen[i];
-      T m = far && cc > mx ? cc : mx;
-      if (!std::isfinite(m)) m = T(0);
-      const T e_exact = std::exp(mx - m);  // 0 without exact keys
-      const T e_far = far ? beta * std::exp(cc - m) : T(0);
-      const T dn = e_exact * den[i] + e_far * U[Ev * C + i];
-      const T inv = T(1) / dn;
-      T* yr = y + (t0 + i) * Ev;
+    T* U = this->U.data();
+    for (int64_t i = 0; i < C; i += L) {
+      const V mx = VV::load(top.data() + i), cc = VV::load(cen.data() + i);
+      const auto far = VV::load(nfar.data() + i) > T(0);
+      V m = far & (cc > mx) ? cc : mx;
+      m = m - m == T(0) ? m : V{};                        // not finite (no key at all): 0
+      const V e_exact = sata::vexp<T>(mx - m);           // 0 without exact keys
+      const V e_far = far ? beta * sata::vexp<T>(cc - m) : V{};
       for (int64_t f = 0; f < Ev; ++f)
-        yr[f] = dn <= T(0) ? T(0) : (e_exact * num[f * C + i] + e_far * U[f * C + i]) * inv;  // NaN propagates
+        VV::store(U + f * C + i, e_exact * VV::load(num.data() + f * C + i) + e_far * VV::load(U + f * C + i));
+      VV::store(U + Ev * C + i, e_exact * VV::load(den.data() + i) + e_far * VV::load(U + Ev * C + i));
     }
+    this->write_out(y, t0, c);
   }
 
   void run(const WindowPrefillTensors& t, int64_t n, int64_t Hkv) {
@@ -324,6 +369,7 @@ struct WindowHead : sata::Head<T, TS> {
     if (mu != nullptr)
       for (int64_t e = 0; e < d; ++e) mus[e] = mu[e] * this->sk;
     this->q_sl = d;
+    this->y_sl = Ev;
     std::fill(this->Sp.begin(), this->Sp.end(), TS(0));
     for (int64_t r = 0; r < D; ++r)
       for (int64_t f = 0; f < F; ++f) this->Sp[r * Fp + f] = Sg[f * D + r];
@@ -331,10 +377,11 @@ struct WindowHead : sata::Head<T, TS> {
     for (int64_t t0 = 0; t0 < L; t0 += C) {
       const int64_t c = std::min(C, L - t0);
       this->load_rows(k, v, flag, t0, c, mu);  // the far keys of the chunk: stream positions t0 .. t0 + c - 1
+      load_band(t0, W + L, k, v, flag);
       for (int64_t g = 0; g < G; ++g) {
         this->load_queries(q + g * L * d, t0, c);
         far_part(c, mu, recentre ? alpha[h0 + g] : T(0));
-        exact_part(t0, c, k, v, flag, sink_k, sink_v, sink_pos, t.n_tokens);
+        exact_part(t0, c, sink_k, sink_v, sink_pos, t.n_tokens);
         combine(y + g * L * Ev, t0, c, beta[h0 + g]);
       }
       sata::update_state(this->Sp.data(), Fp, D, this->phik.data(), this->vt);
@@ -359,6 +406,8 @@ void prefill_window(const WindowPrefillArgs& w, const WindowPrefillTensors& t) {
 }
 
 }  // namespace
+
+#pragma GCC pop_options
 
 extern "C" {
 
