@@ -122,6 +122,22 @@ inline void gemm_t(const T* M, int64_t ldm, int64_t F, int64_t K, const T* X, T*
   }
 }
 
+// one feature row r of the update below, for f < n: summed over the chunk in acc [n], then added to Sp
+template <typename T, typename TS>
+inline void update_row(TS* __restrict__ Sp, int64_t Fp, int64_t r, int64_t n, const T* __restrict__ phi_t,
+                       const T* __restrict__ vt, T* __restrict__ acc) {
+  std::fill(acc, acc + n, T(0));
+  for (int64_t i = 0; i < C; ++i) {
+    const T w = phi_t[r * C + i];
+    const T* vi = vt + i * Fp;
+#pragma omp simd
+    for (int64_t f = 0; f < n; ++f) acc[f] += w * vi[f];
+  }
+  TS* s = Sp + r * Fp;
+#pragma omp simd
+  for (int64_t f = 0; f < n; ++f) s[f] += TS(acc[f]);
+}
+
 // Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for all f < Fp (Fp a multiple of VW); products summed
 // over the chunk in T, added to the state in its own precision TS
 template <typename T, typename TS, int NV>
@@ -149,18 +165,8 @@ inline void update_state_nv(TS* __restrict__ Sp, int64_t Fp, int64_t D, const T*
       for (int64_t f = 0; f < W; ++f) s[f] += TS(acc[b][f]);
     }
   }
-  for (; r0 < D; ++r0) {
-    T acc[W] = {};
-    for (int64_t i = 0; i < C; ++i) {
-      const T w = phi_t[r0 * C + i];
-      const T* vi = vt + i * Fp;
-#pragma omp simd
-      for (int64_t f = 0; f < W; ++f) acc[f] += w * vi[f];
-    }
-    TS* s = Sp + r0 * Fp;
-#pragma omp simd
-    for (int64_t f = 0; f < W; ++f) s[f] += TS(acc[f]);
-  }
+  T acc[W];
+  for (; r0 < D; ++r0) update_row(Sp, Fp, r0, W, phi_t, vt, acc);
 }
 
 template <typename T, typename TS>
@@ -170,18 +176,7 @@ inline void update_state(TS* Sp, int64_t Fp, int64_t D, const T* phi_t, const T*
     case 2: update_state_nv<T, TS, 2>(Sp, Fp, D, phi_t, vt); return;
     default:  // wide values: one feature row at a time
       std::vector<T> acc(Fp);
-      for (int64_t r = 0; r < D; ++r) {
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t i = 0; i < C; ++i) {
-          const T w = phi_t[r * C + i];
-          const T* vi = vt + i * Fp;
-#pragma omp simd
-          for (int64_t f = 0; f < Fp; ++f) acc[f] += w * vi[f];
-        }
-        TS* s = Sp + r * Fp;
-#pragma omp simd
-        for (int64_t f = 0; f < Fp; ++f) s[f] += TS(acc[f]);
-      }
+      for (int64_t r = 0; r < D; ++r) update_row(Sp, Fp, r, Fp, phi_t, vt, acc.data());
   }
 }
 
