@@ -13,9 +13,7 @@ medians. The window mode's PyTorch path (what a call cost before the kernel) is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +22,8 @@ import torch
 
 import sata
 from sata.ops import force_path
-from window_decode import add_window_config  # the script's own folder is on sys.path
+from _report import write_json  # the script's own folder is on sys.path
+from window_decode import add_window_config
 
 
 def parse() -> argparse.Namespace:
@@ -79,13 +78,7 @@ def main() -> None:
     print(f"# window prefill: batch 1, {H} heads of {d}, n_taylor {P}, window {args.window}, sinks {args.sinks}, "
           f"recentre {args.recentre}, float32, medians of {args.rounds}; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "torch": torch.__version__, "load": os.getloadavg(), "kernels": sata._kernels.status()},
-            "rows": rows, "torch_path_window_s": torch_s}, indent=1))
-
+        write_json(args.json, args, rows, torch_path_window_s=torch_s)
 
 if __name__ == "__main__":
     main()
