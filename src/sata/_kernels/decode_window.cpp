@@ -354,7 +354,8 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     }
     const TS* z = static_cast<const TS*>(t.S_in) + (n * F + F - 1) * D;  // the normaliser row, before this key
     const TS vz = TS(vt[Ev]);
-    buf.has_far[i] = z[0] + vz * TS(pk[0]) > TS(0);  // far keys, counted by the normaliser's degree-0 entry after the sweep
+    const TS n_far = z[0] + vz * TS(pk[0]);  // far keys after the sweep: the normaliser's degree-0 entry
+    buf.has_far[i] = n_far > TS(0);
     for (int64_t g = 0; g < G; ++g) {
       T* row = pq + g * ld;
       T delta = T(0);
@@ -366,7 +367,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
         // moments of the far scores over the far keys, this step's included (as the sweep adds it); the
         // second only for a centre below the mean
         const TS a = TS(alpha[h0 + g]);
-        const TS N = z[0] + vz * TS(pk[0]), m1 = moment<T, TS>(row, z, vz, pk, 1, 1 + d);
+        const TS N = n_far, m1 = moment<T, TS>(row, z, vz, pk, 1, 1 + d);
         const TS m2 = a == TS(0) ? TS(0) : moment<T, TS>(row, z, vz, pk, 1 + d, Dm);
         shifted = T(centre<TS>(N, m1, m2, a));
         buf.c[i * G + g] = TS(shifted + delta);
