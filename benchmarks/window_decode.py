@@ -3,8 +3,9 @@
     python benchmarks/window_decode.py                          # defaults below, one thread
     python benchmarks/window_decode.py --json docs/window/window_decode.json
 
-Batch 1, 64 heads of 8 (as many kv heads as query heads), n_taylor 4, window 64, sinks 4, recentre 0.0,
-float32, under ``torch.no_grad``, ``torch.set_num_threads(1)``. A state at 1K tokens is built by a prefill; the
+Batch 1, 64 heads of 8 (as many kv heads as query heads), n_taylor 4, window 64, sinks 4, float32, the window
+step without re-centring (``window``) and re-centred at alpha 0.0 (``recentred``), under ``torch.no_grad``,
+``torch.set_num_threads(1)``. A state at 1K tokens is built by a prefill; the
 "1M" state is the same state with ``n_tokens`` set to 2**20 (a state is its tensors and a count: nothing in a
 step depends on how many tokens it has seen but the slot index). Each step calls ``sata.sata_attention`` on one
 new token as a serving loop does (``inplace=True`` and, as a second row per configuration, ``inplace=False``).
@@ -37,7 +38,22 @@ def add_window_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-taylor", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--recentre", type=float, default=0.0)
+    p.add_argument("--recentre", type=_alpha, default=0.0,
+                   help="alpha of the re-centred configuration timed besides the window without re-centring ('none': skip it)")
+
+
+def _alpha(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def window_configs(args: argparse.Namespace) -> dict[str, dict]:
+    """The window-mode settings timed beside the plain op: ``window`` (the series around 0, issue 15's acceptance
+    configuration) and, unless ``--recentre none``, ``recentred`` (the series re-centred per query at alpha)."""
+    window = dict(window=args.window, sinks=args.sinks)
+    configs = {"window": window}
+    if args.recentre is not None:
+        configs["recentred"] = dict(window, recentre=args.recentre)
+    return configs
 
 
 def parse() -> argparse.Namespace:
@@ -57,13 +73,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     H, d, P = args.heads, args.d_head, args.n_taylor
-    window = dict(window=args.window, sinks=args.sinks, recentre=args.recentre)
+    settings = {"plain": {}, **window_configs(args)}
     common = dict(n_taylor=P, is_causal=True, return_state=True)
     q, k, v = (torch.randn(1, H, args.prefill, d) for _ in range(3))
     pool = [tuple(torch.randn(1, H, 1, d) for _ in range(3)) for _ in range(64)]   # tokens the steps cycle through
     with torch.no_grad():
-        states = {"plain": sata.sata_attention(q, k, v, **common)[1],
-                  "window": sata.sata_attention(q, k, v, **common, **window)[1]}
+        states = {name: sata.sata_attention(q, k, v, **common, **kw)[1] for name, kw in settings.items()}
         configs = {}
         for name, st in states.items():
             for context, n in (("1K", args.prefill), ("1M", 2**20)):
@@ -73,7 +88,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for key in configs:
                 name, _, inplace = key
-                kw = {**common, **(window if name == "window" else {}), "inplace": inplace}
+                kw = {**common, **settings[name], "inplace": inplace}
                 st = configs[key]
                 for i in range(-5, args.steps):        # 5 untimed steps: caches warm after the other configuration
                     q1, k1, v1 = pool[i % len(pool)]
@@ -87,7 +102,8 @@ def main() -> None:
                 configs[key] = st
         torch_us = None
         if args.torch_steps:
-            torch_us = 1e6 * time_torch_path(states["window"], pool, args.torch_steps, {**common, **window})
+            last = list(settings)[-1]
+            torch_us = 1e6 * time_torch_path(states[last], pool, args.torch_steps, {**common, **settings[last]})
 
     rows = []
     for (name, context, inplace), ts in times.items():
@@ -99,14 +115,14 @@ def main() -> None:
         r["vs_plain"] = r["median_us"] / med[("plain", r["context"], r["inplace"])]
         r["vs_1K"] = r["median_us"] / med[(r["step"], "1K", r["inplace"])]
     print(f"# window decode: batch 1, {H} heads of {d}, n_taylor {P}, window {args.window}, sinks {args.sinks}, "
-          f"recentre {args.recentre}, float32, {args.threads} thread(s), {args.rounds} x {args.steps} steps per row; "
+          f"recentred: alpha {args.recentre}, float32, {args.threads} thread(s), {args.rounds} x {args.steps} steps per row; "
           f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'step':<8} {'context':>7} {'inplace':>7} {'median us':>10} {'p10':>8} {'p90':>8} {'vs plain':>9} {'vs 1K':>7}")
+    print(f"{'step':<9} {'context':>7} {'inplace':>7} {'median us':>10} {'p10':>8} {'p90':>8} {'vs plain':>9} {'vs 1K':>7}")
     for r in rows:
-        print(f"{r['step']:<8} {r['context']:>7} {str(r['inplace']):>7} {r['median_us']:>10.1f} {r['p10_us']:>8.1f} "
+        print(f"{r['step']:<9} {r['context']:>7} {str(r['inplace']):>7} {r['median_us']:>10.1f} {r['p10_us']:>8.1f} "
               f"{r['p90_us']:>8.1f} {r['vs_plain']:>9.3f} {r['vs_1K']:>7.3f}")
     if torch_us is not None:
-        print(f"window step through the PyTorch path (1K, median of {args.torch_steps}): {torch_us:.0f} us")
+        print(f"{last} step through the PyTorch path (1K, median of {args.torch_steps}): {torch_us:.0f} us")
     if args.json:
         write_json(args.json, args, rows, torch_path_window_us=torch_us)
 

@@ -3,11 +3,11 @@
     python benchmarks/window_prefill.py                          # defaults below
     python benchmarks/window_prefill.py --json docs/window/window_prefill.json
 
-Batch 1, 64 heads of 8 (as many kv heads as query heads), n_taylor 4, window 64, sinks 4, recentre 0.0, float32,
-under ``torch.no_grad``: one ``sata.sata_attention(q, k, v, is_causal=True, return_state=True)`` call per
-measurement, for each length and thread count (``--threads``: 1 and torch's default). The plain and the window
-call are measured in interleaved rounds (a busy spell of the machine hits both); medians, and the ratio of the
-medians. The window mode's PyTorch path (what a call cost before the kernel) is timed once at the shortest length.
+Batch 1, 64 heads of 8 (as many kv heads as query heads), n_taylor 4, window 64, sinks 4, float32, the window
+without re-centring (``window``) and re-centred at alpha 0.0 (``recentred``), under ``torch.no_grad``: one
+``sata.sata_attention(q, k, v, is_causal=True, return_state=True)`` call per measurement, for each length and
+thread count (``--threads``: 1 and torch's default). The calls are measured in interleaved rounds (a busy spell
+of the machine hits all of them); medians, and the ratios of the medians. The window mode's PyTorch path (what a call cost before the kernel) is timed once at the shortest length.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import sata
 from sata.ops import force_path
 from _report import write_json  # the script's own folder is on sys.path
-from window_decode import add_window_config
+from window_decode import add_window_config, window_configs
 
 
 def parse() -> argparse.Namespace:
@@ -42,7 +42,7 @@ def main() -> None:
     args = parse()
     torch.manual_seed(0)
     H, d, P = args.heads, args.d_head, args.n_taylor
-    window = dict(window=args.window, sinks=args.sinks, recentre=args.recentre)
+    settings = {"plain": {}, **window_configs(args)}
     common = dict(n_taylor=P, is_causal=True, return_state=True)
     rows = []
     with torch.no_grad():
@@ -50,8 +50,7 @@ def main() -> None:
             torch.set_num_threads(threads)
             for L in args.lengths:
                 q, k, v = (torch.randn(1, H, L, d) for _ in range(3))
-                calls = {"plain": lambda: sata.sata_attention(q, k, v, **common),
-                         "window": lambda: sata.sata_attention(q, k, v, **common, **window)}
+                calls = {name: (lambda kw=kw: sata.sata_attention(q, k, v, **common, **kw)) for name, kw in settings.items()}
                 for call in calls.values():
                     call()                                   # plans, caches and pages warm
                 times = {name: [] for name in calls}
@@ -61,22 +60,26 @@ def main() -> None:
                         call()
                         times[name].append(time.perf_counter() - t0)
                 med = {name: statistics.median(ts) for name, ts in times.items()}
-                rows.append(dict(threads=threads, tokens=L, plain_s=med["plain"], window_s=med["window"],
-                                 ratio=med["window"] / med["plain"], plain_all_s=times["plain"],
-                                 window_all_s=times["window"]))
-                print(f"threads {threads:>2}  {L:>6} tokens  plain {med['plain']:8.3f} s  window {med['window']:8.3f} s  "
-                      f"ratio {med['window'] / med['plain']:.3f}", flush=True)
+                row = dict(threads=threads, tokens=L)
+                for name in calls:
+                    row[f"{name}_s"] = med[name]
+                    if name != "plain":
+                        row[f"{name}_ratio"] = med[name] / med["plain"]
+                rows.append(row | {f"{name}_all_s": ts for name, ts in times.items()})
+                print(f"threads {threads:>2}  {L:>6} tokens  " + "  ".join(
+                    f"{name} {med[name]:7.3f} s" + ("" if name == "plain" else f" ({med[name] / med['plain']:.3f}x)")
+                    for name in calls), flush=True)
         torch_s = None
         if args.torch_path:
             L = min(args.lengths)
             q, k, v = (torch.randn(1, H, L, d) for _ in range(3))
             with force_path(kernels=False):
                 t0 = time.perf_counter()
-                sata.sata_attention(q, k, v, **common, **window)
+                sata.sata_attention(q, k, v, **common, **settings[list(settings)[-1]])
                 torch_s = time.perf_counter() - t0
             print(f"window prefill through the PyTorch path ({L} tokens, {torch.get_num_threads()} threads): {torch_s:.2f} s")
     print(f"# window prefill: batch 1, {H} heads of {d}, n_taylor {P}, window {args.window}, sinks {args.sinks}, "
-          f"recentre {args.recentre}, float32, medians of {args.rounds}; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"recentred: alpha {args.recentre}, float32, medians of {args.rounds}; load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         write_json(args.json, args, rows, torch_path_window_s=torch_s)
 
