@@ -17,6 +17,7 @@ from sata import cli
 from sata.bench.baselines import KVCacheAttention, PaperTaylorAttention, sdpa_causal
 from sata.bench.compare import agreement, crossover
 from sata.bench.decode import DecodeConfig, _scaled_state, run_decode
+from sata.bench.tables import decode_table
 from sata.bench.timing import LoadProbe, Timing, peak_memory, time_interleaved
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -202,6 +203,58 @@ def test_run_decode_measures_all_methods_and_skips_what_does_not_fit():
     assert "over the memory limit" in rows[128]["sdpa"]["skipped"]
     assert rows[64]["sdpa"]["held_bytes"] == 2 * 65 * 8 * 4
     assert rows[64]["sata"]["held_bytes"] == 2 * sata.state_size(4, 4, 3) * 4
+
+
+# The interface of the paper's own code (github.com/glassroom/sata_attention, not shipped here): a module whose
+# terms hold prev_H_S [B, H, 1, m_p, Ev] and prev_H_Z [B, H, 1, m_p, 1], stepped by forward(q, k, v, continue_prev).
+# This stand-in computes through PaperTaylorAttention from exactly that layout, so the bench's plumbing (loading
+# the file, setting the module's state, timing and comparing its step) is tested; the real file agrees with sata to
+# 6e-8 in float32 (docs/PERFORMANCE.md).
+_PAPER_CODE_STAND_IN = """
+import torch
+from sata.bench.baselines import PaperTaylorAttention
+
+
+class SymmetryAwareTaylorApproximatedAttention(torch.nn.Module):
+    def __init__(self, d_key, d_val, is_causal, n_taylor=4):
+        super().__init__()
+        self.formulation = PaperTaylorAttention(d_key, n_taylor)
+        self.tptts = torch.nn.ModuleList(torch.nn.Module() for _ in range(n_taylor))
+
+    def forward(self, Q, K, V, continue_prev=False):
+        state = [(t.prev_H_S[:, :, 0], t.prev_H_Z[:, :, 0, :, 0]) for t in self.tptts]
+        y, new = self.formulation.step(Q, K, V, state)
+        for t, (num, den) in zip(self.tptts, new):
+            t.prev_H_S, t.prev_H_Z = num[:, :, None], den[:, :, None, :, None]
+        return y
+"""
+
+
+def test_run_decode_times_the_papers_code_from_the_same_state(tmp_path):
+    path = tmp_path / "sata_attention.py"
+    path.write_text(_PAPER_CODE_STAND_IN)
+    cfg = DecodeConfig(n_heads=2, d_key=4, n_taylor=3, contexts=(32, 64), stream_limit=32, min_time=0.0, min_repeat=2,
+                       paper_code=str(path))
+    assert cfg.methods == ("sata", "sdpa", "paper", "paper_code")
+    res = run_decode(cfg, progress=False)
+    for row in res["rows"]:
+        assert row["paper_code"]["time"]["median"] > 0 and row["sata_over_paper_code"] > 0
+        assert row["sata"]["vs_paper_code"]["max_abs_diff"] < 1e-5      # the same attention from the same state
+    table = decode_table(res)
+    assert "paper code" in table and "sata/paper code" in table
+    assert "paper code" not in decode_table(run_decode(dataclasses.replace(cfg, paper_code=None, methods=("sata",)),
+                                                       progress=False))
+
+
+def test_paper_code_bad_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--paper-code .*no such file"):
+        run_decode(DecodeConfig(n_heads=2, d_key=4, contexts=(8,), paper_code=str(tmp_path / "missing.py")),
+                   progress=False)
+    other = tmp_path / "other.py"
+    other.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no SymmetryAwareTaylorApproximatedAttention"):
+        run_decode(DecodeConfig(n_heads=2, d_key=4, contexts=(8,), paper_code=str(other)), progress=False)
+    assert cli.main(["bench", "prefill", "--tiny", "--paper-code", str(other), "--no-progress"]) == 2
 
 
 # ---------------------------------------------------------------------------- the command

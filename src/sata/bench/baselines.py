@@ -1,4 +1,4 @@
-"""The two baselines ``sata`` is measured against, on the same inputs.
+"""The baselines ``sata`` is measured against, on the same inputs.
 
 - :class:`KVCacheAttention`: conventional softmax attention as served in practice: SDPA on
   4-D ``[B, H, L, E]`` tensors, keys and values written in place into a preallocated cache
@@ -11,13 +11,19 @@
   multiplicities ``p! / prod_j c_j!`` applied at read-out, ``alpha_p = scale^p / p!``, and
   cumulative sums over tokens for causal input (``n x m_p x d_v`` materialised per power).
 
-Both compute in the dtype of their inputs.
+- :class:`PaperCode`: the paper's own code (``SymmetryAwareTaylorApproximatedAttention`` of
+  ``sata_attention.py``, github.com/glassroom/sata_attention), loaded from a file the user supplies
+  (it is not shipped here), driven for decode from a :class:`PaperTaylorAttention` state.
+
+All compute in the dtype of their inputs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 
 from ..basis import check_n_taylor
 
-__all__ = ["KVCacheAttention", "PaperTaylorAttention", "sdpa_causal"]
+__all__ = ["KVCacheAttention", "PaperCode", "PaperTaylorAttention", "sdpa_causal"]
 
 
 # ---------------------------------------------------------------------------- conventional
@@ -226,3 +232,44 @@ class PaperTaylorAttention:
             den_out = den_out + (wq * den).sum(-1)                               # [B, H, L]
             new.append((num[:, :, -1], den[:, :, -1]))
         return self._finish(num_out, den_out), new
+
+
+# ---------------------------------------------------------------------------- the paper's own code
+class PaperCode:
+    """The paper's reference implementation, one decode step at a time.
+
+    Its module keeps the state itself (``prev_H_S [B, H, 1, m_p, Ev]`` and ``prev_H_Z [B, H, 1, m_p, 1]`` per
+    term, already times ``alpha_p``, monomials in ``combinations_with_replacement`` order): exactly the layout
+    of a :class:`PaperTaylorAttention` state with one more axis, so :meth:`load_state` sets it from one, and a
+    decode step is the module's own ``forward(q, k, v, continue_prev=True)``.
+
+    Args:
+        path: the reference's ``sata_attention.py`` (e.g. from a clone of github.com/glassroom/sata_attention).
+        d_key, d_value, n_taylor: the head sizes and terms (its scale is ``1 / sqrt(d_key)``).
+        device: where its buffers live.
+    """
+
+    def __init__(self, path: str | os.PathLike, d_key: int, d_value: int, n_taylor: int,
+                 device: torch.device | str = "cpu"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--paper-code {path}: no such file; pass the paper's sata_attention.py "
+                                    "(github.com/glassroom/sata_attention)")
+        spec = importlib.util.spec_from_file_location("sata_paper_reference", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cls = getattr(module, "SymmetryAwareTaylorApproximatedAttention", None)
+        if cls is None:
+            raise ValueError(f"--paper-code {path}: no SymmetryAwareTaylorApproximatedAttention in that file; pass the "
+                             "paper's sata_attention.py (github.com/glassroom/sata_attention)")
+        self.path = str(path)
+        self.attn = cls(d_key, d_value, is_causal=True, n_taylor=n_taylor).to(device)
+
+    def load_state(self, state: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Set the module's state from a :class:`PaperTaylorAttention` state (copied: steps update the module's)."""
+        for term, (num, den) in zip(self.attn.tptts, state):
+            term.prev_H_S = num[:, :, None].clone()                              # [B, H, 1, m_p, Ev]
+            term.prev_H_Z = den[:, :, None, :, None].clone()                     # [B, H, 1, m_p, 1]
+
+    def step(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """One token ``[B, H, 1, E]``: the module absorbs it and reads its state. Returns ``y [B, H, 1, Ev]``."""
+        return self.attn(query, key, value, continue_prev=True)

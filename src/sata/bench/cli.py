@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sinks", type=int, default=0, metavar="S", help="decode/prefill: window mode, first S keys exact")
     parser.add_argument("--recentre", type=float, default=None, metavar="A",
                         help="decode/prefill: window mode, the re-centred series (alpha)")
+    parser.add_argument("--paper-code", default=None, metavar="FILE",
+                        help="decode: also time the paper's own code, its sata_attention.py (github.com/glassroom/"
+                             "sata_attention, not shipped here), from the same state")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: seconds, meaningless numbers
     from .generate import add_arguments as generate_arguments
@@ -106,6 +109,9 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(f"sata bench: {problem}", file=sys.stderr)
             return 2
+    if args.paper_code is not None and args.what != "decode":
+        print("sata bench: --paper-code times the paper's decode step: use it with `sata bench decode`", file=sys.stderr)
+        return 2
     common = {"device": args.device, "dtype": dtype, "max_bytes": max_bytes}
     run = {"command": command_line("bench", args, add_arguments), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "sizes": sizes.name, "what": args.what, "max_memory_bytes": max_bytes,
@@ -123,7 +129,8 @@ def main(args: argparse.Namespace) -> int:
     sections = []   # (title, text table, markdown table)
     if args.what == "decode":
         cfg = DecodeConfig(**shape, contexts=contexts or sizes.decode_contexts, stream_limit=sizes.decode_stream_limit,
-                           min_time=sizes.min_time, threads=latency if shape["batch"] == 1 else None, **common)
+                           min_time=sizes.min_time, threads=latency if shape["batch"] == 1 else None,
+                           paper_code=args.paper_code, **common)
         res = run["decode"] = run_decode(cfg, progress)
         sections.append((_decode_title(res), decode_table(res), decode_table(res, True)))
         _window_section(sections, res)

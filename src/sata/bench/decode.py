@@ -3,7 +3,8 @@
 For every context length, in one run on the same tokens: ``sata`` (one decode step of
 :func:`sata.sata_attention` with the context's state), conventional attention (SDPA over a
 preallocated KV cache, :class:`~sata.bench.baselines.KVCacheAttention`) and the paper's
-formulation (:class:`~sata.bench.baselines.PaperTaylorAttention`), timed round-robin.
+formulation (:class:`~sata.bench.baselines.PaperTaylorAttention`), timed round-robin; with
+``paper_code``, also the paper's own code (:class:`~sata.bench.baselines.PaperCode`) from the same state.
 
 Contexts are built by streaming prefill: tokens are generated chunk by chunk and absorbed
 into the ``sata`` state (:func:`sata.accumulate_state`) and the paper's state, and written
@@ -29,7 +30,7 @@ import torch
 
 import sata
 
-from .baselines import KVCacheAttention, PaperTaylorAttention
+from .baselines import KVCacheAttention, PaperCode, PaperTaylorAttention
 from .compare import agreement, crossover
 from .timing import peak_memory, time_interleaved, torch_threads
 
@@ -84,6 +85,12 @@ class DecodeConfig(WindowSettings):
     threads: int | None = None            # torch threads of the timed steps (None: as the caller set them)
     seed: int = 0
     label: str = field(default="")
+    paper_code: str | None = None         # the paper's sata_attention.py: also time its own decode step
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.paper_code is not None and "paper_code" not in self.methods:
+            self.methods = (*self.methods, "paper_code")
 
     @property
     def dv(self) -> int:
@@ -137,7 +144,11 @@ class _Streams:
         self.pos = 0
         self.state: sata.SATAState | None = None
         self.plain_state: sata.SATAState | None = None      # the plain op's, beside a window-mode ``state``
-        self.paper = PaperTaylorAttention(cfg.d_key, cfg.n_taylor, device=cfg.device) if "paper" in cfg.methods else None
+        # the paper's own code decodes from this formulation's state: streamed for either
+        paper = "paper" in cfg.methods or "paper_code" in cfg.methods
+        self.paper = PaperTaylorAttention(cfg.d_key, cfg.n_taylor, device=cfg.device) if paper else None
+        self.paper_code = None if cfg.paper_code is None else PaperCode(cfg.paper_code, cfg.d_key, cfg.dv, cfg.n_taylor,
+                                                                        cfg.device)
         self.paper_state = None
         self.cache = None
         if "sdpa" in cfg.methods and capacity > 0:
@@ -281,6 +292,13 @@ def _measure(cfg, n, streamed, streams: _Streams, states: dict, paper_state, q1,
         else:
             fns["paper"] = lambda: streams.paper.step(q1, k1, v1, paper_state)
             held["paper"] = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in paper_state)
+    if "paper_code" in cfg.methods:
+        if paper_state is None or streams.paper_code is None:
+            row["paper_code"] = {"skipped": "the paper's state does not fit in the memory limit"}
+        else:
+            streams.paper_code.load_state(paper_state)   # its steps then drift by a token each (the cost does not)
+            fns["paper_code"] = lambda: streams.paper_code.step(q1, k1, v1)
+            held["paper_code"] = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in paper_state)
 
     with torch.no_grad(), torch_threads(cfg.threads):
         outs, peaks = {}, {}
@@ -303,7 +321,7 @@ def _measure(cfg, n, streamed, streams: _Streams, states: dict, paper_state, q1,
 
 def compare(row: dict, outs: dict) -> None:
     """``sata``'s agreement with every other method's output, and its time over theirs (``sata_over_<m>``)."""
-    for name in ("sdpa", "paper", "plain"):
+    for name in ("sdpa", "paper", "paper_code", "plain"):
         if "sata" in outs and name in outs:
             row["sata"][f"vs_{name}"] = agreement(outs["sata"], outs[name])
         if "time" in row.get("sata", {}) and "time" in row.get(name, {}):

@@ -72,13 +72,15 @@ def _ratio(x: float | None) -> str:
 
 def decode_table(res: dict, markdown: bool = False) -> str:
     """One row per context: medians per method, ratios sata/baseline, peak memory per token."""
-    headers = ["context", "streamed", "sata", "SDPA+KV", "paper", "sata/SDPA", "sata/paper",
-               "sata mem", "SDPA mem", "paper mem"]
+    code = any("paper_code" in r for r in res["rows"])   # the paper's own code was timed too (--paper-code)
+    headers = ["context", "streamed", "sata", "SDPA+KV", "paper", *(["paper code"] if code else []), "sata/SDPA",
+               "sata/paper", *(["sata/paper code"] if code else []), "sata mem", "SDPA mem", "paper mem"]
     rows = []
     for r in res["rows"]:
         mem = lambda m: fmt_bytes(r[m].get("peak_bytes", r[m].get("held_bytes"))) if "time" in r.get(m, {}) else "-"
         rows.append([_ctx(r["context"]), _ctx(r["streamed_tokens"]), _t(r.get("sata")), _t(r.get("sdpa")),
-                     _t(r.get("paper")), _ratio(r.get("sata_over_sdpa")), _ratio(r.get("sata_over_paper")),
+                     _t(r.get("paper")), *([_t(r.get("paper_code"))] if code else []), _ratio(r.get("sata_over_sdpa")),
+                     _ratio(r.get("sata_over_paper")), *([_ratio(r.get("sata_over_paper_code"))] if code else []),
                      mem("sata"), mem("sdpa"), mem("paper")])
     return render(headers, rows, markdown)
 
