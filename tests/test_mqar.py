@@ -357,6 +357,17 @@ def test_points_parse_and_refuse_bad_specs():
         MQARTask(train_slices=((64, 4),), train_weights=(1, 2))
 
 
+def test_acceptance_preset_is_part_of_the_full_sweep():
+    full, acc = mqar.PRESETS["full"], mqar.PRESETS["acceptance"]
+    assert acc.task == full.task and acc.lrs == full.lrs
+    keys = lambda preset: {mqar.run_key(preset.task, p, lr) for p in preset.points for lr in preset.lrs}
+    assert keys(acc) <= keys(full) and len(acc.points) == 20     # the same runs: one results file serves both
+    budget = 40_242                                               # half of Based f=16 at d_model 128 (80,484 B)
+    assert mqar.PRESETS["acceptance"].points[0].state_bytes(acc.task) == 2 * budget
+    small = [p for p in acc.points if p.mixer == "sata" and p.state_bytes(acc.task) <= budget]
+    assert len(small) >= 5
+
+
 def test_full_preset_covers_the_issue_within_its_state_cap():
     preset = mqar.PRESETS["full"]
     mixers = {p.mixer for p in preset.points}

@@ -200,6 +200,24 @@ def _full_points() -> list[MQARPoint]:
     return [p for p in points if p.state_bytes(MQARTask()) <= 600_000]
 
 
+# the full sweep's configurations that decide issue 18's acceptance, in the order they decide it: the published
+# anchors (Based f = 16, 24 and attention at d_model 128, sliding windows 8 / 64 / 512), the SATA candidates for
+# >= 0.985 within half of Based's 80 KB (39.3 KiB), then SATA and Based near each other's states (the frontier)
+_ACCEPTANCE = (
+    "based d=128 f=16", "based d=128 f=24", "softmax d=128 H=1", "sliding d=128 w=8", "sliding d=128 w=64",
+    "sliding d=128 w=512",
+    "sata d=48 P=4 E=8", "sata d=48 P=4 E=8 H=1", "sata d=48 P=3 E=16", "sata d=128 P=2 E=64", "sata d=128 P=3 E=8",
+    "based d=48 f=16", "based d=64 f=16", "based d=128 f=8", "sata d=64 P=3 E=8", "sata d=128 P=3 E=16",
+    "sata d=128 P=4 E=8", "sata d=48 P=5 E=8", "sata d=64 P=5 E=8", "sata d=64 P=3 E=32",
+)
+
+
+def _acceptance_points() -> list[MQARPoint]:
+    """:data:`_ACCEPTANCE` as points of the full sweep (the same runs: a results file serves both presets)."""
+    by_label = {p.label: p for p in _full_points()}
+    return [by_label[label] for label in _ACCEPTANCE]
+
+
 @dataclass(frozen=True)
 class Preset:
     task: MQARTask
@@ -226,6 +244,9 @@ PRESETS: dict[str, Preset] = {
         (3e-3,), "(64, 4) and (128, 8) only, one learning rate"),
     "full": Preset(MQARTask(), tuple(_full_points()), (3e-3, 1e-2, 1e-3),
                    "the Based paper's training mixture, Zoology's test slices up to (512, 128)"),
+    # the configurations of the full sweep that decide the issue's acceptance (its runs count for "full" too)
+    "acceptance": Preset(MQARTask(), tuple(_acceptance_points()), (3e-3, 1e-2, 1e-3),
+                         "the full sweep's anchors, its SATA candidates within 40 KB and its frontier near Based"),
 }
 
 
