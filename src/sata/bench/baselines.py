@@ -246,11 +246,11 @@ class PaperCode:
     Args:
         path: the reference's ``sata_attention.py`` (e.g. from a clone of github.com/glassroom/sata_attention).
         d_key, d_value, n_taylor: the head sizes and terms (its scale is ``1 / sqrt(d_key)``).
-        device: where its buffers live.
+        device, dtype: of its buffers (its constants in the inputs' dtype: its einsum takes one dtype).
     """
 
     def __init__(self, path: str | os.PathLike, d_key: int, d_value: int, n_taylor: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--paper-code {path}: no such file; pass the paper's sata_attention.py "
                                     "(github.com/glassroom/sata_attention)")
@@ -262,7 +262,7 @@ class PaperCode:
             raise ValueError(f"--paper-code {path}: no SymmetryAwareTaylorApproximatedAttention in that file; pass the "
                              "paper's sata_attention.py (github.com/glassroom/sata_attention)")
         self.path = str(path)
-        self.attn = cls(d_key, d_value, is_causal=True, n_taylor=n_taylor).to(device)
+        self.attn = cls(d_key, d_value, is_causal=True, n_taylor=n_taylor).to(device=device, dtype=dtype)
 
     def load_state(self, state: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Set the module's state from a :class:`PaperTaylorAttention` state (copied: steps update the module's)."""

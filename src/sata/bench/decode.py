@@ -148,7 +148,7 @@ class _Streams:
         paper = "paper" in cfg.methods or "paper_code" in cfg.methods
         self.paper = PaperTaylorAttention(cfg.d_key, cfg.n_taylor, device=cfg.device) if paper else None
         self.paper_code = None if cfg.paper_code is None else PaperCode(cfg.paper_code, cfg.d_key, cfg.dv, cfg.n_taylor,
-                                                                        cfg.device)
+                                                                        cfg.device, cfg.dtype)
         self.paper_state = None
         self.cache = None
         if "sdpa" in cfg.methods and capacity > 0:
