@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import check_n_taylor
-from .hybrid import check_hybrid
+from .hybrid import check_hybrid, check_learned, softplus_inverse
 from .ops import sata_attention
 from .state import SATAState
 
@@ -358,20 +358,11 @@ class SATAAttention(_Attention):
         self.window, self.sinks = hybrid.window, hybrid.sinks
         self.taylor_mix, self.recentre = hybrid.taylor_mix, hybrid.recentre
         self.mix_param = self.recentre_param = None
+        check_learned("SATAAttention", hybrid, learn_mix=learn_mix, learn_recentre=learn_recentre, n_taylor=n_taylor)
         if learn_mix:
-            if not hybrid.has_exact:
-                raise ValueError("SATAAttention: learn_mix=True needs window > 0 or sinks > 0 (without exact keys "
-                                 "taylor_mix cancels in the normaliser and would learn nothing)")
-            if not isinstance(taylor_mix, (int, float)) or taylor_mix <= 0:
-                raise ValueError(f"SATAAttention: learn_mix=True starts at taylor_mix, which must be a float > 0 "
-                                 f"(softplus never reaches 0), got {taylor_mix!r}")
-            start = taylor_mix + math.log(-math.expm1(-taylor_mix))                          # softplus^-1
-            self.mix_param = nn.Parameter(torch.full((n_heads,), start, device=device, dtype=dtype))
+            self.mix_param = nn.Parameter(torch.full((n_heads,), softplus_inverse(taylor_mix), device=device,
+                                                     dtype=dtype))
         if learn_recentre:
-            if recentre is None or n_taylor < 3:
-                raise ValueError(f"SATAAttention: learn_recentre=True needs a starting recentre (e.g. 0.0) and "
-                                 f"n_taylor >= 3 (alpha != 0 reads the degree-2 block), got recentre={recentre!r}, "
-                                 f"n_taylor={n_taylor}")
             self.recentre_param = nn.Parameter(torch.full((n_heads,), float(recentre), device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, state: SATAState | None = None, key_padding_mask: torch.Tensor | None = None,

@@ -230,7 +230,7 @@ def _plot(path: Path, rows: list[dict], cfg: TrainConfig) -> None:
         ax.plot([r["step"] for r in va], [r["val_bpb"] for r in va], "o-", ms=3, label="validation")
     m = cfg.model
     ax.set(xlabel="step", ylabel="bits per byte",
-           title=f"{m.attention}{f' P={m.n_taylor}' if m.attention == 'sata' else ''}: {m.n_heads} heads of "
+           title=f"{m.mixer}: {m.n_heads} heads of "
                  f"{m.resolved_head_dim}, d_model {m.d_model}, {m.n_layers} layers")
     ax.grid(alpha=0.3)
     ax.legend()
