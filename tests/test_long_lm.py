@@ -137,3 +137,91 @@ def test_cli_local_layers_rejects_words(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--local-layers", "every"])
     assert "expected a layer index or 'all'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- sata evaluate
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+    """Three tiny random byte models (softmax, local window only, SATA + window) and a small text folder."""
+    root = tmp_path_factory.mktemp("evaluate")
+    data = root / "data"
+    data.mkdir()
+    src = Path(__file__).resolve().parents[1] / "src" / "sata"
+    for f in sorted(src.rglob("*.py"))[:40]:
+        (data / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    configs = {"softmax": dict(attention="softmax"), "local": dict(attention="softmax", local_layers=[0, 1],
+                                                                      local_window=8),
+               "hybrid": dict(window=8, recentre=0.0, learn_mix=True, learn_recentre=True)}
+    paths = {}
+    for i, (name, kw) in enumerate(configs.items()):
+        torch.manual_seed(i)
+        TransformerLM(LMConfig(d_model=16, n_layers=2, n_heads=2, short_conv=3, **kw)).save_pretrained(
+            root / name / "model")
+        paths[name] = root / name / "model"
+    return data, paths
+
+
+def _direct_bpb(model: TransformerLM, windows: torch.Tensor) -> torch.Tensor:
+    """Per-position bits/byte [T] of ``windows [n, T + 1]`` in one pass, the training loss's way."""
+    with torch.no_grad():
+        logits, _ = model(windows[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")  # [n, T]
+    return loss.double().mean(0) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+
+
+def test_evaluate_equals_a_direct_computation_of_the_loss(eval_setup, tmp_path, capsys):
+    from sata.train.data import load_corpus
+    from sata.train.evaluate import position_bins
+
+    data, paths = eval_setup
+    js, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    argv = ["evaluate", *map(str, paths.values()), "--data", str(data), "--context", "100", "40", "--max-bytes", "500",
+            "--bins", "8", "--chunk", "30", "--no-progress", "--json", str(js), "--markdown", str(md), "--figure", str(png)]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(js.read_text())
+    assert [m["name"] for m in res["models"]] == ["softmax", "local", "hybrid"]
+    assert [c["context"] for c in res["contexts"]] == [40, 100]
+    corpus = load_corpus([str(data)])
+    for c in res["contexts"]:
+        T = c["context"]
+        windows = corpus.validation_windows(T, 500)
+        assert c["windows"] == windows.shape[0] == 500 // T and c["bytes"] == windows.shape[0] * T
+        edges = position_bins(T, 8)
+        assert c["bins"]["start"] == edges[:-1].tolist() and c["bins"]["end"][-1] == T
+        for name, path in paths.items():
+            direct = _direct_bpb(TransformerLM.from_pretrained(path).eval(), windows)            # [T]
+            assert c["bpb"][name] == pytest.approx(direct.mean().item(), rel=1e-6)
+            binned = [direct[a:b].mean().item() for a, b in zip(edges[:-1], edges[1:])]
+            assert c["bpb_by_position"][name] == pytest.approx(binned, rel=1e-6)
+            if T == 100:
+                assert c["bpb_beyond"][name] == pytest.approx(direct[40:].mean().item(), rel=1e-6)
+            assert f"{c['bpb'][name]:.4f}" in printed and f"{c['bpb'][name]:.4f}" in md.read_text()
+    assert png.stat().st_size > 10_000
+    assert res["models"][1]["mixer"] == "local window 8, conv 3"
+
+
+def test_position_bins_are_log_spaced_and_cover_the_window():
+    from sata.train.evaluate import position_bins
+
+    e = position_bins(2048, 64).tolist()
+    assert e[0] == 0 and e[-1] == 2048 and e == sorted(set(e)) and len(e) <= 65
+    assert e[1] == 1 and e[-1] - e[-2] > 50 * (e[2] - e[1])   # fine at the start, coarse at the end
+    assert position_bins(5, 64).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--context", "1"], "--context must be window lengths >= 2"),
+    (["--context", "40", "40"], "lists a length twice"),
+    (["--chunk", "0"], "--chunk must be a positive integer"),
+    (["--context", "100000000"], "needs more validation bytes"),
+    (["A=MODEL", "A=MODEL"], "the name 'A' is given twice"),
+    (["/nonexistent/model"], "does not hold a sata model"),
+], ids=["context", "twice", "chunk", "too-long", "names", "missing"])
+def test_evaluate_bad_input_exits_2_with_a_message(eval_setup, extra, match, capsys):
+    data, paths = eval_setup
+    models = [a.replace("MODEL", str(paths["softmax"])) for a in extra if a.startswith(("A=", "/"))]
+    opts = [a for a in extra if not a.startswith(("A=", "/"))]
+    assert cli_main(["evaluate", *(models or [str(paths["softmax"])]), "--data", str(data), "--no-progress",
+                     "--max-bytes", "200", *opts]) == 2
+    assert match in capsys.readouterr().err
