@@ -412,6 +412,32 @@ class SATAAttention(_Attention):
         return text
 
 
+def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """Causal sliding-window softmax attention of ``q [B, H, L, E]`` over the keys of the same positions
+    ``k [B, Hkv, L, E]``, ``v [B, Hkv, L, Ev]``: query ``i`` sees keys ``i - window + 1 .. i``.
+
+    Queries go in blocks of ``window``; block ``j`` reads the keys of blocks ``j - 1`` and ``j``, which hold
+    every key its queries may see, so the scores take ``O(L window)`` time and memory instead of the dense
+    mask's ``O(L^2)``. Returns ``[B, H, L, Ev]``.
+    """
+    B, H, L, E = q.shape
+    if k.shape[1] != H:
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    w, Ev = window, v.shape[-1]
+    n = -(-L // w)                                                   # blocks; the last one padded
+    tail = n * w - L
+    q = F.pad(q, (0, 0, 0, tail)).reshape(B, H * n, w, E)                                   # [B, H n, w, E]
+    # keys of block j: positions (j - 1) w .. (j + 1) w - 1, zeros before position 0 (masked below)
+    k = F.pad(k, (0, 0, w, tail)).unfold(2, 2 * w, w).transpose(-1, -2).reshape(B, H * n, 2 * w, E)
+    v = F.pad(v, (0, 0, w, tail)).unfold(2, 2 * w, w).transpose(-1, -2).reshape(B, H * n, 2 * w, Ev)
+    a = torch.arange(w, device=q.device)[:, None]                    # query within its block
+    c = torch.arange(2 * w, device=q.device)[None, :]                # key within the block pair: position c - w
+    band = ((c > a) & (c <= a + w)).expand(n, w, 2 * w).clone()                             # [n, w, 2w]
+    band[0, :, :w] = False                                           # block 0 has no previous block
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=band.repeat(H, 1, 1), scale=scale)  # [B, H n, w, Ev]
+    return y.reshape(B, H, n * w, Ev)[:, :, :L]
+
+
 class SoftmaxAttention(_Attention):
     r"""Multi-head softmax attention (SDPA) with a :class:`KVCache`, same interface as :class:`SATAAttention`.
 
@@ -470,6 +496,10 @@ class SoftmaxAttention(_Attention):
             # fast paths: plain causal over every key, or one new token that sees every key held
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and L > 1, scale=self.scale,
                                                enable_gqa=gqa)                                   # [B, H, L, E]
+            return self._out(y), cache if return_state else None
+        if pad is None and windowed and offset == first and Lk == L:
+            # the keys are the queries' own tokens (training, or a prefill from empty): band blocks, O(L window)
+            y = _local_attention(q, k, v, self.window, self.scale)                              # [B, H, L, E]
             return self._out(y), cache if return_state else None
         allowed = torch.ones(L, Lk, dtype=torch.bool, device=x.device)                          # [L, Lk]
         if self.causal:
