@@ -149,14 +149,15 @@ def figure(results: dict, path: str | Path) -> None:
     ctx = results["contexts"]
     fig, axes = plt.subplots(1, len(ctx), figsize=(6 * len(ctx), 4), squeeze=False, sharey=True)
     for ax, c in zip(axes[0], ctx):
-        mid = [math.sqrt(max(a, 0.5) * b) for a, b in zip(c["bins"]["start"], c["bins"]["end"])]
+        # bucket [a, b) holds the bytes predicted from a + 1 .. b bytes of context: its geometric middle
+        mid = [math.sqrt((a + 1) * b) for a, b in zip(c["bins"]["start"], c["bins"]["end"])]
         for m in results["models"]:
             ax.plot(mid, c["bpb_by_position"][m["name"]], lw=1.2,
                     label=f"{m['name']} ({c['bpb'][m['name']]:.3f})")
         for other in ctx:
             if other["context"] < c["context"]:
                 ax.axvline(other["context"], color="grey", ls="--", lw=0.8)
-        ax.set(xscale="log", xlabel="position in the window (bytes of context)",
+        ax.set(xscale="log", xlabel="bytes of context (position in the window + 1)",
                title=f"context {c['context']:,} bytes, {c['windows']} windows")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, title="model (mean bits/byte)", title_fontsize=8)
