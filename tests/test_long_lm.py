@@ -225,3 +225,28 @@ def test_evaluate_bad_input_exits_2_with_a_message(eval_setup, extra, match, cap
     assert cli_main(["evaluate", *(models or [str(paths["softmax"])]), "--data", str(data), "--no-progress",
                      "--max-bytes", "200", *opts]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_window_fields_still_resumes(tmp_path):
+    """Its saved settings lack the new LMConfig fields; they take their defaults (today's model)."""
+    from sata.train.data import load_corpus
+    from sata.train.loop import TrainConfig, train
+
+    src = Path(__file__).resolve().parents[1] / "src" / "sata"
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in sorted(src.rglob("*.py"))[:30]:
+        (data / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
+    cfg = TrainConfig(out=str(tmp_path / "run"), data=[str(data)], model=LMConfig(d_model=16, n_layers=1, n_heads=2),
+                      steps=3, batch_size=2, seq_len=16, warmup=1, eval_every=3, eval_tokens=64, save_every=1)
+    corpus = load_corpus([str(data)])
+    train(cfg, corpus=corpus, progress=False, stop_after=1)
+    path = tmp_path / "run" / "checkpoint" / "trainer.pt"
+    saved = torch.load(path, weights_only=True)
+    for k in ("window", "sinks", "taylor_mix", "recentre", "learn_mix", "learn_recentre"):
+        del saved["train_config"]["model"][k]
+    torch.save(saved, path)
+    assert train(cfg, corpus=corpus, progress=False, resume=True)["step"] == 3
+    with pytest.raises(ValueError, match="different settings"):
+        train(TrainConfig(**{**cfg.__dict__, "model": LMConfig(d_model=16, n_layers=1, n_heads=2, window=4)}),
+              corpus=corpus, progress=False, resume=True)
