@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -222,7 +223,8 @@ def main(args) -> int:
         return 2
     for m in results["models"]:
         m["path"] = str(paths[m["name"]])
-    results.update(command="sata evaluate " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["evaluate"] else None,
+    launched = sys.argv[1:2] == ["evaluate"]   # from the console script (not called from Python)
+    results.update(command=shlex.join(["sata", *sys.argv[1:]]) if launched else None,
                    torch_threads=torch.get_num_threads(), seconds=round(time.perf_counter() - t0, 1))
     print(table(results), end="")
     if args.json:
