@@ -445,6 +445,27 @@ class TestSlidingWindow:
         torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-12)
         assert st.n_tokens == 23
 
+    @pytest.mark.parametrize("L, window", [(23, 5), (20, 5), (6, 5), (40, 1)])
+    def test_banded_blocks_equal_dense_masked_softmax_forward_and_backward(self, L, window):
+        """The training path's band blocks (O(L window)) against dense masked attention, in float64."""
+        from sata.layers import _local_attention
+
+        g = torch.Generator().manual_seed(L)
+        q = torch.randn(2, 4, L, 8, dtype=torch.float64, generator=g, requires_grad=True)
+        k = torch.randn(2, 2, L, 8, dtype=torch.float64, generator=g, requires_grad=True)
+        v = torch.randn(2, 2, L, 3, dtype=torch.float64, generator=g, requires_grad=True)
+        i = torch.arange(L)
+        allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)       # [L, L]
+        s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3                       # [2, 4, L, L]
+        ref = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
+        out = _local_attention(q, k, v, window, 0.3)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        w = torch.randn_like(ref)
+        grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+        ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
     def test_hybrid_lm_decodes_like_a_full_pass_with_constant_state(self):
         torch.manual_seed(0)
         cfg = LMConfig(d_model=32, n_layers=3, n_heads=4, attention="sata", local_layers=[0, 2], local_window=6,

@@ -16,6 +16,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("bench", "sata.bench.cli", "speed and memory against SDPA with a KV cache and the paper's formulation"),
     ("train", "sata.train.cli", "train a byte-level language model with SATA or softmax attention"),
     ("generate", "sata.train.generate", "stream text from a trained checkpoint at constant memory per token"),
+    ("evaluate", "sata.train.evaluate", "bits per byte of trained models at any context, and by position"),
     ("convert", "sata.integrations.convert_cli", "adapt a pretrained transformers model to SATA attention; perplexity"),
 ]
 

@@ -24,7 +24,7 @@ import torch
 
 from .features import _normalize_rows
 
-__all__ = ["Hybrid", "check_hybrid"]
+__all__ = ["Hybrid", "check_hybrid", "check_learned", "softplus_inverse"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,6 +136,27 @@ def _check_hybrid(
                 f"is read from the degree-2 block), got n_taylor={n_taylor}; use recentre=0.0 (the mean) or more terms"
             )
     return Hybrid(window, sinks, beta, recentre)
+
+
+def check_learned(fn: str, hybrid: Hybrid, *, learn_mix: bool, learn_recentre: bool, n_taylor: int) -> None:
+    """Whether ``beta`` (``learn_mix``) and ``alpha`` (``learn_recentre``) can be learned from these settings;
+    raise with the fix. ``hybrid``: the validated settings they start from (:func:`check_hybrid`)."""
+    if learn_mix:
+        if not hybrid.has_exact:
+            raise ValueError(f"{fn}: learn_mix=True needs window > 0 or sinks > 0 (without exact keys "
+                             "taylor_mix cancels in the normaliser and would learn nothing)")
+        if not isinstance(hybrid.taylor_mix, float) or hybrid.taylor_mix <= 0:
+            raise ValueError(f"{fn}: learn_mix=True starts at taylor_mix, which must be a float > 0 "
+                             f"(softplus never reaches 0), got {hybrid.taylor_mix!r}")
+    if learn_recentre and (hybrid.recentre is None or n_taylor < 3):
+        raise ValueError(f"{fn}: learn_recentre=True needs a starting recentre (e.g. 0.0) and "
+                         f"n_taylor >= 3 (alpha != 0 reads the degree-2 block), got recentre={hybrid.recentre!r}, "
+                         f"n_taylor={n_taylor}")
+
+
+def softplus_inverse(y: float) -> float:
+    """``x`` with ``softplus(x) = log(1 + e^x) = y``, for ``y > 0``: the parameter that starts a learned ``beta``."""
+    return y + math.log(-math.expm1(-y))
 
 
 def per_head(value: float | torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype):

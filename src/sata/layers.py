@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import check_n_taylor
-from .hybrid import check_hybrid
+from .hybrid import check_hybrid, check_learned, softplus_inverse
 from .ops import sata_attention
 from .state import SATAState
 
@@ -358,20 +358,11 @@ class SATAAttention(_Attention):
         self.window, self.sinks = hybrid.window, hybrid.sinks
         self.taylor_mix, self.recentre = hybrid.taylor_mix, hybrid.recentre
         self.mix_param = self.recentre_param = None
+        check_learned("SATAAttention", hybrid, learn_mix=learn_mix, learn_recentre=learn_recentre, n_taylor=n_taylor)
         if learn_mix:
-            if not hybrid.has_exact:
-                raise ValueError("SATAAttention: learn_mix=True needs window > 0 or sinks > 0 (without exact keys "
-                                 "taylor_mix cancels in the normaliser and would learn nothing)")
-            if not isinstance(taylor_mix, (int, float)) or taylor_mix <= 0:
-                raise ValueError(f"SATAAttention: learn_mix=True starts at taylor_mix, which must be a float > 0 "
-                                 f"(softplus never reaches 0), got {taylor_mix!r}")
-            start = taylor_mix + math.log(-math.expm1(-taylor_mix))                          # softplus^-1
-            self.mix_param = nn.Parameter(torch.full((n_heads,), start, device=device, dtype=dtype))
+            self.mix_param = nn.Parameter(torch.full((n_heads,), softplus_inverse(taylor_mix), device=device,
+                                                     dtype=dtype))
         if learn_recentre:
-            if recentre is None or n_taylor < 3:
-                raise ValueError(f"SATAAttention: learn_recentre=True needs a starting recentre (e.g. 0.0) and "
-                                 f"n_taylor >= 3 (alpha != 0 reads the degree-2 block), got recentre={recentre!r}, "
-                                 f"n_taylor={n_taylor}")
             self.recentre_param = nn.Parameter(torch.full((n_heads,), float(recentre), device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, state: SATAState | None = None, key_padding_mask: torch.Tensor | None = None,
@@ -419,6 +410,32 @@ class SATAAttention(_Attention):
             alpha = "learned" if self.recentre_param is not None else self.recentre
             text += f", window={self.window}, sinks={self.sinks}, taylor_mix={mix}, recentre={alpha}"
         return text
+
+
+def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float) -> torch.Tensor:
+    """Causal sliding-window softmax attention of ``q [B, H, L, E]`` over the keys of the same positions
+    ``k [B, Hkv, L, E]``, ``v [B, Hkv, L, Ev]``: query ``i`` sees keys ``i - window + 1 .. i``.
+
+    Queries go in blocks of ``window``; block ``j`` reads the keys of blocks ``j - 1`` and ``j``, which hold
+    every key its queries may see, so the scores take ``O(L window)`` time and memory instead of the dense
+    mask's ``O(L^2)``. Returns ``[B, H, L, Ev]``.
+    """
+    B, H, L, E = q.shape
+    if k.shape[1] != H:
+        k, v = k.repeat_interleave(H // k.shape[1], dim=1), v.repeat_interleave(H // v.shape[1], dim=1)
+    w, Ev = window, v.shape[-1]
+    n = -(-L // w)                                                   # blocks; the last one padded
+    tail = n * w - L
+    q = F.pad(q, (0, 0, 0, tail)).reshape(B, H * n, w, E)                                   # [B, H n, w, E]
+    # keys of block j: positions (j - 1) w .. (j + 1) w - 1, zeros before position 0 (masked below)
+    k = F.pad(k, (0, 0, w, tail)).unfold(2, 2 * w, w).transpose(-1, -2).reshape(B, H * n, 2 * w, E)
+    v = F.pad(v, (0, 0, w, tail)).unfold(2, 2 * w, w).transpose(-1, -2).reshape(B, H * n, 2 * w, Ev)
+    a = torch.arange(w, device=q.device)[:, None]                    # query within its block
+    c = torch.arange(2 * w, device=q.device)[None, :]                # key within the block pair: position c - w
+    band = ((c > a) & (c <= a + w)).expand(n, w, 2 * w).clone()                             # [n, w, 2w]
+    band[0, :, :w] = False                                           # block 0 has no previous block
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=band.repeat(H, 1, 1), scale=scale)  # [B, H n, w, Ev]
+    return y.reshape(B, H, n * w, Ev)[:, :, :L]
 
 
 class SoftmaxAttention(_Attention):
@@ -479,6 +496,10 @@ class SoftmaxAttention(_Attention):
             # fast paths: plain causal over every key, or one new token that sees every key held
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and L > 1, scale=self.scale,
                                                enable_gqa=gqa)                                   # [B, H, L, E]
+            return self._out(y), cache if return_state else None
+        if pad is None and windowed and offset == first and Lk == L:
+            # the keys are the queries' own tokens (training, or a prefill from empty): band blocks, O(L window)
+            y = _local_attention(q, k, v, self.window, self.scale)                              # [B, H, L, E]
             return self._out(y), cache if return_state else None
         allowed = torch.ones(L, Lk, dtype=torch.bool, device=x.device)                          # [L, Lk]
         if self.causal:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._files import write_atomic
+from .hybrid import check_hybrid, check_learned, softplus_inverse
 from .layers import ATTENTION_CLASSES, ShortConv, SoftmaxAttention
 
 __all__ = ["LMConfig", "TransformerLM"]
@@ -51,6 +52,13 @@ class LMConfig:
         local_window: window of those layers. Default: 64.
         learn_scale: SATA layers learn a per-head gain on the queries (``exp`` of a parameter
             starting at 0, not weight-decayed). Default: False.
+        window, sinks, taylor_mix, recentre, learn_mix, learn_recentre: the window mode of the SATA
+            layers (:class:`sata.layers.SATAAttention`, ``MATH.md`` section 6): each token attends
+            exactly to its ``window`` most recent tokens and the first ``sinks``, and through the Taylor
+            state (weight ``taylor_mix``, series around ``mean - recentre * sd`` of the far scores) to
+            the rest, under one normaliser; ``learn_mix`` / ``learn_recentre`` learn ``taylor_mix`` /
+            ``recentre`` per head from those starting values. SATA layers only (a softmax model's
+            window is ``local_layers``). Defaults: ``0, 0, 1.0, None, False, False`` (the plain op).
         rope_base: Default: 10000.
         norm_eps: RMSNorm epsilon. Default: 1e-5.
         init_std: std of the normal initialisation. Default: 0.02.
@@ -71,6 +79,12 @@ class LMConfig:
     local_layers: list[int] = field(default_factory=list)
     local_window: int = 64
     learn_scale: bool = False
+    window: int = 0
+    sinks: int = 0
+    taylor_mix: float = 1.0
+    recentre: float | None = None
+    learn_mix: bool = False
+    learn_recentre: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -93,6 +107,45 @@ class LMConfig:
             raise ValueError(f"LMConfig.local_window must be a positive int, got {self.local_window!r}")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"LMConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+        self._check_window_mode()
+
+    def _check_window_mode(self) -> None:
+        for name in ("learn_mix", "learn_recentre"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LMConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        hybrid = check_hybrid("LMConfig", window=self.window, sinks=self.sinks, taylor_mix=self.taylor_mix,
+                              recentre=self.recentre, n_taylor=self.n_taylor, n_q_heads=self.n_heads,
+                              device=torch.device("cpu"))
+        self.taylor_mix, self.recentre = hybrid.taylor_mix, hybrid.recentre   # ints from JSON or a caller: floats
+        check_learned("LMConfig", hybrid, learn_mix=self.learn_mix, learn_recentre=self.learn_recentre,
+                      n_taylor=self.n_taylor)
+        if hybrid.plain and not (self.learn_mix or self.learn_recentre) and self.taylor_mix == 1.0:
+            return
+        if self.attention != "sata":
+            raise ValueError("LMConfig: window, sinks, taylor_mix, recentre, learn_mix and learn_recentre set the window "
+                             f"mode of SATA layers, but attention={self.attention!r}; for sliding-window softmax use "
+                             "local_layers (every layer: local_layers=list(range(n_layers))) and local_window")
+        if len(self.local_layers) == self.n_layers:
+            raise ValueError("LMConfig: window, sinks, taylor_mix, recentre, learn_mix and learn_recentre set the window "
+                             "mode of SATA layers, but local_layers makes every layer sliding-window softmax; "
+                             "drop them or use fewer local_layers")
+
+    @property
+    def mixer(self) -> str:
+        """The token mixer in a few words, e.g. ``"sata P=3 + window 64 (mix, recentre learned), conv 4"``."""
+        if len(self.local_layers) == self.n_layers:
+            text = f"local window {self.local_window}"
+        else:
+            text = f"sata P={self.n_taylor}" if self.attention == "sata" else self.attention
+            exact = [f"window {self.window}"] * bool(self.window) + [f"sinks {self.sinks}"] * bool(self.sinks)
+            if exact:
+                text += " + " + " + ".join(exact)
+            learned = ["mix"] * self.learn_mix + ["recentre"] * self.learn_recentre
+            if learned:
+                text += f" ({', '.join(learned)} learned)"
+            if self.local_layers:
+                text += f", local window {self.local_window} at layers {','.join(map(str, self.local_layers))}"
+        return text + (f", conv {self.short_conv}" if self.short_conv else "")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -144,7 +197,9 @@ class Block(nn.Module):
             self.attn = SoftmaxAttention(c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, window=c.local_window, **kw)
         else:
             if c.attention == "sata":
-                kw.update(n_taylor=c.n_taylor, learn_scale=c.learn_scale)
+                kw.update(n_taylor=c.n_taylor, learn_scale=c.learn_scale, window=c.window, sinks=c.sinks,
+                          taylor_mix=c.taylor_mix, recentre=c.recentre, learn_mix=c.learn_mix,
+                          learn_recentre=c.learn_recentre)
             self.attn = ATTENTION_CLASSES[c.attention](c.d_model, c.n_heads, c.head_dim, c.n_kv_heads, **kw)
         self.conv = ShortConv(c.d_model, c.short_conv) if c.short_conv else None
         self.mlp_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
@@ -192,6 +247,10 @@ class TransformerLM(nn.Module):
                 nn.init.zeros_(p)
             elif name.endswith("log_gain"):
                 nn.init.zeros_(p)
+            elif name.endswith("mix_param"):  # beta starts at taylor_mix, alpha at recentre
+                nn.init.constant_(p, softplus_inverse(self.config.taylor_mix))
+            elif name.endswith("recentre_param"):
+                nn.init.constant_(p, self.config.recentre)
             elif name.endswith("conv.weight"):  # the identity: the block starts as one without it
                 with torch.no_grad():
                     p.zero_()[:, 0, -1] = 1.0

@@ -24,10 +24,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--no-rope", action="store_true", help="no rotary position embeddings")
     m.add_argument("--short-conv", type=int, default=0,
                    help="kernel of a causal depthwise convolution before attention (0 = none)")
-    m.add_argument("--local-layers", type=int, nargs="*", default=[],
-                   help="layer indices that use sliding-window softmax instead (a hybrid; e.g. 0 2)")
+    m.add_argument("--local-layers", type=_layer_index, nargs="*", default=[],
+                   help="layer indices that use sliding-window softmax instead (a hybrid; e.g. 0 2); 'all' = every "
+                        "layer (with --attention softmax: the local-window-only model)")
     m.add_argument("--local-window", type=int, default=64, help="window of --local-layers")
     m.add_argument("--learn-scale", action="store_true", help="SATA layers learn a per-head query gain")
+    w = p.add_argument_group("window mode of the SATA layers (exact recent keys beside the Taylor state; MATH.md 6)")
+    w.add_argument("--window", type=int, default=0, help="recent tokens attended exactly (0 = none)")
+    w.add_argument("--sinks", type=int, default=0, help="first tokens attended exactly (0 = none)")
+    w.add_argument("--taylor-mix", type=float, default=1.0, help="weight of the Taylor part in the shared normaliser")
+    w.add_argument("--recentre", type=float, default=None,
+                   help="expand the series around mean - RECENTRE * sd of the far scores (default: around 0)")
+    w.add_argument("--learn-mix", action="store_true", help="learn --taylor-mix per head (needs --window or --sinks)")
+    w.add_argument("--learn-recentre", action="store_true", help="learn --recentre per head (needs --recentre)")
     t = p.add_argument_group("training")
     t.add_argument("--data", nargs="*", default=[], help="text files or folders (default: the standard library's .py files)")
     t.add_argument("--out", default="runs/sata", help="output folder")
@@ -50,6 +59,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _layer_index(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer index or 'all', got {text!r}") from None
+
+
+def _local_layers(values: list, n_layers: int) -> list[int]:
+    if "all" not in values:
+        return list(values)
+    if len(values) > 1:
+        raise ValueError(f"--local-layers: 'all' stands alone, got {' '.join(map(str, values))}")
+    return list(range(n_layers))
+
+
 def config_from_args(args):
     from ..lm import LMConfig
     from .loop import TrainConfig
@@ -57,8 +83,9 @@ def config_from_args(args):
     model = LMConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, head_dim=args.head_dim,
                      n_kv_heads=args.n_kv_heads, attention=args.attention, n_taylor=args.n_taylor,
                      rope=not args.no_rope, short_conv=args.short_conv,
-                     local_layers=list(args.local_layers), local_window=args.local_window,
-                     learn_scale=args.learn_scale)
+                     local_layers=_local_layers(args.local_layers, args.n_layers), local_window=args.local_window,
+                     learn_scale=args.learn_scale, window=args.window, sinks=args.sinks, taylor_mix=args.taylor_mix,
+                     recentre=args.recentre, learn_mix=args.learn_mix, learn_recentre=args.learn_recentre)
     return TrainConfig(out=args.out, data=list(args.data), model=model, steps=args.steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
                        weight_decay=args.weight_decay, clip=args.clip, eval_every=args.eval_every,

@@ -145,7 +145,7 @@ def main(args) -> int:
         return 2
     c = model.config
     every = args.report_every or max(1, args.tokens // 10)
-    print(f"# {c.attention}{f' P={c.n_taylor}' if c.attention == 'sata' else ''}, {c.n_heads} heads of "
+    print(f"# {c.mixer}, {c.n_heads} heads of "
           f"{c.resolved_head_dim}, {model.num_parameters():,} parameters; {args.tokens:,} tokens on "
           f"{args.threads} torch thread(s)" + ("" if args.quiet else "; measurements after the text"), file=sys.stderr)
     report = _Report(live=args.quiet)

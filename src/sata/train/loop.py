@@ -230,7 +230,7 @@ def _plot(path: Path, rows: list[dict], cfg: TrainConfig) -> None:
         ax.plot([r["step"] for r in va], [r["val_bpb"] for r in va], "o-", ms=3, label="validation")
     m = cfg.model
     ax.set(xlabel="step", ylabel="bits per byte",
-           title=f"{m.attention}{f' P={m.n_taylor}' if m.attention == 'sata' else ''}: {m.n_heads} heads of "
+           title=f"{m.mixer}: {m.n_heads} heads of "
                  f"{m.resolved_head_dim}, d_model {m.d_model}, {m.n_layers} layers")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -277,7 +277,8 @@ def _train(cfg, resume, device, progress, corpus, stop_after, dist: _Dist) -> di
         found = _complete_checkpoint(ckpt)
         saved = _load_trainer_state(found / "trainer.pt", device)
         mine = {k: v for k, v in cfg.to_dict().items() if k != "out"}  # a moved run folder still resumes
-        theirs = {k: v for k, v in saved["train_config"].items() if k != "out"}
+        # through TrainConfig: fields added since the checkpoint was written take their defaults
+        theirs = {k: v for k, v in TrainConfig.from_dict(saved["train_config"]).to_dict().items() if k != "out"}
         if theirs != mine:
             diff = sorted(k for k in mine if theirs.get(k) != mine[k])
             raise ValueError(f"--resume: the checkpoint in {ckpt} was made with different settings ({', '.join(diff)}); "
