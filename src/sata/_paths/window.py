@@ -159,8 +159,8 @@ def _centre(run: _Call, qs, ks_far, w_far, far, right, key_centre):
 
 def absorb(run: _Call, ks, vt, S):
     """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``."""
-    for a in range(0, ks.shape[-2], run.block):
-        inc = (vt[:, :, a:a + run.block].mT @ _phi(ks[:, :, a:a + run.block].mT, run.basis, dim=-2).mT).to(run.sd)
+    for k_, v_ in _split(run, ks.shape[-2], ks, vt):
+        inc = (v_.mT @ _phi(k_.mT, run.basis, dim=-2).mT).to(run.sd)
         S = inc if S is None else S + inc
     return S
 
@@ -205,18 +205,27 @@ def _reverse_shift(x, shift: int):
 
 
 # ---------------------------------------------------------------- chunked scans over blocks of queries
-def _blocks(run: _Call, fn, L: int, slices, carry):
-    """``fn(*slices(a, b), carry) -> (out, carry)`` over blocks of queries; checkpointed under autograd."""
+def _blocks(run: _Call, fn, blocks, carry):
+    """``fn(*args, carry) -> (out, carry)`` for the ``args`` of each block of queries in turn (``blocks``, e.g. from
+    :func:`_split`); checkpointed under autograd."""
     need_grad = torch.is_grad_enabled()
     outs = []
-    for a in range(0, L, run.block):
-        args = slices(a, min(a + run.block, L))
+    for args in blocks:
         if need_grad and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, carry)):
             out, carry = checkpoint(fn, *args, carry, use_reentrant=False)
         else:
             out, carry = fn(*args, carry)
         outs.append(out)
     return outs, carry
+
+
+def _split(run: _Call, L: int, *tensors):
+    """The blocks of ``run.block`` rows (dim -2) of each of ``tensors`` (``[..., >= L, X]`` or None), zipped, one
+    tuple per block of the ``L`` queries. One ``split`` per tensor: slicing each block out of the whole tensor
+    would make the backward pass zero-fill a gradient of the whole tensor once per block (O(L^2 / block))."""
+    n = -(-L // run.block)
+    parts = [(None,) * n if t is None else t.split(run.block, dim=-2)[:n] for t in tensors]
+    return list(zip(*parts))
 
 
 def _chunks(x, c: int):
@@ -257,8 +266,7 @@ def _scan(run: _Call, qs, ks, vt, S0, coef):
         S_new = inc if S is None else S + inc                                   # [B, Hkv, F, D]
         return U.flatten(-3, -2)[..., :T, :], S_new
 
-    slices = lambda a, b: (qs[..., a:b, :], ks[..., a:b, :], vt[..., a:b, :], None if coef is None else coef[..., a:b, :])
-    outs, S = _blocks(run, block, L, slices, S0)
+    outs, S = _blocks(run, block, _split(run, L, qs, ks, vt, coef), S0)
     U = torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, F)
     return U, S
 
@@ -298,7 +306,7 @@ def _moments(run: _Call, qs, ks, w, S0):
         return out, C_new
 
     C0 = None if S0 is None else S0[:, :, -1, :Dm].to(run.cd)
-    outs, _ = _blocks(run, block, L, lambda a, b: (qs[..., a:b, :], ks[..., a:b, :], w[..., a:b, :]), C0)
+    outs, _ = _blocks(run, block, _split(run, L, qs, ks, w), C0)
     mom = torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, n)
     return torch.nn.functional.pad(mom, (0, 3 - n))                             # [B, Hkv, g, L, 3]
 
@@ -317,12 +325,12 @@ def _exact(run: _Call, qs, ks, vt, ext_f, sinks, n_tokens: int, causal: bool):
         vt = torch.nn.functional.pad(vt, (0, 0, 0, pad))
         ext_f = torch.nn.functional.pad(ext_f, (0, pad))
 
-    def block(q, a: int, carry):
+    def block(q, kb, vb, a: int, carry):
         T = q.shape[-2]
         i = torch.arange(a, a + T, device=q.device)
         parts_s, parts_m, parts_v = [], [], []
         if span:
-            kb, vb, fb = ks[:, :, a + 1 : a + T + span], vt[:, :, a + 1 : a + T + span, :-1], ext_f[:, a + 1 : a + T + span]
+            fb = ext_f[:, a + 1 : a + T + span]
             e = torch.arange(a + 1, a + T + span, device=q.device)
             band = (e[None, :] > i[:, None]) & (e[None, :] <= i[:, None] + span)          # [T, K]
             parts_s.append(q @ kb[:, :, None].mT)                                          # [B, Hkv, g, T, K]
@@ -343,7 +351,17 @@ def _exact(run: _Call, qs, ks, vt, ext_f, sinks, n_tokens: int, causal: bool):
         vals = torch.cat(parts_v, dim=-2)[:, :, None]                          # [B, Hkv, 1, K, Ev]
         return exact_part(s, mask, vals), carry
 
-    outs, _ = _blocks(run, block, L, lambda a, b: (qs[..., a:b, :], a), None)
+    starts = range(0, L, run.block)
+    if span:  # block [a, a + T) reads the band rows a + 1 .. a + T + span - 1: its own rows of the shifted stream and
+        # the next blocks' first ones (joined from the split blocks, so the backward pass stays per block)
+        rows = [t[:, :, 1:].split(run.block, dim=-2) for t in (ks, vt[..., :-1])]
+        need = 1 + -(-(span - 1) // run.block)
+        band = lambda pieces, j, T: torch.cat(pieces[j:j + need], dim=-2)[:, :, :T + span - 1]
+        blocks = [(q, band(rows[0], j, q.shape[-2]), band(rows[1], j, q.shape[-2]), a)
+                  for j, ((q,), a) in enumerate(zip(_split(run, L, qs), starts))]
+    else:
+        blocks = [(q, None, None, a) for (q,), a in zip(_split(run, L, qs), starts)]
+    outs, _ = _blocks(run, block, blocks, None)
     if not outs:
         z = qs.new_zeros(B, Hkv, g, 0)
         return z, qs.new_zeros(B, Hkv, g, 0, run.spec.d_value), z
