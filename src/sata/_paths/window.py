@@ -287,8 +287,9 @@ def _moments(run: _Call, qs, ks, w, S0):
     B, Hkv, g, L, E = qs.shape
     n, Dm = run.n_mom, run.D_mom
     basis = get_basis(run.spec.d_key, n, run.spec.device, run.cd)
-    sizes = basis.sizes
     fact = torch.tensor([math.factorial(m) for m in range(n)], dtype=run.cd, device=qs.device)
+    degree = torch.nn.functional.one_hot(run.deg[:Dm], n).to(run.cd)            # [Dm, n]: each feature's degree
+    causal = torch.ones(run.chunk, run.chunk, dtype=run.cd, device=qs.device).tril()   # [c, c]
 
     def block(q, k, w_, C):
         T = q.shape[-2]
@@ -296,11 +297,14 @@ def _moments(run: _Call, qs, ks, w, S0):
         dC = (_phi(kc.mT, basis, dim=-2) @ wc)[..., 0]                                # [B, Hkv, n_c, Dm]
         start = dC.new_zeros(B, Hkv, 1, Dm) if C is None else C.to(run.cd)[:, :, None]
         before = torch.cat([start, dC[:, :, :-1]], dim=2).cumsum(dim=2)         # [B, Hkv, n_c, Dm]
-        inter = _phi(qc.mT, basis, dim=-2).mT * before[:, :, None, :, None, :]        # [B, Hkv, g, n_c, c, Dm]
-        inter = torch.stack([blk.sum(-1) for blk in inter.split(sizes, dim=-1)], dim=-1)   # [.., c, n]
+        # each degree's block of phi(q) . before, as one product with the state spread over the degrees
+        inter = _phi(qc.mT, basis, dim=-2).mT @ (before[..., None] * degree)[:, :, None]   # [B, Hkv, g, n_c, c, n]
         s = (qc @ kc[:, :, None].mT).tril()                                     # [B, Hkv, g, n_c, c, c]
-        wt = wc[:, :, None, :, None, :, 0] * torch.ones_like(s).tril()          # far-key weights, causal
-        intra = torch.stack([(wt * s**m).sum(-1) for m in range(n)], dim=-1) / fact
+        wt = wc[:, :, None, :, None, :, 0] * causal                             # far-key weights, causal
+        terms = [wt]                                                            # wt s^m, m = 0 .. n - 1
+        for _ in range(1, n):
+            terms.append(terms[-1] * s)
+        intra = torch.stack(torch.broadcast_tensors(*(t.sum(-1) for t in terms)), dim=-1) / fact   # (wt: one head)
         out = (inter + intra).flatten(-3, -2)[..., :T, :]                       # [B, Hkv, g, T, n]
         C_new = dC.sum(dim=2) if C is None else C + dC.sum(dim=2)
         return out, C_new
