@@ -253,15 +253,18 @@ def _scan(run: _Call, qs, ks, vt, S0, coef):
         dS = vc.mT @ phik.mT                                                    # [B, Hkv, n, F, D]
         start = dS.new_zeros(B, Hkv, 1, F, D) if S is None else S.to(run.cd)[:, :, None]
         before = torch.cat([start, dS[:, :, :-1]], dim=2).cumsum(dim=2)        # [B, Hkv, n, F, D] exclusive
-        phiq = _phi(qc.mT, run.basis, dim=-2)                                         # [B, Hkv, g, n, D, c]
+        phiq = _phi(qc.mT, run.basis, dim=-2).mT                                      # [B, Hkv, g, n, c, D]
         s = qc @ kc[:, :, None].mT                                              # [B, Hkv, g, n, c, c]
+        state = before[:, :, None].mT                                           # [B, Hkv, 1, n, D, F]
         if a_ is None:
             A = _horner(s, None, run.P)
-        else:
+            U = phiq @ state                                                    # [B, Hkv, g, n, c, F]
+        else:  # degree m's block read with a_m(c_i): one product per degree, weighted per query (no [c, D] gather)
             ac = _chunks(a_, run.chunk)                                         # [B, Hkv, g, n, c, P]
-            phiq = phiq * ac[..., run.deg].mT                                   # block m scaled by a_m(c_i)
             A = _horner(s, ac, run.P)
-        U = phiq.mT @ before[:, :, None].mT + A.tril() @ vc[:, :, None]          # [B, Hkv, g, n, c, F]
+            o = run.basis.offsets
+            U = sum(ac[..., m, None] * (phiq[..., o[m]:o[m + 1]] @ state[..., o[m]:o[m + 1], :]) for m in range(run.P))
+        U = U + A.tril() @ vc[:, :, None]                                        # [B, Hkv, g, n, c, F]
         inc = dS.sum(dim=2).to(run.sd)
         S_new = inc if S is None else S + inc                                   # [B, Hkv, F, D]
         return U.flatten(-3, -2)[..., :T, :], S_new
