@@ -99,9 +99,13 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         right = tuple(_reverse_shift(x[:, :, W:], sR) for x in (ks_far, vt))
         n_far = n_far + right[1][..., -1:].cumsum(-2).flip(-2)
     has_far = (n_far > 0)[:, :, None, :, 0].expand(B, Hkv, g, L)                # [B, Hkv, g, L]
-    c, coef = _centre(run, qs, ks_far[:, :, :L], vt[:, :, :L, -1:], far, right, key_centre)
-
-    U, far = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, coef)         # [B, Hkv, g, L, F]
+    if run.alpha is not None and right is None:  # causal: each block's centres from the scan's own features
+        U, far, shifted = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, None, centred=True)
+        delta = _delta(run, qs, key_centre)
+        c = shifted if delta is None else shifted + delta[..., 0]
+    else:
+        c, coef = _centre(run, qs, ks_far[:, :, :L], vt[:, :, :L, -1:], far, right, key_centre)
+        U, far = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, coef)     # [B, Hkv, g, L, F]
     if right is not None:
         U = U + _scan(run, qs.flip(-2), *right, None, None if coef is None else coef.flip(-2))[0].flip(-2)
     m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
@@ -145,7 +149,7 @@ def _centre(run: _Call, qs, ks_far, w_far, far, right, key_centre):
     """Each query's centre ``c [B, Hkv, g, L]`` and the coefficients ``a_m [B, Hkv, g, L, P]`` of its series in the
     far state's (centred) scores ``s' = s - delta`` (None: plain ``T_P``)."""
     B, Hkv, g, L, E = qs.shape
-    delta = None if key_centre is None else qs @ (key_centre.to(run.cd) * run.sk)[:, :, None, :, None]   # [B, Hkv, g, L, 1]
+    delta = _delta(run, qs, key_centre)
     if run.alpha is None:
         c = qs.new_zeros(B, Hkv, g, L)                                          # the series around 0 ...
         shifted = None if delta is None else -delta[..., 0]                     # ... is the series of s' around -delta
@@ -156,6 +160,11 @@ def _centre(run: _Call, qs, ks_far, w_far, far, right, key_centre):
         shifted = centre(mom, run.alpha)                                        # [B, Hkv, g, L] in units of s'
         c = shifted if delta is None else shifted + delta[..., 0]
     return c, None if shifted is None else centre_coefficients(shifted, run.P)
+
+def _delta(run: _Call, qs, key_centre):
+    """``delta_i = scale q_i . mu`` ``[B, Hkv, g, L, 1]``, the shift of the far scores by the key centre (None: none)."""
+    return None if key_centre is None else qs @ (key_centre.to(run.cd) * run.sk)[:, :, None, :, None]
+
 
 def absorb(run: _Call, ks, vt, S):
     """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``."""
@@ -237,14 +246,36 @@ def _chunks(x, c: int):
     return x.unflatten(-2, (n, c))
 
 
-def _scan(run: _Call, qs, ks, vt, S0, coef):
+def _scan(run: _Call, qs, ks, vt, S0, coef, centred: bool = False):
     """``U_i = sum_{e <= i} T_coef(s_ie) vt_e + phi_coef(q_i) S0`` over blocks of chunks (``MATH.md`` 3, chunked).
 
     ``T_coef(s) = sum_m coef_m s^m / m!`` per query (``coef [..., L, P]``; None: all ones, ``T_P``). Returns
     ``U [B, Hkv, g, L, F]`` and the far state after all keys ``[B, Hkv, F, D]`` (None in, None out).
+    ``centred`` (causal calls with ``run.alpha``): the coefficients of each query's series around its centre,
+    worked out inside the block from the same features and scores (:func:`_moments` computes the same moments
+    in a pass of its own); then also returns the centres ``[B, Hkv, g, L]`` (in units of the far scores).
     """
     B, Hkv, g, L, E = qs.shape
     F, D = vt.shape[-1], run.basis.dim
+    if centred:
+        n, Dm = run.n_mom, run.D_mom
+        fact = torch.tensor([math.factorial(m) for m in range(n)], dtype=run.cd, device=qs.device)
+        degree = torch.nn.functional.one_hot(run.deg[:Dm], n).to(run.cd)       # [Dm, n]: each feature's degree
+        causal = torch.ones(run.chunk, run.chunk, dtype=run.cd, device=qs.device).tril()   # [c, c]
+
+    def centre_of(phiq, s, before, vc):
+        """The block's centres ``[B, Hkv, g, n_c c]`` and coefficients ``[B, Hkv, g, n_c, c, P]``: the moments
+        ``(N, sum s, sum s^2 / 2)`` of each query's far scores, before its chunk (degrees 0..2 of the normaliser
+        row) and within it (the scores times the far-key flags), as :func:`_moments`."""
+        inter = phiq[..., :Dm] @ (before[:, :, :, -1, :Dm, None] * degree)[:, :, None]   # [B, Hkv, g, n_c, c, n]
+        wt, st = vc[:, :, None, :, None, :, -1] * causal, s.tril()              # far-key weights, causal
+        terms = [wt]                                                            # wt s^m, m = 0 .. n - 1
+        for _ in range(1, n):
+            terms.append(terms[-1] * st)
+        intra = torch.stack(torch.broadcast_tensors(*(t.sum(-1) for t in terms)), dim=-1) / fact
+        mom = torch.nn.functional.pad(inter + intra, (0, 3 - n)).flatten(-3, -2)        # [B, Hkv, g, n_c c, 3]
+        shifted = centre(mom, run.alpha)                                        # [B, Hkv, g, n_c c]
+        return shifted, centre_coefficients(shifted, run.P).unflatten(-2, s.shape[-3:-1])
 
     def block(q, k, v, a_, S):
         T = q.shape[-2]
@@ -256,22 +287,30 @@ def _scan(run: _Call, qs, ks, vt, S0, coef):
         phiq = _phi(qc.mT, run.basis, dim=-2).mT                                      # [B, Hkv, g, n, c, D]
         s = qc @ kc[:, :, None].mT                                              # [B, Hkv, g, n, c, c]
         state = before[:, :, None].mT                                           # [B, Hkv, 1, n, D, F]
-        if a_ is None:
+        shifted = None
+        if centred:
+            shifted, ac = centre_of(phiq, s, before, vc)                        # [B, Hkv, g, n c], [.., n, c, P]
+        elif a_ is not None:
+            ac = _chunks(a_, run.chunk)                                         # [B, Hkv, g, n, c, P]
+        if a_ is None and not centred:
             A = _horner(s, None, run.P)
             U = phiq @ state                                                    # [B, Hkv, g, n, c, F]
         else:  # degree m's block read with a_m(c_i): one product per degree, weighted per query (no [c, D] gather)
-            ac = _chunks(a_, run.chunk)                                         # [B, Hkv, g, n, c, P]
             A = _horner(s, ac, run.P)
             o = run.basis.offsets
             U = sum(ac[..., m, None] * (phiq[..., o[m]:o[m + 1]] @ state[..., o[m]:o[m + 1], :]) for m in range(run.P))
         U = U + A.tril() @ vc[:, :, None]                                        # [B, Hkv, g, n, c, F]
         inc = dS.sum(dim=2).to(run.sd)
         S_new = inc if S is None else S + inc                                   # [B, Hkv, F, D]
-        return U.flatten(-3, -2)[..., :T, :], S_new
+        U = U.flatten(-3, -2)[..., :T, :]
+        return (U, shifted[..., :T]) if centred else U, S_new
 
     outs, S = _blocks(run, block, _split(run, L, qs, ks, vt, coef), S0)
-    U = torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, F)
-    return U, S
+    if not centred:
+        return (torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, F)), S
+    if not outs:
+        return qs.new_zeros(B, Hkv, g, 0, F), S, qs.new_zeros(B, Hkv, g, 0)
+    return torch.cat([o[0] for o in outs], dim=-2), S, torch.cat([o[1] for o in outs], dim=-1)
 
 
 def _horner(s, coef, P: int):
