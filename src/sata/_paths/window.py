@@ -252,30 +252,12 @@ def _scan(run: _Call, qs, ks, vt, S0, coef, centred: bool = False):
     ``T_coef(s) = sum_m coef_m s^m / m!`` per query (``coef [..., L, P]``; None: all ones, ``T_P``). Returns
     ``U [B, Hkv, g, L, F]`` and the far state after all keys ``[B, Hkv, F, D]`` (None in, None out).
     ``centred`` (causal calls with ``run.alpha``): the coefficients of each query's series around its centre,
-    worked out inside the block from the same features and scores (:func:`_moments` computes the same moments
-    in a pass of its own); then also returns the centres ``[B, Hkv, g, L]`` (in units of the far scores).
+    worked out inside the block from the same features and scores (:func:`_chunk_moments`, which
+    :func:`_moments` runs in a pass of its own); then also returns the centres ``[B, Hkv, g, L]`` (in units
+    of the far scores).
     """
     B, Hkv, g, L, E = qs.shape
     F, D = vt.shape[-1], run.basis.dim
-    if centred:
-        n, Dm = run.n_mom, run.D_mom
-        fact = torch.tensor([math.factorial(m) for m in range(n)], dtype=run.cd, device=qs.device)
-        degree = torch.nn.functional.one_hot(run.deg[:Dm], n).to(run.cd)       # [Dm, n]: each feature's degree
-        causal = torch.ones(run.chunk, run.chunk, dtype=run.cd, device=qs.device).tril()   # [c, c]
-
-    def centre_of(phiq, s, before, vc):
-        """The block's centres ``[B, Hkv, g, n_c c]`` and coefficients ``[B, Hkv, g, n_c, c, P]``: the moments
-        ``(N, sum s, sum s^2 / 2)`` of each query's far scores, before its chunk (degrees 0..2 of the normaliser
-        row) and within it (the scores times the far-key flags), as :func:`_moments`."""
-        inter = phiq[..., :Dm] @ (before[:, :, :, -1, :Dm, None] * degree)[:, :, None]   # [B, Hkv, g, n_c, c, n]
-        wt, st = vc[:, :, None, :, None, :, -1] * causal, s.tril()              # far-key weights, causal
-        terms = [wt]                                                            # wt s^m, m = 0 .. n - 1
-        for _ in range(1, n):
-            terms.append(terms[-1] * st)
-        intra = torch.stack(torch.broadcast_tensors(*(t.sum(-1) for t in terms)), dim=-1) / fact
-        mom = torch.nn.functional.pad(inter + intra, (0, 3 - n)).flatten(-3, -2)        # [B, Hkv, g, n_c c, 3]
-        shifted = centre(mom, run.alpha)                                        # [B, Hkv, g, n_c c]
-        return shifted, centre_coefficients(shifted, run.P).unflatten(-2, s.shape[-3:-1])
 
     def block(q, k, v, a_, S):
         T = q.shape[-2]
@@ -287,12 +269,14 @@ def _scan(run: _Call, qs, ks, vt, S0, coef, centred: bool = False):
         phiq = _phi(qc.mT, run.basis, dim=-2).mT                                      # [B, Hkv, g, n, c, D]
         s = qc @ kc[:, :, None].mT                                              # [B, Hkv, g, n, c, c]
         state = before[:, :, None].mT                                           # [B, Hkv, 1, n, D, F]
-        shifted = None
-        if centred:
-            shifted, ac = centre_of(phiq, s, before, vc)                        # [B, Hkv, g, n c], [.., n, c, P]
+        shifted = ac = None
+        if centred:  # each query's centre from the moments of its far scores, read off this block's own pieces
+            mom = _chunk_moments(run, phiq, before[:, :, :, -1, :run.D_mom], s, vc[..., -1])   # [.., n, c, n_mom]
+            shifted = centre(torch.nn.functional.pad(mom, (0, 3 - run.n_mom)).flatten(-3, -2), run.alpha)
+            ac = centre_coefficients(shifted, run.P).unflatten(-2, s.shape[-3:-1])   # [B, Hkv, g, n, c, P]
         elif a_ is not None:
             ac = _chunks(a_, run.chunk)                                         # [B, Hkv, g, n, c, P]
-        if a_ is None and not centred:
+        if ac is None:
             A = _horner(s, None, run.P)
             U = phiq @ state                                                    # [B, Hkv, g, n, c, F]
         else:  # degree m's block read with a_m(c_i): one product per degree, weighted per query (no [c, D] gather)
@@ -329,9 +313,6 @@ def _moments(run: _Call, qs, ks, w, S0):
     B, Hkv, g, L, E = qs.shape
     n, Dm = run.n_mom, run.D_mom
     basis = get_basis(run.spec.d_key, n, run.spec.device, run.cd)
-    fact = torch.tensor([math.factorial(m) for m in range(n)], dtype=run.cd, device=qs.device)
-    degree = torch.nn.functional.one_hot(run.deg[:Dm], n).to(run.cd)            # [Dm, n]: each feature's degree
-    causal = torch.ones(run.chunk, run.chunk, dtype=run.cd, device=qs.device).tril()   # [c, c]
 
     def block(q, k, w_, C):
         T = q.shape[-2]
@@ -339,15 +320,9 @@ def _moments(run: _Call, qs, ks, w, S0):
         dC = (_phi(kc.mT, basis, dim=-2) @ wc)[..., 0]                                # [B, Hkv, n_c, Dm]
         start = dC.new_zeros(B, Hkv, 1, Dm) if C is None else C.to(run.cd)[:, :, None]
         before = torch.cat([start, dC[:, :, :-1]], dim=2).cumsum(dim=2)         # [B, Hkv, n_c, Dm]
-        # each degree's block of phi(q) . before, as one product with the state spread over the degrees
-        inter = _phi(qc.mT, basis, dim=-2).mT @ (before[..., None] * degree)[:, :, None]   # [B, Hkv, g, n_c, c, n]
-        s = (qc @ kc[:, :, None].mT).tril()                                     # [B, Hkv, g, n_c, c, c]
-        wt = wc[:, :, None, :, None, :, 0] * causal                             # far-key weights, causal
-        terms = [wt]                                                            # wt s^m, m = 0 .. n - 1
-        for _ in range(1, n):
-            terms.append(terms[-1] * s)
-        intra = torch.stack(torch.broadcast_tensors(*(t.sum(-1) for t in terms)), dim=-1) / fact   # (wt: one head)
-        out = (inter + intra).flatten(-3, -2)[..., :T, :]                       # [B, Hkv, g, T, n]
+        s = qc @ kc[:, :, None].mT                                              # [B, Hkv, g, n_c, c, c]
+        mom = _chunk_moments(run, _phi(qc.mT, basis, dim=-2).mT, before, s, wc[..., 0])
+        out = mom.flatten(-3, -2)[..., :T, :]                                   # [B, Hkv, g, T, n]
         C_new = dC.sum(dim=2) if C is None else C + dC.sum(dim=2)
         return out, C_new
 
@@ -355,6 +330,25 @@ def _moments(run: _Call, qs, ks, w, S0):
     outs, _ = _blocks(run, block, _split(run, L, qs, ks, w), C0)
     mom = torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, n)
     return torch.nn.functional.pad(mom, (0, 3 - n))                             # [B, Hkv, g, L, 3]
+
+
+def _chunk_moments(run: _Call, phiq, before, s, w):
+    """``(N, sum s, sum s^2 / 2)`` (degrees ``< run.n_mom``) of each query's far scores ``[B, Hkv, g, n_c, c, n]``:
+    before its chunk, its features against the normaliser row's degree blocks, and within it, its scores times
+    the far-key flags (causal). ``phiq [B, Hkv, g, n_c, c, >= D_mom]`` (degrees 0.. of the basis), ``before
+    [B, Hkv, n_c, D_mom]``, ``s [B, Hkv, g, n_c, c, c]`` (only its lower triangle is read), ``w [B, Hkv, n_c, c]``."""
+    n, Dm, c = run.n_mom, run.D_mom, s.shape[-1]
+    fact = torch.tensor([math.factorial(m) for m in range(n)], dtype=run.cd, device=s.device)
+    degree = torch.nn.functional.one_hot(run.deg[:Dm], n).to(run.cd)            # [Dm, n]: each feature's degree
+    # each degree's block of phi(q) . before, as one product with the state spread over the degrees
+    inter = phiq[..., :Dm] @ (before[..., None] * degree)[:, :, None]             # [B, Hkv, g, n_c, c, n]
+    causal = torch.ones(c, c, dtype=run.cd, device=s.device).tril()             # [c, c]
+    wt, st = w[:, :, None, :, None, :] * causal, s.tril()                       # far-key weights, causal
+    terms = [wt]                                                                # wt s^m, m = 0 .. n - 1
+    for _ in range(1, n):
+        terms.append(terms[-1] * st)
+    # (wt has one head axis: broadcast before stacking)
+    return inter + torch.stack(torch.broadcast_tensors(*(t.sum(-1) for t in terms)), dim=-1) / fact
 
 
 # ---------------------------------------------------------------- the exact part
