@@ -286,19 +286,21 @@ def _measure(cfg, n, streamed, streams: _Streams, states: dict, paper_state, q1,
                 return cache.step(q1, k1, v1)
             fns["sdpa"] = sdpa_step
             held["sdpa"] = cache.context_nbytes(n + 1)
+    # the paper's state, held alike by its formulation and its own code
+    paper_bytes = None if paper_state is None else sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in paper_state)
     if "paper" in cfg.methods:
         if paper_state is None or streams.paper is None:
             row["paper"] = {"skipped": "the paper's state does not fit in the memory limit"}
         else:
             fns["paper"] = lambda: streams.paper.step(q1, k1, v1, paper_state)
-            held["paper"] = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in paper_state)
+            held["paper"] = paper_bytes
     if "paper_code" in cfg.methods:
         if paper_state is None or streams.paper_code is None:
             row["paper_code"] = {"skipped": "the paper's state does not fit in the memory limit"}
         else:
             streams.paper_code.load_state(paper_state)   # its steps then drift by a token each (the cost does not)
             fns["paper_code"] = lambda: streams.paper_code.step(q1, k1, v1)
-            held["paper_code"] = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in paper_state)
+            held["paper_code"] = paper_bytes
 
     with torch.no_grad(), torch_threads(cfg.threads):
         outs, peaks = {}, {}
