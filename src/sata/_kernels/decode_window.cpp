@@ -83,7 +83,9 @@ inline typename Vec<T, Bytes>::type pair_sums(typename Vec<T, Bytes>::type a, ty
 // s[j] = x . K[j] for the `rows` rows of K, with the head size DK known: L = Vec<T>::W rows at a time, as
 // nv = min(DK, L) vector products (L / DK rows in each when a row is shorter than a vector, else one
 // row summed over its DK / L vectors), reduced by pair sums: each level keeps every row's partial sums
-// together and in row order, so after log2(nv) levels one vector holds the L dot products.
+// together and in row order, so after log2(nv) levels one vector holds the L dot products. The last block
+// is stored whole (its missing rows 0): s must have room for rows rounded up to whole vectors. A masked
+// store there would stall the full-vector loads that read the scores next (no store forwarding).
 template <typename T, typename TS, int DK>
 inline void dots_fixed(const T* x, const TS* K, int64_t rows, T* s) {
   using VV = Vec<T>;
@@ -114,10 +116,7 @@ inline void dots_fixed(const T* x, const TS* K, int64_t rows, T* s) {
     for (int m = nv; m > 1; m /= 2)
 #pragma GCC unroll 16
       for (int r = 0; r < m / 2; ++r) p[r] = pair_sums<T, 64>(p[2 * r], p[2 * r + 1]);
-    if (n == L)
-      VV::store(s + j, p[0]);
-    else
-      sata::store_first<T>(s + j, p[0], n);
+    VV::store(s + j, p[0]);
   };
   int64_t j = 0;
   for (; j + L <= rows; j += L) block(j, L);
@@ -125,7 +124,7 @@ inline void dots_fixed(const T* x, const TS* K, int64_t rows, T* s) {
 }
 
 // s[j] = x . K[j] for the `rows` rows of K (head size d): the fixed-size reduction for the head sizes
-// it serves, else row by row
+// it serves (which may write s up to rows rounded up to whole vectors), else row by row
 template <typename T, typename TS>
 inline void dots(const T* x, const TS* K, int64_t rows, int64_t d, T* s) {
   switch (d) {
@@ -244,7 +243,7 @@ struct WindowBuffers : sata::HeadBuffers<T, TS> {
   std::vector<T> qs;     // [kHeads, G, d] scaled queries
   std::vector<T> key;    // [d] the absorbed key, centred
   std::vector<T> coef;   // [P] a_m of one query
-  std::vector<T> e;      // [kHeads, G, Lp] exact scores, then their exponentials
+  std::vector<T> e;      // [kHeads, G, Lp] exact scores, then their exponentials (and a vector of room: dots())
   std::vector<T> num;    // [kHeads, G, Ev] exact numerators
   std::vector<T> top;    // [kHeads, G] the largest exact score (-inf: none)
   std::vector<T> den;    // [kHeads, G] exact normalisers
@@ -254,7 +253,7 @@ struct WindowBuffers : sata::HeadBuffers<T, TS> {
   std::vector<T> vts;    // [kHeads, F] v~ of each head's absorbed key
   WindowBuffers(const WindowDecodeArgs& w, int64_t Lp)
       : sata::HeadBuffers<T, TS>(w.base.D, w.base.G, w.base.Ev + 1), Lp(Lp), qs(kHeads * w.base.G * w.base.d),
-        key(w.base.d), coef(w.base.P), e(kHeads * w.base.G * Lp), num(kHeads * w.base.G * w.base.Ev),
+        key(w.base.d), coef(w.base.P), e(kHeads * w.base.G * Lp + Vec<T>::W), num(kHeads * w.base.G * w.base.Ev),
         top(kHeads * w.base.G), den(kHeads * w.base.G), uf(kHeads * w.base.G * (w.base.Ev + 1)),
         c(kHeads * w.base.G), has_far(kHeads), vts(kHeads * (w.base.Ev + 1)) {}
 };
