@@ -83,6 +83,30 @@ def test_decode_state_matches_the_quadratic_form(prefill):
     assert len(set(sizes[KW["window"] + KW["sinks"]:])) == 1                  # constant once window and sinks fill
 
 
+@pytest.mark.parametrize("L, window, sinks", [
+    pytest.param(200, 16, 3, id="L200-W16-S3"),
+    pytest.param(130, 0, 2, id="L130-sinks-only"),
+    pytest.param(70, 64, 0, id="L70-window-only"),
+    pytest.param(5, 16, 3, id="L5-shorter-than-window"),
+])
+def test_chunked_form_is_the_quadratic_form_forward_and_backward(L, window, sinks, monkeypatch):
+    """The linear-time form of a whole sequence (taken from CHUNKED_FROM tokens on) equals the quadratic oracle
+    to 1e-10 in float64, outputs and the gradients of q, k, v, both maps, alpha and beta."""
+    q, k, v = (x.requires_grad_() for x in _qkv(L=L))
+    ad = _adapter()
+    kw = dict(scale=0.4, n_taylor=3, window=window, sinks=sinks)
+    params = (q, k, v, ad.q_map, ad.k_map, ad.alpha, ad.log_beta)
+    ys = []
+    for start in (10**9, 1):  # quadratic, then chunked
+        monkeypatch.setattr(adapted, "CHUNKED_FROM", start)
+        ys.append(adapted.adapted_attention(q, k, v, ad.map_q(q), ad.map_k(k), alpha=ad.alpha, beta=ad.beta, **kw))
+    torch.testing.assert_close(ys[1], ys[0], rtol=1e-10, atol=1e-12)
+    w = torch.randn_like(ys[0])
+    want, got = (torch.autograd.grad((y * w).sum(), params) for y in ys)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 # --------------------------------------------------------------------------- in a HF model
 def _tiny_hybrid(dtype=torch.float64):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -56,7 +56,7 @@ class _Call:
 
 
 def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool,
-                     key_centre=None, kernels: bool = True):
+                     key_centre=None, kernels: bool = True, far_qk=None):
     """The window mode for one call.
 
     Args:
@@ -67,7 +67,10 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         exact: the window and sink keys before the call, batch flattened to ``B``;
         n_tokens: positions seen before the call;
         key_centre: ``[B, Hkv, E]`` subtracted from the keys of the far state, or None;
-        kernels: a causal call may take the fused prefill kernel (:mod:`sata._paths.window_prefill`).
+        kernels: a causal call may take the fused prefill kernel (:mod:`sata._paths.window_prefill`);
+        far_qk: ``(q', k')`` shaped like ``q`` and ``k``: the far part's own queries and keys (the converted
+            hybrid's learned maps of them, :mod:`sata.integrations.adapted`), the exact part keeping ``q`` and
+            ``k``; only for a stream's first call (no state: the window holds no keys to map). None: ``q``, ``k``.
 
     Returns:
         ``y [B, Hkv, g, Lq, Ev]``, the far state and the :class:`ExactKeys` after the call.
@@ -76,17 +79,22 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     ``delta_i = scale q_i . mu``, and the series around ``c_i`` is the series of ``s'`` around
     ``c_i - delta_i`` (moments read from the state are those of ``s'``); the exact keys use ``s``.
     """
-    if causal and kernels and q.shape[-2] and window_prefill.serves(spec, hybrid, q, k, v, far, exact, key_centre):
+    if far_qk is not None and (far is not None or n_tokens or bool(exact.win_keep.any())):
+        raise ValueError("window_attention: far_qk needs the stream's first call (no far state, no window keys)")
+    if causal and kernels and far_qk is None and q.shape[-2] and window_prefill.serves(
+            spec, hybrid, q, k, v, far, exact, key_centre):
         win_k, win_v, ext_f, new_exact = stream(hybrid.window, spec.state_dtype, k, v, mask, exact, n_tokens)
         y, far = window_prefill.prefill(q, k, v, win_k, win_v, ext_f, new_exact, far, n_tokens, spec, hybrid, key_centre)
         return y, far, new_exact
     run = _Call(spec, hybrid, chunk=min(64, max(q.shape[-2], 1)))  # a short call (decode) is not padded to a whole chunk
     B, Hkv, g, L, E = q.shape
-    ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact = _extend(run, k, v, mask, exact, n_tokens, key_centre)
+    ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact = _extend(run, k, v, mask, exact, n_tokens, key_centre,
+                                                             None if far_qk is None else far_qk[1])
     Lk, W = k.shape[-2], hybrid.window
     if L == 0:  # absorb only: the keys that left the window
         return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks_far[:, :, :Lk], vt[:, :, :Lk], far), new_exact
-    qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E]
+    qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E] exact part
+    qf = qs if far_qk is None else far_qk[0].to(run.cd) * run.sq                  # [B, Hkv, g, L, E] far part
     sinks = (new_exact.sink_k.to(run.cd) * run.sk, new_exact.sink_v.to(run.cd), new_exact.sink_pos)
 
     # how many far keys each query has, and their centre
@@ -100,27 +108,31 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         n_far = n_far + right[1][..., -1:].cumsum(-2).flip(-2)
     has_far = (n_far > 0)[:, :, None, :, 0].expand(B, Hkv, g, L)                # [B, Hkv, g, L]
     if run.alpha is not None and right is None:  # causal: each block's centres from the scan's own features
-        U, far, shifted = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, None, centred=True)
-        delta = _delta(run, qs, key_centre)
+        U, far, shifted = _scan(run, qf, ks_far[:, :, :L], vt[:, :, :L], far, None, centred=True)
+        delta = _delta(run, qf, key_centre)
         c = shifted if delta is None else shifted + delta[..., 0]
     else:
-        c, coef = _centre(run, qs, ks_far[:, :, :L], vt[:, :, :L, -1:], far, right, key_centre)
-        U, far = _scan(run, qs, ks_far[:, :, :L], vt[:, :, :L], far, coef)     # [B, Hkv, g, L, F]
+        c, coef = _centre(run, qf, ks_far[:, :, :L], vt[:, :, :L, -1:], far, right, key_centre)
+        U, far = _scan(run, qf, ks_far[:, :, :L], vt[:, :, :L], far, coef)     # [B, Hkv, g, L, F]
     if right is not None:
-        U = U + _scan(run, qs.flip(-2), *right, None, None if coef is None else coef.flip(-2))[0].flip(-2)
+        U = U + _scan(run, qf.flip(-2), *right, None, None if coef is None else coef.flip(-2))[0].flip(-2)
     m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
     y = combine(m, num, den, U, c, has_far, run.beta, spec.d_value, spec.dtype)  # [B, Hkv, g, L, Ev]
     return y, far, new_exact
 
 
-def _extend(run: _Call, k, v, mask, exact: ExactKeys, n_tokens: int, key_centre):
+def _extend(run: _Call, k, v, mask, exact: ExactKeys, n_tokens: int, key_centre, far_k=None):
     """The extended stream (the state's window, oldest first, then the call), its scaled keys and ``[v, 1]``
-    rows (raw for the exact part, centred for the far state) and the window and sinks after the call."""
+    rows (raw for the exact part; for the far state centred, and ``far_k`` instead of ``k`` if given) and the
+    window and sinks after the call."""
     win_k, win_v, ext_f, new_exact = stream(run.hybrid.window, run.sd, k, v, mask, exact, n_tokens)
     ext_k = torch.cat([win_k, k], dim=-2)                                       # [B, Hkv, W + Lk, E]
     ext_v = torch.cat([win_v, v], dim=-2)                                       # [B, Hkv, W + Lk, Ev]
     ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
-    ks_far = ks if key_centre is None else _keys_values(run, ext_k - key_centre[:, :, None].to(ext_k.dtype), ext_v, ext_f)[0]
+    ext_kf = ext_k if far_k is None else torch.cat([win_k.to(far_k.dtype), far_k], dim=-2)   # (no window keys: zeros)
+    if key_centre is not None:
+        ext_kf = ext_kf - key_centre[:, :, None].to(ext_kf.dtype)
+    ks_far = ks if ext_kf is ext_k else _keys_values(run, ext_kf, ext_v, ext_f)[0]
     return ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact
 
 
