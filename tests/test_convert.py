@@ -63,14 +63,22 @@ def test_maps_change_only_the_far_part():
     assert (y[:, :, first_far:] - plain[:, :, first_far:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("start", ["start_state", "prefill"])
 @pytest.mark.parametrize("prefill", [1, 3, 40, 120])
-def test_decode_state_matches_the_quadratic_form(prefill):
+def test_decode_state_matches_the_quadratic_form(prefill, start):
+    """Decoding from the state of a prefill (built alone, or by the chunked form of the prefill's output) gives the
+    quadratic form's outputs."""
     q, k, v = _qkv()
     ad = _adapter()
     kw = dict(scale=0.4, **KW)
     with torch.no_grad():
-        full = adapted.adapted_attention(q, k, v, ad.map_q(q), ad.map_k(k), alpha=ad.alpha, beta=ad.beta, **kw)
-        state = adapted.start_state(k[:, :, :prefill], v[:, :, :prefill], ad.map_k(k[:, :, :prefill]), **kw)
+        full = adapted.quadratic_attention(q, k, v, ad.map_q(q), ad.map_k(k), alpha=ad.alpha, beta=ad.beta, **kw)
+        head = [t[:, :, :prefill] for t in (q, k, v)]
+        if start == "prefill":
+            y0, state = adapted.prefill(*head, ad.map_q(head[0]), ad.map_k(head[1]), alpha=ad.alpha, beta=ad.beta, **kw)
+            torch.testing.assert_close(y0, full[:, :, :prefill], rtol=1e-10, atol=1e-12)
+        else:
+            state = adapted.start_state(head[1], head[2], ad.map_k(head[1]), **kw)
         outs, sizes = [], []
         for t in range(prefill, q.shape[2]):
             y, state = adapted.decode_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], ad, **kw)

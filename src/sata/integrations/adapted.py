@@ -38,7 +38,7 @@ from sata.exact_keys import ExactKeys
 from sata.hybrid import centre, centre_coefficients, check_hybrid, combine, exact_part
 
 __all__ = ["ADAPTER_FILE", "AdaptedState", "QKAdapter", "adapted_attention", "adapter_for", "adapter_state_dict",
-           "attach_adapters", "decode_step", "start_state"]
+           "attach_adapters", "decode_step", "prefill", "quadratic_attention", "start_state"]
 
 ADAPTER_FILE = "sata_adapters.safetensors"
 _BLOCK = 256  # queries per block of the quadratic form
@@ -100,9 +100,11 @@ def adapted_attention(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: i
                                alpha=alpha, beta=beta, q_offset=q_offset)
 
 
-def _chunked(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks: int, alpha, beta) -> torch.Tensor:
+def _chunked(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks: int, alpha, beta,
+             return_far: bool = False):
     """:func:`adapted_attention` of a whole sequence through :func:`sata._paths.window.window_attention` with the
-    far part's own queries and keys (``far_qk``); the fused kernels take one pair, so this is the PyTorch path."""
+    far part's own queries and keys (``far_qk``); the fused kernels take one pair, so this is the PyTorch path.
+    With ``return_far`` also the far state after the sequence, F-major ``[B, Hkv, Ev + 1, D]``."""
     B, Hq, L, E = q.shape
     Hkv, Ev = k.shape[1], v.shape[-1]
     g = Hq // Hkv
@@ -111,9 +113,9 @@ def _chunked(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks
     hybrid = check_hybrid("adapted_attention", window=window, sinks=sinks, taylor_mix=beta, recentre=alpha,
                           n_taylor=spec.n_taylor, n_q_heads=Hq, device=q.device)
     exact = ExactKeys.empty((B, Hkv), window, sinks, E, Ev, spec.state_dtype, q.device)
-    y, _, _ = window_attention(q.reshape(B, Hkv, g, L, E), k, v, None, None, exact, 0, spec, hybrid, True,
-                               kernels=False, far_qk=(qa.reshape(B, Hkv, g, L, E), ka))   # [B, Hkv, g, L, Ev]
-    return y.reshape(B, Hq, L, Ev)
+    y, far, _ = window_attention(q.reshape(B, Hkv, g, L, E), k, v, None, None, exact, 0, spec, hybrid, True,
+                                 kernels=False, far_qk=(qa.reshape(B, Hkv, g, L, E), ka))   # [B, Hkv, g, L, Ev]
+    return (y.reshape(B, Hq, L, Ev), far) if return_far else y.reshape(B, Hq, L, Ev)
 
 
 def quadratic_attention(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks: int,
@@ -176,12 +178,25 @@ class AdaptedState:
         return AdaptedState(*(fn(t) for t in (self.far, self.win_k, self.win_v, self.sink_k, self.sink_v)), self.n_tokens)
 
 
-def start_state(k, v, ka, *, n_taylor: int, scale: float, window: int, sinks: int) -> AdaptedState:
-    """The state after keys ``[B, Hkv, L, E]`` at positions ``0 .. L - 1`` (a prefill)."""
+def start_state(k, v, ka, *, n_taylor: int, scale: float, window: int, sinks: int, far=None) -> AdaptedState:
+    """The state after keys ``[B, Hkv, L, E]`` at positions ``0 .. L - 1`` (a prefill); ``far``: its far state,
+    F-major ``[B, Hkv, Ev + 1, D]``, when the caller has it already (:func:`prefill`), else built here."""
     L = k.shape[2]
     first_win = max(sinks, L - window)                                          # keys older are far (or sinks)
-    far = _features(ka[:, :, sinks:first_win], n_taylor, scale).mT @ _ones_col(v[:, :, sinks:first_win]).double()
+    if far is None:
+        far = _features(ka[:, :, sinks:first_win], n_taylor, scale).mT @ _ones_col(v[:, :, sinks:first_win]).double()
+    else:
+        far = far.mT.double()                                                   # [B, Hkv, D, Ev + 1]
     return AdaptedState(far, k[:, :, first_win:], v[:, :, first_win:], k[:, :, :sinks], v[:, :, :sinks], L)
+
+
+def prefill(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks: int, alpha: torch.Tensor,
+            beta: torch.Tensor) -> tuple[torch.Tensor, AdaptedState]:
+    """A cache's first call, keys at positions ``0 .. L - 1``: the output ``[B, Hq, L, Ev]`` (the chunked form,
+    whatever the length) and the decoding state after it, whose far state that form has built anyway."""
+    kw = dict(n_taylor=n_taylor, scale=scale, window=window, sinks=sinks)
+    y, far = _chunked(q, k, v, qa, ka, alpha=alpha, beta=beta, return_far=True, **kw)
+    return y, start_state(k, v, ka, far=far, **kw)
 
 
 def decode_step(state: AdaptedState, q, k, v, adapter: QKAdapter, *, n_taylor: int, scale: float, window: int,

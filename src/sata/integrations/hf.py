@@ -503,9 +503,8 @@ def _adapted_forward(module, query, key, value, attention_mask, is_causal, scali
     if layer is not None:  # SATACache: this step's keys only
         layer._pending = False
         if layer.state is None:
-            out = adapted.adapted_attention(query, key, value, ad.map_q(query), ad.map_k(key), alpha=ad.alpha,
-                                            beta=ad.beta, **kw)                 # [B, Hq, Lq, Ev]
-            layer.state = adapted.start_state(key, value, ad.map_k(key), **kw)
+            out, layer.state = adapted.prefill(query, key, value, ad.map_q(query), ad.map_k(key), alpha=ad.alpha,
+                                               beta=ad.beta, **kw)              # [B, Hq, Lq, Ev]
         else:
             outs = []
             for t in range(Lq):
