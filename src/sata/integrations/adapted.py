@@ -43,10 +43,10 @@ __all__ = ["ADAPTER_FILE", "AdaptedState", "QKAdapter", "adapted_attention", "ad
 ADAPTER_FILE = "sata_adapters.safetensors"
 _BLOCK = 256  # queries per block of the quadratic form
 # the length from which adapted_attention takes the chunked form: with SmolLM2's heads (9 of 64 on 3 kv heads,
-# n_taylor 3, window 64, 4 sinks; one layer, one thread) the quadratic form takes 0.28 / 1.11 / 4.43 s at
-# 1K / 2K / 4K tokens without autograd against the chunked 0.52 / 1.16 / 2.41 s, and 2.34 / 9.25 s against
-# 4.18 / 7.29 s forward and backward at 2K / 4K (the chunked form builds 2,145 features per query and key)
-CHUNKED_FROM = 3072
+# n_taylor 3, window 64, 4 sinks; one layer, one thread) the quadratic form takes 0.17 / 0.51 / 2.35 s at
+# 1K / 2K / 4K tokens without autograd against the chunked 0.51 / 0.77 / 1.73 s, and 1.6-1.9 / 6.9 s against
+# 3.8 / 6.6 s forward and backward at 2K / 4K (the chunked form builds 2,145 features per query and key)
+CHUNKED_FROM = 4096
 
 
 class QKAdapter(torch.nn.Module):
@@ -145,12 +145,16 @@ def _block(q, qa, k, ka, v, alpha, beta, *, n_taylor, scale, window, sinks, firs
     seen = j <= i
     exact = seen & ((i - j < window) | (j < sinks))                              # [T, Lk]
     far = (seen & ~exact).to(q.dtype)
-    s = scale * (q @ k.mT)                                                      # [B, Hq, T, Lk]
     sa = scale * (qa @ ka.mT)                                                   # [B, Hq, T, Lk] far scores
     moments = torch.stack([far.sum(-1).expand(sa.shape[:-1]), (sa * far).sum(-1), (sa * sa * far).sum(-1) / 2], -1)
     c = centre(moments, alpha)                                                  # [B, Hq, T]
     U = (sata.taylor_exp(sa - c[..., None], n_taylor) * far) @ torch.cat([v, torch.ones_like(v[..., :1])], -1)
-    m, num, den = exact_part(s, exact, v)
+    # the exact part reads only the columns that can hold an exact key: the sinks before the block's band, then
+    # the band (from the first query's window on)
+    lo = max(first - window + 1, 0)
+    cols = torch.cat([torch.arange(min(sinks, lo), device=q.device), torch.arange(lo, Lk, device=q.device)])
+    s = scale * (q @ k[:, :, cols].mT)                                          # [B, Hq, T, K]
+    m, num, den = exact_part(s, exact[:, cols], v[:, :, cols])
     return combine(m, num, den, U, c, moments[..., 0] > 0, beta, v.shape[-1], q.dtype)   # [B, Hq, T, Ev]
 
 
