@@ -63,27 +63,31 @@ def test_maps_change_only_the_far_part():
     assert (y[:, :, first_far:] - plain[:, :, first_far:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("start", ["start_state", "prefill"])
+@pytest.mark.parametrize("start", ["start_state", "prefill", "prefill-inplace"])
 @pytest.mark.parametrize("prefill", [1, 3, 40, 120])
 def test_decode_state_matches_the_quadratic_form(prefill, start):
-    """Decoding from the state of a prefill (built alone, or by the chunked form of the prefill's output) gives the
-    quadratic form's outputs."""
+    """Decoding from the state of a prefill (built alone, or by the chunked form of the prefill's output), into new
+    states or in place, gives the quadratic form's outputs; a step that is not in place leaves its state as it was."""
     q, k, v = _qkv()
     ad = _adapter()
     kw = dict(scale=0.4, **KW)
     with torch.no_grad():
         full = adapted.quadratic_attention(q, k, v, ad.map_q(q), ad.map_k(k), alpha=ad.alpha, beta=ad.beta, **kw)
         head = [t[:, :, :prefill] for t in (q, k, v)]
-        if start == "prefill":
+        if start.startswith("prefill"):
             y0, state = adapted.prefill(*head, ad.map_q(head[0]), ad.map_k(head[1]), alpha=ad.alpha, beta=ad.beta, **kw)
             torch.testing.assert_close(y0, full[:, :, :prefill], rtol=1e-10, atol=1e-12)
         else:
             state = adapted.start_state(head[1], head[2], ad.map_k(head[1]), **kw)
         outs, sizes = [], []
+        first, first_far = state, state.far.clone()
         for t in range(prefill, q.shape[2]):
-            y, state = adapted.decode_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], ad, **kw)
+            y, state = adapted.decode_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], ad,
+                                           inplace=start.endswith("inplace"), **kw)
             outs.append(y)
             sizes.append(state.nbytes)
+        if not start.endswith("inplace"):
+            assert torch.equal(first.far, first_far)                           # the passed state is kept
         offset = adapted.adapted_attention(q[:, :, prefill:], k, v, ad.map_q(q[:, :, prefill:]), ad.map_k(k),
                                            alpha=ad.alpha, beta=ad.beta, q_offset=prefill, **kw)
     torch.testing.assert_close(torch.cat(outs, 2), full[:, :, prefill:], rtol=1e-9, atol=1e-11)

@@ -190,7 +190,7 @@ def start_state(k, v, ka, *, n_taylor: int, scale: float, window: int, sinks: in
     if far is None:
         far = _features(ka[:, :, sinks:first_win], n_taylor, scale).mT @ _ones_col(v[:, :, sinks:first_win]).double()
     else:
-        far = far.mT.double()                                                   # [B, Hkv, D, Ev + 1]
+        far = far.mT.to(torch.float64, memory_format=torch.contiguous_format)   # [B, Hkv, D, Ev + 1]
     return AdaptedState(far, k[:, :, first_win:], v[:, :, first_win:], k[:, :, :sinks], v[:, :, :sinks], L)
 
 
@@ -204,16 +204,23 @@ def prefill(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks:
 
 
 def decode_step(state: AdaptedState, q, k, v, adapter: QKAdapter, *, n_taylor: int, scale: float, window: int,
-                sinks: int) -> tuple[torch.Tensor, AdaptedState]:
-    """One token: ``q [B, Hq, 1, E]``, ``k, v [B, Hkv, 1, E]`` -> output ``[B, Hq, 1, Ev]`` and the new state."""
+                sinks: int, inplace: bool = False) -> tuple[torch.Tensor, AdaptedState]:
+    """One token: ``q [B, Hq, 1, E]``, ``k, v [B, Hkv, 1, E]`` -> output ``[B, Hq, 1, Ev]`` and the new state.
+
+    ``inplace``: the key leaving the window is added into ``state.far`` itself (a cache that owns its state: no
+    copy of the ``[B, Hkv, D, Ev + 1]`` float64 tensor per token), else into a new tensor (``state`` unchanged)."""
     if state.n_tokens < sinks:
         state = AdaptedState(state.far, state.win_k, state.win_v, torch.cat([state.sink_k, k], 2),
                              torch.cat([state.sink_v, v], 2), state.n_tokens + 1)
     else:
         win_k, win_v, far = torch.cat([state.win_k, k], 2), torch.cat([state.win_v, v], 2), state.far
         if win_k.shape[2] > window:                                             # the oldest leaves the window
-            ka = adapter.map_k(win_k[:, :, :1])
-            far = far + _features(ka, n_taylor, scale).mT @ _ones_col(win_v[:, :, :1]).double()
+            phi = _features(adapter.map_k(win_k[:, :, :1]), n_taylor, scale)     # [B, Hkv, 1, D]
+            vt = _ones_col(win_v[:, :, :1]).double()                            # [B, Hkv, 1, Ev + 1]
+            if inplace and far.is_contiguous():
+                far.view(-1, *far.shape[-2:]).baddbmm_(phi.reshape(-1, phi.shape[-1], 1), vt.reshape(-1, 1, vt.shape[-1]))
+            else:
+                far = far + phi.mT @ vt
             win_k, win_v = win_k[:, :, 1:], win_v[:, :, 1:]
         state = AdaptedState(far, win_k, win_v, state.sink_k, state.sink_v, state.n_tokens + 1)
     B, Hq, _, E = q.shape
@@ -227,7 +234,7 @@ def decode_step(state: AdaptedState, q, k, v, adapter: QKAdapter, *, n_taylor: i
     qa = adapter.map_q(q).view(B, Hkv, g, E)
     basis = sata.get_basis(E, n_taylor)
     r = _features(qa, n_taylor, scale).double()                                 # [B, Hkv, g, D]
-    blocks = [(r[..., None, basis.degree_slice(p)] @ state.far[:, :, None, basis.degree_slice(p)])[..., 0, :]
+    blocks = [r[..., basis.degree_slice(p)] @ state.far[:, :, basis.degree_slice(p)]
               for p in range(n_taylor)]                                         # P x [B, Hkv, g, Ev + 1]
     moments = torch.stack([blocks[p][..., -1] for p in range(3)], -1)            # [B, Hkv, g, 3]: N, sum s, sum s^2/2
     alpha = adapter.alpha.double().view(Hkv, g)

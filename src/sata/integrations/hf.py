@@ -507,9 +507,10 @@ def _adapted_forward(module, query, key, value, attention_mask, is_causal, scali
                                                beta=ad.beta, **kw)              # [B, Hq, Lq, Ev]
         else:
             outs = []
+            own = not torch.is_grad_enabled()  # the cache's own state, no graph to keep: updated in place
             for t in range(Lq):
                 y, layer.state = adapted.decode_step(layer.state, query[:, :, t : t + 1], key[:, :, t : t + 1],
-                                                     value[:, :, t : t + 1], ad, **kw)
+                                                     value[:, :, t : t + 1], ad, inplace=own, **kw)
                 outs.append(y)
             out = torch.cat(outs, dim=2)                                         # [B, Hq, Lq, Ev]
         return out.transpose(1, 2).contiguous(), None
