@@ -119,6 +119,34 @@ def test_chunked_form_is_the_quadratic_form_forward_and_backward(L, window, sink
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("B, Hq, Hkv, L, E, window, sinks", [
+    pytest.param(2, 4, 2, 200, 8, 16, 3, id="gqa-W16-S3"),
+    pytest.param(1, 3, 3, 150, 16, 64, 0, id="E16-window-only"),
+    pytest.param(1, 2, 1, 97, 8, 0, 2, id="sinks-only"),
+])
+def test_chunked_form_through_the_prefill_kernel(B, Hq, Hkv, L, E, window, sinks, monkeypatch):
+    """Without autograd the chunked form runs the fused prefill kernel with the far part's own queries and keys:
+    the quadratic form's outputs and the PyTorch path's far state, to 1e-10 in float64."""
+    from sata import _kernels
+
+    if _kernels.load() is None:
+        pytest.skip("no C++ compiler: the fused kernels are unavailable")
+    q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, E=E)
+    ad = _adapter(Hq=Hq, Hkv=Hkv, E=E)
+    kw = dict(scale=0.4, n_taylor=3, window=window, sinks=sinks, alpha=ad.alpha, beta=ad.beta)
+    calls = []
+    real = _kernels.WindowPrefillPlan.__call__
+    monkeypatch.setattr(_kernels.WindowPrefillPlan, "__call__", lambda self, *a, **k_: calls.append(1) or real(self, *a, **k_))
+    with torch.no_grad():
+        qa, ka = ad.map_q(q), ad.map_k(k)
+        want = adapted.quadratic_attention(q, k, v, qa, ka, **kw)
+        y, far = adapted._chunked(q, k, v, qa, ka, return_far=True, **kw)
+        assert calls, "the fused prefill kernel was not used"
+        _, far_torch = adapted._chunked(q, k, v, qa, ka, return_far=True, kernels=False, **kw)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(far, far_torch, rtol=1e-10, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- in a HF model
 def _tiny_hybrid(dtype=torch.float64):
     from transformers import LlamaConfig, LlamaForCausalLM

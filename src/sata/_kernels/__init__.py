@@ -43,7 +43,7 @@ import torch
 from ..basis import get_basis
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.h", "decode.cpp", "decode_window.cpp", "prefill.h", "prefill.cpp", "window.h", "prefill_window.cpp")]
-_ABI = 8  # SATA_KERNEL_ABI in kernels.h
+_ABI = 9  # SATA_KERNEL_ABI in kernels.h
 _TORCH = Path(torch.__file__).parent
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
@@ -133,7 +133,8 @@ class _WindowPrefillArgs(ctypes.Structure):
 class _WindowPrefillTensors(ctypes.Structure):
     _fields_ = [("B", ctypes.c_int64), ("L", ctypes.c_int64)] + [
         (name, ctypes.c_void_p) for name in ("q", "k_win", "v_win", "k", "v", "flag", "sink_k", "sink_v", "sink_pos",
-                                             "key_centre", "alpha", "beta", "S", "y")] + [("n_tokens", ctypes.c_int64)]
+                                             "key_centre", "alpha", "beta", "S", "y")] + [("n_tokens", ctypes.c_int64)] + [
+        ("q_far", ctypes.c_void_p), ("k_far", ctypes.c_void_p)]
 
 
 # every field of the window decode tensors is 8 bytes (pointers and int64), in order: filled as one int64 array
@@ -340,7 +341,8 @@ class WindowPrefillPlan:
     k ``[N, L, d]``, v ``[N, L, Ev]``, all T; flag ``[B, W + L]`` uint8 (1 = a kept key that is not a sink, window
     then call); sink_k ``[N, S, d]``, sink_v ``[N, S, Ev]`` in T (the sinks after the call), sink_pos ``[B, S]``
     int64; key_centre ``[N, d]`` T or ``None``; alpha, beta ``[Hkv G]`` T; S ``[N, F, D]`` TS, updated in place;
-    y ``[N, G, L, Ev]`` T; n_tokens, the positions before the call.
+    y ``[N, G, L, Ev]`` T; n_tokens, the positions before the call; q_far ``[N, G, L, d]``, k_far ``[N, L, d]`` T or
+    ``None``: the far part's own queries and keys (a converted hybrid's maps; only for a stream's first call).
     """
 
     def __init__(self, lib, Hkv: int, G: int, d: int, Ev: int, basis, dtype: torch.dtype, sq: float, sk: float,
@@ -354,7 +356,7 @@ class WindowPrefillPlan:
         self._shape = (Hkv, G, d, Ev, basis.dim, window, sinks, dtype, state_dtype)
 
     def __call__(self, q, k_win, v_win, k, v, flag, sink_k, sink_v, sink_pos, key_centre, alpha, beta, S, y,
-                 n_tokens: int) -> None:
+                 n_tokens: int, q_far=None, k_far=None) -> None:
         Hkv, G, d, Ev, D, W, Sn, dt, sdt = self._shape
         B, L = flag.shape[0], q.shape[-2]
         N = B * Hkv
@@ -362,14 +364,16 @@ class WindowPrefillPlan:
         want = [(q, (N, G, L, d), dt), (k_win, (N, W, d), dt), (v_win, (N, W, Ev), dt), (k, (N, L, d), dt),
                 (v, (N, L, Ev), dt), (flag, (B, W + L), torch.uint8), (sink_k, (N, Sn, d), dt),
                 (sink_v, (N, Sn, Ev), dt), (sink_pos, (B, Sn), torch.int64), (key_centre, (N, d), dt),
-                (alpha, (Hkv * G,), dt), (beta, (Hkv * G,), dt), (S, (N, Ev + 1, D), sdt), (y, (N, G, L, Ev), dt)]
+                (alpha, (Hkv * G,), dt), (beta, (Hkv * G,), dt), (S, (N, Ev + 1, D), sdt), (y, (N, G, L, Ev), dt),
+                (q_far, (N, G, L, d), dt), (k_far, (N, L, d), dt)]
         for t, shape, dtype in want:
             if t is not None and (tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous()):
                 raise ValueError(f"window prefill kernel: a {tuple(t.shape)} {t.dtype} tensor where the plan needs a "
                                  f"contiguous {shape} {dtype} one")
         ptr = lambda t: None if t is None else t.data_ptr()
         t = _WindowPrefillTensors(B, L, *(ptr(x) for x in (q, k_win, v_win, k, v, flag, sink_k, sink_v, sink_pos,
-                                                            key_centre, alpha, beta, S, y)), n_tokens)
+                                                            key_centre, alpha, beta, S, y)), n_tokens,
+                                    ptr(q_far), ptr(k_far))
         if self._fn(self._args_ptr, ctypes.addressof(t)):
             raise _failed("window prefill")
 

@@ -18,7 +18,7 @@
 
 // Bump on any change to the structs or the entry points: the Python side compares it (and the
 // struct sizes) with its own on load and rebuilds a cached library that disagrees.
-#define SATA_KERNEL_ABI 8
+#define SATA_KERNEL_ABI 9
 
 extern "C" {
 
@@ -114,6 +114,9 @@ struct WindowPrefillTensors {
   void* S;                       // far state [N, F, D] TS, updated in place
   void* y;                       // [N, G, L, Ev] T
   int64_t n_tokens;              // positions before the call
+  const void* q_far;             // [N, G, L, d] T the far part's own queries (a converted hybrid's maps); or null: q
+  const void* k_far;             // [N, L, d] T the far part's own keys of the call; or null: k (with q_far only
+                                 // for a stream's first call: no window key is far)
 };
 
 }  // extern "C"

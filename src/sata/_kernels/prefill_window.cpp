@@ -191,6 +191,13 @@ struct WindowHead : sata::Head<T, TS> {
     sata::gemm_t(M, Fp, this->F, D + c, X, this->U.data(), false);
   }
 
+  // the exact part's queries into qx (scaled, [d][C]) where the far part read others (its features are not needed)
+  void load_exact_queries(const T* q, int64_t t0, int64_t c) {
+    std::fill(this->qx.begin(), this->qx.end(), T(0));
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t e = 0; e < this->d; ++e) this->qx[e * C + i] = q[(t0 + i) * this->q_sl + e] * this->sq;
+  }
+
   // the chunk's band, once for all its query heads: column u of bk [d][CW] (keys scaled), bv [Ev][CW] and badd
   // [CW] holds stream position t0 + 1 + u, badd 0 for a kept key and -inf for none (or beyond the stream's end
   // n); query i reads columns i .. i + W - 1. The columns of the previous chunk (t0 - C) that stay are moved
@@ -355,8 +362,12 @@ struct WindowHead : sata::Head<T, TS> {
     const T* vw = static_cast<const T*>(t.v_win) + n * W * Ev;
     const T* kc = static_cast<const T*>(t.k) + n * L * d;
     const T* vc = static_cast<const T*>(t.v) + n * L * Ev;
+    // the far part's queries and keys (a converted hybrid's own; else the same as the exact part's)
+    const T* qf = t.q_far == nullptr ? q : static_cast<const T*>(t.q_far) + n * G * L * d;
+    const T* kf = t.k_far == nullptr ? kc : static_cast<const T*>(t.k_far) + n * L * d;
     // rows of the extended stream: the window, then the call
     const auto k = [&](int64_t e) { return e < W ? kw + e * d : kc + (e - W) * d; };
+    const auto k_far = [&](int64_t e) { return e < W ? kw + e * d : kf + (e - W) * d; };
     const auto v = [&](int64_t e) { return e < W ? vw + e * Ev : vc + (e - W) * Ev; };
     const uint8_t* flag = t.flag + b * (W + L);
     const T* sink_k = static_cast<const T*>(t.sink_k) + n * S * d;
@@ -376,11 +387,12 @@ struct WindowHead : sata::Head<T, TS> {
     this->sync_state();
     for (int64_t t0 = 0; t0 < L; t0 += C) {
       const int64_t c = std::min(C, L - t0);
-      this->load_rows(k, v, flag, t0, c, mu);  // the far keys of the chunk: stream positions t0 .. t0 + c - 1
+      this->load_rows(k_far, v, flag, t0, c, mu);  // the far keys of the chunk: stream positions t0 .. t0 + c - 1
       load_band(t0, W + L, k, v, flag);
       for (int64_t g = 0; g < G; ++g) {
-        this->load_queries(q + g * L * d, t0, c);
+        this->load_queries(qf + g * L * d, t0, c);
         far_part(c, mu, recentre ? alpha[h0 + g] : T(0));
+        if (qf != q) load_exact_queries(q + g * L * d, t0, c);
         exact_part(t0, c, sink_k, sink_v, sink_pos, t.n_tokens);
         combine(y + g * L * Ev, t0, c, beta[h0 + g]);
       }

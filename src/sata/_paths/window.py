@@ -81,10 +81,11 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     """
     if far_qk is not None and (far is not None or n_tokens or bool(exact.win_keep.any())):
         raise ValueError("window_attention: far_qk needs the stream's first call (no far state, no window keys)")
-    if causal and kernels and far_qk is None and q.shape[-2] and window_prefill.serves(
-            spec, hybrid, q, k, v, far, exact, key_centre):
+    if causal and kernels and q.shape[-2] and window_prefill.serves(
+            spec, hybrid, q, k, v, far, exact, key_centre, *(far_qk or ())):
         win_k, win_v, ext_f, new_exact = stream(hybrid.window, spec.state_dtype, k, v, mask, exact, n_tokens)
-        y, far = window_prefill.prefill(q, k, v, win_k, win_v, ext_f, new_exact, far, n_tokens, spec, hybrid, key_centre)
+        y, far = window_prefill.prefill(q, k, v, win_k, win_v, ext_f, new_exact, far, n_tokens, spec, hybrid, key_centre,
+                                        far_qk)
         return y, far, new_exact
     run = _Call(spec, hybrid, chunk=min(64, max(q.shape[-2], 1)))  # a short call (decode) is not padded to a whole chunk
     B, Hkv, g, L, E = q.shape

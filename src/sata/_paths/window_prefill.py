@@ -28,7 +28,7 @@ from .window_kernel import head_params
 MAX_EXACT = 4096
 
 
-def serves(spec, hybrid: Hybrid, q, k, v, far, exact: ExactKeys, key_centre) -> bool:
+def serves(spec, hybrid: Hybrid, q, k, v, far, exact: ExactKeys, key_centre, *far_qk) -> bool:
     """CPU, float32 or float64 inputs (the kernel computes in the input dtype), a supported state dtype, a
     compiler, at most :data:`MAX_EXACT` window positions and sinks, and no autograd graph to record."""
     if not (spec.device.type == "cpu" and spec.dtype in (torch.float32, torch.float64)
@@ -38,7 +38,7 @@ def serves(spec, hybrid: Hybrid, q, k, v, far, exact: ExactKeys, key_centre) -> 
     if not torch.is_grad_enabled():
         return True
     return not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (
-        q, k, v, far, *exact.tensors(), key_centre, hybrid.taylor_mix, hybrid.recentre))
+        q, k, v, far, *exact.tensors(), key_centre, hybrid.taylor_mix, hybrid.recentre, *far_qk))
 
 
 @functools.lru_cache(maxsize=64)
@@ -49,7 +49,8 @@ def _plan(Hkv: int, G: int, d: int, Ev: int, n_taylor: int, scale: float, dtype:
                                       window, sinks, recentre)
 
 
-def prefill(q, k, v, win_k, win_v, ext_f, new_exact: ExactKeys, far, n_tokens: int, spec, hybrid: Hybrid, key_centre):
+def prefill(q, k, v, win_k, win_v, ext_f, new_exact: ExactKeys, far, n_tokens: int, spec, hybrid: Hybrid, key_centre,
+            far_qk=None):
     """The window mode's causal call through the kernel.
 
     Args:
@@ -57,7 +58,9 @@ def prefill(q, k, v, win_k, win_v, ext_f, new_exact: ExactKeys, far, n_tokens: i
             the state's window, oldest first, and ext_f ``[B, W + L]`` bool the flags of the extended stream
             (:func:`sata._paths.window.stream`); new_exact: the window and sinks after the call;
         far: the far state ``[B, Hkv, F, D]`` or None (not modified);
-        n_tokens: positions before the call; key_centre: ``[B, Hkv, E]`` or None.
+        n_tokens: positions before the call; key_centre: ``[B, Hkv, E]`` or None;
+        far_qk: ``(q', k')`` shaped like ``q``, ``k``, the far part's own queries and keys, or None (as
+            :func:`sata._paths.window.window_attention`).
 
     Returns:
         ``y [B, Hkv, g, L, Ev]`` and the far state after the call ``[B, Hkv, F, D]``.
@@ -73,5 +76,6 @@ def prefill(q, k, v, win_k, win_v, ext_f, new_exact: ExactKeys, far, n_tokens: i
     plan(flat(q, N, g, L, E), flat(win_k, N, W, E), flat(win_v, N, W, Ev), flat(k, N, L, E), flat(v, N, L, Ev),
          ext_f.to(torch.uint8).contiguous(), flat(new_exact.sink_k, N, S_, E), flat(new_exact.sink_v, N, S_, Ev),
          new_exact.sink_pos.contiguous(), None if key_centre is None else flat(key_centre, N, E),
-         *head_params(hybrid, spec), S.view(N, Ev + 1, spec.feature_dim), y.view(N, g, L, Ev), n_tokens)
+         *head_params(hybrid, spec), S.view(N, Ev + 1, spec.feature_dim), y.view(N, g, L, Ev), n_tokens,
+         *((None, None) if far_qk is None else (flat(far_qk[0], N, g, L, E), flat(far_qk[1], N, L, E))))
     return y.to(spec.dtype), S

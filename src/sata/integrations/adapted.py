@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 import sata
 from sata._checks import check_inputs
+from sata._paths import window_prefill
 from sata._paths.window import window_attention
 from sata.exact_keys import ExactKeys
 from sata.hybrid import centre, centre_coefficients, check_hybrid, combine, exact_part
@@ -42,10 +43,11 @@ __all__ = ["ADAPTER_FILE", "AdaptedState", "QKAdapter", "adapted_attention", "ad
 
 ADAPTER_FILE = "sata_adapters.safetensors"
 _BLOCK = 256  # queries per block of the quadratic form
-# the length from which adapted_attention takes the chunked form: with SmolLM2's heads (9 of 64 on 3 kv heads,
-# n_taylor 3, window 64, 4 sinks; one layer, one thread) the quadratic form takes 0.17 / 0.51 / 2.35 s at
-# 1K / 2K / 4K tokens without autograd against the chunked 0.51 / 0.77 / 1.73 s, and 1.6-1.9 / 6.9 s against
-# 3.8 / 6.6 s forward and backward at 2K / 4K (the chunked form builds 2,145 features per query and key)
+# the length from which adapted_attention takes the chunked form through PyTorch (under autograd, or where the
+# fused kernel does not serve the call): with SmolLM2's heads (9 of 64 on 3 kv heads, n_taylor 3, window 64,
+# 4 sinks; one layer, one thread) the quadratic form takes 0.17 / 0.51 / 2.35 s at 1K / 2K / 4K tokens without
+# autograd against PyTorch's chunked 0.51 / 0.77 / 1.73 s (the kernel's: 0.11 / 0.16 / 0.42 s), and 1.6-1.9 /
+# 6.9 s against 3.8 / 6.6 s forward and backward at 2K / 4K (PyTorch builds 2,145 features per query and key)
 CHUNKED_FROM = 4096
 
 
@@ -88,23 +90,27 @@ def adapted_attention(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: i
         v: values ``[B, Hkv, Lk, Ev]``.
         alpha, beta: ``[Hq]`` (beta >= 0); window, sinks: as in :func:`sata.sata_attention`.
 
-    A whole sequence (``q_offset = 0``, as many queries as keys: training, evaluation, a prefill) of at least
-    :data:`CHUNKED_FROM` tokens takes the window mode's chunked form (linear in the length: the far part with
-    ``qa``, ``ka`` read from a running state, the exact part over a band), else the quadratic form
+    A whole sequence (``q_offset = 0``, as many queries as keys: training, evaluation, a prefill) takes the window
+    mode's chunked form (linear in the length: the far part with ``qa``, ``ka`` read from a running state, the
+    exact part over a band) through the fused prefill kernel where it serves the call (CPU, no autograd), else,
+    from :data:`CHUNKED_FROM` tokens on, through PyTorch; anything else takes the quadratic form
     (:func:`quadratic_attention`, the oracle the chunked form is tested against).
     """
-    if q_offset == 0 and q.shape[2] == k.shape[2] and q.shape[2] >= CHUNKED_FROM:
-        return _chunked(q, k, v, qa, ka, n_taylor=n_taylor, scale=scale, window=window, sinks=sinks, alpha=alpha,
-                        beta=beta)
+    if q_offset == 0 and q.shape[2] == k.shape[2]:
+        y = _chunked(q, k, v, qa, ka, n_taylor=n_taylor, scale=scale, window=window, sinks=sinks, alpha=alpha,
+                     beta=beta, only_kernel=q.shape[2] < CHUNKED_FROM)
+        if y is not None:
+            return y
     return quadratic_attention(q, k, v, qa, ka, n_taylor=n_taylor, scale=scale, window=window, sinks=sinks,
                                alpha=alpha, beta=beta, q_offset=q_offset)
 
 
 def _chunked(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks: int, alpha, beta,
-             return_far: bool = False):
+             return_far: bool = False, kernels: bool = True, only_kernel: bool = False):
     """:func:`adapted_attention` of a whole sequence through :func:`sata._paths.window.window_attention` with the
-    far part's own queries and keys (``far_qk``); the fused kernels take one pair, so this is the PyTorch path.
-    With ``return_far`` also the far state after the sequence, F-major ``[B, Hkv, Ev + 1, D]``."""
+    far part's own queries and keys (``far_qk``): the fused prefill kernel without autograd on the CPU (``kernels``),
+    else the PyTorch path (``only_kernel``: None instead). With ``return_far`` also the far state after the
+    sequence, F-major ``[B, Hkv, Ev + 1, D]``."""
     B, Hq, L, E = q.shape
     Hkv, Ev = k.shape[1], v.shape[-1]
     g = Hq // Hkv
@@ -113,8 +119,11 @@ def _chunked(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks
     hybrid = check_hybrid("adapted_attention", window=window, sinks=sinks, taylor_mix=beta, recentre=alpha,
                           n_taylor=spec.n_taylor, n_q_heads=Hq, device=q.device)
     exact = ExactKeys.empty((B, Hkv), window, sinks, E, Ev, spec.state_dtype, q.device)
-    y, far, _ = window_attention(q.reshape(B, Hkv, g, L, E), k, v, None, None, exact, 0, spec, hybrid, True,
-                                 kernels=False, far_qk=(qa.reshape(B, Hkv, g, L, E), ka))   # [B, Hkv, g, L, Ev]
+    q5, qa5 = q.reshape(B, Hkv, g, L, E), qa.reshape(B, Hkv, g, L, E)
+    if only_kernel and not (kernels and window_prefill.serves(spec, hybrid, q5, k, v, None, exact, None, qa5, ka)):
+        return None
+    y, far, _ = window_attention(q5, k, v, None, None, exact, 0, spec, hybrid, True, kernels=kernels,
+                                 far_qk=(qa5, ka))                             # [B, Hkv, g, L, Ev]
     return (y.reshape(B, Hq, L, Ev), far) if return_far else y.reshape(B, Hq, L, Ev)
 
 
