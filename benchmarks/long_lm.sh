@@ -38,8 +38,11 @@ declare -A mixer=(
   [local]="--attention softmax --n-heads 8 --local-layers all --local-window 64"         # sliding window only
   [sata]="--attention sata --n-heads 8 --n-taylor 3"                                     # the Taylor state only
   [sata-window]="--attention sata --n-heads 8 --n-taylor 3 --window 64 --recentre 0 --learn-mix --learn-recentre"
+  # the same with the Taylor part starting weak (beta 0.01 instead of 1): at beta 1 the far keys' summed weight
+  # (~N_far at initialisation, up to ~2,000) swamps the window's (~64), and the learned mix barely moves in 360 steps
+  [sata-window-mix01]="--attention sata --n-heads 8 --n-taylor 3 --window 64 --recentre 0 --learn-mix --learn-recentre --taylor-mix 0.01"
 )
-configs=${CONFIGS:-softmax local sata sata-window}
+configs=${CONFIGS:-softmax local sata sata-window sata-window-mix01}
 
 mkdir -p "$runs"
 for name in $configs; do
@@ -62,7 +65,7 @@ done
 
 if [[ ${EVALUATE:-1} != 0 ]]; then
   models=()
-  for name in softmax local sata sata-window; do
+  for name in softmax local sata sata-window sata-window-mix01; do
     [[ -f $runs/$name/model/config.json ]] && models+=("$name=$runs/$name/model")
   done
   cmd="$py -m sata.cli evaluate ${models[*]} $evaluate --threads 1 --no-progress --json $runs/eval.json --markdown $runs/eval.md --figure $runs/eval.png"
