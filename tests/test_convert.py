@@ -63,36 +63,53 @@ def test_maps_change_only_the_far_part():
     assert (y[:, :, first_far:] - plain[:, :, first_far:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("start", ["start_state", "prefill", "prefill-inplace"])
+@pytest.mark.parametrize("start", ["start_state", "prefill", "prefill-inplace", "kernel", "kernel-then-torch"])
 @pytest.mark.parametrize("prefill", [1, 3, 40, 120])
 def test_decode_state_matches_the_quadratic_form(prefill, start):
     """Decoding from the state of a prefill (built alone, or by the chunked form of the prefill's output), into new
-    states or in place, gives the quadratic form's outputs; a step that is not in place leaves its state as it was."""
+    states or in place, or through the fused decode kernel (and from its state, converted, through PyTorch), gives
+    the quadratic form's outputs; a step that is not in place leaves its state as it was."""
+    if start.startswith("kernel"):
+        from sata import _kernels
+
+        if _kernels.load() is None:
+            pytest.skip("no C++ compiler: the fused kernels are unavailable")
     q, k, v = _qkv()
     ad = _adapter()
     kw = dict(scale=0.4, **KW)
     with torch.no_grad():
         full = adapted.quadratic_attention(q, k, v, ad.map_q(q), ad.map_k(k), alpha=ad.alpha, beta=ad.beta, **kw)
         head = [t[:, :, :prefill] for t in (q, k, v)]
-        if start.startswith("prefill"):
-            y0, state = adapted.prefill(*head, ad.map_q(head[0]), ad.map_k(head[1]), alpha=ad.alpha, beta=ad.beta, **kw)
+        if start.startswith("prefill") or start.startswith("kernel"):
+            y0, state = adapted.prefill(*head, ad.map_q(head[0]), ad.map_k(head[1]), alpha=ad.alpha, beta=ad.beta,
+                                        kernel_state=start.startswith("kernel"), **kw)
             torch.testing.assert_close(y0, full[:, :, :prefill], rtol=1e-10, atol=1e-12)
         else:
             state = adapted.start_state(head[1], head[2], ad.map_k(head[1]), **kw)
         outs, sizes = [], []
-        first, first_far = state, state.far.clone()
+        first = state
+        first_far = state.far.clone() if isinstance(state, adapted.AdaptedState) else None
+        switch = (prefill + q.shape[2]) // 2 if start == "kernel-then-torch" else q.shape[2]
         for t in range(prefill, q.shape[2]):
-            y, state = adapted.decode_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], ad,
-                                           inplace=start.endswith("inplace"), **kw)
+            q1, k1, v1 = q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]
+            if isinstance(state, sata.SATAState) and t == switch:
+                state = adapted.to_adapted_state(state)
+            if isinstance(state, sata.SATAState):
+                step = adapted.kernel_decode_step(state, q1, k1, v1, ad, **kw)
+                assert step is not None, "the fused decode kernel did not serve the step"
+                y, state = step
+            else:
+                y, state = adapted.decode_step(state, q1, k1, v1, ad, inplace=start.endswith("inplace"), **kw)
             outs.append(y)
             sizes.append(state.nbytes)
-        if not start.endswith("inplace"):
+        if first_far is not None and not start.endswith("inplace"):
             assert torch.equal(first.far, first_far)                           # the passed state is kept
         offset = adapted.adapted_attention(q[:, :, prefill:], k, v, ad.map_q(q[:, :, prefill:]), ad.map_k(k),
                                            alpha=ad.alpha, beta=ad.beta, q_offset=prefill, **kw)
     torch.testing.assert_close(torch.cat(outs, 2), full[:, :, prefill:], rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(offset, full[:, :, prefill:], rtol=1e-12, atol=1e-12)
-    assert len(set(sizes[KW["window"] + KW["sinks"]:])) == 1                  # constant once window and sinks fill
+    steady = max(KW["window"] + KW["sinks"], switch - prefill if switch < q.shape[2] else 0)
+    assert len(set(sizes[steady:])) == 1                 # constant once window and sinks fill (and in one state type)
 
 
 @pytest.mark.parametrize("L, window, sinks", [
@@ -140,9 +157,9 @@ def test_chunked_form_through_the_prefill_kernel(B, Hq, Hkv, L, E, window, sinks
     with torch.no_grad():
         qa, ka = ad.map_q(q), ad.map_k(k)
         want = adapted.quadratic_attention(q, k, v, qa, ka, **kw)
-        y, far = adapted._chunked(q, k, v, qa, ka, return_far=True, **kw)
+        y, far, _ = adapted._chunked(q, k, v, qa, ka, return_far=True, **kw)
         assert calls, "the fused prefill kernel was not used"
-        _, far_torch = adapted._chunked(q, k, v, qa, ka, return_far=True, kernels=False, **kw)
+        _, far_torch, _ = adapted._chunked(q, k, v, qa, ka, return_far=True, kernels=False, **kw)
     torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(far, far_torch, rtol=1e-10, atol=1e-10)
 

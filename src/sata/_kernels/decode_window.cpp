@@ -241,6 +241,7 @@ struct WindowBuffers : sata::HeadBuffers<T, TS> {
   static constexpr int64_t kHeads = sata::HeadBuffers<T, TS>::kHeads;
   int64_t Lp;            // W + S rounded up to whole vectors
   std::vector<T> qs;     // [kHeads, G, d] scaled queries
+  std::vector<T> qf;     // [kHeads, G, d] the far part's scaled queries (with q_far)
   std::vector<T> key;    // [d] the absorbed key, centred
   std::vector<T> coef;   // [P] a_m of one query
   std::vector<T> e;      // [kHeads, G, Lp] exact scores, then their exponentials (and a vector of room: dots())
@@ -253,6 +254,7 @@ struct WindowBuffers : sata::HeadBuffers<T, TS> {
   std::vector<T> vts;    // [kHeads, F] v~ of each head's absorbed key
   WindowBuffers(const WindowDecodeArgs& w, int64_t Lp)
       : sata::HeadBuffers<T, TS>(w.base.D, w.base.G, w.base.Ev + 1), Lp(Lp), qs(kHeads * w.base.G * w.base.d),
+        qf(kHeads * w.base.G * w.base.d),
         key(w.base.d), coef(w.base.P), e(kHeads * w.base.G * Lp + Vec<T>::W), num(kHeads * w.base.G * w.base.Ev),
         top(kHeads * w.base.G), den(kHeads * w.base.G), uf(kHeads * w.base.G * (w.base.Ev + 1)),
         c(kHeads * w.base.G), has_far(kHeads), vts(kHeads * (w.base.Ev + 1)) {}
@@ -292,6 +294,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
   const int64_t slot = W ? t.n_tokens % W : 0, Dm = off[P < 3 ? P : 3];
   const T sq = T(a.sq), sk = T(a.sk);
   const T *q = static_cast<const T*>(t.q), *k = static_cast<const T*>(t.k), *v = static_cast<const T*>(t.v);
+  const T *q_far = static_cast<const T*>(t.q_far), *k_far = static_cast<const T*>(t.k_far);
   const T *alpha = static_cast<const T*>(t.alpha), *beta = static_cast<const T*>(t.beta);
   const TS* mu = static_cast<const TS*>(t.key_centre);
   TS *win_k = static_cast<TS*>(t.win_k), *win_v = static_cast<TS*>(t.win_v);
@@ -311,7 +314,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     T* base = phi + (n - n0) * (1 + G) * ld;
     if (rows.absorb[b]) {
       for (int64_t j = 0; j < d; ++j) {
-        const T x = W ? T(ring_k[(n * W + slot) * d + j]) : k[n * d + j];
+        const T x = k_far ? k_far[n * d + j] : W ? T(ring_k[(n * W + slot) * d + j]) : k[n * d + j];
         buf.key[j] = mu ? x - T(mu[n * d + j]) : x;
       }
       feat.degree01(buf.key.data(), sk, base);
@@ -321,7 +324,12 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     for (int64_t g = 0; g < G; ++g) {
       T* x = buf.qs.data() + ((n - n0) * G + g) * d;
       for (int64_t j = 0; j < d; ++j) x[j] = q[(n * G + g) * d + j] * sq;
-      feat.degree01(x, T(1), base + (1 + g) * ld);
+      T* xf = x;  // the far part's query: its own with q_far
+      if (q_far) {
+        xf = buf.qf.data() + ((n - n0) * G + g) * d;
+        for (int64_t j = 0; j < d; ++j) xf[j] = q_far[(n * G + g) * d + j] * sq;
+      }
+      feat.degree01(xf, T(1), base + (1 + g) * ld);
     }
   }
   feat.build(phi, (n1 - n0) * (1 + G), ld);
@@ -333,7 +341,7 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     const int64_t b = n / w.Hkv, h0 = (n % w.Hkv) * G, i = n - n0;
     const T* pk = phi + i * (1 + G) * ld;
     T* pq = phi + i * (1 + G) * ld + ld;
-    const T* qs = buf.qs.data() + i * G * d;
+    const T* qs = (q_far ? buf.qf : buf.qs).data() + i * G * d;  // the far part's queries (delta)
     T* vt = buf.vts.data() + i * F;
     // v~ of the absorbed key, read before the new key takes its slot
     const bool use = rows.absorb[b];

@@ -18,7 +18,7 @@
 
 // Bump on any change to the structs or the entry points: the Python side compares it (and the
 // struct sizes) with its own on load and rebuilds a cached library that disagrees.
-#define SATA_KERNEL_ABI 9
+#define SATA_KERNEL_ABI 10
 
 extern "C" {
 
@@ -84,6 +84,9 @@ struct WindowDecodeTensors {
   int64_t n_tokens;              // positions before this step (the same in every batch row)
   const void* win_k_src;         // [N, W, d] TS the window before the step when win_k is a new buffer; or null
   const void* win_v_src;         // [N, W, Ev] TS likewise; or null (in place)
+  const void* q_far;             // [N, G, d] T the far part's own queries (a converted hybrid's maps); or null: q
+  const void* k_far;             // [N, d] T the far part's own version of the key the step absorbs (the leaving
+                                 // slot's; the new key's for W = 0); or null: that key itself
 };
 
 

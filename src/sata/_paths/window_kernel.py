@@ -77,14 +77,16 @@ def head_params(hybrid: Hybrid, spec) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state: bool,
-                inplace: bool):
+                inplace: bool, far_qk=None):
     """One window-mode decode step through the kernel, or ``None`` where the kernel does not serve the call.
 
     Args:
         query: ``[..., Hq, 1, E]``; key: ``[..., Hkv, 1, E]``; value: ``[..., Hkv, 1, Ev]``;
         spec, hybrid: the call's validated shapes and window-mode settings;
         key_padding_mask: ``[..., 1]`` bool or None; state: the state to continue (required);
-        inplace: update ``state``'s far state, window and sink buffers in place (only with ``return_state``).
+        inplace: update ``state``'s far state, window and sink buffers in place (only with ``return_state``);
+        far_qk: ``(q' [..., Hq, 1, E], k' [..., Hkv, E])``, the far part's own query and its version of the key
+            the step absorbs (the leaving window slot's, or the new key's without a window), or None.
 
     Returns:
         ``y [..., Hq, 1, Ev]``, or ``(y, state)`` with ``return_state``; ``None``: take the PyTorch path.
@@ -96,7 +98,8 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     plan = _PLANS.get(key_)
     if plan is None:
         plan = _remember(_PLANS, key_, _Plan(spec, hybrid) if _applies(spec) else _NO_PLAN)
-    if plan is _NO_PLAN or (torch.is_grad_enabled() and _needs_grad(query, key, value, state, hybrid)):
+    if plan is _NO_PLAN or (torch.is_grad_enabled() and (_needs_grad(query, key, value, state, hybrid) or (
+            far_qk is not None and any(t.requires_grad for t in far_qk)))):
         return None
     in_place = inplace and return_state
     exact = plan.no_exact if state.exact is None else state.exact
@@ -120,7 +123,12 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(spec.batch).contiguous()
     # the output: like the query when it has the query's shape (the cheapest allocation)
     y = torch.empty_like(query) if plan.out_like_query else query.new_empty(plan.out_shape)   # [..., Hq, 1, Ev]
-    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, *plan.params(hybrid), state.n_tokens, ring)
+    far = (0, 0)
+    if far_qk is not None:
+        far_qk = tuple(t.to(spec.compute_dtype).contiguous() for t in far_qk)   # kept alive through the call
+        far = tuple(t.data_ptr() for t in far_qk)
+    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, *plan.params(hybrid), state.n_tokens, ring,
+                far)
     if not return_state:
         return y
     return y, SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,

@@ -33,13 +33,14 @@ from torch.utils.checkpoint import checkpoint
 
 import sata
 from sata._checks import check_inputs
-from sata._paths import window_prefill
+from sata._paths import window_kernel, window_prefill
 from sata._paths.window import window_attention
 from sata.exact_keys import ExactKeys
 from sata.hybrid import centre, centre_coefficients, check_hybrid, combine, exact_part
 
 __all__ = ["ADAPTER_FILE", "AdaptedState", "QKAdapter", "adapted_attention", "adapter_for", "adapter_state_dict",
-           "attach_adapters", "decode_step", "prefill", "quadratic_attention", "start_state"]
+           "attach_adapters", "decode_step", "kernel_decode_step", "prefill", "quadratic_attention", "start_state",
+           "to_adapted_state"]
 
 ADAPTER_FILE = "sata_adapters.safetensors"
 _BLOCK = 256  # queries per block of the quadratic form
@@ -110,7 +111,7 @@ def _chunked(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks
     """:func:`adapted_attention` of a whole sequence through :func:`sata._paths.window.window_attention` with the
     far part's own queries and keys (``far_qk``): the fused prefill kernel without autograd on the CPU (``kernels``),
     else the PyTorch path (``only_kernel``: None instead). With ``return_far`` also the far state after the
-    sequence, F-major ``[B, Hkv, Ev + 1, D]``."""
+    sequence, F-major ``[B, Hkv, Ev + 1, D]``, and its window and sinks (:class:`sata.state.ExactKeys`)."""
     B, Hq, L, E = q.shape
     Hkv, Ev = k.shape[1], v.shape[-1]
     g = Hq // Hkv
@@ -122,9 +123,9 @@ def _chunked(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks
     q5, qa5 = q.reshape(B, Hkv, g, L, E), qa.reshape(B, Hkv, g, L, E)
     if only_kernel and not (kernels and window_prefill.serves(spec, hybrid, q5, k, v, None, exact, None, qa5, ka)):
         return None
-    y, far, _ = window_attention(q5, k, v, None, None, exact, 0, spec, hybrid, True, kernels=kernels,
-                                 far_qk=(qa5, ka))                             # [B, Hkv, g, L, Ev]
-    return (y.reshape(B, Hq, L, Ev), far) if return_far else y.reshape(B, Hq, L, Ev)
+    y, far, new_exact = window_attention(q5, k, v, None, None, exact, 0, spec, hybrid, True, kernels=kernels,
+                                         far_qk=(qa5, ka))                     # [B, Hkv, g, L, Ev]
+    return (y.reshape(B, Hq, L, Ev), far, new_exact) if return_far else y.reshape(B, Hq, L, Ev)
 
 
 def quadratic_attention(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks: int,
@@ -204,12 +205,50 @@ def start_state(k, v, ka, *, n_taylor: int, scale: float, window: int, sinks: in
 
 
 def prefill(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks: int, alpha: torch.Tensor,
-            beta: torch.Tensor) -> tuple[torch.Tensor, AdaptedState]:
+            beta: torch.Tensor, kernel_state: bool = False) -> tuple[torch.Tensor, AdaptedState | sata.SATAState]:
     """A cache's first call, keys at positions ``0 .. L - 1``: the output ``[B, Hq, L, Ev]`` (the chunked form,
-    whatever the length) and the decoding state after it, whose far state that form has built anyway."""
+    whatever the length) and the decoding state after it, whose far state that form has built anyway: an
+    :class:`AdaptedState`, or with ``kernel_state`` the :class:`sata.SATAState` (far state, window ring and sinks)
+    that :func:`kernel_decode_step` continues through the fused decode kernel."""
     kw = dict(n_taylor=n_taylor, scale=scale, window=window, sinks=sinks)
-    y, far = _chunked(q, k, v, qa, ka, alpha=alpha, beta=beta, return_far=True, **kw)
+    y, far, exact = _chunked(q, k, v, qa, ka, alpha=alpha, beta=beta, return_far=True, **kw)
+    if kernel_state:
+        B, Hkv, L, E = k.shape
+        return y, sata.SATAState._unchecked(None, n_taylor, E, v.shape[-1], scale, L, kvT=far, window=window,
+                                            sinks=sinks, exact=exact)
     return y, start_state(k, v, ka, far=far, **kw)
+
+
+def kernel_decode_step(state: sata.SATAState, q, k, v, adapter: QKAdapter, *, n_taylor: int, scale: float, window: int,
+                       sinks: int) -> tuple[torch.Tensor, sata.SATAState] | None:
+    """:func:`decode_step` from a :func:`prefill` ``kernel_state`` through the fused window decode kernel, which
+    updates ``state`` in place: the output ``[B, Hq, 1, Ev]`` and the state, or None where the kernel does not
+    serve the call (autograd, another device or dtype): continue with :func:`to_adapted_state`."""
+    B, Hq, _, E = q.shape
+    Hkv = k.shape[1]
+    # the far part's version of the key this step absorbs: the one leaving the window's ring (read before the
+    # kernel writes the new key into its slot), or without a window the new key
+    leaving = state.exact.win_k[:, :, state.n_tokens % window] if window else k[:, :, 0]     # [B, Hkv, E]
+    ka = adapter.map_k(leaving[:, :, None].to(k.dtype))[:, :, 0]                              # [B, Hkv, E]
+    spec = check_inputs("adapted decode", q, k, v, n_taylor=n_taylor, is_causal=True, scale=scale,
+                        enable_gqa=Hq != Hkv, key_padding_mask=None, state=state)
+    hybrid = check_hybrid("adapted decode", window=window, sinks=sinks, taylor_mix=adapter.beta,
+                          recentre=adapter.alpha, n_taylor=spec.n_taylor, n_q_heads=Hq, device=q.device)
+    return window_kernel.decode_step(q, k, v, spec, hybrid, True, None, state, True, True,
+                                     far_qk=(adapter.map_q(q), ka))
+
+
+def to_adapted_state(state: sata.SATAState) -> AdaptedState:
+    """The :class:`AdaptedState` of a :func:`prefill` ``kernel_state`` (for :func:`decode_step`): the far state in
+    float64, the window's keys oldest first without the sinks, the sinks filled so far."""
+    n, W, S = state.n_tokens, state.window, state.sinks
+    ex = state.exact
+    ring = lambda t: t.roll(-(n % W), dims=2) if n >= W else t[:, :, :n]      # oldest first
+    first = max(S - max(n - W, 0), 0) if W else 0                               # window positions that are sinks
+    win_k, win_v = (ring(t)[:, :, first:] for t in (ex.win_k, ex.win_v)) if W else (ex.win_k, ex.win_v)
+    n_sinks = min(n, S)
+    far = state._fmajor().mT.to(torch.float64, memory_format=torch.contiguous_format)   # [B, Hkv, D, Ev + 1]
+    return AdaptedState(far, win_k, win_v, ex.sink_k[:, :, :n_sinks], ex.sink_v[:, :, :n_sinks], n)
 
 
 def decode_step(state: AdaptedState, q, k, v, adapter: QKAdapter, *, n_taylor: int, scale: float, window: int,

@@ -48,6 +48,7 @@ import torch
 
 import sata
 from sata._checks import check_n_taylor, compute_dtype_for
+from sata._paths.kernel import available as _kernels_available
 from sata._paths.run import needs_grad
 from sata.budget import format_bytes
 from sata.hybrid import check_hybrid
@@ -503,14 +504,23 @@ def _adapted_forward(module, query, key, value, attention_mask, is_causal, scali
     if layer is not None:  # SATACache: this step's keys only
         layer._pending = False
         if layer.state is None:
+            # on the CPU without autograd the state the fused decode kernel continues, else the PyTorch one
+            fused = query.device.type == "cpu" and not torch.is_grad_enabled() and _kernels_available()
             out, layer.state = adapted.prefill(query, key, value, ad.map_q(query), ad.map_k(key), alpha=ad.alpha,
-                                               beta=ad.beta, **kw)              # [B, Hq, Lq, Ev]
+                                               beta=ad.beta, kernel_state=fused, **kw)   # [B, Hq, Lq, Ev]
         else:
             outs = []
             own = not torch.is_grad_enabled()  # the cache's own state, no graph to keep: updated in place
             for t in range(Lq):
-                y, layer.state = adapted.decode_step(layer.state, query[:, :, t : t + 1], key[:, :, t : t + 1],
-                                                     value[:, :, t : t + 1], ad, inplace=own, **kw)
+                q1, k1, v1 = (x[:, :, t : t + 1] for x in (query, key, value))
+                step = None
+                if isinstance(layer.state, sata.SATAState):
+                    step = adapted.kernel_decode_step(layer.state, q1, k1, v1, ad, **kw)
+                    if step is None:  # the kernel does not serve this step (autograd): PyTorch from here on
+                        layer.state = adapted.to_adapted_state(layer.state)
+                if step is None:
+                    step = adapted.decode_step(layer.state, q1, k1, v1, ad, inplace=own, **kw)
+                y, layer.state = step
                 outs.append(y)
             out = torch.cat(outs, dim=2)                                         # [B, Hq, Lq, Ev]
         return out.transpose(1, 2).contiguous(), None
