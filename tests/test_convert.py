@@ -112,6 +112,35 @@ def test_decode_state_matches_the_quadratic_form(prefill, start):
     assert len(set(sizes[steady:])) == 1                 # constant once window and sinks fill (and in one state type)
 
 
+@pytest.mark.parametrize("window, sinks", [(0, 3), (5, 0), (1, 1)], ids=["sinks-only", "window-only", "W1-S1"])
+@pytest.mark.parametrize("prefill", [1, 7])
+def test_kernel_decode_edge_cases(window, sinks, prefill):
+    """Kernel decoding (then PyTorch after converting the state) without a window, without sinks, and with a
+    window of one, against the quadratic form in float64."""
+    from sata import _kernels
+
+    if _kernels.load() is None:
+        pytest.skip("no C++ compiler: the fused kernels are unavailable")
+    q, k, v = _qkv(L=40)
+    ad = _adapter()
+    kw = dict(scale=0.4, n_taylor=3, window=window, sinks=sinks)
+    with torch.no_grad():
+        full = adapted.quadratic_attention(q, k, v, ad.map_q(q), ad.map_k(k), alpha=ad.alpha, beta=ad.beta, **kw)
+        head = [t[:, :, :prefill] for t in (q, k, v)]
+        _, state = adapted.prefill(*head, ad.map_q(head[0]), ad.map_k(head[1]), alpha=ad.alpha, beta=ad.beta,
+                                   kernel_state=True, **kw)
+        outs = []
+        for t in range(prefill, 40):
+            q1, k1, v1 = q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]
+            if t == 30:
+                state = adapted.to_adapted_state(state)
+            step = adapted.kernel_decode_step(state, q1, k1, v1, ad, **kw) if isinstance(state, sata.SATAState) \
+                else adapted.decode_step(state, q1, k1, v1, ad, **kw)
+            y, state = step
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 2), full[:, :, prefill:], rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("L, window, sinks", [
     pytest.param(200, 16, 3, id="L200-W16-S3"),
     pytest.param(130, 0, 2, id="L130-sinks-only"),
