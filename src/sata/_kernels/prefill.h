@@ -238,12 +238,18 @@ struct Head {
     features_t(kx.data(), d, P, prefix_len, weight, phik.data());
   }
 
-  void load_queries(const T* q, int64_t t0, int64_t c) {
+  // the chunk's queries t0 .. t0 + c - 1, scaled, into qx [d][C] (the lanes past c zero)
+  void load_qx(const T* q, int64_t t0, int64_t c) {
     std::fill(qx.begin(), qx.end(), T(0));
     for (int64_t i = 0; i < c; ++i) {
       const T* qr = q + (t0 + i) * q_sl;
       for (int64_t e = 0; e < d; ++e) qx[e * C + i] = qr[e] * sq;
     }
+  }
+
+  // load_qx() and the queries' features (rows 0 .. D - 1 of X)
+  void load_queries(const T* q, int64_t t0, int64_t c) {
+    load_qx(q, t0, c);
     features_t(qx.data(), d, P, prefix_len, weight, X.data());
   }
 

@@ -191,13 +191,6 @@ struct WindowHead : sata::Head<T, TS> {
     sata::gemm_t(M, Fp, this->F, D + c, X, this->U.data(), false);
   }
 
-  // the exact part's queries into qx (scaled, [d][C]) where the far part read others (its features are not needed)
-  void load_exact_queries(const T* q, int64_t t0, int64_t c) {
-    std::fill(this->qx.begin(), this->qx.end(), T(0));
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t e = 0; e < this->d; ++e) this->qx[e * C + i] = q[(t0 + i) * this->q_sl + e] * this->sq;
-  }
-
   // the chunk's band, once for all its query heads: column u of bk [d][CW] (keys scaled), bv [Ev][CW] and badd
   // [CW] holds stream position t0 + 1 + u, badd 0 for a kept key and -inf for none (or beyond the stream's end
   // n); query i reads columns i .. i + W - 1. The columns of the previous chunk (t0 - C) that stay are moved
@@ -392,7 +385,7 @@ struct WindowHead : sata::Head<T, TS> {
       for (int64_t g = 0; g < G; ++g) {
         this->load_queries(qf + g * L * d, t0, c);
         far_part(c, mu, recentre ? alpha[h0 + g] : T(0));
-        if (qf != q) load_exact_queries(q + g * L * d, t0, c);
+        if (qf != q) this->load_qx(q + g * L * d, t0, c);  // the exact part's own queries (no features needed)
         exact_part(t0, c, sink_k, sink_v, sink_pos, t.n_tokens);
         combine(y + g * L * Ev, t0, c, beta[h0 + g]);
       }

@@ -174,6 +174,7 @@ def _centre(run: _Call, qs, ks_far, w_far, far, right, key_centre):
         c = shifted if delta is None else shifted + delta[..., 0]
     return c, None if shifted is None else centre_coefficients(shifted, run.P)
 
+
 def _delta(run: _Call, qs, key_centre):
     """``delta_i = scale q_i . mu`` ``[B, Hkv, g, L, 1]``, the shift of the far scores by the key centre (None: none)."""
     return None if key_centre is None else qs @ (key_centre.to(run.cd) * run.sk)[:, :, None, :, None]

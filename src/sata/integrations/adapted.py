@@ -200,7 +200,7 @@ def start_state(k, v, ka, *, n_taylor: int, scale: float, window: int, sinks: in
     if far is None:
         far = _features(ka[:, :, sinks:first_win], n_taylor, scale).mT @ _ones_col(v[:, :, sinks:first_win]).double()
     else:
-        far = far.mT.to(torch.float64, memory_format=torch.contiguous_format)   # [B, Hkv, D, Ev + 1]
+        far = _far64(far)
     return AdaptedState(far, k[:, :, first_win:], v[:, :, first_win:], k[:, :, :sinks], v[:, :, :sinks], L)
 
 
@@ -213,7 +213,7 @@ def prefill(q, k, v, qa, ka, *, n_taylor: int, scale: float, window: int, sinks:
     kw = dict(n_taylor=n_taylor, scale=scale, window=window, sinks=sinks)
     y, far, exact = _chunked(q, k, v, qa, ka, alpha=alpha, beta=beta, return_far=True, **kw)
     if kernel_state:
-        B, Hkv, L, E = k.shape
+        L, E = k.shape[2:]
         return y, sata.SATAState._unchecked(None, n_taylor, E, v.shape[-1], scale, L, kvT=far, window=window,
                                             sinks=sinks, exact=exact)
     return y, start_state(k, v, ka, far=far, **kw)
@@ -224,8 +224,7 @@ def kernel_decode_step(state: sata.SATAState, q, k, v, adapter: QKAdapter, *, n_
     """:func:`decode_step` from a :func:`prefill` ``kernel_state`` through the fused window decode kernel, which
     updates ``state`` in place: the output ``[B, Hq, 1, Ev]`` and the state, or None where the kernel does not
     serve the call (autograd, another device or dtype): continue with :func:`to_adapted_state`."""
-    B, Hq, _, E = q.shape
-    Hkv = k.shape[1]
+    Hq, Hkv = q.shape[1], k.shape[1]
     # the far part's version of the key this step absorbs: the one leaving the window's ring (read before the
     # kernel writes the new key into its slot), or without a window the new key
     leaving = state.exact.win_k[:, :, state.n_tokens % window] if window else k[:, :, 0]     # [B, Hkv, E]
@@ -247,8 +246,7 @@ def to_adapted_state(state: sata.SATAState) -> AdaptedState:
     first = max(S - max(n - W, 0), 0) if W else 0                               # window positions that are sinks
     win_k, win_v = (ring(t)[:, :, first:] for t in (ex.win_k, ex.win_v)) if W else (ex.win_k, ex.win_v)
     n_sinks = min(n, S)
-    far = state._fmajor().mT.to(torch.float64, memory_format=torch.contiguous_format)   # [B, Hkv, D, Ev + 1]
-    return AdaptedState(far, win_k, win_v, ex.sink_k[:, :, :n_sinks], ex.sink_v[:, :, :n_sinks], n)
+    return AdaptedState(_far64(state._fmajor()), win_k, win_v, ex.sink_k[:, :, :n_sinks], ex.sink_v[:, :, :n_sinks], n)
 
 
 def decode_step(state: AdaptedState, q, k, v, adapter: QKAdapter, *, n_taylor: int, scale: float, window: int,
@@ -292,6 +290,12 @@ def decode_step(state: AdaptedState, q, k, v, adapter: QKAdapter, *, n_taylor: i
     beta = adapter.beta.double().view(Hkv, g)
     y = combine(m.double(), num.double(), den.double(), U, c, moments[..., 0] > 0, beta, v.shape[-1], q.dtype)
     return y.view(B, Hq, 1, -1), state
+
+
+def _far64(far: torch.Tensor) -> torch.Tensor:
+    """A far state from the window mode's paths, F-major ``[B, Hkv, Ev + 1, D]``, as :class:`AdaptedState` holds it:
+    ``[B, Hkv, D, Ev + 1]`` in float64, contiguous (decode_step adds into it in place)."""
+    return far.mT.to(torch.float64, memory_format=torch.contiguous_format)
 
 
 def _features(x, n_taylor: int, scale: float) -> torch.Tensor:
