@@ -63,6 +63,25 @@ def test_maps_change_only_the_far_part():
     assert (y[:, :, first_far:] - plain[:, :, first_far:]).abs().max() > 1e-3
 
 
+def _decode(state, q, k, v, ad, start: int, switch: int, inplace: bool, kw):
+    """Tokens ``start ..`` of ``q, k, v`` one by one from ``state``: through the fused decode kernel while it is a
+    ``SATAState`` (converted to an ``AdaptedState`` at token ``switch``), else the PyTorch step. Outputs, bytes."""
+    outs, sizes = [], []
+    for t in range(start, q.shape[2]):
+        q1, k1, v1 = q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]
+        if isinstance(state, sata.SATAState) and t == switch:
+            state = adapted.to_adapted_state(state)
+        if isinstance(state, sata.SATAState):
+            step = adapted.kernel_decode_step(state, q1, k1, v1, ad, **kw)
+            assert step is not None, "the fused decode kernel did not serve the step"
+            y, state = step
+        else:
+            y, state = adapted.decode_step(state, q1, k1, v1, ad, inplace=inplace, **kw)
+        outs.append(y)
+        sizes.append(state.nbytes)
+    return outs, sizes
+
+
 @pytest.mark.parametrize("start", ["start_state", "prefill", "prefill-inplace", "kernel", "kernel-then-torch"])
 @pytest.mark.parametrize("prefill", [1, 3, 40, 120])
 def test_decode_state_matches_the_quadratic_form(prefill, start):
@@ -86,22 +105,10 @@ def test_decode_state_matches_the_quadratic_form(prefill, start):
             torch.testing.assert_close(y0, full[:, :, :prefill], rtol=1e-10, atol=1e-12)
         else:
             state = adapted.start_state(head[1], head[2], ad.map_k(head[1]), **kw)
-        outs, sizes = [], []
         first = state
         first_far = state.far.clone() if isinstance(state, adapted.AdaptedState) else None
         switch = (prefill + q.shape[2]) // 2 if start == "kernel-then-torch" else q.shape[2]
-        for t in range(prefill, q.shape[2]):
-            q1, k1, v1 = q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]
-            if isinstance(state, sata.SATAState) and t == switch:
-                state = adapted.to_adapted_state(state)
-            if isinstance(state, sata.SATAState):
-                step = adapted.kernel_decode_step(state, q1, k1, v1, ad, **kw)
-                assert step is not None, "the fused decode kernel did not serve the step"
-                y, state = step
-            else:
-                y, state = adapted.decode_step(state, q1, k1, v1, ad, inplace=start.endswith("inplace"), **kw)
-            outs.append(y)
-            sizes.append(state.nbytes)
+        outs, sizes = _decode(state, q, k, v, ad, prefill, switch, start.endswith("inplace"), kw)
         if first_far is not None and not start.endswith("inplace"):
             assert torch.equal(first.far, first_far)                           # the passed state is kept
         offset = adapted.adapted_attention(q[:, :, prefill:], k, v, ad.map_q(q[:, :, prefill:]), ad.map_k(k),
@@ -129,15 +136,7 @@ def test_kernel_decode_edge_cases(window, sinks, prefill):
         head = [t[:, :, :prefill] for t in (q, k, v)]
         _, state = adapted.prefill(*head, ad.map_q(head[0]), ad.map_k(head[1]), alpha=ad.alpha, beta=ad.beta,
                                    kernel_state=True, **kw)
-        outs = []
-        for t in range(prefill, 40):
-            q1, k1, v1 = q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]
-            if t == 30:
-                state = adapted.to_adapted_state(state)
-            step = adapted.kernel_decode_step(state, q1, k1, v1, ad, **kw) if isinstance(state, sata.SATAState) \
-                else adapted.decode_step(state, q1, k1, v1, ad, **kw)
-            y, state = step
-            outs.append(y)
+        outs, _ = _decode(state, q, k, v, ad, prefill, 30, False, kw)
     torch.testing.assert_close(torch.cat(outs, 2), full[:, :, prefill:], rtol=1e-9, atol=1e-11)
 
 
