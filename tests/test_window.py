@@ -55,6 +55,28 @@ def test_taylor_mix_zero_is_sliding_window_with_sinks(causal):
 
 
 @pytest.mark.parametrize("causal", CAUSAL)
+def test_taylor_mix_zero_without_a_state_skips_the_far_part(causal, monkeypatch):
+    """The window-only model's training: taylor_mix the number 0 and no state returned runs the exact part alone
+    (the far part is never computed); forward and gradients equal the sliding window with sinks (SDPA) and the
+    path that keeps the far state for a returned state."""
+    from sata._paths import window as window_path
+    q, k, v = (t.requires_grad_() for t in qkv((2,), 3, 40, 8, 5, seed=7))
+    kw = dict(n_taylor=3, is_causal=causal, window=6, sinks=3, taylor_mix=0.0, recentre=0.2)
+    expected = _softmax(q, k, v, _positions(40, 40, causal, 6, 3))
+    grads = lambda y: torch.autograd.grad(y.square().sum(), (q, k, v), retain_graph=True)
+    with_state = sata.sata_attention(q, k, v, return_state=True, **kw)[0]
+    used = []
+    for name in ("_scan", "_centre", "absorb"):
+        monkeypatch.setattr(window_path, name, lambda *a, _n=name, **k: used.append(_n))
+    y = sata.sata_attention(q, k, v, **kw)
+    assert not used, f"the far part ran: {used}"
+    for got, want, what in ((y, expected, "vs SDPA"), (y, with_state, "vs the path keeping the far state")):
+        assert_rel(got, want, 1e-10, what)
+        for g, h, name in zip(grads(got), grads(want), "qkv"):
+            assert_rel(g, h, 1e-10, f"d{name} {what}")
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
 def test_no_window_no_centre_is_the_plain_op(causal):
     q, k, v = qkv((2,), 3, 30, 4, 5, seed=4)
     plain = sata.naive_sata_attention(q, k, v, n_taylor=4, is_causal=causal)

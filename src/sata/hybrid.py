@@ -45,6 +45,12 @@ class Hybrid:
     def has_exact(self) -> bool:
         return self.window > 0 or self.sinks > 0
 
+    @property
+    def no_far(self) -> bool:
+        """``taylor_mix`` is the plain number 0: the output is the exact part alone (a sliding window with sinks);
+        a tensor, even of zeros, may be trained away from 0 and keeps the far part."""
+        return not isinstance(self.taylor_mix, torch.Tensor) and self.taylor_mix == 0
+
 
 PLAIN = Hybrid(0, 0, 1.0, None)
 
@@ -229,8 +235,10 @@ def combine(m_exact, num_exact, den_exact, U_far, c, has_far, beta, d_value: int
 
     ``U_far [..., T, Ev + 1]`` holds ``sum_F T_P(s - c) [v, 1]``; ``has_far [..., T]`` says whether ``F`` is
     non-empty (a row without far keys takes its maximum from the exact part alone). A row whose
-    normaliser is not positive gives 0.
+    normaliser is not positive gives 0. ``U_far=None``: no far part (``taylor_mix=0``), the exact part alone.
     """
+    if U_far is None:
+        return _normalize_rows(num_exact, den_exact[..., None]).to(dtype)
     m = torch.where(has_far, torch.maximum(m_exact, c), m_exact)                 # [..., T]
     m = torch.where(torch.isfinite(m), m, 0.0)
     e_exact = torch.exp(m_exact - m)                                            # 0 where no exact keys

@@ -56,7 +56,7 @@ class _Call:
 
 
 def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, hybrid: Hybrid, causal: bool,
-                     key_centre=None, kernels: bool = True, far_qk=None):
+                     key_centre=None, kernels: bool = True, far_qk=None, need_far: bool = True):
     """The window mode for one call.
 
     Args:
@@ -71,9 +71,11 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         far_qk: ``(q', k')`` shaped like ``q`` and ``k``: the far part's own queries and keys (the converted
             hybrid's learned maps of them, :mod:`sata.integrations.adapted`), the exact part keeping ``q`` and
             ``k``; only for a stream's first call (no state: the window holds no keys to map). None: ``q``, ``k``.
+        need_far: the far state after the call is wanted (a returned state). Without it and with ``taylor_mix``
+            the plain number 0 (:attr:`Hybrid.no_far`) the far part is skipped: the window-only model's training.
 
     Returns:
-        ``y [B, Hkv, g, Lq, Ev]``, the far state and the :class:`ExactKeys` after the call.
+        ``y [B, Hkv, g, Lq, Ev]``, the far state (None where skipped) and the :class:`ExactKeys` after the call.
 
     With a key centre ``mu`` the far state holds ``phi(k - mu)``: the far scores are ``s' = s - delta_i``,
     ``delta_i = scale q_i . mu``, and the series around ``c_i`` is the series of ``s'`` around
@@ -97,6 +99,9 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E] exact part
     qf = qs if far_qk is None else far_qk[0].to(run.cd) * run.sq                  # [B, Hkv, g, L, E] far part
     sinks = (new_exact.sink_k.to(run.cd) * run.sk, new_exact.sink_v.to(run.cd), new_exact.sink_pos)
+    if hybrid.no_far and not need_far:  # weighted by 0 and no state to keep: the exact part alone
+        m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
+        return combine(m, num, den, None, None, None, None, spec.d_value, spec.dtype), None, new_exact
 
     # how many far keys each query has, and their centre
     n_far = ext_f[:, None, :L, None].to(run.cd).cumsum(-2)                      # [B, 1, L, 1]

@@ -60,7 +60,8 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
             if state.exact is None else state.exact.map(flat)
         far, n0 = flat(state.kv).mT.to(spec.state_dtype), state.n_tokens          # [B, Hkv, F, D]
     centre = _key_centre(state, hybrid, k, mask, spec, B)
-    y, far, exact = window_attention(q, k, v, mask, far, exact, n0, spec, hybrid, is_causal, centre, kernels)
+    y, far, exact = window_attention(q, k, v, mask, far, exact, n0, spec, hybrid, is_causal, centre, kernels,
+                                     need_far=return_state)
     out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
     if not return_state:
         return out
