@@ -83,7 +83,8 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     """
     if far_qk is not None and (far is not None or n_tokens or bool(exact.win_keep.any())):
         raise ValueError("window_attention: far_qk needs the stream's first call (no far state, no window keys)")
-    if causal and kernels and q.shape[-2] and window_prefill.serves(
+    exact_only = hybrid.no_far and not need_far  # the far part weighted by 0 and no state to keep
+    if causal and kernels and q.shape[-2] and not exact_only and window_prefill.serves(
             spec, hybrid, q, k, v, far, exact, key_centre, *(far_qk or ())):
         win_k, win_v, ext_f, new_exact = stream(hybrid.window, spec.state_dtype, k, v, mask, exact, n_tokens)
         y, far = window_prefill.prefill(q, k, v, win_k, win_v, ext_f, new_exact, far, n_tokens, spec, hybrid, key_centre,
@@ -99,7 +100,7 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E] exact part
     qf = qs if far_qk is None else far_qk[0].to(run.cd) * run.sq                  # [B, Hkv, g, L, E] far part
     sinks = (new_exact.sink_k.to(run.cd) * run.sk, new_exact.sink_v.to(run.cd), new_exact.sink_pos)
-    if hybrid.no_far and not need_far:  # weighted by 0 and no state to keep: the exact part alone
+    if exact_only:  # (2-3x faster than the fused prefill kernel, which computes the far part)
         m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
         return combine(m, num, den, None, None, None, None, spec.d_value, spec.dtype), None, new_exact
 
