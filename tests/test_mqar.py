@@ -405,6 +405,21 @@ def test_bench_mqar_smoke_end_to_end_and_resume(tmp_path, capsys, one_thread):
     assert "1 line(s) are not JSON" in capsys.readouterr().err
 
 
+def test_bench_mqar_report_reads_the_results_file_and_trains_nothing(tmp_path, capsys, monkeypatch, one_thread):
+    res, js = tmp_path / "r.jsonl", tmp_path / "s.json"
+    base = ["bench", "mqar", "--preset", "smoke", "--no-progress", "--threads", "1", "--results", str(res)]
+    assert cli.main(base + ["--mixers", "sliding"]) == 0                       # one of the preset's five runs
+    capsys.readouterr()
+    monkeypatch.setattr(mqar, "train_run", lambda *a, **k: pytest.fail("--report trained a run"))
+    before = res.read_text()
+    assert cli.main(base + ["--report", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 5 runs in" in out and "sliding" in out.split("MQAR accuracy", 1)[1]
+    assert res.read_text() == before
+    summary = json.loads(js.read_text())
+    assert [b["mixer"] for b in summary["best"]] == ["sliding"] and len(summary["runs"]) == 1
+
+
 def test_bench_mqar_list_estimate_and_bad_options(capsys, one_thread):
     assert cli.main(["bench", "mqar", "--preset", "full", "--list", "--mixers", "based", "--threads", "1"]) == 0
     out = capsys.readouterr().out

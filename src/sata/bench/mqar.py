@@ -455,6 +455,12 @@ def run_sweep(task: MQARTask, points: list[MQARPoint], lrs: list[float], results
                 bar.update(1)
         if bar is not None:
             bar.close()
+    return finished_runs(task, points, lrs, results)
+
+
+def finished_runs(task: MQARTask, points: list[MQARPoint], lrs: list[float], results: str | os.PathLike) -> list[dict]:
+    """The records in ``results`` of the sweep's runs (``points`` x ``lrs`` on ``task``) that have ended."""
+    wanted = {run_key(task, p, lr) for p in points for lr in lrs}
     return [r for r in read_results(results) if r["key"] in wanted]
 
 
@@ -520,6 +526,9 @@ def add_arguments(parser) -> None:
                    help="LxN[:weight],... trained on, e.g. 64x4:5,128x8:1 (weight 1 if omitted)%(default).0s")
     g.add_argument("--test-slices", default=None, help="LxN,... tested on, e.g. 64x4,512x128%(default).0s")
     g.add_argument("--list", action="store_true", help="list the runs and their state, train nothing%(default).0s")
+    g.add_argument("--report", action="store_true",
+                   help="table, --json, --markdown and --figure of the runs already in the results file, train "
+                        "nothing (while processes sharing the file still run, or after them)%(default).0s")
     g.add_argument("--estimate", action="store_true",
                    help="time a few steps of every configuration and print the sweep's time at most%(default).0s")
 
@@ -604,7 +613,12 @@ def main(args) -> int:
                   f"(no early stop; a run stops at {task.target} validation accuracy and its configuration's "
                   f"other learning rates are skipped); with one thread, the wall time on an idle core")
         return 0
-    records = run_sweep(task, points, lrs, results, progress=not args.no_progress)
+    if args.report:
+        records = finished_runs(task, points, lrs, results)
+        print(f"{len({r['key'] for r in records})} of {len(points) * len(lrs)} runs in {results} (a configuration "
+              f"solved at one rate skips its other rates)", flush=True)
+    else:
+        records = run_sweep(task, points, lrs, results, progress=not args.no_progress)
     best = report.best_per_config(records)
     text = report.table(best)
     print(f"\nMQAR accuracy at the best learning rate per configuration (results: {results})\n{text}")
