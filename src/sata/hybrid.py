@@ -229,7 +229,7 @@ def exact_part(s: torch.Tensor, exact: torch.Tensor, v: torch.Tensor):
     m_safe = torch.where(torch.isfinite(m), m, 0.0)
     x = s - m_safe[..., None]                                                   # [..., T, K]
     # weights below the smallest normal number flushed to 0: a subnormal exp costs ~60x a normal one on x86
-    # (scores of trained models span ~90 units: many would land there) and weighs < 1.2e-38 beside the maximum's 1
+    # (trained models' scores span up to ~100 units: some land there) and weighs < 1.2e-38 beside the maximum's 1
     x = x.masked_fill_(x < _EXP_FLOOR[x.dtype], -math.inf)
     w = torch.exp(x)                                                            # [..., T, K]; 0 off the exact keys
     return m, w @ v, w.sum(dim=-1)
