@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from .mqar_model import model_state_bytes
 from .tables import fmt_bytes, render
 
@@ -91,9 +93,9 @@ def plot(best: list[dict], path: str, title: str = "", anchors: bool = True) -> 
     ax.set_ylim(-0.02, 1.04)
     ax.set_xlabel("state bytes (Zoology's accounting: short conv + mixer, float32)")
     ax.set_ylabel("MQAR accuracy (mean over test slices)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=9)   # a long task description wraps instead of leaving the figure
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)   # large states with low accuracy: the corner no run is expected in
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
