@@ -323,6 +323,19 @@ def test_convert_bad_flags(tmp_path, extra, match):
         convert_cli.main(_args(tmp_path, *extra))
 
 
+def test_convert_refuses_an_out_directory_of_other_settings(tmp_path):
+    """A run's directory holds checkpoints and evaluations of its settings: another run there would mix them."""
+    (tmp_path / "stages").mkdir()
+    args = _args(tmp_path)
+    convert_cli._quick_defaults(args)
+    settings = {k: v for k, v in vars(args).items() if k not in convert_cli._NOT_RESULTS}
+    (tmp_path / "stages" / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(SystemExit, match=r"--distill-steps 4 there, 6 now.*another --out"):
+        convert_cli.main(_args(tmp_path, "--distill-steps", "6"))
+    with pytest.raises(SystemExit, match=r"--eval-windows 2 there, 3 now"):
+        convert_cli.main(_args(tmp_path, "--eval-windows", "3", "--threads", "2"))
+
+
 def test_stages_resume_after_interruption(tmp_path, monkeypatch):
     """Killed mid-stage, the stages restart from their checkpoints and end where an uninterrupted run ends."""
     import copy

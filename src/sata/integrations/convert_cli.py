@@ -66,18 +66,13 @@ def main(args) -> int:
     except ImportError as e:
         print(f"sata convert needs transformers, gguf, accelerate and tqdm ({e}): pip install 'sata-attention[hf]'")
         return 2
-    if args.quick:  # its settings, where the command line left the default
-        defaults = argparse.ArgumentParser()
-        add_arguments(defaults)
-        defaults = defaults.parse_args([])
-        for k, v in _QUICK.items():
-            if getattr(args, k) == getattr(defaults, k):
-                setattr(args, k, v)
+    _quick_defaults(args)
     _check(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     (out / "stages").mkdir(parents=True, exist_ok=True)
+    _same_settings(args, out / "stages" / "settings.json")
     say = _Clock()
 
     model, tok, name = _tiny() if args.quick else (*convert.load_model(args.model, args.gguf_file), _name(args))
@@ -151,6 +146,40 @@ def _check(args) -> None:
         raise SystemExit(f"sata convert: --n-taylor {args.n_taylor}: the re-centred hybrid needs n_taylor >= 3")
     if args.taylor_mix <= 0:
         raise SystemExit("sata convert: --taylor-mix must be > 0 (the window-only baseline is --baseline window-only)")
+
+
+def _quick_defaults(args) -> None:
+    """With ``--quick``, its settings where the command line left the default."""
+    if args.quick:
+        defaults = argparse.ArgumentParser()
+        add_arguments(defaults)
+        defaults = defaults.parse_args([])
+        for k, v in _QUICK.items():
+            if getattr(args, k) == getattr(defaults, k):
+                setattr(args, k, v)
+
+
+# flags that change no result: how fast, how often a checkpoint is written, where, and whether the baseline (a
+# stage of its own) runs too
+_NOT_RESULTS = {"threads", "save_every", "out", "baseline"}
+
+
+def _same_settings(args, path: Path) -> None:
+    """Record the settings of the run in ``--out`` at its start; a later run with other settings would mix its
+    checkpoints and cached evaluations with theirs (a converted model loaded as finished, an evaluation of
+    fewer windows reused), so it is refused with the differences and the fix."""
+    now = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_RESULTS}
+    if not path.exists():
+        path.write_text(json.dumps(now, indent=1))
+        return
+    before = json.loads(path.read_text())
+    diff = [f"--{k.replace('_', '-')} {before.get(k)!r} there, {v!r} now" for k, v in now.items() if before.get(k) != v]
+    if diff:
+        raise SystemExit(
+            f"sata convert: --out {path.parent.parent} holds a run with other settings ({'; '.join(diff)}); its "
+            "checkpoints and evaluations would be mixed with this run's. Use another --out, or remove that directory "
+            "to start over (copying stages/transfer.pt there keeps an unchanged stage (a))."
+        )
 
 
 def _window_only(hc):
