@@ -24,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..basis import TaylorBasis, get_basis
-from ..features import _phi
+from ..features import _phi, taylor_exp
 from ..state import ExactKeys
 from ..hybrid import Hybrid, centre, centre_coefficients, combine, exact_part, per_head
 from . import window_prefill
@@ -318,11 +318,17 @@ def _scan(run: _Call, qs, ks, vt, S0, coef, centred: bool = False):
 
 
 def _horner(s, coef, P: int):
-    """``sum_m coef_m s^m / m!`` by Horner's rule; ``coef [..., P]`` per row of ``s [..., c, c]`` (None: ones)."""
-    a = (lambda m: 1.0) if coef is None else (lambda m: coef[..., m, None])
-    r = torch.ones_like(s) * a(P - 1)
-    for m in range(P - 2, -1, -1):
-        r = a(m) + r * s / (m + 1)
+    """``sum_m coef_m s^m / m!`` by Horner's rule; ``coef [..., P]`` per row of ``s [..., c, c]`` (None: ones).
+
+    With ``b_m = coef_m / m!`` (on the small coefficient tensor) each step is one ``b_m + r s`` over the scores."""
+    if coef is None:
+        return taylor_exp(s, P)
+    b = coef / torch.tensor([math.factorial(m) for m in range(P)], dtype=coef.dtype, device=coef.device)
+    if P == 1:
+        return b[..., 0, None].expand_as(s)
+    r = torch.addcmul(b[..., P - 2, None], b[..., P - 1, None], s)              # [..., c, c]
+    for m in range(P - 3, -1, -1):
+        r = torch.addcmul(b[..., m, None], r, s)
     return r
 
 
@@ -357,18 +363,20 @@ def _chunk_moments(run: _Call, phiq, before, s, w):
     before its chunk, its features against the normaliser row's degree blocks, and within it, its scores times
     the far-key flags (causal). ``phiq [B, Hkv, g, n_c, c, >= D_mom]`` (degrees 0.. of the basis), ``before
     [B, Hkv, n_c, D_mom]``, ``s [B, Hkv, g, n_c, c, c]`` (only its lower triangle is read), ``w [B, Hkv, n_c, c]``."""
-    n, Dm, c = run.n_mom, run.D_mom, s.shape[-1]
+    n, Dm = run.n_mom, run.D_mom
     fact = torch.tensor([math.factorial(m) for m in range(n)], dtype=run.cd, device=s.device)
     degree = torch.nn.functional.one_hot(run.deg[:Dm], n).to(run.cd)            # [Dm, n]: each feature's degree
     # each degree's block of phi(q) . before, as one product with the state spread over the degrees
     inter = phiq[..., :Dm] @ (before[..., None] * degree)[:, :, None]             # [B, Hkv, g, n_c, c, n]
-    causal = torch.ones(c, c, dtype=run.cd, device=s.device).tril()             # [c, c]
-    wt, st = w[:, :, None, :, None, :] * causal, s.tril()                       # far-key weights, causal
-    terms = [wt]                                                                # wt s^m, m = 0 .. n - 1
+    # within the chunk, sum_{j <= i} w_j s_ij^m: a running count for m = 0, then the causal powers of the
+    # scores times the flags (a product per power, no [c, c] tensor of weighted flags)
+    sums = [w.cumsum(-1)[:, :, None]]                                           # [B, Hkv, 1, n_c, c]
+    wv, st, power = w[:, :, None, :, :, None], s.tril(), None                  # wv [B, Hkv, 1, n_c, c, 1]
     for _ in range(1, n):
-        terms.append(terms[-1] * st)
-    # (wt has one head axis: broadcast before stacking)
-    return inter + torch.stack(torch.broadcast_tensors(*(t.sum(-1) for t in terms)), dim=-1) / fact
+        power = st if power is None else power * st                             # s^m on and below the diagonal
+        sums.append((power @ wv)[..., 0])                                       # [B, Hkv, g, n_c, c]
+    # (the count has one head axis: broadcast before stacking)
+    return inter + torch.stack(torch.broadcast_tensors(*sums), dim=-1) / fact
 
 
 # ---------------------------------------------------------------- the exact part
