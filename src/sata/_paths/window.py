@@ -83,7 +83,7 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
     """
     if far_qk is not None and (far is not None or n_tokens or bool(exact.win_keep.any())):
         raise ValueError("window_attention: far_qk needs the stream's first call (no far state, no window keys)")
-    exact_only = hybrid.no_far and not need_far  # the far part weighted by 0 and no state to keep
+    exact_only = hybrid.no_far and not need_far and q.shape[-2] > 0  # the far part weighted by 0, no state to keep
     if causal and kernels and q.shape[-2] and not exact_only and window_prefill.serves(
             spec, hybrid, q, k, v, far, exact, key_centre, *(far_qk or ())):
         win_k, win_v, ext_f, new_exact = stream(hybrid.window, spec.state_dtype, k, v, mask, exact, n_tokens)
@@ -92,17 +92,18 @@ def window_attention(q, k, v, mask, far, exact: ExactKeys, n_tokens: int, spec, 
         return y, far, new_exact
     run = _Call(spec, hybrid, chunk=min(64, max(q.shape[-2], 1)))  # a short call (decode) is not padded to a whole chunk
     B, Hkv, g, L, E = q.shape
-    ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact = _extend(run, k, v, mask, exact, n_tokens, key_centre,
-                                                             None if far_qk is None else far_qk[1])
+    # the far part's keys (centred, or its own) only where it runs
+    far_centre, far_k = (None, None) if exact_only else (key_centre, None if far_qk is None else far_qk[1])
+    ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact = _extend(run, k, v, mask, exact, n_tokens, far_centre, far_k)
     Lk, W = k.shape[-2], hybrid.window
     if L == 0:  # absorb only: the keys that left the window
         return q.new_zeros(B, Hkv, g, 0, spec.d_value), absorb(run, ks_far[:, :, :Lk], vt[:, :, :Lk], far), new_exact
     qs = q.to(run.cd) * run.sq                                                    # [B, Hkv, g, L, E] exact part
-    qf = qs if far_qk is None else far_qk[0].to(run.cd) * run.sq                  # [B, Hkv, g, L, E] far part
     sinks = (new_exact.sink_k.to(run.cd) * run.sk, new_exact.sink_v.to(run.cd), new_exact.sink_pos)
     if exact_only:  # (2-3x faster than the fused prefill kernel, which computes the far part)
         m, num, den = _exact(run, qs, ks, vt, ext_f, sinks, n_tokens, causal)
         return combine(m, num, den, None, None, None, None, spec.d_value, spec.dtype), None, new_exact
+    qf = qs if far_qk is None else far_qk[0].to(run.cd) * run.sq                  # [B, Hkv, g, L, E] far part
 
     # how many far keys each query has, and their centre
     n_far = ext_f[:, None, :L, None].to(run.cd).cumsum(-2)                      # [B, 1, L, 1]
