@@ -14,6 +14,8 @@ pytest.importorskip("transformers")
 import sata  # noqa: E402
 import sata.integrations.hf as sata_hf  # noqa: E402
 from sata.integrations import adapted, convert_cli, corpus, hybrid_convert  # noqa: E402
+from sata import _kernels  # noqa: E402
+from conftest import needs_kernels  # noqa: E402
 
 KW = dict(n_taylor=3, window=16, sinks=3)
 
@@ -82,17 +84,13 @@ def _decode(state, q, k, v, ad, start: int, switch: int, inplace: bool, kw):
     return outs, sizes
 
 
-@pytest.mark.parametrize("start", ["start_state", "prefill", "prefill-inplace", "kernel", "kernel-then-torch"])
+@pytest.mark.parametrize("start", ["start_state", "prefill", "prefill-inplace",
+                                   *(pytest.param(m, marks=needs_kernels) for m in ("kernel", "kernel-then-torch"))])
 @pytest.mark.parametrize("prefill", [1, 3, 40, 120])
 def test_decode_state_matches_the_quadratic_form(prefill, start):
     """Decoding from the state of a prefill (built alone, or by the chunked form of the prefill's output), into new
     states or in place, or through the fused decode kernel (and from its state, converted, through PyTorch), gives
     the quadratic form's outputs; a step that is not in place leaves its state as it was."""
-    if start.startswith("kernel"):
-        from sata import _kernels
-
-        if _kernels.load() is None:
-            pytest.skip("no C++ compiler: the fused kernels are unavailable")
     q, k, v = _qkv()
     ad = _adapter()
     kw = dict(scale=0.4, **KW)
@@ -119,15 +117,12 @@ def test_decode_state_matches_the_quadratic_form(prefill, start):
     assert len(set(sizes[steady:])) == 1                 # constant once window and sinks fill (and in one state type)
 
 
+@needs_kernels
 @pytest.mark.parametrize("window, sinks", [(0, 3), (5, 0), (1, 1)], ids=["sinks-only", "window-only", "W1-S1"])
 @pytest.mark.parametrize("prefill", [1, 7])
 def test_kernel_decode_edge_cases(window, sinks, prefill):
     """Kernel decoding (then PyTorch after converting the state) without a window, without sinks, and with a
     window of one, against the quadratic form in float64."""
-    from sata import _kernels
-
-    if _kernels.load() is None:
-        pytest.skip("no C++ compiler: the fused kernels are unavailable")
     q, k, v = _qkv(L=40)
     ad = _adapter()
     kw = dict(scale=0.4, n_taylor=3, window=window, sinks=sinks)
@@ -164,6 +159,7 @@ def test_chunked_form_is_the_quadratic_form_forward_and_backward(L, window, sink
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+@needs_kernels
 @pytest.mark.parametrize("B, Hq, Hkv, L, E, window, sinks", [
     pytest.param(2, 4, 2, 200, 8, 16, 3, id="gqa-W16-S3"),
     pytest.param(1, 3, 3, 150, 16, 64, 0, id="E16-window-only"),
@@ -172,10 +168,6 @@ def test_chunked_form_is_the_quadratic_form_forward_and_backward(L, window, sink
 def test_chunked_form_through_the_prefill_kernel(B, Hq, Hkv, L, E, window, sinks, monkeypatch):
     """Without autograd the chunked form runs the fused prefill kernel with the far part's own queries and keys:
     the quadratic form's outputs and the PyTorch path's far state, to 1e-10 in float64."""
-    from sata import _kernels
-
-    if _kernels.load() is None:
-        pytest.skip("no C++ compiler: the fused kernels are unavailable")
     q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, L=L, E=E)
     ad = _adapter(Hq=Hq, Hkv=Hkv, E=E)
     kw = dict(scale=0.4, n_taylor=3, window=window, sinks=sinks, alpha=ad.alpha, beta=ad.beta)
@@ -328,8 +320,7 @@ def test_convert_refuses_an_out_directory_of_other_settings(tmp_path):
     (tmp_path / "stages").mkdir()
     args = _args(tmp_path)
     convert_cli._quick_defaults(args)
-    settings = {k: v for k, v in vars(args).items() if k not in convert_cli._NOT_RESULTS}
-    (tmp_path / "stages" / "settings.json").write_text(json.dumps(settings))
+    convert_cli._same_settings(args, tmp_path / "stages" / "settings.json")    # the first run's record
     with pytest.raises(SystemExit, match=r"--distill-steps 4 there, 6 now.*another --out"):
         convert_cli.main(_args(tmp_path, "--distill-steps", "6"))
     with pytest.raises(SystemExit, match=r"--eval-windows 2 there, 3 now"):
