@@ -19,7 +19,6 @@
 namespace sata {
 
 constexpr int64_t C = 32;    // tokens per chunk: the vector width of most loops
-constexpr int64_t RB = 6;    // most output rows (value columns) per register block of a product
 constexpr int64_t DB = 8;    // feature rows per update block
 constexpr int64_t VW = 16;   // lanes the update pads value columns to
 
@@ -83,34 +82,57 @@ inline void dots(const T* const* key, int64_t es, int64_t n, const T* __restrict
   }
 }
 
-// U[f][i] (+)= sum_r M[r][f] * X[r][i] for f < F: a [F x K] x [K x C] product, f in register blocks
+// U[f][i] (+)= sum_r M[r][f] * X[r][i] for f0 <= f < f0 + NB: a [NB x K] x [K x C] product with the NB x C
+// sums in vector registers
 template <typename T, int NB>
 inline void gemm_block(const T* __restrict__ M, int64_t ldm, int64_t f0, int64_t K, const T* __restrict__ X,
                        T* __restrict__ U, bool accumulate) {
-  T acc[NB][C];
+  using VV = Vec<T>;
+  using V = typename VV::type;
+  constexpr int64_t L = VV::W, NV = C / L;
+  V acc[NB][NV];
   for (int64_t b = 0; b < NB; ++b)
-#pragma omp simd
-    for (int64_t i = 0; i < C; ++i) acc[b][i] = accumulate ? U[(f0 + b) * C + i] : T(0);
+    for (int64_t n = 0; n < NV; ++n) acc[b][n] = accumulate ? VV::load(U + (f0 + b) * C + n * L) : V{};
   for (int64_t r = 0; r < K; ++r) {
-    const T* x = X + r * C;
+    V x[NV];
+    for (int64_t n = 0; n < NV; ++n) x[n] = VV::load(X + r * C + n * L);
     const T* m = M + r * ldm + f0;
-#pragma GCC unroll 6
-    for (int64_t b = 0; b < NB; ++b) {
-      const T mb = m[b];
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) acc[b][i] += mb * x[i];
-    }
+    for (int64_t b = 0; b < NB; ++b)
+      for (int64_t n = 0; n < NV; ++n) acc[b][n] += m[b] * x[n];
   }
-  for (int64_t b = 0; b < NB; ++b) std::memcpy(U + (f0 + b) * C, acc[b], sizeof(T) * C);
+  for (int64_t b = 0; b < NB; ++b)
+    for (int64_t n = 0; n < NV; ++n) VV::store(U + (f0 + b) * C + n * L, acc[b][n]);
+}
+
+// 64-byte vector registers of the target (AVX2: sixteen of 32 bytes)
+#if defined(__AVX512F__)
+constexpr int64_t VREGS = 32;
+#elif defined(__AVX__)
+constexpr int64_t VREGS = 8;
+#else
+constexpr int64_t VREGS = 4;
+#endif
+
+// most output rows (value columns) per register block of gemm_t: NB x (C / lanes) sums, a row of X and a
+// broadcast in registers (float on AVX-512: 9, so F = Ev + 1 = 9 is one pass over X)
+template <typename T>
+constexpr int64_t gemm_rows() {
+  constexpr int64_t nv = C / Vec<T>::W;
+  return std::max<int64_t>(1, std::min<int64_t>(10, (VREGS - nv - 2) / nv));
 }
 
 template <typename T>
 inline void gemm_t(const T* M, int64_t ldm, int64_t F, int64_t K, const T* X, T* U, bool accumulate) {
-  // F rows in as few blocks as possible, of balanced sizes (F = 9: 5 + 4, not 6 + 3 or 4 + 4 + 1)
+  // F rows in as few blocks as possible, of balanced sizes (F = 17: 9 + 8, not 10 + 7)
+  constexpr int64_t RB = gemm_rows<T>();
   const int64_t blocks = (F + RB - 1) / RB;
   for (int64_t b = 0, f0 = 0; b < blocks; ++b) {
     const int64_t n = (F - f0 + (blocks - b) - 1) / (blocks - b);
     switch (n) {
+      case 10: gemm_block<T, 10>(M, ldm, f0, K, X, U, accumulate); break;
+      case 9: gemm_block<T, 9>(M, ldm, f0, K, X, U, accumulate); break;
+      case 8: gemm_block<T, 8>(M, ldm, f0, K, X, U, accumulate); break;
+      case 7: gemm_block<T, 7>(M, ldm, f0, K, X, U, accumulate); break;
       case 6: gemm_block<T, 6>(M, ldm, f0, K, X, U, accumulate); break;
       case 5: gemm_block<T, 5>(M, ldm, f0, K, X, U, accumulate); break;
       case 4: gemm_block<T, 4>(M, ldm, f0, K, X, U, accumulate); break;
@@ -138,39 +160,165 @@ inline void update_row(TS* __restrict__ Sp, int64_t Fp, int64_t r, int64_t n, co
   for (int64_t f = 0; f < n; ++f) s[f] += TS(acc[f]);
 }
 
-// Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for all f < Fp (Fp a multiple of VW); products summed
-// over the chunk in T, added to the state in its own precision TS
+// rows r0 .. r0 + NR - 1 of Sp[D][f] += sum_i phi_t[D][i] * vt[i][f], f < W = NV * VW: NR x NV accumulators
+// in registers, summed over the chunk in T, added to the state in its own precision TS
+template <typename T, typename TS, int NV, int NR>
+inline void update_rows(TS* __restrict__ Sp, int64_t Fp, int64_t r0, const T* __restrict__ phi_t,
+                        const T* __restrict__ vt) {
+  constexpr int64_t W = NV * VW;
+  T acc[NR][W];
+  for (int64_t b = 0; b < NR; ++b)
+#pragma omp simd
+    for (int64_t f = 0; f < W; ++f) acc[b][f] = T(0);
+  for (int64_t i = 0; i < C; ++i) {
+    const T* vi = vt + i * Fp;
+#pragma GCC unroll 8
+    for (int64_t b = 0; b < NR; ++b) {
+      const T w = phi_t[(r0 + b) * C + i];
+#pragma omp simd
+      for (int64_t f = 0; f < W; ++f) acc[b][f] += w * vi[f];
+    }
+  }
+  for (int64_t b = 0; b < NR; ++b) {
+    TS* s = Sp + (r0 + b) * Fp;
+#pragma omp simd
+    for (int64_t f = 0; f < W; ++f) s[f] += TS(acc[b][f]);
+  }
+}
+
+// Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for all f < Fp (Fp = NV * VW): blocks of DB rows, then the
+// rows left over as one block (one row at a time would wait on each product's latency)
 template <typename T, typename TS, int NV>
 inline void update_state_nv(TS* __restrict__ Sp, int64_t Fp, int64_t D, const T* __restrict__ phi_t,
                             const T* __restrict__ vt) {
-  constexpr int64_t W = NV * VW;
   int64_t r0 = 0;
-  for (; r0 + DB <= D; r0 += DB) {
-    T acc[DB][W];
-    for (int64_t b = 0; b < DB; ++b)
-#pragma omp simd
-      for (int64_t f = 0; f < W; ++f) acc[b][f] = T(0);
-    for (int64_t i = 0; i < C; ++i) {
-      const T* vi = vt + i * Fp;
-#pragma GCC unroll 8
-      for (int64_t b = 0; b < DB; ++b) {
-        const T w = phi_t[(r0 + b) * C + i];
-#pragma omp simd
-        for (int64_t f = 0; f < W; ++f) acc[b][f] += w * vi[f];
-      }
-    }
-    for (int64_t b = 0; b < DB; ++b) {
-      TS* s = Sp + (r0 + b) * Fp;
-#pragma omp simd
-      for (int64_t f = 0; f < W; ++f) s[f] += TS(acc[b][f]);
-    }
+  for (; r0 + DB <= D; r0 += DB) update_rows<T, TS, NV, DB>(Sp, Fp, r0, phi_t, vt);
+  switch (D - r0) {
+    case 7: update_rows<T, TS, NV, 7>(Sp, Fp, r0, phi_t, vt); break;
+    case 6: update_rows<T, TS, NV, 6>(Sp, Fp, r0, phi_t, vt); break;
+    case 5: update_rows<T, TS, NV, 5>(Sp, Fp, r0, phi_t, vt); break;
+    case 4: update_rows<T, TS, NV, 4>(Sp, Fp, r0, phi_t, vt); break;
+    case 3: update_rows<T, TS, NV, 3>(Sp, Fp, r0, phi_t, vt); break;
+    case 2: update_rows<T, TS, NV, 2>(Sp, Fp, r0, phi_t, vt); break;
+    case 1: update_rows<T, TS, NV, 1>(Sp, Fp, r0, phi_t, vt); break;
+    default: break;
   }
-  T acc[W];
-  for (; r0 < D; ++r0) update_row(Sp, Fp, r0, W, phi_t, vt, acc);
 }
 
+// The update for 16-lane floats and at most 9 columns (values of up to 8, the ones column): tokens in pairs,
+// lane 2f + j of a product holding column f of token 2m + j, so each product is a 64-bit broadcast of two
+// features (phi_t[r][2m], phi_t[r][2m + 1]) times a whole vector, half the products of the padded update.
+// Column 8 (the ones column of 8 values), when there is one, is a row sum of phi_t weighted by the keep flags.
+namespace pairs {
+
+using VF = Vec<float>::type;
+typedef double VD __attribute__((vector_size(sizeof(VF))));
+typedef Bits<float>::type VM __attribute__((vector_size(sizeof(VF))));
+static_assert(Vec<float>::W == 16, "pairs of 8 columns fill a 16-lane vector");
+
+template <int... l>
+constexpr VM mask(int (*f)(int), std::integer_sequence<int, l...>) { return VM{f(l)...}; }
+constexpr auto lanes = std::make_integer_sequence<int, 16>{};
+// [a0 b0 a1 b1 ... a7 b7]: columns 0..7 of two tokens interleaved
+constexpr VM zip = mask([](int l) { return (l % 2) * 16 + l / 2; }, lanes);
+// the even and odd lanes of a, then of b: the two tokens' halves of a pair, for two feature rows
+constexpr VM even = mask([](int l) { return (l / 8) * 16 + (l % 8) * 2; }, lanes);
+constexpr VM odd = mask([](int l) { return (l / 8) * 16 + (l % 8) * 2 + 1; }, lanes);
+
+// lane k of the result, k < 8: the sum of the lanes of x[k] (rows past n: zero); fold in halves, rows paired
+template <int NR>
+inline VF row_sums(const VF* x) {
+  VF s[8];
+  for (int b = 0; b < 8; ++b) s[b] = b < NR ? x[b] : VF{};
+  // 8 rows of 16 lanes -> 4 vectors of 2 rows x 8 lanes -> 2 of 4 x 4 -> 1 of 8 x 2 -> 8 sums
+  constexpr VM h1a = mask([](int l) { return (l / 8) * 16 + l % 8; }, lanes);
+  constexpr VM h1b = mask([](int l) { return (l / 8) * 16 + l % 8 + 8; }, lanes);
+  constexpr VM h2a = mask([](int l) { return (l / 8) * 16 + ((l / 4) % 2) * 8 + l % 4; }, lanes);
+  constexpr VM h2b = mask([](int l) { return (l / 8) * 16 + ((l / 4) % 2) * 8 + l % 4 + 4; }, lanes);
+  constexpr VM h3a = mask([](int l) { return (l / 8) * 16 + ((l / 2) % 4) * 4 + l % 2; }, lanes);
+  constexpr VM h3b = mask([](int l) { return (l / 8) * 16 + ((l / 2) % 4) * 4 + l % 2 + 2; }, lanes);
+  constexpr VM h4a = mask([](int l) { return (l % 8) * 2; }, lanes);
+  constexpr VM h4b = mask([](int l) { return (l % 8) * 2 + 1; }, lanes);
+  VF t1[4], t2[2];
+  for (int b = 0; b < 4; ++b)
+    t1[b] = __builtin_shuffle(s[2 * b], s[2 * b + 1], h1a) + __builtin_shuffle(s[2 * b], s[2 * b + 1], h1b);
+  for (int b = 0; b < 2; ++b)
+    t2[b] = __builtin_shuffle(t1[2 * b], t1[2 * b + 1], h2a) + __builtin_shuffle(t1[2 * b], t1[2 * b + 1], h2b);
+  const VF t3 = __builtin_shuffle(t2[0], t2[1], h3a) + __builtin_shuffle(t2[0], t2[1], h3b);
+  return __builtin_shuffle(t3, t3, h4a) + __builtin_shuffle(t3, t3, h4b);
+}
+
+// rows r0 .. r0 + NR - 1 (NR <= 8)
+template <typename TS, int NR>
+inline void rows(TS* __restrict__ Sp, int64_t r0, const float* __restrict__ phi_t, const VF* __restrict__ vpair,
+                 VF keep0, VF keep1, bool ones) {
+  VF acc[NR];
+  for (int b = 0; b < NR; ++b) acc[b] = VF{};
+  for (int64_t m = 0; m < C / 2; ++m) {
+    const VF vv = vpair[m];
+    for (int b = 0; b < NR; ++b) {
+      double two;  // phi_t[r][2m], phi_t[r][2m + 1]
+      std::memcpy(&two, phi_t + (r0 + b) * C + 2 * m, sizeof(two));
+      acc[b] += reinterpret_cast<VF>(VD{two, two, two, two, two, two, two, two}) * vv;
+    }
+  }
+  typedef float V8 __attribute__((vector_size(8 * sizeof(float))));
+  typedef TS S8 __attribute__((vector_size(8 * sizeof(TS))));
+  for (int b = 0; b < NR; b += 2) {  // the two tokens of a pair summed: rows b, b + 1 side by side
+    const VF y = acc[b + 1 < NR ? b + 1 : b];
+    const VF t = __builtin_shuffle(acc[b], y, even) + __builtin_shuffle(acc[b], y, odd);
+    V8 half[2];
+    std::memcpy(half, &t, sizeof(t));
+    for (int j = 0; j < 2 && b + j < NR; ++j) {
+      S8 st;
+      TS* s = Sp + (r0 + b + j) * 16;
+      std::memcpy(&st, s, sizeof(st));
+      st += __builtin_convertvector(half[j], S8);
+      std::memcpy(s, &st, sizeof(st));
+    }
+  }
+  if (ones) {
+    VF z[NR];
+    for (int b = 0; b < NR; ++b) {
+      const float* ph = phi_t + (r0 + b) * C;
+      z[b] = Vec<float>::load(ph) * keep0 + Vec<float>::load(ph + 16) * keep1;
+    }
+    const VF zs = row_sums<NR>(z);
+    for (int b = 0; b < NR; ++b) Sp[(r0 + b) * 16 + 8] += TS(zs[b]);
+  }
+}
+
+template <typename TS>
+inline void update(TS* Sp, int64_t D, int64_t F, const float* phi_t, const float* vt) {
+  VF vpair[C / 2];
+  for (int64_t m = 0; m < C / 2; ++m)
+    vpair[m] = __builtin_shuffle(Vec<float>::load(vt + 2 * m * 16), Vec<float>::load(vt + (2 * m + 1) * 16), zip);
+  float keep[C];  // column 8 of the chunk's rows
+  for (int64_t i = 0; i < C; ++i) keep[i] = vt[i * 16 + 8];
+  const VF keep0 = Vec<float>::load(keep), keep1 = Vec<float>::load(keep + 16);
+  const bool ones = F == 9;
+  int64_t r0 = 0;
+  for (; r0 + 8 <= D; r0 += 8) rows<TS, 8>(Sp, r0, phi_t, vpair, keep0, keep1, ones);
+  switch (D - r0) {
+    case 7: rows<TS, 7>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
+    case 6: rows<TS, 6>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
+    case 5: rows<TS, 5>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
+    case 4: rows<TS, 4>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
+    case 3: rows<TS, 3>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
+    case 2: rows<TS, 2>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
+    case 1: rows<TS, 1>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
+    default: break;
+  }
+}
+
+}  // namespace pairs
+
+// Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for f < F (the columns up to Fp are zero in vt)
 template <typename T, typename TS>
-inline void update_state(TS* Sp, int64_t Fp, int64_t D, const T* phi_t, const T* vt) {
+inline void update_state(TS* Sp, int64_t Fp, int64_t D, int64_t F, const T* phi_t, const T* vt) {
+  if constexpr (std::is_same<T, float>::value && Vec<float>::W == 16) {
+    if (Fp == 16 && F <= 9) return pairs::update<TS>(Sp, D, F, phi_t, vt);
+  }
   switch (Fp / VW) {
     case 1: update_state_nv<T, TS, 1>(Sp, Fp, D, phi_t, vt); return;
     case 2: update_state_nv<T, TS, 2>(Sp, Fp, D, phi_t, vt); return;
@@ -192,6 +340,8 @@ struct Head {
   std::vector<TS> Sp;      // the head's state [D][Fp] in the state's precision (+ the v~ rows when TS == T)
   std::vector<T> Mf;       // when TS != T: [state in the compute precision; v~ rows]
   std::vector<T> kx, qx, phik, X, U;
+  std::vector<T> krows;    // [C][d] the chunk's keys as they come, token-major
+  std::vector<T> coef;     // [P] 1 / p!: the truncated series' coefficients
   std::vector<const T*> key_rows;  // [C] key j of kx (element stride C)
   T* M;                    // Sp or Mf
   T* vt;                   // the v~ rows of M: [C][Fp]
@@ -202,7 +352,8 @@ struct Head {
         prefix_len(pl), weight(w), sq(sq_), sk(sk_),
         Sp((D_ + (std::is_same<T, TS>::value ? C : 0)) * round_up(Ev_ + 1, VW)),
         Mf(std::is_same<T, TS>::value ? 0 : (D_ + C) * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C),
-        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C), key_rows(C) {
+        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C), krows(C * d_), coef(P_, T(1)), key_rows(C) {
+    for (int64_t p = 1; p < P; ++p) coef[p] = coef[p - 1] / T(p);
     for (int64_t j = 0; j < C; ++j) key_rows[j] = kx.data() + j;
     if constexpr (std::is_same<T, TS>::value) {
       M = reinterpret_cast<T*>(Sp.data());
@@ -224,26 +375,41 @@ struct Head {
   template <typename KeyRow, typename ValueRow>
   void load_rows(const KeyRow& key_row, const ValueRow& value_row, const uint8_t* keep, int64_t t0, int64_t c,
                  const T* centre) {
-    std::fill(kx.begin(), kx.end(), T(0));
     std::fill(vt, vt + C * Fp, T(0));
-    for (int64_t i = 0; i < c; ++i) {
-      if (keep != nullptr && !keep[t0 + i]) continue;
-      const T* kr = key_row(t0 + i);
-      for (int64_t e = 0; e < d; ++e) kx[e * C + i] = (centre == nullptr ? kr[e] : kr[e] - centre[e]) * sk;
-      const T* vr = value_row(t0 + i);
+    // the chunk's key rows, token-major [C][d] (dropped and missing tokens zero), then feature-major kx [d][C]
+    bool dropped = false;
+    for (int64_t i = 0; i < C; ++i) {
+      const bool kept = i < c && (keep == nullptr || keep[t0 + i]);
+      T* kc = krows.data() + i * d;
       T* row = vt + i * Fp;
-      for (int64_t f = 0; f < Ev; ++f) row[f] = vr[f];
+      dropped |= !kept;
+      if (!kept) {
+        std::fill(kc, kc + d, T(0));
+        continue;
+      }
+      std::memcpy(kc, key_row(t0 + i), sizeof(T) * d);
+      std::memcpy(row, value_row(t0 + i), sizeof(T) * Ev);
       row[Ev] = T(1);
     }
+    for (int64_t e = 0; e < d; ++e) {
+      const T ce = centre == nullptr ? T(0) : centre[e];
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) kx[e * C + i] = (krows[i * d + e] - ce) * sk;
+    }
+    if (dropped && centre != nullptr)  // a dropped key stays zero after centring
+      for (int64_t i = 0; i < C; ++i)
+        if (!(i < c && (keep == nullptr || keep[t0 + i])))
+          for (int64_t e = 0; e < d; ++e) kx[e * C + i] = T(0);
     features_t(kx.data(), d, P, prefix_len, weight, phik.data());
   }
 
   // the chunk's queries t0 .. t0 + c - 1, scaled, into qx [d][C] (the lanes past c zero)
   void load_qx(const T* q, int64_t t0, int64_t c) {
-    std::fill(qx.begin(), qx.end(), T(0));
-    for (int64_t i = 0; i < c; ++i) {
-      const T* qr = q + (t0 + i) * q_sl;
-      for (int64_t e = 0; e < d; ++e) qx[e * C + i] = qr[e] * sq;
+    if (c < C) std::fill(qx.begin(), qx.end(), T(0));
+    const T* qr = q + t0 * q_sl;
+    for (int64_t e = 0; e < d; ++e) {
+#pragma omp simd
+      for (int64_t i = 0; i < c; ++i) qx[e * C + i] = qr[i * q_sl + e] * sq;
     }
   }
 
@@ -260,14 +426,14 @@ struct Head {
     dots(key_rows.data(), C, C, qx.data(), d, A);
     for (int64_t j = 0; j < C; ++j) {
       T* a = A + j * C;
-      // Horner: T_P(s) = 1 + s (1 + s/2 (1 + ... (1 + s/(P-1))))
+      // Horner: T_P(s) = c_0 + s (c_1 + s (... + s c_{P-1})), one multiply-add per term
       T r[C];
 #pragma omp simd
-      for (int64_t i = 0; i < C; ++i) r[i] = T(1);
-      for (int64_t p = P - 1; p >= 1; --p) {
-        const T inv = T(1) / T(p);
+      for (int64_t i = 0; i < C; ++i) r[i] = coef[P - 1];
+      for (int64_t p = P - 2; p >= 0; --p) {
+        const T cp = coef[p];
 #pragma omp simd
-        for (int64_t i = 0; i < C; ++i) r[i] = T(1) + r[i] * a[i] * inv;
+        for (int64_t i = 0; i < C; ++i) r[i] = r[i] * a[i] + cp;
       }
 #pragma omp simd
       for (int64_t i = 0; i < C; ++i) a[i] = i >= j ? r[i] : T(0);
@@ -307,13 +473,13 @@ struct Head {
           gemm_t(M, Fp, F, D + c, X.data(), U.data(), false);
           write_out(y + g * y_sh, t0, c);
         }
-        update_state(Sp.data(), Fp, D, phik.data(), vt);
+        update_state(Sp.data(), Fp, D, F, phik.data(), vt);
         sync_state();
       }
     } else {
       for (int64_t t0 = 0; t0 < Lk; t0 += C) {
         load_keys(k, v, keep, t0, std::min(C, Lk - t0));
-        update_state(Sp.data(), Fp, D, phik.data(), vt);
+        update_state(Sp.data(), Fp, D, F, phik.data(), vt);
       }
       sync_state();
       for (int64_t g = 0; g < G; ++g)

@@ -389,7 +389,7 @@ struct WindowHead : sata::Head<T, TS> {
         exact_part(t0, c, sink_k, sink_v, sink_pos, t.n_tokens);
         combine(y + g * L * Ev, t0, c, beta[h0 + g]);
       }
-      sata::update_state(this->Sp.data(), Fp, D, this->phik.data(), this->vt);
+      sata::update_state(this->Sp.data(), Fp, D, this->F, this->phik.data(), this->vt);
       this->sync_state();
     }
     for (int64_t r = 0; r < D; ++r)
