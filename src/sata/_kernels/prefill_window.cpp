@@ -48,6 +48,7 @@ struct WindowHead : sata::Head<T, TS> {
   std::vector<int64_t> deg;  // [D] degree of each feature row
   std::vector<T> s;          // [C][C] far scores of the chunk's keys (rows) and queries (lanes)
   std::vector<T> coef;       // [P][C] a_m(c'_i), or ones
+  std::vector<T> bcoef;      // [P][C] a_m(c'_i) / m!
   std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
   int64_t CW;                // columns of the band: C + WB and one vector
   std::vector<T> bk, bv, badd; // [d][CW], [Ev][CW], [CW] the chunk's band (load_band)
@@ -58,14 +59,17 @@ struct WindowHead : sata::Head<T, TS> {
   std::vector<T> top, den;   // [C]
   std::vector<T> num;        // [Ev][C]
   std::vector<T> mus;        // [d] the key centre, scaled
+  std::vector<const T*> krow, vrow;  // [CW] the key and value rows of the band's new columns
+  std::vector<T> zeros;      // [max(d, Ev)] the row of a column without a key
 
   WindowHead(const WindowPrefillArgs& w)
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
         W(w.W), S(w.S), WB(sata::round_up(w.W, RB)), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D),
-        s(C * C), coef(w.base.P * C), cen(C), nfar(C), CW(C + WB + Vec<T>::W), bk(w.base.d * CW), bv(w.base.Ev * CW),
+        s(C * C), coef(w.base.P * C), bcoef(w.base.P * C), cen(C), nfar(C), CW(C + WB + Vec<T>::W), bk(w.base.d * CW), bv(w.base.Ev * CW),
         badd(CW), ex((WB + sata::round_up(w.S, sata::RJ)) * C),
-        kp(sata::round_up(w.S, sata::RJ)), val(w.S), lane(w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d) {
+        kp(sata::round_up(w.S, sata::RJ)), val(w.S), lane(w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d),
+        krow(CW), vrow(CW), zeros(std::max(w.base.d, w.base.Ev)) {
     std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
     const int64_t P = this->P, d = this->d;
     for (int64_t p = 0; p < P; ++p) {
@@ -177,13 +181,18 @@ struct WindowHead : sata::Head<T, TS> {
       constexpr int64_t L = VV::W;
       I iota;
       for (int64_t l = 0; l < L; ++l) iota[l] = l;
+      T inv = T(1);  // b_m = a_m / m!: one multiply-add per term below
+      for (int64_t m = 0; m < P; ++m) {
+        if (m > 0) inv /= T(m);
+#pragma omp simd
+        for (int64_t i = 0; i < C; ++i) bcoef[m * C + i] = coef[m * C + i] * inv;
+      }
       for (int64_t i = 0; i < C; i += L) {
         const I at = iota + Lane(i);
         for (int64_t j = 0; j < C; ++j) {
-          const T* sj = s.data() + j * C + i;
-          V r = VV::load(coef.data() + (P - 1) * C + i);
-          for (int64_t m = P - 2; m >= 0; --m)
-            r = VV::load(coef.data() + m * C + i) + r * VV::load(sj) * (T(1) / T(m + 1));
+          const V sj = VV::load(s.data() + j * C + i);
+          V r = VV::load(bcoef.data() + (P - 1) * C + i);
+          for (int64_t m = P - 2; m >= 0; --m) r = VV::load(bcoef.data() + m * C + i) + r * sj;
           VV::store(A + j * C + i, j < c ? (at >= Lane(j) ? r : V{}) : V{});
         }
       }
@@ -205,14 +214,24 @@ struct WindowHead : sata::Head<T, TS> {
       for (T* row = bv.data(); row < bv.data() + Ev * CW; row += CW) std::memmove(row, row + C, sizeof(T) * u0);
       std::memmove(badd.data(), badd.data() + C, sizeof(T) * u0);
     }
+    // the new columns' rows (a row of zeros where no key is kept), then feature-major by whole-vector loops
+    const int64_t nu = CW - u0;
     for (int64_t u = u0; u < CW; ++u) {
       const int64_t e = t0 + 1 + u;
       const bool kept = e < n && flag[e];
-      const T* kr = kept ? k(e) : nullptr;
-      const T* vr = kept ? v(e) : nullptr;
-      for (int64_t x = 0; x < d; ++x) bk[x * CW + u] = kept ? kr[x] * sk : T(0);
-      for (int64_t f = 0; f < Ev; ++f) bv[f * CW + u] = kept ? vr[f] : T(0);
+      krow[u - u0] = kept ? k(e) : zeros.data();
+      vrow[u - u0] = kept ? v(e) : zeros.data();
       badd[u] = kept ? T(0) : -std::numeric_limits<T>::infinity();
+    }
+    for (int64_t x = 0; x < d; ++x) {
+      T* row = bk.data() + x * CW + u0;
+#pragma omp simd
+      for (int64_t u = 0; u < nu; ++u) row[u] = krow[u][x] * sk;
+    }
+    for (int64_t f = 0; f < Ev; ++f) {
+      T* row = bv.data() + f * CW + u0;
+#pragma omp simd
+      for (int64_t u = 0; u < nu; ++u) row[u] = vrow[u][f];
     }
   }
 
@@ -275,7 +294,7 @@ struct WindowHead : sata::Head<T, TS> {
     V safe[NB];
     for (int64_t b = 0; b < NB; ++b) {
       VV::store(top.data() + b * L, mx[b]);
-      for (int64_t l = 0; l < L; ++l) safe[b][l] = std::isfinite(mx[b][l]) ? mx[b][l] : T(0);
+      safe[b] = mx[b] - mx[b] == T(0) ? mx[b] : V{};  // 0 where not finite (no exact key)
     }
     for (int64_t b = 0; b < NB; ++b) {  // weights e^{s - max}, their sum and the weighted values, vector by vector
       switch (Ev) {
@@ -313,12 +332,12 @@ struct WindowHead : sata::Head<T, TS> {
     };
     for (int64_t m = 0; m < W; ++m) {  // the band: lane i's key at column i + m
       const T* vr = bv.data() + i + m;
-      add(sata::vexp<T>(VV::load(ex.data() + m * C + i) - safe), [&](int64_t f) { return VV::load(vr + f * CW); });
+      add(sata::vexp_le0<T>(VV::load(ex.data() + m * C + i) - safe), [&](int64_t f) { return VV::load(vr + f * CW); });
     }
     for (int64_t r = 0; r < ns; ++r) {  // the sinks
       if (i + L <= lane[r].first) continue;  // no lane of this sink here
       const T* vr = val[r];
-      add(sata::vexp<T>(VV::load(ex.data() + (WB + r) * C + i) - safe), [&](int64_t f) { return vr[f] + V{}; });
+      add(sata::vexp_le0<T>(VV::load(ex.data() + (WB + r) * C + i) - safe), [&](int64_t f) { return vr[f] + V{}; });
     }
     if constexpr (EV != 0)
       for (int64_t f = 0; f < EV; ++f) VV::store(num.data() + f * C + i, acc[f]);

@@ -59,6 +59,26 @@ inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
   return x < lo ? V{} : x > hi ? V{} + std::numeric_limits<T>::infinity() : y;
 }
 
+// vexp for x <= 0 (scores minus their maximum): without the upper clamp; 0 below lo, NaN for NaN, and
+// undefined for x > 0
+template <typename T>
+inline typename Vec<T>::type vexp_le0(typename Vec<T>::type x) {
+  using C = ExpConst<T>;
+  using V = typename Vec<T>::type;
+  typedef typename Bits<T>::type I __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} + C::lo, magic = V{} + C::magic;
+  const auto under = x < lo;
+  const V xc = under ? lo : x;
+  const V t = xc * C::log2e + magic;
+  const V n = t - magic;
+  const V r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
+  V p = V{} + inverse_factorial<T>(C::degree);
+#pragma GCC unroll 16
+  for (int k = C::degree - 1; k >= 0; --k) p = p * r + inverse_factorial<T>(k);
+  const I scale = ((I)t - (I)magic + C::bias) << C::mantissa;
+  return under ? V{} : p * (V)scale;
+}
+
 // c' = mu - alpha sd of the far scores from (N, sum s, sum s^2 / 2); 0 without far keys (sata.hybrid.centre)
 template <typename T>
 inline T centre(T N, T m1, T m2, T alpha) {
