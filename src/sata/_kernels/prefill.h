@@ -34,16 +34,19 @@ inline void features_t(const T* x_t, int64_t d, int64_t P, const int64_t* prefix
   const T* prev = phi_t + C;
   T* out = phi_t + (1 + d) * C;
   const T* w = weight;
+  using VV = Vec<T>;
+  using V = typename VV::type;
+  constexpr int64_t L = VV::W, NV = C / L;
   for (int64_t p = 2; p < P; ++p) {
     T* block = out;
     for (int64_t j = 0; j < d; ++j) {
-      const T* xj = x_t + j * C;
+      V xj[NV];
+      for (int64_t n = 0; n < NV; ++n) xj[n] = VV::load(x_t + j * C + n * L);
       const int64_t len = prefix_len[(p - 2) * d + j];
       for (int64_t r = 0; r < len; ++r) {
         const T* src = prev + r * C;
         const T wr = w[r];
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) out[i] = src[i] * xj[i] * wr;
+        for (int64_t n = 0; n < NV; ++n) VV::store(out + n * L, VV::load(src + n * L) * (xj[n] * wr));
         out += C;
       }
       w += len;
