@@ -117,7 +117,7 @@ constexpr int64_t VREGS = 4;
 #endif
 
 // most output rows (value columns) per register block of gemm_t: NB x (C / lanes) sums, a row of X and a
-// broadcast in registers (float on AVX-512: 9, so F = Ev + 1 = 9 is one pass over X)
+// broadcast in registers (float on AVX-512: 10, so F = Ev + 1 <= 10 is one pass over X)
 template <typename T>
 constexpr int64_t gemm_rows() {
   constexpr int64_t nv = C / Vec<T>::W;
@@ -344,7 +344,7 @@ struct Head {
   std::vector<T> Mf;       // when TS != T: [state in the compute precision; v~ rows]
   std::vector<T> kx, qx, phik, X, U;
   std::vector<T> krows;    // [C][d] the chunk's keys as they come, token-major
-  std::vector<T> coef;     // [P] 1 / p!: the truncated series' coefficients
+  std::vector<T> inv_fact; // [P] 1 / p!: the truncated series' coefficients
   std::vector<const T*> key_rows;  // [C] key j of kx (element stride C)
   T* M;                    // Sp or Mf
   T* vt;                   // the v~ rows of M: [C][Fp]
@@ -355,8 +355,8 @@ struct Head {
         prefix_len(pl), weight(w), sq(sq_), sk(sk_),
         Sp((D_ + (std::is_same<T, TS>::value ? C : 0)) * round_up(Ev_ + 1, VW)),
         Mf(std::is_same<T, TS>::value ? 0 : (D_ + C) * round_up(Ev_ + 1, VW)), kx(d_ * C), qx(d_ * C), phik(D_ * C),
-        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C), krows(C * d_), coef(P_, T(1)), key_rows(C) {
-    for (int64_t p = 1; p < P; ++p) coef[p] = coef[p - 1] / T(p);
+        X((D_ + C) * C), U(round_up(Ev_ + 1, VW) * C), krows(C * d_), inv_fact(P_, T(1)), key_rows(C) {
+    for (int64_t p = 1; p < P; ++p) inv_fact[p] = inv_fact[p - 1] / T(p);
     for (int64_t j = 0; j < C; ++j) key_rows[j] = kx.data() + j;
     if constexpr (std::is_same<T, TS>::value) {
       M = reinterpret_cast<T*>(Sp.data());
@@ -432,9 +432,9 @@ struct Head {
       // Horner: T_P(s) = c_0 + s (c_1 + s (... + s c_{P-1})), one multiply-add per term
       T r[C];
 #pragma omp simd
-      for (int64_t i = 0; i < C; ++i) r[i] = coef[P - 1];
+      for (int64_t i = 0; i < C; ++i) r[i] = inv_fact[P - 1];
       for (int64_t p = P - 2; p >= 0; --p) {
-        const T cp = coef[p];
+        const T cp = inv_fact[p];
 #pragma omp simd
         for (int64_t i = 0; i < C; ++i) r[i] = r[i] * a[i] + cp;
       }
