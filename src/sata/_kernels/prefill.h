@@ -163,6 +163,16 @@ inline void update_row(TS* __restrict__ Sp, int64_t Fp, int64_t r, int64_t n, co
   for (int64_t f = 0; f < n; ++f) s[f] += TS(acc[f]);
 }
 
+// f(std::integral_constant<int, n>) for a run-time n in 1 .. N (nothing for n outside): a register block
+// of n rows, its size a template argument
+template <int N, typename F>
+inline void with_count(int64_t n, const F& f) {
+  if constexpr (N > 0) {
+    if (n == N) return f(std::integral_constant<int, N>{});
+    with_count<N - 1>(n, f);
+  }
+}
+
 // rows r0 .. r0 + NR - 1 of Sp[D][f] += sum_i phi_t[D][i] * vt[i][f], f < W = NV * VW: NR x NV accumulators
 // in registers, summed over the chunk in T, added to the state in its own precision TS
 template <typename T, typename TS, int NV, int NR>
@@ -196,16 +206,7 @@ inline void update_state_nv(TS* __restrict__ Sp, int64_t Fp, int64_t D, const T*
                             const T* __restrict__ vt) {
   int64_t r0 = 0;
   for (; r0 + DB <= D; r0 += DB) update_rows<T, TS, NV, DB>(Sp, Fp, r0, phi_t, vt);
-  switch (D - r0) {
-    case 7: update_rows<T, TS, NV, 7>(Sp, Fp, r0, phi_t, vt); break;
-    case 6: update_rows<T, TS, NV, 6>(Sp, Fp, r0, phi_t, vt); break;
-    case 5: update_rows<T, TS, NV, 5>(Sp, Fp, r0, phi_t, vt); break;
-    case 4: update_rows<T, TS, NV, 4>(Sp, Fp, r0, phi_t, vt); break;
-    case 3: update_rows<T, TS, NV, 3>(Sp, Fp, r0, phi_t, vt); break;
-    case 2: update_rows<T, TS, NV, 2>(Sp, Fp, r0, phi_t, vt); break;
-    case 1: update_rows<T, TS, NV, 1>(Sp, Fp, r0, phi_t, vt); break;
-    default: break;
-  }
+  with_count<DB - 1>(D - r0, [&](auto nr) { update_rows<T, TS, NV, decltype(nr)::value>(Sp, Fp, r0, phi_t, vt); });
 }
 
 // The update for 16-lane floats and at most 9 columns (values of up to 8, the ones column): tokens in pairs,
@@ -302,16 +303,7 @@ inline void update(TS* Sp, int64_t D, int64_t F, const float* phi_t, const float
   const bool ones = F == 9;
   int64_t r0 = 0;
   for (; r0 + 8 <= D; r0 += 8) rows<TS, 8>(Sp, r0, phi_t, vpair, keep0, keep1, ones);
-  switch (D - r0) {
-    case 7: rows<TS, 7>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
-    case 6: rows<TS, 6>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
-    case 5: rows<TS, 5>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
-    case 4: rows<TS, 4>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
-    case 3: rows<TS, 3>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
-    case 2: rows<TS, 2>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
-    case 1: rows<TS, 1>(Sp, r0, phi_t, vpair, keep0, keep1, ones); break;
-    default: break;
-  }
+  with_count<7>(D - r0, [&](auto nr) { rows<TS, decltype(nr)::value>(Sp, r0, phi_t, vpair, keep0, keep1, ones); });
 }
 
 }  // namespace pairs

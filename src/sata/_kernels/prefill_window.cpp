@@ -66,7 +66,8 @@ struct WindowHead : sata::Head<T, TS> {
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
         W(w.W), S(w.S), WB(sata::round_up(w.W, RB)), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D),
-        s(C * C), coef(w.base.P * C), bcoef(w.base.P * C), cen(C), nfar(C), CW(C + WB + Vec<T>::W), bk(w.base.d * CW), bv(w.base.Ev * CW),
+        s(C * C), coef(w.base.P * C), bcoef(w.base.P * C), cen(C), nfar(C), CW(C + WB + Vec<T>::W), bk(w.base.d * CW),
+        bv(w.base.Ev * CW),
         badd(CW), ex((WB + sata::round_up(w.S, sata::RJ)) * C),
         kp(sata::round_up(w.S, sata::RJ)), val(w.S), lane(w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d),
         krow(CW), vrow(CW), zeros(std::max(w.base.d, w.base.Ev)) {
