@@ -15,6 +15,8 @@
 #include <utility>
 #include <cstdint>
 #include <cstring>
+#include <new>
+#include <vector>
 
 // Bump on any change to the structs or the entry points: the Python side compares it (and the
 // struct sizes) with its own on load and rebuilds a cached library that disagrees.
@@ -125,6 +127,25 @@ struct WindowPrefillTensors {
 }  // extern "C"
 
 namespace sata {
+
+// an allocator of 64-byte aligned memory: workspaces whose rows are whole 64-byte vectors, so no full-vector
+// load or store of a row straddles two cache lines (malloc aligns to 16 bytes only)
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+
+template <typename T>
+using avector = std::vector<T, Aligned64<T>>;
 
 // one vector of `Bytes` bytes of T (GCC/Clang vector extension: SIMD where the target has it)
 template <typename T, int Bytes = 64>

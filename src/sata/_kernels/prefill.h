@@ -332,10 +332,11 @@ struct Head {
   // workspace
   // M = [state (D rows); v~ of the chunk (C rows)] x Fp and X = [phi(Q) (D rows); A (C rows)] x C,
   // so one product U = M^T X reads the earlier chunks' state and the chunk itself
-  std::vector<TS> Sp;      // the head's state [D][Fp] in the state's precision (+ the v~ rows when TS == T)
-  std::vector<T> Mf;       // when TS != T: [state in the compute precision; v~ rows]
-  std::vector<T> kx, qx, phik, X, U;
-  std::vector<T> krows;    // [C][d] the chunk's keys as they come, token-major
+  // (64-byte aligned: rows of C lanes or Fp columns are whole vectors)
+  avector<TS> Sp;          // the head's state [D][Fp] in the state's precision (+ the v~ rows when TS == T)
+  avector<T> Mf;           // when TS != T: [state in the compute precision; v~ rows]
+  avector<T> kx, qx, phik, X, U;
+  avector<T> krows;        // [C][d] the chunk's keys as they come, token-major
   std::vector<T> inv_fact; // [P] 1 / p!: the truncated series' coefficients
   std::vector<const T*> key_rows;  // [C] key j of kx (element stride C)
   T* M;                    // Sp or Mf
@@ -419,19 +420,22 @@ struct Head {
   void scores() {
     T* A = X.data() + D * C;
     dots(key_rows.data(), C, C, qx.data(), d, A);
+    using VV = Vec<T>;
+    using V = typename VV::type;
+    typedef typename Bits<T>::type Lane;
+    typedef Lane I __attribute__((vector_size(sizeof(V))));
+    constexpr int64_t L = VV::W;
+    I iota;
+    for (int64_t l = 0; l < L; ++l) iota[l] = Lane(l);
     for (int64_t j = 0; j < C; ++j) {
       T* a = A + j * C;
-      // Horner: T_P(s) = c_0 + s (c_1 + s (... + s c_{P-1})), one multiply-add per term
-      T r[C];
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) r[i] = inv_fact[P - 1];
-      for (int64_t p = P - 2; p >= 0; --p) {
-        const T cp = inv_fact[p];
-#pragma omp simd
-        for (int64_t i = 0; i < C; ++i) r[i] = r[i] * a[i] + cp;
+      for (int64_t i = 0; i < C; i += L) {
+        // Horner: T_P(s) = c_0 + s (c_1 + s (... + s c_{P-1})), one multiply-add per term, in registers
+        const V sv = VV::load(a + i);
+        V r = V{} + inv_fact[P - 1];
+        for (int64_t p = P - 2; p >= 0; --p) r = r * sv + inv_fact[p];
+        VV::store(a + i, iota + Lane(i) >= Lane(j) ? r : V{});  // causal within the chunk
       }
-#pragma omp simd
-      for (int64_t i = 0; i < C; ++i) a[i] = i >= j ? r[i] : T(0);
     }
   }
 

@@ -42,25 +42,26 @@ template <typename T, typename TS>
 struct WindowHead : sata::Head<T, TS> {
   using Base = sata::Head<T, TS>;
   static constexpr int64_t RB = 8;  // band rows per block of scores: independent sums (RB x d FMAs)
-  int64_t W, S, WB;                 // window, sinks, W rounded up to blocks of band rows
+  int64_t W, S, WB;                // window, sinks, W rounded up to blocks of band rows
   bool recentre;
-  std::vector<int64_t> off;  // [P + 1] feature offsets of the degrees
-  std::vector<int64_t> deg;  // [D] degree of each feature row
-  std::vector<T> s;          // [C][C] far scores of the chunk's keys (rows) and queries (lanes)
-  std::vector<T> coef;       // [P][C] a_m(c'_i), or ones
-  std::vector<T> bcoef;      // [P][C] a_m(c'_i) / m!
-  std::vector<T> cen, nfar;  // [C] the far part's centre c_i and far keys of each query
-  int64_t CW;                // columns of the band: C + WB and one vector
-  std::vector<T> bk, bv, badd; // [d][CW], [Ev][CW], [CW] the chunk's band (load_band)
-  std::vector<T> ex;         // [WB + round_up(S, RJ)][C] exact scores: the band's rows, the sinks'
-  std::vector<const T*> kp;  // [round_up(S, RJ)] the key row of each sink in use
-  std::vector<const T*> val; // [S] the value row of each sink in use
+  // (the T workspaces 64-byte aligned: their rows are whole vectors)
+  std::vector<int64_t> off;        // [P + 1] feature offsets of the degrees
+  std::vector<int64_t> deg;        // [D] degree of each feature row
+  sata::avector<T> s;              // [C][C] far scores of the chunk's keys (rows) and queries (lanes)
+  sata::avector<T> coef;           // [P][C] a_m(c'_i), or ones
+  sata::avector<T> bcoef;          // [P][C] a_m(c'_i) / m!
+  sata::avector<T> cen, nfar;      // [C] the far part's centre c_i and far keys of each query
+  int64_t CW;                      // columns of the band: C + WB and one vector
+  sata::avector<T> bk, bv, badd;   // [d][CW], [Ev][CW], [CW] the chunk's band (load_band)
+  sata::avector<T> ex;             // [WB + round_up(S, RJ)][C] exact scores: the band's rows, the sinks'
+  std::vector<const T*> kp;        // [round_up(S, RJ)] the key row of each sink in use
+  std::vector<const T*> val;       // [S] the value row of each sink in use
   std::vector<std::pair<int64_t, int64_t>> lane;  // [S] its lanes [lo, hi) in the chunk
-  std::vector<T> top, den;   // [C]
-  std::vector<T> num;        // [Ev][C]
-  std::vector<T> mus;        // [d] the key centre, scaled
+  sata::avector<T> top, den;       // [C]
+  sata::avector<T> num;            // [Ev][C]
+  sata::avector<T> mus;            // [d] the key centre, scaled
   std::vector<const T*> krow, vrow;  // [CW] the key and value rows of the band's new columns
-  std::vector<T> zeros;      // [max(d, Ev)] the row of a column without a key
+  sata::avector<T> zeros;          // [max(d, Ev)] the row of a column without a key
 
   WindowHead(const WindowPrefillArgs& w)
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
