@@ -141,10 +141,11 @@ def test_plan_factories_cache_plans():
     assert _kernels.prefill_plan(*pargs) is not _kernels.prefill_plan(*pargs[:8], False, torch.float64)
 
 
-def _prefill(plan, q, k, v, Hkv, G, keep=None):
-    """Run a prefill plan on ``[B, H, L, E]`` inputs from an empty state: ``(y, S [B, Hkv, D, F])``."""
+def _prefill(plan, q, k, v, Hkv, G, keep=None, state_dtype=None):
+    """Run a prefill plan on ``[B, H, L, E]`` inputs from an empty state (in ``state_dtype``, default the inputs'):
+    ``(y, S [B, Hkv, D, F])``."""
     B, Lq, Ev, D = q.shape[0], q.shape[2], v.shape[-1], plan._shape[4]
-    S = torch.zeros(B, Hkv, Ev + 1, D, dtype=q.dtype).mT
+    S = torch.zeros(B, Hkv, Ev + 1, D, dtype=state_dtype or q.dtype).mT
     y = torch.empty(B, Hkv * G, Lq, Ev, dtype=q.dtype)
     plan(q, k, v, keep, S, y)
     return y, S
@@ -243,22 +244,23 @@ def test_prefill_heads_shared_out_match_the_oracle(causal, all_threads):
 
 
 @needs_kernels
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64], ids=["f32-state", "f64-state"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("d,Ev,P", [(4, 3, 3), (4, 7, 4), (8, 8, 4), (3, 8, 5), (4, 9, 3), (4, 16, 3), (2, 40, 4)],
                          ids=lambda x: str(x))
-def test_float32_prefill_every_update_layout_matches_the_oracle(d, Ev, P, causal):
+def test_float32_prefill_every_update_layout_matches_the_oracle(d, Ev, P, causal, state_dtype):
     """float32 state updates take one of three layouts by value width (tokens in pairs with the ones column among
     8 lanes, Ev <= 7; pairs plus a separate row sum for the ones column, Ev = 8; padded rows otherwise), and the
-    feature rows end in a partial block (D = 15, 165, 56, 35, 15, 21 with blocks of 8): each equals the float64
-    oracle, with dropped keys and a partial last chunk."""
+    feature rows end in a partial block (D = 15, 165, 56, 35, 15, 21 with blocks of 8), with the state kept in
+    float32 or float64: each equals the float64 oracle, with dropped keys and a partial last chunk."""
     Hkv, G, B, L = 2, 2, 2, 77
     sq = sk = d ** -0.25
-    plan = _kernels.prefill_plan(Hkv, G, d, Ev, P, torch.float32, sq, sk, causal, torch.float32)
+    plan = _kernels.prefill_plan(Hkv, G, d, Ev, P, torch.float32, sq, sk, causal, state_dtype)
     q, k, v = qkv((B,), Hkv * G, L, d, Ev, Hkv=Hkv, seed=90 + Ev)
     mask = torch.rand(B, L, generator=torch.Generator().manual_seed(Ev)) < 0.2  # True = dropped key
     mask[:, 0] = False
     keep = (~mask).to(torch.uint8).contiguous()
-    y, S = _prefill(plan, q.float(), k.float(), v.float(), Hkv, G, keep=keep)
+    y, S = _prefill(plan, q.float(), k.float(), v.float(), Hkv, G, keep=keep, state_dtype=state_dtype)
     want = sata.naive_sata_attention(q, k, v, n_taylor=P, is_causal=causal, enable_gqa=True, key_padding_mask=mask)
     assert_rel(y, want, 2e-5, "output")
     assert_rel(S, sata.accumulate_state(k, v, n_taylor=P, key_padding_mask=mask).kv, 2e-5, "state")
