@@ -183,9 +183,8 @@ struct WindowHead : sata::Head<T, TS> {
       constexpr int64_t L = VV::W;
       I iota;
       for (int64_t l = 0; l < L; ++l) iota[l] = l;
-      T inv = T(1);  // b_m = a_m / m!: one multiply-add per term below
-      for (int64_t m = 0; m < P; ++m) {
-        if (m > 0) inv /= T(m);
+      for (int64_t m = 0; m < P; ++m) {  // b_m = a_m / m!: one multiply-add per term below
+        const T inv = this->inv_fact[m];
 #pragma omp simd
         for (int64_t i = 0; i < C; ++i) bcoef[m * C + i] = coef[m * C + i] * inv;
       }

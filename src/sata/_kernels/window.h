@@ -38,24 +38,31 @@ constexpr T inverse_factorial(int k) {
   return T(1) / f;
 }
 
-// e^x lane by lane, within a few ulps: 2^n e^r with e^r by its Taylor polynomial (the terms past
-// `degree` are below half an ulp for |r| <= ln2 / 2); 0 below lo (no subnormal results), inf above hi,
-// NaN for NaN
+// 2^n e^r for x = n ln2 + r, |r| <= ln2 / 2, with e^r by its Taylor polynomial (the terms past `degree`
+// are below half an ulp): e^x within a few ulps for x in [lo, hi] (NaN for NaN)
 template <typename T>
-inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+inline typename Vec<T>::type exp_in_range(typename Vec<T>::type x) {
   using C = ExpConst<T>;
   using V = typename Vec<T>::type;
   typedef typename Bits<T>::type I __attribute__((vector_size(sizeof(V))));
-  const V lo = V{} + C::lo, hi = V{} + C::hi, magic = V{} + C::magic;
-  const V xc = x < lo ? lo : x > hi ? hi : x;
-  const V t = xc * C::log2e + magic;
+  const V magic = V{} + C::magic;
+  const V t = x * C::log2e + magic;
   const V n = t - magic;  // x log2e rounded to an integer
-  const V r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
+  const V r = (x - n * C::ln2_hi) - n * C::ln2_lo;
   V p = V{} + inverse_factorial<T>(C::degree);
 #pragma GCC unroll 16
   for (int k = C::degree - 1; k >= 0; --k) p = p * r + inverse_factorial<T>(k);
   const I scale = ((I)t - (I)magic + C::bias) << C::mantissa;  // the bits of 2^n
-  const V y = p * (V)scale;
+  return p * (V)scale;
+}
+
+// e^x lane by lane, within a few ulps: 0 below lo (no subnormal results), inf above hi, NaN for NaN
+template <typename T>
+inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
+  using C = ExpConst<T>;
+  using V = typename Vec<T>::type;
+  const V lo = V{} + C::lo, hi = V{} + C::hi;
+  const V y = exp_in_range<T>(x < lo ? lo : x > hi ? hi : x);
   return x < lo ? V{} : x > hi ? V{} + std::numeric_limits<T>::infinity() : y;
 }
 
@@ -63,20 +70,11 @@ inline typename Vec<T>::type vexp(typename Vec<T>::type x) {
 // undefined for x > 0
 template <typename T>
 inline typename Vec<T>::type vexp_le0(typename Vec<T>::type x) {
-  using C = ExpConst<T>;
   using V = typename Vec<T>::type;
-  typedef typename Bits<T>::type I __attribute__((vector_size(sizeof(V))));
-  const V lo = V{} + C::lo, magic = V{} + C::magic;
+  const V lo = V{} + ExpConst<T>::lo;
   const auto under = x < lo;
-  const V xc = under ? lo : x;
-  const V t = xc * C::log2e + magic;
-  const V n = t - magic;
-  const V r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
-  V p = V{} + inverse_factorial<T>(C::degree);
-#pragma GCC unroll 16
-  for (int k = C::degree - 1; k >= 0; --k) p = p * r + inverse_factorial<T>(k);
-  const I scale = ((I)t - (I)magic + C::bias) << C::mantissa;
-  return under ? V{} : p * (V)scale;
+  const V y = exp_in_range<T>(under ? lo : x);
+  return under ? V{} : y;
 }
 
 // c' = mu - alpha sd of the far scores from (N, sum s, sum s^2 / 2); 0 without far keys (sata.hybrid.centre)
