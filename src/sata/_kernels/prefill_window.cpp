@@ -42,6 +42,7 @@ template <typename T, typename TS>
 struct WindowHead : sata::Head<T, TS> {
   using Base = sata::Head<T, TS>;
   static constexpr int64_t RB = 8;  // band rows per block of scores: independent sums (RB x d FMAs)
+  static constexpr int64_t RING = 8;  // chunks per move of the band's rows (load_band)
   int64_t W, S, WB;                // window, sinks, W rounded up to blocks of band rows
   bool recentre;
   // (the T workspaces 64-byte aligned: their rows are whole vectors)
@@ -51,8 +52,9 @@ struct WindowHead : sata::Head<T, TS> {
   sata::avector<T> coef;           // [P][C] a_m(c'_i), or ones
   sata::avector<T> bcoef;          // [P][C] a_m(c'_i) / m!
   sata::avector<T> cen, nfar;      // [C] the far part's centre c_i and far keys of each query
-  int64_t CW;                      // columns of the band: C + WB and one vector
-  sata::avector<T> bk, bv, badd;   // [d][CW], [Ev][CW], [CW] the chunk's band (load_band)
+  int64_t CW;                      // columns of the band: C + WB
+  int64_t CR, b0 = 0;              // columns of the band's rows (CW and RING - 1 chunks), the band's first column
+  sata::avector<T> bk, bv, badd;   // [d][CR], [Ev][CR], [CR] the chunk's band at columns b0 .. b0 + CW (load_band)
   sata::avector<T> ex;             // [WB + round_up(S, RJ)][C] exact scores: the band's rows, the sinks'
   std::vector<const T*> kp;        // [round_up(S, RJ)] the key row of each sink in use
   std::vector<const T*> val;       // [S] the value row of each sink in use
@@ -67,9 +69,8 @@ struct WindowHead : sata::Head<T, TS> {
       : Base(w.base.G, 0, 0, w.base.d, w.base.Ev, w.base.D, w.base.P, w.base.prefix_len,
              static_cast<const T*>(w.base.weight), T(w.base.sq), T(w.base.sk)),
         W(w.W), S(w.S), WB(sata::round_up(w.W, RB)), recentre(w.recentre != 0), off(w.base.P + 1, 0), deg(w.base.D),
-        s(C * C), coef(w.base.P * C), bcoef(w.base.P * C), cen(C), nfar(C), CW(C + WB + Vec<T>::W), bk(w.base.d * CW),
-        bv(w.base.Ev * CW),
-        badd(CW), ex((WB + sata::round_up(w.S, sata::RJ)) * C),
+        s(C * C), coef(w.base.P * C), bcoef(w.base.P * C), cen(C), nfar(C), CW(C + WB), CR(CW + (RING - 1) * C),
+        bk(w.base.d * CR), bv(w.base.Ev * CR), badd(CR), ex((WB + sata::round_up(w.S, sata::RJ)) * C),
         kp(sata::round_up(w.S, sata::RJ)), val(w.S), lane(w.S), top(C), den(C), num(w.base.Ev * C), mus(w.base.d),
         krow(CW), vrow(CW), zeros(std::max(w.base.d, w.base.Ev)) {
     std::fill(coef.begin(), coef.end(), T(1));  // the coefficients of a plan without a centre: never rewritten
@@ -201,19 +202,26 @@ struct WindowHead : sata::Head<T, TS> {
     sata::gemm_t(M, Fp, this->F, D + c, X, this->U.data(), false);
   }
 
-  // the chunk's band, once for all its query heads: column u of bk [d][CW] (keys scaled), bv [Ev][CW] and badd
-  // [CW] holds stream position t0 + 1 + u, badd 0 for a kept key and -inf for none (or beyond the stream's end
-  // n); query i reads columns i .. i + W - 1. The columns of the previous chunk (t0 - C) that stay are moved
+  // the chunk's band, once for all its query heads: column b0 + u of bk [d][CR] (keys scaled), bv [Ev][CR] and
+  // badd [CR] holds stream position t0 + 1 + u (u < CW), badd 0 for a kept key and -inf for none (or beyond the
+  // stream's end n); query i reads columns i .. i + W - 1. The band slides C columns a chunk (chunks come in
+  // order) over rows of RING chunks: the columns that stay are moved once per RING - 1 chunks, not every chunk
   template <typename KeyRow, typename ValueRow>
   void load_band(int64_t t0, int64_t n, const KeyRow& k, const ValueRow& v, const uint8_t* flag) {
     const int64_t d = this->d, Ev = this->Ev;
     const T sk = this->sk;
     int64_t u0 = 0;
-    if (t0 > 0) {  // chunks come in order: columns C .. CW - 1 become 0 .. CW - C - 1
+    if (t0 == 0) {
+      b0 = 0;
+    } else if (b0 + C + CW <= CR) {  // columns C .. CW - 1 become 0 .. CW - C - 1 where they are
+      b0 += C;
       u0 = CW - C;
-      for (T* row = bk.data(); row < bk.data() + d * CW; row += CW) std::memmove(row, row + C, sizeof(T) * u0);
-      for (T* row = bv.data(); row < bv.data() + Ev * CW; row += CW) std::memmove(row, row + C, sizeof(T) * u0);
-      std::memmove(badd.data(), badd.data() + C, sizeof(T) * u0);
+    } else {                          // the end of the rows: the columns that stay move to their start
+      u0 = CW - C;
+      for (T* row = bk.data(); row < bk.data() + d * CR; row += CR) std::memmove(row, row + b0 + C, sizeof(T) * u0);
+      for (T* row = bv.data(); row < bv.data() + Ev * CR; row += CR) std::memmove(row, row + b0 + C, sizeof(T) * u0);
+      std::memmove(badd.data(), badd.data() + b0 + C, sizeof(T) * u0);
+      b0 = 0;
     }
     // the new columns' rows (a row of zeros where no key is kept), then feature-major by whole-vector loops
     const int64_t nu = CW - u0;
@@ -222,15 +230,15 @@ struct WindowHead : sata::Head<T, TS> {
       const bool kept = e < n && flag[e];
       krow[u - u0] = kept ? k(e) : zeros.data();
       vrow[u - u0] = kept ? v(e) : zeros.data();
-      badd[u] = kept ? T(0) : -std::numeric_limits<T>::infinity();
+      badd[b0 + u] = kept ? T(0) : -std::numeric_limits<T>::infinity();
     }
     for (int64_t x = 0; x < d; ++x) {
-      T* row = bk.data() + x * CW + u0;
+      T* row = bk.data() + x * CR + b0 + u0;
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u) row[u] = krow[u][x] * sk;
     }
     for (int64_t f = 0; f < Ev; ++f) {
-      T* row = bv.data() + f * CW + u0;
+      T* row = bv.data() + f * CR + b0 + u0;
 #pragma omp simd
       for (int64_t u = 0; u < nu; ++u) row[u] = vrow[u][f];
     }
@@ -248,22 +256,18 @@ struct WindowHead : sata::Head<T, TS> {
     const int64_t d = this->d, Ev = this->Ev;
     const T* qx = this->qx.data();
     const V ninf = V{} - std::numeric_limits<T>::infinity();
+    // the band's scores, tile by tile of R columns u0 .. u0 + R - 1: a tile holds rows m = u - b L of each block b
+    // of lanes b L .. (b + 1) L with m in [0, W), and each shifted load of its keys serves NG of those blocks
+    constexpr int64_t R = L < RB ? L : RB, NG = sata::VREGS >= 2 * RB + 4 ? 2 : 1;
     V mx[NB];  // the largest score of each lane
-    for (int64_t b = 0; b < NB; ++b) {
-      mx[b] = ninf;
-      for (int64_t m0 = 0; m0 < W; m0 += RB) {
-        const int64_t u0 = b * L + m0;
-        V acc[RB];
-        for (int64_t r = 0; r < RB; ++r) acc[r] = VV::load(badd.data() + u0 + r);
-        for (int64_t x = 0; x < d; ++x) {
-          const V qe = VV::load(qx + x * C + b * L);
-          const T* kr = bk.data() + x * CW + u0;
-          for (int64_t r = 0; r < RB; ++r) acc[r] += VV::load(kr + r) * qe;
-        }
-        for (int64_t r = 0; r < RB; ++r) {
-          VV::store(ex.data() + (m0 + r) * C + b * L, acc[r]);
-          if (m0 + r < W) mx[b] = acc[r] > mx[b] ? acc[r] : mx[b];  // rows W .. WB - 1 pad the last block
-        }
+    for (int64_t b = 0; b < NB; ++b) mx[b] = ninf;
+    for (int64_t u0 = 0; u0 < (NB - 1) * L + W; u0 += R) {
+      const int64_t lo = u0 < W ? 0 : (u0 - W) / L + 1, hi = std::min<int64_t>(NB - 1, u0 / L);  // blocks
+      for (int64_t b = lo; b <= hi; b += NG) {
+        if (NG > 1 && b < hi)
+          band_tile<R, NG>(u0, b, mx);
+        else
+          band_tile<R, 1>(u0, b, mx);
       }
     }
     int64_t ns = 0;  // sinks in use: a sink at stream position p is exact for queries at n_tokens + t0 + i >= p
@@ -308,6 +312,37 @@ struct WindowHead : sata::Head<T, TS> {
     }
   }
 
+  // the scores of band columns u0 .. u0 + R - 1 for the NG blocks of lanes from b: rows u - b' L of ex for each
+  // block b' (independent sums: R x NG FMAs per feature), their maxima into mx
+  template <int64_t R, int64_t NG>
+  void band_tile(int64_t u0, int64_t b, typename Vec<T>::type* mx) {
+    using VV = Vec<T>;
+    using V = typename VV::type;
+    constexpr int64_t L = VV::W;
+    const T* qx = this->qx.data();
+    V acc[NG][R];
+    for (int64_t r = 0; r < R; ++r) {
+      const V add = VV::load(badd.data() + b0 + u0 + r);  // 0 or -inf: the column's key
+      for (int64_t g = 0; g < NG; ++g) acc[g][r] = add;
+    }
+    for (int64_t x = 0; x < this->d; ++x) {
+      V qe[NG];
+      for (int64_t g = 0; g < NG; ++g) qe[g] = VV::load(qx + x * C + (b + g) * L);
+      const T* kr = bk.data() + x * CR + b0 + u0;
+      for (int64_t r = 0; r < R; ++r) {
+        const V kv = VV::load(kr + r);  // [L] key u0 + r + l of lane l
+        for (int64_t g = 0; g < NG; ++g) acc[g][r] += kv * qe[g];
+      }
+    }
+    for (int64_t g = 0; g < NG; ++g) {
+      const int64_t m0 = u0 - (b + g) * L;  // in [0, W): rows m0 .. m0 + R - 1 (those from W pad the last block)
+      for (int64_t r = 0; r < R; ++r) {
+        VV::store(ex.data() + (m0 + r) * C + (b + g) * L, acc[g][r]);
+        if (m0 + r < W) mx[b + g] = acc[g][r] > mx[b + g] ? acc[g][r] : mx[b + g];
+      }
+    }
+  }
+
   // den and num on lanes b L .. (b + 1) L from the band's W rows and the ns sinks' rows: with the value size EV
   // known the sums stay in registers across the rows (0: any size, summed in memory)
   template <int EV>
@@ -332,8 +367,8 @@ struct WindowHead : sata::Head<T, TS> {
       }
     };
     for (int64_t m = 0; m < W; ++m) {  // the band: lane i's key at column i + m
-      const T* vr = bv.data() + i + m;
-      add(sata::vexp_le0<T>(VV::load(ex.data() + m * C + i) - safe), [&](int64_t f) { return VV::load(vr + f * CW); });
+      const T* vr = bv.data() + b0 + i + m;
+      add(sata::vexp_le0<T>(VV::load(ex.data() + m * C + i) - safe), [&](int64_t f) { return VV::load(vr + f * CR); });
     }
     for (int64_t r = 0; r < ns; ++r) {  // the sinks
       if (i + L <= lane[r].first) continue;  // no lane of this sink here
