@@ -38,7 +38,7 @@ struct Features {
   int64_t degree(T* phi, const T* prev, T* out, const T* w, int64_t p) const {
     // half vectors: feature segments are short (C(j+p-1, p-1) entries), so narrower vectors waste
     // fewer lanes and split fewer cache lines
-    using V = Vec<T, 32>;
+    using V = Vec<T, NARROW>;
     const T* xs = phi + 1;
     T* start = out;
     for (int64_t j = 0; j < d; ++j) {

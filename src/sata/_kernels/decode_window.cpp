@@ -47,7 +47,7 @@ using sata::vexp;
 
 // ---------------------------------------------------------------- vectors of the exact part
 // a vector of T loaded from TS (lane by lane when they differ: keys stored in double, computed in float)
-template <typename T, typename TS, int Bytes = 64>
+template <typename T, typename TS, int Bytes = sata::VBYTES>
 inline typename Vec<T, Bytes>::type load_as(const TS* p) {
   typename Vec<T, Bytes>::type x;
   if constexpr (sizeof(T) == sizeof(TS)) {
@@ -59,9 +59,9 @@ inline typename Vec<T, Bytes>::type load_as(const TS* p) {
 }
 
 // load_as() of the first n lanes (the rest 0): the vector that ends a buffer
-template <typename T, typename TS, int Bytes = 64>
+template <typename T, typename TS, int Bytes = sata::VBYTES>
 inline typename Vec<T, Bytes>::type load_as_first(const TS* p, int64_t n) {
-  if constexpr (sizeof(T) == sizeof(TS) && Bytes == 64) {
+  if constexpr (sizeof(T) == sizeof(TS) && Bytes == sata::VBYTES) {
     return sata::load_first<T>(reinterpret_cast<const T*>(p), n);
   } else {
     typename Vec<T, Bytes>::type x{};
@@ -115,7 +115,7 @@ inline void dots_fixed(const T* x, const TS* K, int64_t rows, T* s) {
 #pragma GCC unroll 16
     for (int m = nv; m > 1; m /= 2)
 #pragma GCC unroll 16
-      for (int r = 0; r < m / 2; ++r) p[r] = pair_sums<T, 64>(p[2 * r], p[2 * r + 1]);
+      for (int r = 0; r < m / 2; ++r) p[r] = pair_sums<T, sata::VBYTES>(p[2 * r], p[2 * r + 1]);
     VV::store(s + j, p[0]);
   };
   int64_t j = 0;
@@ -147,8 +147,8 @@ inline void dots(const T* x, const TS* K, int64_t rows, int64_t d, T* s) {
 // accumulators per vector of columns: the adds of consecutive rows do not wait on each other.
 template <bool checked, typename T, typename TS>
 inline void weighted_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T* num) {
-  using V = typename Vec<T, 32>::type;
-  constexpr int R = Vec<T, 32>::W;
+  using V = typename Vec<T, sata::NARROW>::type;
+  constexpr int R = Vec<T, sata::NARROW>::W;
   int64_t f = 0;
   for (; f + R <= Ev; f += R) {
     V a[4] = {V{}, V{}, V{}, V{}};
@@ -156,10 +156,10 @@ inline void weighted_rows(const T* e, const TS* val, int64_t rows, int64_t Ev, T
     for (; j + 4 <= rows; j += 4)
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r)
-        if (!checked || e[j + r] != T(0)) a[r] += e[j + r] * load_as<T, TS, 32>(val + (j + r) * Ev + f);
+        if (!checked || e[j + r] != T(0)) a[r] += e[j + r] * load_as<T, TS, sata::NARROW>(val + (j + r) * Ev + f);
     for (; j < rows; ++j)
-      if (!checked || e[j] != T(0)) a[0] += e[j] * load_as<T, TS, 32>(val + j * Ev + f);
-    const V sum = (a[0] + a[1]) + (a[2] + a[3]) + load_as<T, T, 32>(num + f);
+      if (!checked || e[j] != T(0)) a[0] += e[j] * load_as<T, TS, sata::NARROW>(val + j * Ev + f);
+    const V sum = (a[0] + a[1]) + (a[2] + a[3]) + load_as<T, T, sata::NARROW>(num + f);
     std::memcpy(num + f, &sum, sizeof(sum));
   }
   for (; f < Ev; ++f) {
@@ -218,7 +218,9 @@ inline void weighted_all_rows(const T* e, const TS* val, int64_t rows, int64_t E
     const T* v = reinterpret_cast<const T*>(val);
     switch (Vec<T>::W / Ev * (Vec<T>::W % Ev == 0)) {  // rows per vector (0: not a divisor)
       case 2: return weighted_rows_packed<T, Vec<T>::W / 2>(e, v, rows, num);
-      case 4: return weighted_rows_packed<T, Vec<T>::W / 4>(e, v, rows, num);
+      case 4:
+        if constexpr (Vec<T>::W >= 4) return weighted_rows_packed<T, Vec<T>::W / 4>(e, v, rows, num);
+        break;
       default: break;
     }
   }

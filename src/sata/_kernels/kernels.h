@@ -147,8 +147,22 @@ struct Aligned64 {
 template <typename T>
 using avector = std::vector<T, Aligned64<T>>;
 
+// the bytes of the target's vector registers: 64 on AVX-512, 32 on AVX, else 16 (SSE, NEON). Vectors wider
+// than the registers are split by the compiler, but broadcasting a scalar to them goes lane by lane through the
+// stack: the AVX2 build of the prefill ran ~25x slower with 64-byte vectors than with 32-byte ones
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+#elif defined(__AVX__)
+constexpr int VBYTES = 32;
+#else
+constexpr int VBYTES = 16;
+#endif
+
+// the narrow vectors of short rows (feature segments, value rows of the decode): 32 bytes, or VBYTES below
+constexpr int NARROW = VBYTES < 32 ? VBYTES : 32;
+
 // one vector of `Bytes` bytes of T (GCC/Clang vector extension: SIMD where the target has it)
-template <typename T, int Bytes = 64>
+template <typename T, int Bytes = VBYTES>
 struct Vec {
   static constexpr int W = Bytes / sizeof(T);
   typedef T type __attribute__((vector_size(Bytes)));
@@ -192,8 +206,8 @@ inline T lanes_max(typename Vec<T>::type x) {
   const auto fold = [](auto x, auto y) { return y > x ? y : x; };
   constexpr int L = Vec<T>::W;
   if constexpr (L >= 16) x = fold(x, rotate<T, 8>(x));
-  x = fold(x, rotate<T, 4>(x));
-  x = fold(x, rotate<T, 2>(x));
+  if constexpr (L >= 8) x = fold(x, rotate<T, 4>(x));
+  if constexpr (L >= 4) x = fold(x, rotate<T, 2>(x));
   x = fold(x, rotate<T, 1>(x));
   return x[0];
 }
@@ -202,8 +216,8 @@ template <typename T>
 inline T lanes_sum(typename Vec<T>::type x) {
   constexpr int L = Vec<T>::W;
   if constexpr (L >= 16) x += rotate<T, 8>(x);
-  x += rotate<T, 4>(x);
-  x += rotate<T, 2>(x);
+  if constexpr (L >= 8) x += rotate<T, 4>(x);
+  if constexpr (L >= 4) x += rotate<T, 2>(x);
   x += rotate<T, 1>(x);
   return x[0];
 }

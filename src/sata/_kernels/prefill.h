@@ -107,13 +107,11 @@ inline void gemm_block(const T* __restrict__ M, int64_t ldm, int64_t f0, int64_t
     for (int64_t n = 0; n < NV; ++n) VV::store(U + (f0 + b) * C + n * L, acc[b][n]);
 }
 
-// 64-byte vector registers of the target (AVX2: sixteen of 32 bytes)
-#if defined(__AVX512F__)
+// vector registers of the target (of VBYTES each)
+#if defined(__AVX512F__) || defined(__aarch64__)
 constexpr int64_t VREGS = 32;
-#elif defined(__AVX__)
-constexpr int64_t VREGS = 8;
 #else
-constexpr int64_t VREGS = 4;
+constexpr int64_t VREGS = 16;
 #endif
 
 // most output rows (value columns) per register block of gemm_t: NB x (C / lanes) sums, a row of X and a
@@ -209,6 +207,7 @@ inline void update_state_nv(TS* __restrict__ Sp, int64_t Fp, int64_t D, const T*
   with_count<DB - 1>(D - r0, [&](auto nr) { update_rows<T, TS, NV, decltype(nr)::value>(Sp, Fp, r0, phi_t, vt); });
 }
 
+#if defined(__AVX512F__)  // (without 64-byte registers its 64-bit broadcasts and shuffles go through memory)
 // The update for 16-lane floats and at most 9 columns (values of up to 8, the ones column): tokens in pairs,
 // lane 2f + j of a product holding column f of token 2m + j, so each product is a 64-bit broadcast of two
 // features (phi_t[r][2m], phi_t[r][2m + 1]) times a whole vector, half the products of the padded update.
@@ -307,13 +306,16 @@ inline void update(TS* Sp, int64_t D, int64_t F, const float* phi_t, const float
 }
 
 }  // namespace pairs
+#endif
 
 // Sp[D][f] += sum_i phi_t[D][i] * vt[i][f] for f < F (the columns up to Fp are zero in vt)
 template <typename T, typename TS>
 inline void update_state(TS* Sp, int64_t Fp, int64_t D, int64_t F, const T* phi_t, const T* vt) {
-  if constexpr (std::is_same<T, float>::value && Vec<float>::W == 16) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
     if (Fp == 16 && F <= 9) return pairs::update<TS>(Sp, D, F, phi_t, vt);
   }
+#endif
   switch (Fp / VW) {
     case 1: update_state_nv<T, TS, 1>(Sp, Fp, D, phi_t, vt); return;
     case 2: update_state_nv<T, TS, 2>(Sp, Fp, D, phi_t, vt); return;
