@@ -105,6 +105,34 @@ def test_compiler_error_is_reported(tmp_path):
         _kernels._compile(str(bad), str(tmp_path / "out.so"))
 
 
+# the kernels' numbers on each vector width: the oracle tests of the update layouts, decode, window decode and
+# window prefill (float32 and float64), run again with the library built for that target
+_OTHER_TARGET_TESTS = [
+    "tests/test_kernels.py::test_float32_prefill_every_update_layout_matches_the_oracle",
+    "tests/test_kernels.py::test_decode_heads_shared_out_match_the_oracle",
+    "tests/test_window_kernel.py::test_head_sizes_and_vector_blocks",
+    "tests/test_window_kernel.py::test_decode_loop_equals_oracle_and_torch_path_float64",
+    "tests/test_window_prefill_kernel.py::test_head_sizes",
+    "tests/test_window_prefill_kernel.py::test_prefill_equals_oracle_and_torch_path_float64",
+    "tests/test_window_prefill_kernel.py::test_the_band_rolls_across_many_chunks",
+]
+
+
+@needs_kernels
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86 targets")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"], ids=["avx2", "sse2"])
+def test_kernels_built_for_narrower_vectors_match_the_oracle(arch, tmp_path):
+    """SATA_KERNEL_ARCH builds for another target than this CPU: 32-byte (AVX2) and 16-byte (SSE2) vectors, where
+    4 and 2 lanes of float64 and no paired update test what 64-byte vectors do not."""
+    env = {**os.environ, "SATA_KERNEL_ARCH": arch, "SATA_KERNEL_CACHE": str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_OTHER_TARGET_TESTS],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-2000:]
+    assert out.returncode == 0 and "skipped" not in summary, out.stdout[-4000:] + out.stderr[-2000:]
+    assert [p.name for p in tmp_path.glob("kernels-*.so")], "no library was built for the target"
+
+
 @needs_kernels
 def test_cached_library_that_does_not_match_is_rebuilt(tmp_path, monkeypatch):
     """A cached file that reports another ABI number (or does not load at all) is replaced by a fresh build."""

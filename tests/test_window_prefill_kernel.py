@@ -128,11 +128,12 @@ def test_head_sizes(E, Ev, kernel_calls):
 
 @pytest.mark.parametrize("window", [5, 45, 100])
 def test_the_band_rolls_across_many_chunks(window, kernel_calls):
-    """A call of many chunks after one that filled the window: the band's buffer moves by a chunk at a time
-    (prefill_window.cpp: load_band), through holes in the mask, a window shorter and longer than a chunk."""
-    q, k, v = qkv((2,), 2, 300, 4, 3, seed=17)
-    mask = torch.zeros(2, 300, dtype=torch.bool)
-    mask[0, [3, 40, 41, 99, 100, 101, 102, 200, 263]] = True
+    """A call of many chunks after one that filled the window: the band slides a chunk at a time and its
+    columns move back to the start of its rows every few chunks (prefill_window.cpp: load_band; 18 chunks:
+    twice), through holes in the mask, a window shorter and longer than a chunk."""
+    q, k, v = qkv((2,), 2, 600, 4, 3, seed=17)
+    mask = torch.zeros(2, 600, dtype=torch.bool)
+    mask[0, [3, 40, 41, 99, 100, 101, 102, 200, 263, 290, 291, 292, 511, 512, 580]] = True
     mask[1, :50] = True
     kw = dict(n_taylor=3, is_causal=True, window=window, sinks=2, recentre=0.5)
     y1, st = sata.sata_attention(q[..., :37, :], k[..., :37, :], v[..., :37, :], key_padding_mask=mask[:, :37],

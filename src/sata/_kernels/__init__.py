@@ -15,7 +15,7 @@ When no compiler is available, the build fails, or ``SATA_DISABLE_KERNELS=1`` is
 call takes the PyTorch path, which computes the same thing (both are tested against the
 oracle); a build failure says so once per process (a ``RuntimeWarning``). The shared library
 is cached in ``$SATA_KERNEL_CACHE`` (default ``~/.cache/sata``) under a hash of the sources,
-flags, compiler, CPU and torch build, and is checked against this module's ABI number and
+flags, compiler, CPU and torch build (``$SATA_KERNEL_ARCH``: a ``-march`` target other than this CPU), and is checked against this module's ABI number and
 struct sizes on load (a disagreeing file is rebuilt).
 
 Plans bind a configuration's constants once; :func:`decode_plan` and :func:`prefill_plan`
@@ -49,8 +49,6 @@ _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 # torch's libraries (at::parallel_for and its thread count), already loaded in this process
 _LINK = [f"-L{_TORCH / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{_TORCH / 'lib'}"]
-# tried in order: the first set this compiler accepts is used (without OpenMP the kernels run serially)
-_OPTIONAL = [["-march=native", "-fopenmp"], ["-fopenmp"], []]
 _BUILD_TIMEOUT = 300.0  # seconds per compiler call; a build takes 5-20 s on 2 (busy) cores
 # Flops (2 F D per key and per query, kernels.h: work) a call needs per thread before it takes
 # more than one: about 2.5 ms of one core's work. benchmarks/kernel_threads.py threshold, 2 cores:
@@ -75,10 +73,20 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _optional() -> list[list[str]]:
+    """Flag sets tried in order: the first this compiler accepts is used (without OpenMP the kernels run
+    serially). ``$SATA_KERNEL_ARCH`` names a target other than this CPU (``haswell``, ``x86-64-v3``: a
+    library for machines of several kinds), and then only builds for it are tried."""
+    arch = os.environ.get("SATA_KERNEL_ARCH", "")
+    if arch:
+        return [[f"-march={arch}", "-fopenmp"], [f"-march={arch}"]]
+    return [["-march=native", "-fopenmp"], ["-fopenmp"], []]
+
+
 def _compile(cxx: str, out: str, timeout: float = _BUILD_TIMEOUT) -> None:
     """Compile the sources into the shared library ``out`` with the first optional flag set ``cxx`` accepts."""
     err = ""
-    for extra in _OPTIONAL:
+    for extra in _optional():
         cmd = [cxx, *_FLAGS, *extra, *(str(p) for p in _SOURCES if p.suffix == ".cpp"), "-o", out, *_LINK]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -174,7 +182,7 @@ def _open(path: str) -> ctypes.CDLL:
 
 def _library_path(cxx: str) -> Path:
     """Where the library built by ``cxx`` for these sources, flags, CPU and torch is cached."""
-    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _SOURCES), repr((_FLAGS, _LINK, _OPTIONAL)).encode(),
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in _SOURCES), repr((_FLAGS, _LINK, _optional())).encode(),
                                      cxx.encode(), _cpu_id().encode(), platform.machine().encode(),
                                      torch.__version__.encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("SATA_KERNEL_CACHE") or Path.home() / ".cache" / "sata")
