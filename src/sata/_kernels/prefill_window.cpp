@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -223,24 +224,59 @@ struct WindowHead : sata::Head<T, TS> {
       std::memmove(badd.data(), badd.data() + b0 + C, sizeof(T) * u0);
       b0 = 0;
     }
-    // the new columns' rows (a row of zeros where no key is kept), then feature-major by whole-vector loops
+    // the new columns' rows (a row of zeros where no key is kept), then feature-major: from one block of
+    // consecutive rows when they are (every key kept, in one tensor: the steady state) by a transposition of
+    // the head size known to the compiler, else row pointer by row pointer
     const int64_t nu = CW - u0;
+    bool dense = true;
     for (int64_t u = u0; u < CW; ++u) {
       const int64_t e = t0 + 1 + u;
       const bool kept = e < n && flag[e];
       krow[u - u0] = kept ? k(e) : zeros.data();
       vrow[u - u0] = kept ? v(e) : zeros.data();
       badd[b0 + u] = kept ? T(0) : -std::numeric_limits<T>::infinity();
+      dense &= kept;
+    }
+    const auto consecutive = [nu](const std::vector<const T*>& rows, int64_t width) {
+      return reinterpret_cast<uintptr_t>(rows[nu - 1]) - reinterpret_cast<uintptr_t>(rows[0]) ==
+             uintptr_t(nu - 1) * uintptr_t(width) * sizeof(T);
+    };
+    T* kout = bk.data() + b0 + u0;
+    T* vout = bv.data() + b0 + u0;
+    if (dense && consecutive(krow, d) && consecutive(vrow, Ev)) {
+      transpose(krow[0], nu, d, sk, kout);
+      transpose(vrow[0], nu, Ev, T(1), vout);
+      return;
     }
     for (int64_t x = 0; x < d; ++x) {
-      T* row = bk.data() + x * CR + b0 + u0;
 #pragma omp simd
-      for (int64_t u = 0; u < nu; ++u) row[u] = krow[u][x] * sk;
+      for (int64_t u = 0; u < nu; ++u) kout[x * CR + u] = krow[u][x] * sk;
     }
     for (int64_t f = 0; f < Ev; ++f) {
-      T* row = bv.data() + f * CR + b0 + u0;
 #pragma omp simd
-      for (int64_t u = 0; u < nu; ++u) row[u] = vrow[u][f];
+      for (int64_t u = 0; u < nu; ++u) vout[f * CR + u] = vrow[u][f];
+    }
+  }
+
+  // out[x][u] = a * rows[u][x] (out rows CR apart) for n consecutive rows of the given width: with the common
+  // widths known, the compiler reads the rows whole and interleaves them in registers
+  void transpose(const T* rows, int64_t n, int64_t width, T a, T* out) const {
+    const int64_t ld = CR;
+    const auto fixed = [&](auto w) {
+      constexpr int64_t Wd = decltype(w)::value;
+#pragma omp simd
+      for (int64_t u = 0; u < n; ++u)
+#pragma GCC unroll 64
+        for (int64_t x = 0; x < Wd; ++x) out[x * ld + u] = rows[u * Wd + x] * a;
+    };
+    switch (width) {
+      case 8: return fixed(std::integral_constant<int64_t, 8>{});
+      case 16: return fixed(std::integral_constant<int64_t, 16>{});
+      default:
+        for (int64_t x = 0; x < width; ++x) {
+#pragma omp simd
+          for (int64_t u = 0; u < n; ++u) out[x * ld + u] = rows[u * width + x] * a;
+        }
     }
   }
 
