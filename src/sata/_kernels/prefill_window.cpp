@@ -337,14 +337,19 @@ struct WindowHead : sata::Head<T, TS> {
       VV::store(top.data() + b * L, mx[b]);
       safe[b] = mx[b] - mx[b] == T(0) ? mx[b] : V{};  // 0 where not finite (no exact key)
     }
-    for (int64_t b = 0; b < NB; ++b) {  // weights e^{s - max}, their sum and the weighted values, vector by vector
+    // weights e^{s - max}, their sum and the weighted values, vector by vector: two blocks at once where their
+    // sums fit in registers beside each other (a shifted load of values then serves both)
+    constexpr bool two = NB >= 2 && sata::VREGS >= 32;
+    for (int64_t b = 0; b < NB;) {
+      const bool pair = two && b + 1 < NB;
       switch (Ev) {
-        case 8: weigh<8>(ns, b, safe[b]); break;
-        case 16: weigh<16>(ns, b, safe[b]); break;
-        case 32: weigh<32>(ns, b, safe[b]); break;
-        case 64: weigh<64>(ns, b, safe[b]); break;
-        default: weigh<0>(ns, b, safe[b]);
+        case 8: pair ? weigh<8, 2>(ns, b, safe + b) : weigh<8, 1>(ns, b, safe + b); break;
+        case 16: weigh<16, 1>(ns, b, safe + b); break;
+        case 32: weigh<32, 1>(ns, b, safe + b); break;
+        case 64: weigh<64, 1>(ns, b, safe + b); break;
+        default: weigh<0, 1>(ns, b, safe + b);
       }
+      b += pair && Ev == 8 ? 2 : 1;
     }
   }
 
@@ -379,41 +384,70 @@ struct WindowHead : sata::Head<T, TS> {
     }
   }
 
-  // den and num on lanes b L .. (b + 1) L from the band's W rows and the ns sinks' rows: with the value size EV
-  // known the sums stay in registers across the rows (0: any size, summed in memory)
-  template <int EV>
-  void weigh(int64_t ns, int64_t b, typename Vec<T>::type safe) {
+  // den and num on lanes b L .. (b + NG) L from the band's W rows and the ns sinks' rows: with the value size EV
+  // known the sums stay in registers across the rows (0: any size, summed in memory). Two blocks (NG = 2) share
+  // the band's value columns L .. W - 1 of the first (rows m of the first, m - L of the second): one load each
+  template <int EV, int NG>
+  void weigh(int64_t ns, int64_t b, const typename Vec<T>::type* safe) {
     using VV = Vec<T>;
     using V = typename VV::type;
     constexpr int64_t L = VV::W;
+    static_assert(NG == 1 || EV != 0, "two blocks keep their sums in registers");
     const int64_t Ev = EV ? EV : this->Ev, i = b * L;
-    V dn{}, acc[EV ? EV : 1];
-    for (int64_t f = 0; f < (EV ? EV : 1); ++f) acc[f] = V{};
+    V dn[NG], acc[NG][EV ? EV : 1];
+    for (int g = 0; g < NG; ++g) {
+      dn[g] = V{};
+      for (int64_t f = 0; f < (EV ? EV : 1); ++f) acc[g][f] = V{};
+    }
     if (!EV)
       for (int64_t f = 0; f < Ev; ++f) VV::store(num.data() + f * C + i, V{});
-    // p times the value rows value(f) [L] added to the sums
-    const auto add = [&](V p, const auto& value) {
-      dn += p;
+    // block g's weight of band row m, and p times the value rows value(f) [L] added to block g's sums
+    const auto weight = [&](int g, int64_t m) {
+      return sata::vexp_le0<T>(VV::load(ex.data() + m * C + i + g * L) - safe[g]);
+    };
+    const auto add = [&](int g, V p, const auto& value) {
+      dn[g] += p;
       if constexpr (EV != 0) {
 #pragma GCC unroll 64
-        for (int64_t f = 0; f < EV; ++f) acc[f] += p * value(f);
+        for (int64_t f = 0; f < EV; ++f) acc[g][f] += p * value(f);
       } else {
         for (int64_t f = 0; f < Ev; ++f)
           VV::store(num.data() + f * C + i, VV::load(num.data() + f * C + i) + p * value(f));
       }
     };
-    for (int64_t m = 0; m < W; ++m) {  // the band: lane i's key at column i + m
-      const T* vr = bv.data() + b0 + i + m;
-      add(sata::vexp_le0<T>(VV::load(ex.data() + m * C + i) - safe), [&](int64_t f) { return VV::load(vr + f * CR); });
+    const auto column = [&](int64_t u) {  // the values of band column i + u + l on lane l
+      const T* vr = bv.data() + b0 + i + u;
+      return [vr, this](int64_t f) { return VV::load(vr + f * CR); };
+    };
+    if constexpr (NG == 1) {
+      for (int64_t m = 0; m < W; ++m) add(0, weight(0, m), column(m));  // lane i's key at column i + m
+    } else {
+      for (int64_t m = 0; m < std::min(L, W); ++m) add(0, weight(0, m), column(m));
+      for (int64_t m = L; m < W; ++m) {
+        const V p0 = weight(0, m), p1 = weight(1, m - L);
+        const auto value = column(m);
+        dn[0] += p0;
+        dn[1] += p1;
+#pragma GCC unroll 64
+        for (int64_t f = 0; f < EV; ++f) {
+          const V x = value(f);
+          acc[0][f] += p0 * x;
+          acc[1][f] += p1 * x;
+        }
+      }
+      for (int64_t m = std::max<int64_t>(W - L, 0); m < W; ++m) add(1, weight(1, m), column(L + m));
     }
-    for (int64_t r = 0; r < ns; ++r) {  // the sinks
-      if (i + L <= lane[r].first) continue;  // no lane of this sink here
-      const T* vr = val[r];
-      add(sata::vexp_le0<T>(VV::load(ex.data() + (WB + r) * C + i) - safe), [&](int64_t f) { return vr[f] + V{}; });
+    for (int g = 0; g < NG; ++g) {
+      const int64_t ig = i + g * L;
+      for (int64_t r = 0; r < ns; ++r) {  // the sinks
+        if (ig + L <= lane[r].first) continue;  // no lane of this sink here
+        const T* vr = val[r];
+        add(g, sata::vexp_le0<T>(VV::load(ex.data() + (WB + r) * C + ig) - safe[g]), [&](int64_t f) { return vr[f] + V{}; });
+      }
+      if constexpr (EV != 0)
+        for (int64_t f = 0; f < EV; ++f) VV::store(num.data() + f * C + ig, acc[g][f]);
+      VV::store(den.data() + ig, dn[g]);
     }
-    if constexpr (EV != 0)
-      for (int64_t f = 0; f < EV; ++f) VV::store(num.data() + f * C + i, acc[f]);
-    VV::store(den.data() + i, dn);
   }
 
   // both parts scaled to their common maximum m = max(top, c) (top alone for a query without far keys), summed
