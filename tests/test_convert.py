@@ -84,6 +84,28 @@ def _decode(state, q, k, v, ad, start: int, switch: int, inplace: bool, kw):
     return outs, sizes
 
 
+@needs_kernels
+def test_kernel_decode_follows_alpha_and_beta_changed_in_place():
+    """The fused decode step keeps the adapter's validated settings between tokens; changing alpha or beta in place
+    (a training step, a loaded checkpoint) is seen at the next token: outputs equal the PyTorch step's."""
+    q, k, v = _qkv()
+    ad = _adapter()
+    kw = dict(scale=0.4, **KW)
+    with torch.no_grad():
+        head = [t[:, :, :40] for t in (q, k, v)]
+        _, state = adapted.prefill(*head, ad.map_q(head[0]), ad.map_k(head[1]), alpha=ad.alpha, beta=ad.beta,
+                                   kernel_state=True, **kw)
+        for t, change in zip(range(40, 46), [None, "beta", None, "alpha", "both", None]):
+            if change in ("beta", "both"):
+                ad.log_beta.add_(0.5)
+            if change in ("alpha", "both"):
+                ad.alpha.mul_(-1.0).add_(0.25)
+            q1, k1, v1 = q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]
+            want, _ = adapted.decode_step(adapted.to_adapted_state(state), q1, k1, v1, ad, **kw)
+            got, state = adapted.kernel_decode_step(state, q1, k1, v1, ad, **kw)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=f"token {t} after changing {change}")
+
+
 @pytest.mark.parametrize("start", ["start_state", "prefill", "prefill-inplace",
                                    *(pytest.param(m, marks=needs_kernels) for m in ("kernel", "kernel-then-torch"))])
 @pytest.mark.parametrize("prefill", [1, 3, 40, 120])
