@@ -15,8 +15,9 @@ When no compiler is available, the build fails, or ``SATA_DISABLE_KERNELS=1`` is
 call takes the PyTorch path, which computes the same thing (both are tested against the
 oracle); a build failure says so once per process (a ``RuntimeWarning``). The shared library
 is cached in ``$SATA_KERNEL_CACHE`` (default ``~/.cache/sata``) under a hash of the sources,
-flags, compiler, CPU and torch build (``$SATA_KERNEL_ARCH``: a ``-march`` target other than this CPU), and is checked against this module's ABI number and
-struct sizes on load (a disagreeing file is rebuilt).
+flags, compiler, CPU and torch build, and is checked against this module's ABI number and
+struct sizes on load (a disagreeing file is rebuilt). ``$SATA_KERNEL_ARCH`` builds for a ``-march``
+target other than this CPU.
 
 Plans bind a configuration's constants once; :func:`decode_plan` and :func:`prefill_plan`
 cache them (window decode plans are cached by ``sata._paths.window_kernel``, window prefill plans by

@@ -149,7 +149,7 @@ using avector = std::vector<T, Aligned64<T>>;
 
 // the bytes of the target's vector registers: 64 on AVX-512, 32 on AVX, else 16 (SSE, NEON). Vectors wider
 // than the registers are split by the compiler, but broadcasting a scalar to them goes lane by lane through the
-// stack: the AVX2 build of the prefill ran ~25x slower with 64-byte vectors than with 32-byte ones
+// stack: the AVX2 build of the prefill ran ~30x slower with 64-byte vectors than with 32-byte ones
 #if defined(__AVX512F__)
 constexpr int VBYTES = 64;
 #elif defined(__AVX__)
