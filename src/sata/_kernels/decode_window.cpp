@@ -43,7 +43,7 @@ using sata::Features;
 using sata::Vec;
 using sata::centre;
 using sata::coefficients;
-using sata::vexp;
+using sata::vexp_le0;
 
 // ---------------------------------------------------------------- vectors of the exact part
 // a vector of T loaded from TS (lane by lane when they differ: keys stored in double, computed in float)
@@ -421,12 +421,12 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     }
     buf.top[iq] = lanes_max<T>(top);
   }
-  for (int64_t iq = 0; iq < nq; ++iq) {  // weights e^{s - max} and their sum
+  for (int64_t iq = 0; iq < nq; ++iq) {  // weights e^{s - max} and their sum (s - max <= 0, or -inf, or NaN)
     T* e = buf.e.data() + iq * Lp;
     const T m_safe = std::isfinite(buf.top[iq]) ? buf.top[iq] : T(0);
     typename VE::type sum{};
     for (int64_t j = 0; j < Lp; j += VE::W) {
-      const typename VE::type p = vexp<T>(VE::load(e + j) - m_safe);
+      const typename VE::type p = vexp_le0<T>(VE::load(e + j) - m_safe);
       VE::store(e + j, p);
       sum += p;
     }
