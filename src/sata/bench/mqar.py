@@ -195,6 +195,9 @@ def _full_points() -> list[MQARPoint]:
                     points.append(MQARPoint.make("sata", d, n_taylor=P, head_dim=E))
                 if E <= 16 and E < d:
                     points.append(MQARPoint.make("sata", d, n_taylor=P, head_dim=E, n_heads=1))
+    # the largest SATA states within half of Based f=16's at d_model 128 with sixteen heads (values 8 wide):
+    # head 10 at P=3 (D=66, 38.6 KiB) and head 5 at P=4 (D=56, 33 KiB), more features than head 8's 45
+    points += [MQARPoint.make("sata", 128, n_taylor=P, head_dim=E, n_heads=16) for E, P in ((10, 3), (5, 4))]
     points += [MQARPoint.make("sata+window", d, n_taylor=P, head_dim=E, window=w)
                for d in (64, 128) for E, P in ((8, 3), (16, 3), (8, 4)) for w in (16, 64)]
     return [p for p in points if p.state_bytes(MQARTask()) <= 600_000]
@@ -208,7 +211,7 @@ _ACCEPTANCE = (
     "sliding d=128 w=512",
     "sata d=48 P=4 E=8", "sata d=48 P=4 E=8 H=1", "sata d=48 P=3 E=16", "sata d=128 P=2 E=64", "sata d=128 P=3 E=8",
     "based d=48 f=16", "based d=64 f=16", "based d=128 f=8", "sata d=64 P=3 E=8", "sata d=128 P=3 E=16",
-    "sata d=128 P=4 E=8", "sata d=48 P=5 E=8", "sata d=64 P=5 E=8", "sata d=64 P=3 E=32",
+    "sata d=128 P=3 E=10 H=16", "sata d=128 P=4 E=5 H=16", "sata d=128 P=4 E=8", "sata d=48 P=5 E=8", "sata d=64 P=5 E=8", "sata d=64 P=3 E=32",
 )
 
 
