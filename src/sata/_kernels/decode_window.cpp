@@ -261,7 +261,7 @@ struct WindowBuffers : sata::HeadBuffers<T, TS> {
         qf(kHeads * w.base.G * w.base.d),
         key(w.base.d), coef(w.base.P), e(kHeads * w.base.G * Lp + Vec<T>::W), num(kHeads * w.base.G * w.base.Ev),
         top(kHeads * w.base.G), den(kHeads * w.base.G), uf(kHeads * w.base.G * (w.base.Ev + 1)),
-        c(kHeads * w.base.G), scale((2 * kHeads * w.base.G + Vec<TS>::W - 1) / Vec<TS>::W * Vec<TS>::W), has_far(kHeads),
+        c(kHeads * w.base.G), scale(sata::round_up(2 * kHeads * w.base.G, Vec<TS>::W)), has_far(kHeads),
         vts(kHeads * (w.base.Ev + 1)) {}
 };
 
@@ -488,7 +488,7 @@ void decode_window(const WindowDecodeArgs& w, const WindowDecodeTensors& t) {
     }
     off[p + 1] = off[p] + size;
   }
-  const int64_t Lp = (W + S + Vec<T>::W - 1) / Vec<T>::W * Vec<T>::W;
+  const int64_t Lp = sata::round_up(W + S, Vec<T>::W);
   // kept between steps (assign() reuses the vectors' memory); a reference, so the lambda below captures this
   // thread's object (the name of a thread_local would mean each worker thread's own)
   thread_local Rows<T> kept_rows;

@@ -128,6 +128,9 @@ struct WindowPrefillTensors {
 
 namespace sata {
 
+// x rounded up to a multiple of m
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 // an allocator of 64-byte aligned memory: workspaces whose rows are whole 64-byte vectors, so no full-vector
 // load or store of a row straddles two cache lines (malloc aligns to 16 bytes only)
 template <typename T>

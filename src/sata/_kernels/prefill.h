@@ -22,8 +22,6 @@ constexpr int64_t C = 32;    // tokens per chunk: the vector width of most loops
 constexpr int64_t DB = 8;    // feature rows per update block
 constexpr int64_t VW = 16;   // lanes the update pads value columns to
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // rows 0..D-1 of phi_t [D][C] from scaled inputs x_t [d][C] (degree 1 rows are x_t itself)
 template <typename T>
 inline void features_t(const T* x_t, int64_t d, int64_t P, const int64_t* prefix_len, const T* weight, T* phi_t) {
