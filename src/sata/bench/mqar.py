@@ -211,7 +211,8 @@ _ACCEPTANCE = (
     "sliding d=128 w=512",
     "sata d=48 P=4 E=8", "sata d=48 P=4 E=8 H=1", "sata d=48 P=3 E=16", "sata d=128 P=2 E=64", "sata d=128 P=3 E=8",
     "based d=48 f=16", "based d=64 f=16", "based d=128 f=8", "sata d=64 P=3 E=8", "sata d=128 P=3 E=16",
-    "sata d=128 P=3 E=10 H=16", "sata d=128 P=4 E=5 H=16", "sata d=128 P=4 E=8", "sata d=48 P=5 E=8", "sata d=64 P=5 E=8", "sata d=64 P=3 E=32",
+    "sata d=128 P=3 E=10 H=16", "sata d=128 P=4 E=5 H=16", "sata d=128 P=4 E=8", "sata d=48 P=5 E=8",
+    "sata d=64 P=5 E=8", "sata d=64 P=3 E=32",
 )
 
 

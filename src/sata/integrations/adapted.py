@@ -79,19 +79,19 @@ class QKAdapter(torch.nn.Module):
         """``[B, Hkv, L, E] -> [B, Hkv, L, E]``."""
         return k @ self.k_map.to(k.dtype)
 
-    def decode_hybrid(self, *, window: int, sinks: int, n_taylor: int, device: torch.device) -> Hybrid:
+    def _decode_hybrid(self, *, window: int, sinks: int, n_taylor: int, device: torch.device) -> Hybrid:
         """The window-mode settings of a decode step without autograd (beta and alpha of this adapter), validated
         once and kept until alpha or beta change in place (their version counters): a decode loop skips the
         checks and the exp of ``log_beta`` per token and layer."""
         key = (window, sinks, n_taylor, device, self.alpha._version, self.log_beta._version, self.alpha.data_ptr(),
                self.log_beta.data_ptr())
-        cached = self.__dict__.get("_decode_hybrid")
+        cached = self.__dict__.get("_decode_settings")
         if cached is not None and cached[0] == key:
             return cached[1]
         hybrid = check_hybrid("adapted decode", window=window, sinks=sinks, taylor_mix=self.beta.detach(),
                               recentre=self.alpha.detach(), n_taylor=n_taylor, n_q_heads=self.alpha.shape[0],
                               device=device)
-        self.__dict__["_decode_hybrid"] = (key, hybrid)
+        self.__dict__["_decode_settings"] = (key, hybrid)
         return hybrid
 
 
@@ -250,7 +250,7 @@ def kernel_decode_step(state: sata.SATAState, q, k, v, adapter: QKAdapter, *, n_
         hybrid = check_hybrid("adapted decode", window=window, sinks=sinks, taylor_mix=adapter.beta,
                               recentre=adapter.alpha, n_taylor=spec.n_taylor, n_q_heads=Hq, device=q.device)
     else:
-        hybrid = adapter.decode_hybrid(window=window, sinks=sinks, n_taylor=spec.n_taylor, device=q.device)
+        hybrid = adapter._decode_hybrid(window=window, sinks=sinks, n_taylor=spec.n_taylor, device=q.device)
     return window_kernel.decode_step(q, k, v, spec, hybrid, True, None, state, True, True,
                                      far_qk=(adapter.map_q(q), ka))
 
