@@ -44,7 +44,7 @@ import torch
 from ..basis import get_basis
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("kernels.h", "decode.h", "decode.cpp", "decode_window.cpp", "prefill.h", "prefill.cpp", "window.h", "prefill_window.cpp")]
-_ABI = 10  # SATA_KERNEL_ABI in kernels.h
+_ABI = 11  # SATA_KERNEL_ABI in kernels.h
 _TORCH = Path(torch.__file__).parent
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c++17", f"-I{_TORCH / 'include'}",
           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
@@ -132,8 +132,8 @@ class _WindowDecodeTensors(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("q", "k", "v", "keep", "S_in", "S_out", "y", "win_k", "win_v",
                                                      "win_keep", "sink_k", "sink_v", "sink_pos", "key_centre",
                                                      "alpha", "beta")] + [("n_tokens", ctypes.c_int64)] + [
-        ("win_k_src", ctypes.c_void_p), ("win_v_src", ctypes.c_void_p), ("q_far", ctypes.c_void_p),
-        ("k_far", ctypes.c_void_p)]
+        (name, ctypes.c_void_p) for name in ("win_k_src", "win_v_src", "win_keep_src", "sink_k_src", "sink_v_src",
+                                             "sink_pos_src", "q_far", "k_far")]
 
 
 class _WindowPrefillArgs(ctypes.Structure):
@@ -306,6 +306,9 @@ class DecodePlan:
             raise _failed("decode")
 
 
+IN_PLACE = (0,) * 6  # no source buffers: the window decode step updates the state's own
+
+
 class WindowDecodePlan:
     """The fused window-mode decode step (``MATH.md`` section 6) for one configuration, its constants bound once.
 
@@ -314,9 +317,9 @@ class WindowDecodePlan:
     ``[N, F, D]`` in TS (may be one tensor: in place); y ``[N, G, Ev]`` in T; ``exact``, the data pointers of the
     state's window and sink buffers (:meth:`sata.state.ExactKeys.tensors` order, contiguous, batch x kv heads
     flattened, TS; updated in place); key_centre ``[N, d]`` in TS or ``None``; alpha and beta ``[Hkv G]`` in T
-    (alpha read only by a re-centring plan); n_tokens, the positions before the step; ring, the data pointers of
-    the window keys and values before the step when ``exact`` holds new (uninitialised) window buffers, which
-    the kernel fills from them (``(0, 0)``: in place); far, the data pointers of the far part's own queries
+    (alpha read only by a re-centring plan); n_tokens, the positions before the step; source, the data pointers of
+    the state's six buffers before the step (``exact`` order) when ``exact`` holds new (uninitialised) buffers,
+    which the kernel fills from them (all 0: in place); far, the data pointers of the far part's own queries
     ``[N, G, d]`` and of its version of the key the step absorbs ``[N, d]``, both T (``(0, 0)``: q and that key).
     """
 
@@ -331,7 +334,7 @@ class WindowDecodePlan:
         self._local = threading.local()  # one tensors struct per calling thread: the kernel reads it unlocked
 
     def __call__(self, q, k, v, keep, S_in, S_out, y, exact: tuple, key_centre, alpha, beta, n_tokens: int,
-                 ring: tuple = (0, 0), far: tuple = (0, 0)) -> None:
+                 source: tuple = IN_PLACE, far: tuple = (0, 0)) -> None:
         words = getattr(self._local, "words", None)
         if words is None:  # the struct, and its 8-byte fields as one int64 array (one assignment fills it)
             self._local.tensors = _WindowDecodeTensors()
@@ -339,7 +342,7 @@ class WindowDecodePlan:
             self._local.address = ctypes.addressof(self._local.tensors)
         words[:] = (q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if keep is None else keep.data_ptr(), S_in.data_ptr(),
                     S_out.data_ptr(), y.data_ptr(), *exact, 0 if key_centre is None else key_centre.data_ptr(),
-                    alpha.data_ptr(), beta.data_ptr(), n_tokens, *ring, *far)
+                    alpha.data_ptr(), beta.data_ptr(), n_tokens, *source, *far)
         if self._fn(self._args_ptr, self._local.address):
             raise _failed("window decode")
 

@@ -355,6 +355,10 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
       std::memcpy(win_k + n * W * d, ring_k + n * W * d, sizeof(TS) * W * d);
       std::memcpy(win_v + n * W * Ev, ring_v + n * W * Ev, sizeof(TS) * W * Ev);
     }
+    if (t.sink_k_src != nullptr) {  // likewise the sinks, before the new key may take a free one
+      std::memcpy(sink_k + n * S * d, static_cast<const TS*>(t.sink_k_src) + n * S * d, sizeof(TS) * S * d);
+      std::memcpy(sink_v + n * S * Ev, static_cast<const TS*>(t.sink_v_src) + n * S * Ev, sizeof(TS) * S * Ev);
+    }
     vt[Ev] = use ? T(1) : T(0);
     if (W) {
       for (int64_t j = 0; j < d; ++j) win_k[(n * W + slot) * d + j] = TS(k[n * d + j]);
@@ -498,6 +502,8 @@ void decode_window(const WindowDecodeArgs& w, const WindowDecodeTensors& t) {
   rows.sink_slot.assign(B, -1);
   rows.exact.assign(B * Lp, 0);
   rows.all_in.assign(B, 0);
+  if (t.win_keep_src != nullptr) std::memcpy(t.win_keep, t.win_keep_src, sizeof(uint8_t) * B * W);  // new buffers
+  if (t.sink_pos_src != nullptr) std::memcpy(t.sink_pos, t.sink_pos_src, sizeof(int64_t) * B * S);
   // per batch row, before any head reads them: the leaving slot's flag, then the new token's flag,
   // sink slot and position (sinks fill in order, so the free ones are the last)
   const int64_t slot = W ? t.n_tokens % W : 0;

@@ -20,7 +20,7 @@
 
 // Bump on any change to the structs or the entry points: the Python side compares it (and the
 // struct sizes) with its own on load and rebuilds a cached library that disagrees.
-#define SATA_KERNEL_ABI 10
+#define SATA_KERNEL_ABI 11
 
 extern "C" {
 
@@ -76,16 +76,23 @@ struct WindowDecodeTensors {
   void* y;                       // [N, G, Ev] T
   void* win_k;                   // [N, W, d] TS, slot p % W holds position p; updated in place (or from win_k_src)
   void* win_v;                   // [N, W, Ev] TS, updated in place (or from win_v_src)
-  uint8_t* win_keep;             // [B, W] bool: the slot holds a kept key that is not a sink; updated in place
-  void* sink_k;                  // [N, S, d] TS, updated in place
-  void* sink_v;                  // [N, S, Ev] TS, updated in place
-  int64_t* sink_pos;             // [B, S] position of each sink, -1 while free; updated in place
+  uint8_t* win_keep;             // [B, W] bool: the slot holds a kept key that is not a sink; updated in place (or
+                                 // from win_keep_src)
+  void* sink_k;                  // [N, S, d] TS, updated in place (or from sink_k_src)
+  void* sink_v;                  // [N, S, Ev] TS, updated in place (or from sink_v_src)
+  int64_t* sink_pos;             // [B, S] position of each sink, -1 while free; updated in place (or from sink_pos_src)
   const void* key_centre;        // [N, d] TS subtracted from the far state's keys; or null
   const void* alpha;             // [Hkv G] T per query head (recentre only)
   const void* beta;              // [Hkv G] T per query head: taylor_mix
   int64_t n_tokens;              // positions before this step (the same in every batch row)
-  const void* win_k_src;         // [N, W, d] TS the window before the step when win_k is a new buffer; or null
-  const void* win_v_src;         // [N, W, Ev] TS likewise; or null (in place)
+  // the six buffers above (win_k .. sink_pos) before the step, when they are new (uninitialised) buffers that
+  // the step fills from these (the window and sinks head by head, as it reads them); all null: in place
+  const void* win_k_src;         // [N, W, d] TS
+  const void* win_v_src;         // [N, W, Ev] TS
+  const uint8_t* win_keep_src;   // [B, W]
+  const void* sink_k_src;        // [N, S, d] TS
+  const void* sink_v_src;        // [N, S, Ev] TS
+  const int64_t* sink_pos_src;   // [B, S]
   const void* q_far;             // [N, G, d] T the far part's own queries (a converted hybrid's maps); or null: q
   const void* k_far;             // [N, d] T the far part's own version of the key the step absorbs (the leaving
                                  // slot's; the new key's for W = 0); or null: that key itself

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import _kernels
+from .._kernels import IN_PLACE
 from ..basis import get_basis
 from ..features import _split_scale
 from .kernel import _remember, available
@@ -106,7 +107,7 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     ready = _ready(exact, spec.state_dtype, copy=not in_place)
     if ready is None:
         return None  # buffers in another dtype than the state's: the PyTorch path converts them
-    exact, pointers, ring = ready
+    exact, pointers, source = ready
     S_in = state._fmajor()                                                     # [..., Hkv, F, D]
     if S_in is None:  # a state in another layout (e.g. loaded from a file): from now on in the kernel's
         S_in = state.kv.mT.contiguous()
@@ -127,8 +128,8 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     if far_qk is not None:
         far_qk = tuple(t.to(spec.compute_dtype).contiguous() for t in far_qk)   # kept alive through the call
         far = tuple(t.data_ptr() for t in far_qk)
-    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, *plan.params(hybrid), state.n_tokens, ring,
-                far)
+    plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, *plan.params(hybrid), state.n_tokens,
+                source, far)
     if not return_state:
         return y
     return y, SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,
@@ -137,28 +138,28 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
 
 
 def _ready(exact: ExactKeys, dtype: torch.dtype, copy: bool):
-    """``(exact, pointers, ring)``: the buffers the kernel updates and their data pointers, and the pointers of the
-    window keys and values the kernel copies into them (``(0, 0)``: none); None if a buffer is not in the state's
-    dtype. In place the buffers are the state's (contiguous copies where needed), and their pointers are kept on
-    the object, so a decode loop checks them once. With ``copy`` the window buffers are new and filled by the
-    kernel from the state's, head by head as it reads them (no pass of its own), and the small ones are copies."""
+    """``(exact, pointers, source)``: the buffers the kernel updates and their data pointers, and the data pointers
+    of the buffers it fills them from (all 0: none); None if a buffer is not in the state's dtype. In place the
+    buffers are the state's (contiguous copies where needed), and their pointers are kept on the object, so a
+    decode loop checks them once. With ``copy`` they are new, uninitialised, and the kernel fills them from the
+    state's as it reads them (no pass of its own, and no copy here: each costs a decode loop microseconds)."""
     cached = exact.__dict__.get("_kernel_pointers")
     if not copy and cached is not None and cached[0] is dtype:
-        return exact, cached[1], (0, 0)
+        return exact, cached[1], IN_PLACE
     if any(t.dtype is not dtype for t in (exact.win_k, exact.win_v, exact.sink_k, exact.sink_v)):
         return None
-    ring = (0, 0)
-    if copy and exact.win_k.is_contiguous() and exact.win_v.is_contiguous():
-        ring = (exact.win_k.data_ptr(), exact.win_v.data_ptr())
-        exact = ExactKeys(torch.empty_like(exact.win_k), torch.empty_like(exact.win_v),
-                          *(_contiguous_copy(t) for t in exact.tensors()[2:]))
+    source = IN_PLACE
+    tensors = exact.tensors()
+    if copy and all(t.is_contiguous() for t in tensors):
+        source = tuple(t.data_ptr() for t in tensors)
+        exact = ExactKeys(*(torch.empty_like(t) for t in tensors))
     elif copy:
         exact = exact.map(_contiguous_copy)
-    elif not all(t.is_contiguous() for t in exact.tensors()):
+    elif not all(t.is_contiguous() for t in tensors):
         exact = exact.map(torch.Tensor.contiguous)
     pointers = tuple(t.data_ptr() for t in exact.tensors())
     exact.__dict__["_kernel_pointers"] = (dtype, pointers)   # a frozen dataclass: its fields cannot change
-    return exact, pointers, ring
+    return exact, pointers, source
 
 
 def _needs_grad(query, key, value, state, hybrid: Hybrid) -> bool:
