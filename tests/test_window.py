@@ -344,6 +344,23 @@ def test_bad_arguments_name_the_fix(fn, kw, match):
         fn(q, k, v, is_causal=True, **kw)
 
 
+@pytest.mark.parametrize("L", [1, 7], ids=["decode", "prefill"])
+def test_inplace_writes_into_the_passed_state(L):
+    q, k, v = qkv((1,), 2, 20 + L, 4, 3, seed=18)
+    kw = dict(n_taylor=3, is_causal=True, window=5, sinks=2, recentre=0.0, return_state=True)
+    _, st = sata.sata_attention(q[..., :20, :], k[..., :20, :], v[..., :20, :], **kw)
+    rest = (q[..., 20:, :], k[..., 20:, :], v[..., 20:, :])
+    y_ref, ref = sata.sata_attention(*rest, state=st.clone(), **kw)
+    mine = st.clone()
+    buffers = (mine.kv, *mine.exact.tensors())
+    y, new = sata.sata_attention(*rest, state=mine, inplace=True, **kw)
+    assert_rel(y, y_ref, 1e-12)
+    assert new.n_tokens == ref.n_tokens == 20 + L
+    for t, want in zip(buffers, (ref.kv, *ref.exact.tensors())):  # the passed state's own tensors hold the result
+        assert_rel(t.double(), want.double(), 1e-12)
+    assert new.kv.data_ptr() == mine.kv.data_ptr()
+
+
 def test_state_from_another_window_is_refused():
     q, k, v = qkv((1,), 2, 6, 4, 3, dtype=torch.float32)
     _, st = sata.sata_attention(q, k, v, n_taylor=3, is_causal=True, window=4, return_state=True)
@@ -362,6 +379,22 @@ def test_a_window_beyond_the_budget_is_refused_before_allocating():
     q, k, v = qkv((1,), 2, 4, 4, 3, dtype=torch.float32)
     with pytest.raises(sata.MemoryBudgetError, match="window=100000000"):
         sata.sata_attention(q, k, v, n_taylor=3, is_causal=True, window=10**8)
+
+
+@pytest.mark.parametrize("L", [1, 7], ids=["decode", "prefill"])
+def test_inplace_refuses_what_it_cannot_do(L):
+    q, k, v = qkv((1,), 2, L, 4, 3, dtype=torch.float32, seed=19)
+    kw = dict(n_taylor=3, is_causal=True, window=4, sinks=1)
+    _, st = sata.sata_attention(q, k, v, return_state=True, **kw)
+    with pytest.raises(ValueError, match="inplace=True updates a state"):
+        sata.sata_attention(q, k, v, inplace=True, return_state=True, **kw)
+    with pytest.raises(ValueError, match="inplace=True updates a state"):
+        sata.sata_attention(q, k, v, state=st, inplace=True, **kw)
+    with pytest.raises(ValueError, match="inplace=True cannot be used under autograd"):
+        sata.sata_attention(q.requires_grad_(True), k, v, state=st, return_state=True, inplace=True, **kw)
+    with pytest.raises(ValueError, match="inplace=True cannot be used under autograd"):
+        sata.sata_attention(q.detach(), k, v, state=st, return_state=True, inplace=True, **kw,
+                            taylor_mix=torch.ones(2, requires_grad=True))
 
 
 def test_noncausal_window_needs_aligned_queries():

@@ -239,3 +239,13 @@ def _check_budget(fn: str, spec: Spec) -> None:
         f"{spec.batch} x {Hk} heads x {D:,} x {Ev + 1} ({format_bytes(state_bytes)}) plus features",
         "Use fewer Taylor terms or smaller heads (cost grows like d^(n_taylor-1)).",
     )
+
+
+def refuse_inplace(state, return_state: bool) -> None:
+    """Why ``inplace=True`` cannot be honoured: no state to update, or autograd."""
+    if state is None or not return_state:
+        raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
+    raise ValueError(
+        "sata_attention: inplace=True cannot be used under autograd (inputs or state.kv require grad): "
+        "the state would lose its history; use inplace=False, or torch.no_grad() for serving"
+    )

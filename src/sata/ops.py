@@ -16,7 +16,7 @@ from contextvars import ContextVar
 import torch
 
 from . import _kernels
-from ._checks import _SPEC_CACHE, Spec, check_inputs
+from ._checks import _SPEC_CACHE, Spec, check_inputs, refuse_inplace
 from ._paths import kernel
 from ._paths.kernel import usable
 from ._paths.chunked import chunked
@@ -68,9 +68,10 @@ def sata_attention(
         return_state (bool): also return the state after this call. Default: ``False``.
         inplace (bool): write the new state into ``state.kv`` instead of a new tensor, for serving
             loops that drop the old state anyway (no allocation per token; about a third less memory
-            traffic). The returned state shares that tensor. Not allowed when ``state.kv`` requires
-            grad. Default: ``False`` (the passed-in state stays valid). In the window mode it applies to decode
-            steps through the fused kernel (the window and sink buffers too) and is ignored elsewhere.
+            traffic). The returned state shares that tensor (in the window mode, its window and sink
+            buffers too). Needs ``state`` and ``return_state=True``; not allowed under autograd (inputs,
+            ``state`` or ``taylor_mix`` / ``recentre`` tensors requiring grad). Default: ``False`` (the
+            passed-in state stays valid).
         window (int): each query also attends *exactly* (softmax weights ``exp``) to the ``window``
             most recent positions, itself included (non-causal: ``|i - j| < window``); the Taylor state
             holds only the keys further back. ``window >= L`` is exact softmax attention. Default: ``0``.
@@ -113,6 +114,8 @@ def sata_attention(
                                 taylor_mix=taylor_mix, recentre=recentre)
     spec = check_inputs("sata_attention", query, key, value, n_taylor=n_taylor, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state)
+    if inplace and (state is None or not return_state):
+        refuse_inplace(state, return_state)
     if window or sinks or recentre is not None or taylor_mix is not _DEFAULT_MIX or _windowed(state):  # the window mode, MATH.md section 6 (the plain defaults skip this test in a decode loop)
         hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
@@ -120,8 +123,8 @@ def sata_attention(
             return window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state,
                                inplace, _TUNING.get().kernels)
     grad = needs_grad(query, key, value, state)
-    if inplace and (state is None or not return_state or grad):
-        _refuse_inplace(state, return_state)
+    if inplace and grad:
+        refuse_inplace(state, return_state)
     return _attention(query, key, value, spec, key_padding_mask, state, return_state, inplace, grad)
 
 
@@ -298,16 +301,6 @@ def _new_state(kvT, spec: Spec, state: SATAState | None, inplace: bool) -> SATAS
         kvT = torch.zeros(*spec.batch_shape, spec.n_kv_heads, spec.d_value + 1, spec.feature_dim,
                           dtype=spec.state_dtype, device=spec.device)             # [..., Hkv, F, D]
     return SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, n_tokens, kvT=kvT)
-
-
-def _refuse_inplace(state: SATAState | None, return_state: bool) -> None:
-    """Why ``inplace=True`` cannot be honoured: no state to update, or autograd."""
-    if state is None or not return_state:
-        raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
-    raise ValueError(
-        "sata_attention: inplace=True cannot be used under autograd (inputs or state.kv require grad): "
-        "the state would lose its history; use inplace=False, or torch.no_grad() for serving"
-    )
 
 
 def _check_forced(path: str, spec: Spec, grad: bool, kernels: bool) -> None:

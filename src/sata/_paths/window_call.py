@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import Spec
+from .._checks import Spec, refuse_inplace
 from ..budget import check_budget, format_bytes
 from ..hybrid import Hybrid
 from ..state import ExactKeys, SATAState
 from .window import window_attention
-from .window_kernel import decode_step as window_decode_step
+from .window_kernel import decode_step as window_decode_step, needs_graph
 
 
 def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state,
@@ -26,6 +26,8 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
                                   inplace)
         if fast is not None:
             return fast
+    if inplace and torch.is_grad_enabled() and needs_graph(query, key, value, state, hybrid):
+        refuse_inplace(state, return_state)
     fn = "accumulate_state" if spec.len_q == 0 and not is_causal else "sata_attention"
     if state is not None and (state.window, state.sinks) != (hybrid.window, hybrid.sinks):
         raise ValueError(
@@ -74,7 +76,19 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
         window=hybrid.window, sinks=hybrid.sinks, exact=exact.map(unflat) if has_exact else None,
         key_centre=None if centre is None else unflat(centre),
     )
-    return out, new_state
+    return out, _written_into(state, new_state) if inplace else new_state
+
+
+def _written_into(state: SATAState, new: SATAState) -> SATAState:
+    """``new`` in ``state``'s own tensors (``inplace=True``): its far state and window and sink buffers written
+    over the passed state's, which the returned state shares (the key centre is the stream's, unchanged)."""
+    with torch.no_grad():
+        state.kv.copy_(new.kv)
+        if state.exact is not None:  # (None: window = sinks = 0, the same in both)
+            for old, now in zip(state.exact.tensors(), new.exact.tensors()):
+                old.copy_(now)
+    return SATAState._unchecked(state.kv, new.n_taylor, new.d_key, new.d_value, new.scale, new.n_tokens,
+                                window=new.window, sinks=new.sinks, exact=state.exact, key_centre=state.key_centre)
 
 
 def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B: int):

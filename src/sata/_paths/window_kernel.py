@@ -99,7 +99,7 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     plan = _PLANS.get(key_)
     if plan is None:
         plan = _remember(_PLANS, key_, _Plan(spec, hybrid) if _applies(spec) else _NO_PLAN)
-    if plan is _NO_PLAN or (torch.is_grad_enabled() and (_needs_grad(query, key, value, state, hybrid) or (
+    if plan is _NO_PLAN or (torch.is_grad_enabled() and (needs_graph(query, key, value, state, hybrid) or (
             far_qk is not None and any(t.requires_grad for t in far_qk)))):
         return None
     in_place = inplace and return_state
@@ -162,7 +162,7 @@ def _ready(exact: ExactKeys, dtype: torch.dtype, copy: bool):
     return exact, pointers, source
 
 
-def _needs_grad(query, key, value, state, hybrid: Hybrid) -> bool:
+def needs_graph(query, key, value, state, hybrid: Hybrid) -> bool:
     """Autograd would need the call's graph: the kernel does not record one."""
     exact = () if state.exact is None else (state.exact.win_k, state.exact.win_v, state.exact.sink_k, state.exact.sink_v)
     return any(t is not None and isinstance(t, torch.Tensor) and t.requires_grad for t in (
