@@ -8,7 +8,9 @@ step without re-centring (``window``) and re-centred at alpha 0.0 (``recentred``
 ``torch.set_num_threads(1)``. A state at 1K tokens is built by a prefill; the
 "1M" state is the same state with ``n_tokens`` set to 2**20 (a state is its tensors and a count: nothing in a
 step depends on how many tokens it has seen but the slot index). Each step calls ``sata.sata_attention`` on one
-new token as a serving loop does (``inplace=True`` and, as a second row per configuration, ``inplace=False``).
+new token and keeps the returned state, as a serving loop does (``inplace=True`` and, as a second row per
+configuration, ``inplace=False``: a new state per step, the old one dropped; until 2026-11-30 23:10 UTC the
+``inplace=False`` rows restarted every step from one state, which kept the new state's memory hot).
 The configurations are measured in interleaved rounds (so a busy spell of the machine hits all of them) and every
 call is timed alone: medians and 10th / 90th percentiles over all steps. The PyTorch path of the window mode (what
 a step cost before the kernel) is timed on a few steps for scale.
@@ -97,8 +99,7 @@ def main() -> None:
                     t1 = time.perf_counter()
                     if i >= 0:
                         times[key].append(t1 - t0)
-                    if inplace:
-                        st = new                           # a serving loop keeps the returned state
+                    st = new                               # a serving loop keeps the returned state
                 configs[key] = st
         torch_us = None
         if args.torch_steps:
