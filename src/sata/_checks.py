@@ -246,6 +246,7 @@ def refuse_inplace(state, return_state: bool) -> None:
     if state is None or not return_state:
         raise ValueError("sata_attention: inplace=True updates a state: pass state=... and return_state=True")
     raise ValueError(
-        "sata_attention: inplace=True cannot be used under autograd (inputs or state.kv require grad): "
+        "sata_attention: inplace=True cannot be used under autograd (inputs, the state, or taylor_mix / recentre "
+        "tensors require grad): "
         "the state would lose its history; use inplace=False, or torch.no_grad() for serving"
     )
