@@ -14,7 +14,7 @@ from ..budget import check_budget, format_bytes
 from ..hybrid import Hybrid
 from ..state import ExactKeys, SATAState
 from .window import window_attention
-from .window_kernel import decode_step as window_decode_step, needs_graph
+from .window_kernel import decode_step as window_decode_step, needs_graph, written_into
 
 
 def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, key_padding_mask, state, return_state,
@@ -69,26 +69,16 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
         return out
     if far is None:
         far = torch.zeros(B, Hkv, F, D, dtype=spec.state_dtype, device=spec.device)
-    unflat = lambda t: t.reshape(*spec.batch_shape, *t.shape[1:])
+    # contiguous, as a decode step updates them in place (a strided buffer would be copied and written back)
+    unflat = lambda t: t.reshape(*spec.batch_shape, *t.shape[1:]).contiguous()
     has_exact = hybrid.window > 0 or hybrid.sinks > 0
     new_state = SATAState._unchecked(
         unflat(far).mT, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, n0 + spec.len_k,
         window=hybrid.window, sinks=hybrid.sinks, exact=exact.map(unflat) if has_exact else None,
         key_centre=None if centre is None else unflat(centre),
     )
-    return out, _written_into(state, new_state) if inplace else new_state
+    return out, written_into(state, new_state) if inplace else new_state
 
-
-def _written_into(state: SATAState, new: SATAState) -> SATAState:
-    """``new`` in ``state``'s own tensors (``inplace=True``): its far state and window and sink buffers written
-    over the passed state's, which the returned state shares (the key centre is the stream's, unchanged)."""
-    with torch.no_grad():
-        state.kv.copy_(new.kv)
-        if state.exact is not None:  # (None: window = sinks = 0, the same in both)
-            for old, now in zip(state.exact.tensors(), new.exact.tensors()):
-                old.copy_(now)
-    return SATAState._unchecked(state.kv, new.n_taylor, new.d_key, new.d_value, new.scale, new.n_tokens,
-                                window=new.window, sinks=new.sinks, exact=state.exact, key_centre=state.key_centre)
 
 
 def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B: int):

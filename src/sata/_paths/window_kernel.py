@@ -109,7 +109,8 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
         return None  # buffers in another dtype than the state's: the PyTorch path converts them
     exact, pointers, source = ready
     S_in = state._fmajor()                                                     # [..., Hkv, F, D]
-    if S_in is None:  # a state in another layout (e.g. loaded from a file): from now on in the kernel's
+    copied = S_in is None
+    if copied:  # a state in another layout (e.g. loaded from a file): from now on in the kernel's
         S_in = state.kv.mT.contiguous()
     S_out = S_in if in_place else torch.empty_like(S_in)
     centre = state.key_centre
@@ -132,9 +133,27 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
                 source, far)
     if not return_state:
         return y
-    return y, SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,
-                                   kvT=S_out, window=hybrid.window, sinks=hybrid.sinks,
-                                   exact=None if state.exact is None else exact, key_centre=state.key_centre)
+    new = SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,
+                               kvT=S_out, window=hybrid.window, sinks=hybrid.sinks,
+                               exact=None if state.exact is None else exact, key_centre=state.key_centre)
+    if in_place and (copied or (state.exact is not None and exact is not state.exact)):
+        return y, written_into(state, new)  # the kernel updated copies (another layout): into the state's own
+    return y, new
+
+
+def written_into(state: SATAState, new: SATAState) -> SATAState:
+    """``new`` in ``state``'s own tensors (``inplace=True`` where the step computed into others): its far state and
+    window and sink buffers written over the passed state's, which the returned state shares (the key centre is the
+    stream's, unchanged)."""
+    with torch.no_grad():
+        if new._stored().data_ptr() != state._stored().data_ptr():
+            state.kv.copy_(new.kv)
+        if state.exact is not None:  # (None: window = sinks = 0, the same in both)
+            for old, now in zip(state.exact.tensors(), new.exact.tensors()):
+                if old is not now:
+                    old.copy_(now)
+    return SATAState._unchecked(state.kv, new.n_taylor, new.d_key, new.d_value, new.scale, new.n_tokens,
+                                window=new.window, sinks=new.sinks, exact=state.exact, key_centre=state.key_centre)
 
 
 def _ready(exact: ExactKeys, dtype: torch.dtype, copy: bool):
