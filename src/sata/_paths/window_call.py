@@ -80,7 +80,6 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
     return out, written_into(state, new_state) if inplace else new_state
 
 
-
 def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B: int):
     """The stream's key centre ``[B, Hkv, E]``: the state's, or for a new re-centred stream the mean of this
     call's kept keys (a plain stream keeps none)."""
