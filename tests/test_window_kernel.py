@@ -318,3 +318,30 @@ def test_calls_the_kernel_does_not_serve_take_the_torch_path(kernel_calls):
     assert kernel_calls[0] == 0
     assert_rel(sata.sata_attention(*one(8), is_causal=True, state=st, **kw), want, 1e-10)
     assert kernel_calls[0] == 1
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_a_copy_of_a_state_stepped_in_place_has_buffers_of_its_own(copy_with, kernel_calls):
+    """The kernel caches the data pointers of a state's window buffers on it: a copy must not take them along
+    (its in-place steps wrote into the original's buffers, or into freed memory once the original was gone)."""
+    import copy
+    import pickle
+
+    q, k, v = qkv((1,), 2, 30, 8, 8, seed=3)
+    kw = dict(n_taylor=3, is_causal=True, window=4, sinks=2)
+    ref = sata.naive_sata_attention(q, k, v, **kw)
+    step = lambda s, t: sata.sata_attention(q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :], state=s,
+                                            return_state=True, inplace=True, **kw)
+    _, st = sata.sata_attention(q[..., :10, :], k[..., :10, :], v[..., :10, :], return_state=True, **kw)
+    _, st = step(st, 10)                                             # the pointers are cached from here on
+    snap = copy.deepcopy(st) if copy_with == "deepcopy" else pickle.loads(pickle.dumps(st))
+    before = [t.clone() for t in st.exact.tensors()]
+    outs, s = [], snap
+    for t in range(11, 30):
+        y, s = step(s, t)
+        outs.append(y)
+    assert_rel(torch.cat(outs, -2), ref[..., 11:, :], 1e-10)
+    for now, then in zip(st.exact.tensors(), before):                # the original, untouched by the copy's steps
+        torch.testing.assert_close(now, then, rtol=0, atol=0)
+    y, _ = step(st, 11)                                              # and it continues its own stream
+    assert_rel(y, ref[..., 11:12, :], 1e-10)

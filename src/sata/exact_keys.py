@@ -33,6 +33,11 @@ class ExactKeys:
     sink_v: torch.Tensor
     sink_pos: torch.Tensor
 
+    def __getstate__(self) -> dict:
+        # a copy (copy.deepcopy, pickle, torch.save) has buffers of its own: the decode kernel's cached data
+        # pointers (sata._paths.window_kernel._ready) name this object's, so they stay behind
+        return {k: v for k, v in self.__dict__.items() if k != "_kernel_pointers"}
+
     @classmethod
     def empty(cls, heads_shape, window: int, sinks: int, d_key: int, d_value: int, dtype, device) -> ExactKeys:
         """No tokens yet. ``heads_shape`` is ``(*batch, Hkv)``."""
