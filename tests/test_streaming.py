@@ -271,7 +271,7 @@ def test_inplace_updates_the_passed_state(L, causal, state_dtype, layout):
     state = base.clone()
     ptr = state.kv.data_ptr()
     y, st_ = sata.sata_attention(q, k, v, n_taylor=3, is_causal=causal, state=state, return_state=True, inplace=True)
-    assert st_.kv.data_ptr() == ptr and st_.n_tokens == 5 + L
+    assert st_.kv.data_ptr() == ptr and st_.n_tokens == state.n_tokens == 5 + L   # the passed state advanced too
     assert torch.equal(y, ref_y)
     assert_rel(state.kv, ref_st.kv, 1e-6 if state_dtype == torch.float32 else 1e-12)
 

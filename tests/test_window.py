@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as Fn
 
 import sata
+from sata.ops import force_path
 from conftest import assert_rel, qkv, rand
 
 CAUSAL = [pytest.param(True, id="causal"), pytest.param(False, id="noncausal")]
@@ -359,6 +360,25 @@ def test_inplace_writes_into_the_passed_state(L):
     for t, want in zip(buffers, (ref.kv, *ref.exact.tensors())):  # the passed state's own tensors hold the result
         assert_rel(t.double(), want.double(), 1e-12)
     assert new.kv.data_ptr() == mine.kv.data_ptr()
+    assert mine.n_tokens == 20 + L                                  # and its count: the object is the new state
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "torch"])
+def test_a_state_kept_after_an_inplace_step_continues_the_stream(kernels):
+    """A caller who keeps the passed object after ``inplace=True`` (instead of the returned one) holds the advanced
+    state, count included: the ring's slot follows the count, and a stale count read the wrong window silently."""
+    q, k, v = qkv((1,), 2, 16, 4, 3, seed=24)
+    kw = dict(n_taylor=3, is_causal=True, window=3, sinks=1)
+    ref = sata.naive_sata_attention(q, k, v, **kw)
+    _, st = sata.sata_attention(q[..., :6, :], k[..., :6, :], v[..., :6, :], return_state=True, **kw)
+    outs = []
+    with force_path(kernels=kernels):
+        for t in range(6, 16):
+            y, _ = sata.sata_attention(q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :], state=st,
+                                       return_state=True, inplace=True, **kw)   # the returned state dropped
+            outs.append(y)
+    assert st.n_tokens == 16
+    assert_rel(torch.cat(outs, -2), ref[..., 6:, :], 1e-10)
 
 
 def test_state_from_another_window_is_refused():

@@ -64,12 +64,13 @@ def sata_attention(
             uses key/value head ``h // (Hq // Hkv)``, one state per key/value head. Default: ``False``.
         key_padding_mask (torch.Tensor, optional): ``[..., Lk]`` bool, ``True`` = ignore that key
             (``nn.MultiheadAttention``'s convention). A masked key changes neither output nor state.
-        state (SATAState, optional): keys seen before this call. Never modified.
+        state (SATAState, optional): keys seen before this call. Never modified (unless ``inplace``).
         return_state (bool): also return the state after this call. Default: ``False``.
         inplace (bool): write the new state into ``state.kv`` instead of a new tensor, for serving
             loops that drop the old state anyway (no allocation per token; about a third less memory
             traffic). The returned state shares that tensor (in the window mode, its window and sink
-            buffers too). Needs ``state`` and ``return_state=True``; not allowed under autograd (inputs,
+            buffers too), and ``state`` itself is advanced (its ``n_tokens`` too): both then hold the
+            state after this call. Needs ``state`` and ``return_state=True``; not allowed under autograd (inputs,
             ``state`` or ``taylor_mix`` / ``recentre`` tensors requiring grad). Default: ``False`` (the
             passed-in state stays valid).
         window (int): each query also attends *exactly* (softmax weights ``exp``) to the ``window``
@@ -120,12 +121,22 @@ def sata_attention(
         hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
         if not hybrid.plain or _windowed(state):
-            return window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state,
-                               inplace, _TUNING.get().kernels)
+            out = window_call(query, key, value, spec, hybrid, is_causal, key_padding_mask, state, return_state,
+                              inplace, _TUNING.get().kernels)
+            return _advanced(state, out) if inplace else out
     grad = needs_grad(query, key, value, state)
     if inplace and grad:
         refuse_inplace(state, return_state)
-    return _attention(query, key, value, spec, key_padding_mask, state, return_state, inplace, grad)
+    out = _attention(query, key, value, spec, key_padding_mask, state, return_state, inplace, grad)
+    return _advanced(state, out) if inplace else out
+
+
+def _advanced(state: SATAState, out: tuple[torch.Tensor, SATAState]) -> tuple[torch.Tensor, SATAState]:
+    """``inplace=True``: the passed state's tensors now hold the state after the call, so its token count moves
+    with them (a caller who keeps using that object continues the stream: in the window mode the count picks the
+    ring's slot, and a stale one read the wrong window silently)."""
+    state.__dict__["n_tokens"] = out[1].n_tokens
+    return out
 
 
 @torch.compiler.disable
