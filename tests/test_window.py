@@ -213,8 +213,8 @@ def test_many_blocks_equal_the_oracle_forward_and_backward(causal, window, monke
     monkeypatch.setattr(window_path, "_BLOCK_BYTES", 1)    # the smallest block: one chunk of 64 queries
     seen = []
     blocks = window_path._blocks
-    monkeypatch.setattr(window_path, "_blocks", lambda run, fn, args, carry: seen.append(len(args)) or
-                        blocks(run, fn, args, carry))
+    monkeypatch.setattr(window_path, "_blocks", lambda run, fn, args, carry, *rest: seen.append(len(args)) or
+                        blocks(run, fn, args, carry, *rest))
     q, k, v = qkv((1,), 2, 200, 3, 2, seed=14)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     kw = dict(n_taylor=3, is_causal=causal, window=window, sinks=2, recentre=0.4, taylor_mix=0.8)
@@ -399,6 +399,19 @@ def test_a_window_beyond_the_budget_is_refused_before_allocating():
     q, k, v = qkv((1,), 2, 4, 4, 3, dtype=torch.float32)
     with pytest.raises(sata.MemoryBudgetError, match="window=100000000"):
         sata.sata_attention(q, k, v, n_taylor=3, is_causal=True, window=10**8)
+
+
+def test_autograd_beyond_the_budget_is_refused_before_the_blocks_run():
+    """Under autograd every checkpointed block keeps the far state it starts from until the backward pass: four
+    blocks of 192 tokens, a 42 KiB state each, against a 300 KiB budget (half of it for saved states)."""
+    q, k, v = qkv((1,), 1, 768, 64, 4, dtype=torch.float32, seed=25)
+    kw = dict(n_taylor=3, is_causal=True, window=2, sinks=1, recentre=0.0)
+    q.requires_grad_(True)
+    with sata.memory_budget(300 * 2**10), pytest.raises(sata.MemoryBudgetError, match="backward pass of the window"):
+        sata.sata_attention(q, k, v, **kw)
+    with sata.memory_budget(2**20):                                # twice the saved states: runs
+        sata.sata_attention(q, k, v, **kw).sum().backward()
+    assert torch.isfinite(q.grad).all()
 
 
 @pytest.mark.parametrize("L", [1, 7], ids=["decode", "prefill"])

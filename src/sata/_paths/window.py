@@ -24,6 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..basis import TaylorBasis, get_basis
+from ..budget import MemoryBudgetError, format_bytes
 from ..features import _phi, taylor_exp
 from ..state import ExactKeys
 from ..hybrid import Hybrid, centre, centre_coefficients, combine, exact_part, per_head
@@ -235,18 +236,35 @@ def _reverse_shift(x, shift: int):
 
 
 # ---------------------------------------------------------------- chunked scans over blocks of queries
-def _blocks(run: _Call, fn, blocks, carry):
+def _blocks(run: _Call, fn, blocks, carry, carried: int = 0):
     """``fn(*args, carry) -> (out, carry)`` for the ``args`` of each block of queries in turn (``blocks``, e.g. from
-    :func:`_split`); checkpointed under autograd."""
-    need_grad = torch.is_grad_enabled()
-    outs = []
-    for args in blocks:
+    :func:`_split`); checkpointed under autograd, where ``carried`` is the bytes of the carry a block keeps (the
+    first block's may be None: a stream's first call)."""
+    need_grad, checked = torch.is_grad_enabled(), False
+    outs, blocks = [], list(blocks)
+    for i, args in enumerate(blocks):
         if need_grad and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, carry)):
+            if not checked:
+                _check_saved(run, len(blocks) - i, carried)
+                checked = True
             out, carry = checkpoint(fn, *args, carry, use_reentrant=False)
         else:
             out, carry = fn(*args, carry)
         outs.append(out)
     return outs, carry
+
+
+def _check_saved(run: _Call, n_blocks: int, each: int) -> None:
+    """The checkpointed blocks keep their carried state (the far state, or the moments) until the backward pass:
+    refused before the first block when they would take more than half the memory budget."""
+    held, budget = n_blocks * each, run.spec.budget
+    if held > budget // 2:
+        raise MemoryBudgetError(
+            f"sata_attention: the backward pass of the window mode over {n_blocks} blocks of {run.block} tokens keeps "
+            f"{format_bytes(held)} of carried states ({format_bytes(each)} each), more than half the memory budget of "
+            f"{format_bytes(budget)}. Use fewer Taylor terms or smaller heads, or raise the budget with "
+            "sata.set_memory_budget(...) or SATA_MEMORY_BUDGET."
+        )
 
 
 def _split(run: _Call, L: int, *tensors):
@@ -310,7 +328,7 @@ def _scan(run: _Call, qs, ks, vt, S0, coef, centred: bool = False):
         U = U.flatten(-3, -2)[..., :T, :]
         return (U, shifted[..., :T]) if centred else U, S_new
 
-    outs, S = _blocks(run, block, _split(run, L, qs, ks, vt, coef), S0)
+    outs, S = _blocks(run, block, _split(run, L, qs, ks, vt, coef), S0, B * Hkv * F * D * run.sd.itemsize)
     if not centred:
         return (torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, F)), S
     if not outs:
@@ -354,7 +372,7 @@ def _moments(run: _Call, qs, ks, w, S0):
         return out, C_new
 
     C0 = None if S0 is None else S0[:, :, -1, :Dm].to(run.cd)
-    outs, _ = _blocks(run, block, _split(run, L, qs, ks, w), C0)
+    outs, _ = _blocks(run, block, _split(run, L, qs, ks, w), C0, B * Hkv * Dm * run.cd.itemsize)
     mom = torch.cat(outs, dim=-2) if outs else qs.new_zeros(B, Hkv, g, 0, n)
     return torch.nn.functional.pad(mom, (0, 3 - n))                             # [B, Hkv, g, L, 3]
 
