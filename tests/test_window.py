@@ -363,6 +363,31 @@ def test_inplace_writes_into_the_passed_state(L):
     assert mine.n_tokens == 20 + L                                  # and its count: the object is the new state
 
 
+@pytest.mark.parametrize("call", ["padded", "empty", "accumulate-padded"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "torch"])
+def test_a_returned_state_shares_no_buffer_with_the_passed_one(call, kernels):
+    """A call that leaves a buffer as it was (all keys padded: no free sink filled; no keys: the far state) must
+    still return buffers of its own: an in-place step on the returned state rewrote the passed one before."""
+    q, k, v = qkv((1,), 2, 12, 4, 3, seed=26)
+    kw = dict(n_taylor=3, window=2, sinks=3, recentre=0.5)
+    with force_path(kernels=kernels):
+        _, st0 = sata.sata_attention(q[..., :2, :], k[..., :2, :], v[..., :2, :], is_causal=True, return_state=True, **kw)
+        before = st0.clone()
+        part = (q[..., 2:5, :], k[..., 2:5, :], v[..., 2:5, :]) if call != "empty" else (q[..., :0, :], k[..., :0, :], v[..., :0, :])
+        pad = torch.ones(1, part[1].shape[-2], dtype=torch.bool)
+        if call == "accumulate-padded":
+            st1 = sata.accumulate_state(*part[1:], key_padding_mask=pad, state=st0, n_taylor=3, window=2, sinks=3)
+        else:
+            _, st1 = sata.sata_attention(*part, key_padding_mask=pad, state=st0, is_causal=True, return_state=True, **kw)
+        mine = [st1.kv, *st1.exact.tensors()]
+        theirs = [st0.kv, *st0.exact.tensors()]
+        assert not any(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for a, b in zip(mine, theirs))
+        sata.sata_attention(q[..., 5:6, :], k[..., 5:6, :], v[..., 5:6, :], state=st1, is_causal=True,
+                            return_state=True, inplace=True, **kw)
+    for (name, a), (_, b) in zip([("kv", st0.kv), *st0.exact.named()], [("kv", before.kv), *before.exact.named()]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "torch"])
 def test_a_state_kept_after_an_inplace_step_continues_the_stream(kernels):
     """A caller who keeps the passed object after ``inplace=True`` (instead of the returned one) holds the advanced
