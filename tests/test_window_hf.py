@@ -178,13 +178,33 @@ def test_window_args_from_config():
         (dict(sata_window=4, sata_taylor_mix=[1.0, 2.0]), ValueError, r"shape \[4\]"),
         (dict(sata_recentre=0.5, sata_n_taylor=2), ValueError, "needs n_taylor >= 3"),
         (dict(sata_sinks=2, sata_taylor_mix=float("inf")), TypeError, "taylor_mix must be a finite float"),
+        (dict(sata_sinks="4"), ValueError, r"config\.sata_window .*sinks must be a non-negative int"),
     ],
-    ids=["negative-window", "negative-mix", "mix-wrong-heads", "alpha-P2", "inf-mix"],
+    ids=["negative-window", "negative-mix", "mix-wrong-heads", "alpha-P2", "inf-mix", "sinks-str"],
 )
 def test_bad_config_names_the_field(fields, error, match):
     model = windowed(tiny_llama(), **fields)
     with pytest.raises(error, match=match), torch.no_grad():
         model(torch.randint(1, VOCAB, (1, 5)))
+    with pytest.raises(error, match=match):                           # the cache's budget check reads them first
+        sata_hf.SATACache(model.config)
+
+
+def test_a_refused_call_leaves_the_cache_usable():
+    """A bad request (here another batch size) is refused before the states change; the cache then continues as if
+    it had not happened (it counted the refused keys and then refused every later call)."""
+    model = windowed(tiny_llama(), sata_window=4, sata_sinks=2, sata_recentre=0.0)
+    ids = torch.randint(1, VOCAB, (1, 13))
+    cache = sata_hf.SATACache(model.config)
+    with torch.no_grad():
+        model(ids[:, :12], past_key_values=cache)
+        with pytest.raises(ValueError, match="another configuration"):
+            model(torch.randint(1, VOCAB, (2, 1)), past_key_values=cache)
+        assert cache.get_seq_length() == 12
+        step = model(ids[:, 12:], past_key_values=cache).logits
+        fresh = sata_hf.SATACache(model.config)
+        model(ids[:, :12], past_key_values=fresh)
+        torch.testing.assert_close(step, model(ids[:, 12:], past_key_values=fresh).logits, rtol=0, atol=0)
 
 
 def test_dense_tensor_mask_is_refused_in_window_mode():

@@ -180,6 +180,7 @@ def check_model_budget(config, batch_size: int, n_taylor: int, dtype: torch.dtyp
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    window_args(cfg, n_taylor, n_heads)  # the window fields validated before they are counted
     window, sinks = _exact_slots(cfg)
     D = sata.feature_dim(head, n_taylor)
     itemsize = compute_dtype_for(dtype).itemsize
@@ -331,14 +332,23 @@ def _sata_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` function: query ``[B, Hq, Lq, E]``, key/value ``[B, Hkv, Lk, E]`` -> ``[B, Lq, Hq, Ev]``."""
+    layer = key.__dict__.get(_TAG)
+    if layer is not None:  # SATACache: key/value are this step's only; earlier ones live in the layer's state
+        try:
+            if getattr(module.config, "sata_qk_adapter", False):
+                return _adapted_forward(module, query, key, value, attention_mask, is_causal, scaling,
+                                        n_taylor_for(module.config, impl_name))
+            if dropout:
+                _warn_once("dropout", f"sata attention does not apply attention dropout (p={dropout}); it is ignored")
+            return _cache_step(layer, module, query, key, value, attention_mask, scaling, is_causal, impl_name), None
+        except BaseException:  # a refused call (bad request, wrong batch) must not leave the cache unusable
+            layer._forget(key.shape[2])
+            raise
     if getattr(module.config, "sata_qk_adapter", False):  # a converted hybrid (sata convert)
         return _adapted_forward(module, query, key, value, attention_mask, is_causal, scaling,
                                 n_taylor_for(module.config, impl_name))
     if dropout:
         _warn_once("dropout", f"sata attention does not apply attention dropout (p={dropout}); it is ignored")
-    layer = key.__dict__.get(_TAG)
-    if layer is not None:  # SATACache: key/value are this step's only; earlier ones live in the layer's state
-        return _cache_step(layer, module, query, key, value, attention_mask, scaling, is_causal, impl_name), None
 
     B, Hq, Lq, E = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
@@ -589,6 +599,12 @@ class SATACacheLayer(CacheLayerMixin):
         keys = key_states.view_as(key_states)          # a fresh tensor object to carry the tag
         keys.__dict__[_TAG] = self
         return keys, value_states
+
+    def _forget(self, n: int) -> None:
+        """The attention of the ``n`` keys :meth:`update` counted failed before using them: uncount them (the
+        state, which the op checks before changing it, holds none of them)."""
+        self.n_seen -= n
+        self._pending = False
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # the attention sees only this step's keys, at absolute positions n_seen .. n_seen + Lq - 1
