@@ -127,6 +127,19 @@ def test_over_budget_refused_quickly_without_allocating(d, P, H, causal):
     assert _vm("VmHWM") - before < 32 * 2**20
 
 
+def test_an_empty_state_counts_its_window_and_sinks_against_the_budget():
+    # 2 heads of 8, n_taylor 3: a 3.2 KiB far state; window 4096 adds 256 KiB of keys and values
+    with sata.memory_budget("64K"):
+        sata.SATAState.zeros((1,), 2, 8, 8, 3, window=16)
+        with pytest.raises(sata.MemoryBudgetError, match="window=4096, sinks=0"):
+            sata.SATAState.zeros((1,), 2, 8, 8, 3, window=4096)
+    with pytest.raises(sata.MemoryBudgetError, match="window=1000000000"):      # refused, not a failed allocation
+        sata.SATAState.zeros((1,), 2, 8, 8, 3, window=10**9)
+    for bad in (-1, None, 2.0):
+        with pytest.raises(ValueError, match="sinks must be a non-negative int"):
+            sata.SATAState.zeros((1,), 2, 8, 8, 3, sinks=bad)
+
+
 def test_budget_is_overridable():
     q = torch.zeros(1, 2, 3, 8)
     y = sata.sata_attention(q, q, q, n_taylor=3)                                     # D = 45: fits any budget

@@ -313,6 +313,15 @@ def test_low_precision_inputs(dtype):
     assert_rel(y, expected, {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype])
 
 
+@pytest.mark.parametrize("kw", [dict(window=2), dict(window=2, sinks=1, recentre=0.0), dict(sinks=2)],
+                         ids=["w2", "w2-s1-mean", "s2"])
+def test_no_tokens_give_an_empty_output_in_every_function(kw):
+    q = torch.zeros(1, 2, 0, 4, dtype=torch.float64)
+    for fn in (sata.sata_attention, sata.naive_sata_attention):
+        y = fn(q, q, q, is_causal=True, **kw)
+        assert y.shape == (1, 2, 0, 4)
+
+
 def test_state_size_counts_window_and_sinks():
     assert sata.state_size(8, 8, 4) == 165 * 9
     assert sata.state_size(8, 8, 4, window=64, sinks=4) == 165 * 9 + 68 * 16
@@ -333,6 +342,12 @@ BAD = [
     pytest.param(dict(recentre=0.5, n_taylor=2), "needs n_taylor >= 3", id="alpha-P2"),
     pytest.param(dict(recentre=float("nan")), "finite", id="nan-recentre"),
     pytest.param(dict(recentre="mean"), "recentre must be a finite float", id="str-recentre"),
+    pytest.param(dict(window=None), "window must be a non-negative int", id="none-window"),
+    pytest.param(dict(sinks=None), "sinks must be a non-negative int", id="none-sinks"),
+    pytest.param(dict(window=0.0), "window must be a non-negative int", id="float-zero-window"),
+    pytest.param(dict(taylor_mix=0.0), "taylor_mix=0 without a window or sinks", id="mix0-alone"),
+    pytest.param(dict(taylor_mix=0.0, recentre=0.0), "taylor_mix=0 without a window or sinks", id="mix0-recentre"),
+    pytest.param(dict(taylor_mix=torch.tensor([1.0, 0.0]), recentre=0.0), "taylor_mix=0 without", id="mix0-head"),
 ]
 
 

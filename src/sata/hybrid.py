@@ -127,6 +127,11 @@ def _check_hybrid(
             f"{fn}: taylor_mix must be >= 0 (the weight of the Taylor part in the shared normaliser), got {taylor_mix}; "
             "0 keeps only the window and sinks"
         )
+    if not window and not sinks and (bool((beta == 0).any()) if isinstance(beta, torch.Tensor) else beta == 0):
+        raise ValueError(
+            f"{fn}: taylor_mix=0 without a window or sinks leaves no keys to attend to (every output would be 0); "
+            "give a window and/or sinks to attend exactly, or a taylor_mix > 0"
+        )
     if recentre is not None:
         recentre = _check_per_head(fn, "recentre", recentre, n_q_heads, device,
                                    "alpha in c = mean - alpha * sd, or None for the series around 0")

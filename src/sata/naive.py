@@ -82,6 +82,8 @@ def naive_sata_attention(
     if hybrid.plain:
         w = taylor_exp(s, spec.n_taylor).masked_fill(~visible, 0.0)            # [..., Hq, Lq, Lk]
         return _normalize_rows(w @ v, w.sum(dim=-1, keepdim=True)).to(query.dtype)   # [..., Hq, Lq, Ev]
+    if spec.len_k == 0:  # no keys: every output 0, as the op gives (its reductions over keys have nothing to reduce)
+        return (s @ v).to(query.dtype)                                          # [..., Hq, Lq, Ev] zeros
     exact = visible & _exact_keys(spec, hybrid, key_padding_mask, is_causal, q.device)   # [..., Hq|1, Lq, Lk]
     return _hybrid(s, v, exact, visible & ~exact, spec, hybrid).to(query.dtype)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ._files import write_atomic
-from .basis import feature_dim
+from .basis import feature_dim, state_size
 from .exact_keys import ExactKeys
 from .budget import check_budget, format_bytes
 
@@ -125,8 +125,15 @@ class SATAState:
         """
         D = feature_dim(d_key, n_taylor)
         shape = (*tuple(batch_shape), n_heads, D, d_value + 1)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        check_budget(nbytes, f"A SATA state of shape {shape} ({dtype})", "Use fewer Taylor terms, smaller heads or a smaller batch.")
+        for name, n in (("window", window), ("sinks", sinks)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"SATAState.zeros: {name} must be a non-negative int, got {n!r}")
+        # the far state and the window's and sinks' keys and values, before any of them is allocated
+        heads = math.prod(shape[:-2])
+        nbytes = heads * state_size(d_key, d_value, n_taylor, window=window, sinks=sinks) * dtype.itemsize
+        exact = f" with window={window}, sinks={sinks}" if window or sinks else ""
+        check_budget(nbytes, f"A SATA state of shape {shape}{exact} ({dtype})",
+                     "Use fewer Taylor terms, smaller heads, a smaller window, fewer sinks or a smaller batch.")
         # stored D-contiguous (kv.transpose(-1, -2) is contiguous): the layout the decode kernel reads
         kv = torch.zeros((*shape[:-2], d_value + 1, D), dtype=dtype, device=device).transpose(-1, -2)
         exact = None
