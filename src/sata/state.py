@@ -55,6 +55,9 @@ class SATAState:
             absorbed into ``kv`` (fixed by the first re-centred call: the mean of its keys). Scores change by
             one constant per query, which the re-centred series absorbs exactly; it keeps the series'
             coefficients small, so float32 holds (``docs/WINDOW.md``). None: keys absorbed as they are.
+            A constant of the stream: computed from detached keys, so no gradient flows through it (the
+            outputs do not depend on it; ``kv``'s gradient with respect to the first call's keys treats it
+            as fixed).
 
     Gradients flow through ``kv``: pass a state that requires grad, get a state whose
     ``kv`` has a graph (truncated backpropagation through time works by ``detach()``).
