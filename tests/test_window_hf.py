@@ -190,6 +190,24 @@ def test_bad_config_names_the_field(fields, error, match):
         sata_hf.SATACache(model.config)
 
 
+def test_a_deepcopy_of_the_cache_is_a_snapshot():
+    """The SATACache docstring's snapshot: continuing the copy and the original gives the same tokens as one run
+    (the copy's states once shared the original's window buffers through the kernel's cached pointers)."""
+    import copy
+
+    model = windowed(tiny_llama(), sata_window=6, sata_sinks=2)
+    ids = torch.randint(3, VOCAB, (1, 20))
+    g = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, past_key_values=sata_hf.SATACache(model.config), max_new_tokens=12, **g)
+        cache = sata_hf.SATACache(model.config)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=4, **g)
+        snapshot = copy.deepcopy(cache)
+        a = model.generate(out, past_key_values=cache, max_new_tokens=8, **g)
+        b = model.generate(out, past_key_values=snapshot, max_new_tokens=8, **g)
+    assert torch.equal(a, ref) and torch.equal(b, ref)
+
+
 def test_a_refused_call_leaves_the_cache_usable():
     """A bad request (here another batch size) is refused before the states change; the cache then continues as if
     it had not happened (it counted the refused keys and then refused every later call)."""
