@@ -204,6 +204,10 @@ def _bad_calls(rank: int, out_dir: str) -> None:
     """Ranks that disagree, or one rank with invalid arguments: every rank raises a clear error, none hangs."""
     x = torch.randn(1, 2, 5, 3 + rank)
     y = torch.randn(1, 2, 6, 4)
+    g = torch.Generator().manual_seed(5)  # the same states on every rank
+    k0, v0 = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    start, later = sata.accumulate_state(k0[..., :3, :], v0[..., :3, :]), sata.accumulate_state(k0, v0)
+    wstart = sata.accumulate_state(k0, v0, window=2)
     calls = {
         "mismatch": lambda: context_parallel_attention(x, x, x),
         # invalid arguments on one rank only (causal with Lq != Lk): it raises its error, the others follow
@@ -213,6 +217,11 @@ def _bad_calls(rank: int, out_dir: str) -> None:
         "mismatch-mix": lambda: context_parallel_attention(y, y, y, window=3, taylor_mix=0.5 + 0.5 * rank),
         "invalid-window": lambda: context_parallel_attention(y, y, y, window=2 if rank == 0 else -1),
         "noncausal-window": lambda: context_parallel_attention(y, y, y, is_causal=False, window=2),
+        "mismatch-causal": lambda: context_parallel_attention(y, y, y, is_causal=rank == 0),
+        # a state restored on one rank only, or from another point of the stream: plain and window mode
+        "state-one-rank": lambda: context_parallel_attention(y, y, y, state=start if rank == 0 else None),
+        "state-other-count": lambda: context_parallel_attention(y, y, y, state=start if rank == 0 else later),
+        "window-state-one-rank": lambda: context_parallel_attention(y, y, y, window=2, state=wstart if rank else None),
     }
     for name, call in calls.items():
         torch.save({"message": _catch(call)}, os.path.join(out_dir, f"{name}-{rank}.pt"))
@@ -228,7 +237,7 @@ def _float32_stream():
 
 
 WORLD2_RUNS = ["float32-nograd", "mismatch", "invalid", "mismatch-window", "mismatch-mode", "mismatch-mix", "invalid-window",
-             "noncausal-window"]
+             "noncausal-window", "mismatch-causal", "state-one-rank", "state-other-count", "window-state-one-rank"]
 
 
 @pytest.fixture(scope="module")
@@ -329,16 +338,20 @@ def test_needs_initialised_process_group():
         context_parallel_attention(x, x, x)
 
 
-WINDOW_BAD = [
+SETTINGS_BAD = [
     pytest.param("mismatch-window", ["window: rank 0 4, rank 1 6"], id="window"),
     pytest.param("mismatch-mode", ["taylor_mix: rank 0 -, rank 1 [1.0, 1.0]", "recentre: rank 0 -, rank 1 [0.5, 0.5]"],
                  id="plain-vs-recentre"),
     pytest.param("mismatch-mix", ["taylor_mix: rank 0 [0.5, 0.5], rank 1 [1.0, 1.0]"], id="taylor_mix"),
+    pytest.param("mismatch-causal", ["is_causal: rank 0 True, rank 1 False"], id="is_causal"),
+    pytest.param("state-one-rank", ["state: rank 0 True, rank 1 False"], id="state-on-one-rank"),
+    pytest.param("state-other-count", ["state n_tokens: rank 0 3, rank 1 5"], id="state-other-count"),
+    pytest.param("window-state-one-rank", ["state: rank 0 False, rank 1 True"], id="window-state-on-one-rank"),
 ]
 
 
-@pytest.mark.parametrize("name,details", WINDOW_BAD)
-def test_ranks_that_disagree_on_the_window_mode_all_raise(name, details, distributed_results):
+@pytest.mark.parametrize("name,details", SETTINGS_BAD)
+def test_ranks_that_disagree_on_a_setting_or_the_state_all_raise(name, details, distributed_results):
     messages = [p["message"] for p in distributed_results[name]]
     assert messages[0] is not None and messages[0] == messages[1], messages
     assert "the ranks disagree" in messages[0]

@@ -89,7 +89,8 @@ def context_parallel_attention(
         group (ProcessGroup, optional): the ranks sharing the sequence, in sequence order.
             Default: the default group.
         state (SATAState, optional): state of the tokens before the whole sequence, the same on
-            every rank. Its gradient on each rank is that rank's share (sum over ranks, as for
+            every rank (checked: passed on every rank or on none, with the same count, window, sinks and key
+            centre; its numbers are not compared). Its gradient on each rank is that rank's share (sum over ranks, as for
             replicated parameters).
         return_state (bool): also return the state after the whole sequence (the same on every
             rank). Default: ``False``.
@@ -102,8 +103,8 @@ def context_parallel_attention(
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
-        ValueError: the ranks disagree on shapes, dtype or settings, window settings included (raised on
-            every rank); the window mode with ``is_causal=False``.
+        ValueError: the ranks disagree on shapes, dtype or settings, ``is_causal``, the window settings and
+            the passed state included (raised on every rank); the window mode with ``is_causal=False``.
     """
     common = dict(n_taylor=n_taylor, scale=scale, enable_gqa=enable_gqa)
     _check_initialised()
@@ -112,7 +113,8 @@ def context_parallel_attention(
                             dict(window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre), **common)
     local = _local_state(query, key, value, is_causal, key_padding_mask, state, group, taylor_mix, **common)
     # q, k, v ride along so that every rank joins the backward collective, even with an empty segment
-    prefix, total = exclusive_prefix_states(local, group=group, _anchors=(query, key, value))
+    prefix, total = exclusive_prefix_states(local, group=group, _anchors=(query, key, value),
+                                            _codes=_call_codes(is_causal, state))
     if state is not None:
         prefix, total = state + prefix, state + total
     if is_causal:
@@ -175,7 +177,8 @@ def _window_mode(query, key, value, is_causal: bool, key_padding_mask, state: SA
     # what every rank must agree on, described by an empty state of this rank's configuration
     shape = SATAState.zeros(spec.batch_shape, spec.n_kv_heads, spec.d_key, spec.d_value, spec.n_taylor, spec.scale,
                             dtype=spec.state_dtype, device=spec.device, window=hybrid.window, sinks=hybrid.sinks)
-    lengths = _check_agreement(replace(shape, n_tokens=spec.len_k), group, world, _mode_codes(hybrid, spec.n_q_heads))
+    lengths = _check_agreement(replace(shape, n_tokens=spec.len_k), group, world,
+                               _call_codes(is_causal, state) + _mode_codes(hybrid, spec.n_q_heads))
     if state is not None:  # one call continuing ``state`` keeps its centre
         centre = state.key_centre
     elif hybrid.recentre is not None:
@@ -217,6 +220,18 @@ def _check_window_call(query, key, value, is_causal, key_padding_mask, state, hy
     return spec, hybrid
 
 
+_CALL = ("is_causal", "state", "state n_tokens", "state window", "state sinks", "state key centre")
+
+
+def _call_codes(is_causal: bool, state: SATAState | None) -> list[int]:
+    """``is_causal`` and what describes the passed ``state`` (there or not, its count, window, sinks and key centre),
+    for :func:`_check_agreement`: every rank must pass the same (a state restored on one rank only, or from another
+    point of the stream, gave the other ranks wrong outputs without an error). Read back by :func:`_fields`."""
+    if state is None:
+        return [int(is_causal), 0, 0, 0, 0, 0]
+    return [int(is_causal), 1, state.n_tokens, state.window, state.sinks, int(state.key_centre is not None)]
+
+
 def _mode_codes(hybrid: Hybrid, n_q_heads: int) -> list[int]:
     """``taylor_mix`` and ``recentre`` per query head as float64 bits, for :func:`_check_agreement`:
     ``[Hq, *mix bits, has recentre, *recentre bits]`` (read back by :func:`_fields`)."""
@@ -238,6 +253,10 @@ def _fields(settings: list[int]) -> dict[str, object]:
     out["batch shape"] = tuple(settings[9 : 9 + nb])
     out["scale"] = floats(settings[9 + nb : 10 + nb])[0]
     mode = [c for c in settings[10 + nb :] if c != -1]        # -1: padding (never a finite float's bits)
+    if mode:  # _call_codes
+        out.update(zip(_CALL, mode[: len(_CALL)]))
+        out["is_causal"], out["state"] = bool(out["is_causal"]), bool(out["state"])
+        mode = mode[len(_CALL):]
     if mode:  # _mode_codes: [Hq, *taylor_mix bits, has recentre, *recentre bits]
         n = mode[0]
         out["taylor_mix"] = floats(mode[1 : n + 1])
@@ -319,7 +338,8 @@ class _Join(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------- the exchange
 def exclusive_prefix_states(
-    local: SATAState, *, group: dist.ProcessGroup | None = None, _anchors: tuple[torch.Tensor, ...] = ()
+    local: SATAState, *, group: dist.ProcessGroup | None = None, _anchors: tuple[torch.Tensor, ...] = (),
+    _codes: list[int] = (),
 ) -> tuple[SATAState, SATAState]:
     r"""Exclusive prefix and total of the ranks' states: ``(sum_{r' < r} S_r', sum_r' S_r')``.
 
@@ -336,7 +356,7 @@ def exclusive_prefix_states(
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    lengths = _check_agreement(local, group, world)
+    lengths = _check_agreement(local, group, world, list(_codes))
     kv = _PrefixSum.apply(local.kv.mT.contiguous(), group, world, rank, *_anchors).mT   # [2, ..., Hkv, D, F] F-major storage
     prefix = SATAState(kv=kv[0], n_taylor=local.n_taylor, d_key=local.d_key, d_value=local.d_value,
                        scale=local.scale, n_tokens=sum(lengths[:rank]))
@@ -409,7 +429,8 @@ def _check_agreement(local: SATAState | None, group, world: int, mode: list[int]
                            for name in differ)
         raise ValueError(
             f"{_FN}: the ranks disagree on the shape or settings of their segments ({detail}); every rank must pass "
-            "the same batch, heads, head sizes, dtype, n_taylor, scale, window, sinks, taylor_mix and recentre"
+            "the same batch, heads, head sizes, dtype, n_taylor, scale, is_causal, window, sinks, taylor_mix and "
+            "recentre, and the same state (or none)"
         )
     return [int(r[0]) for r in rows]
 
