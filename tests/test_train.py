@@ -335,7 +335,14 @@ def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_pa
     (["generate", "MODEL", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["generate", "MODEL", "--temperature", "-1"], "--temperature must be >= 0"),
     (["generate", "MODEL", "--tokens", "0"], "--tokens must be >= 1"),
-], ids=["steps", "data", "checkpoint", "empty-prompt", "top-p", "temperature", "tokens"])
+    (["train", "--lr", "inf"], "--lr must be a finite number"),
+    (["train", "--lr", "1e38"], "--lr must be a finite number"),
+    (["train", "--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["train", "--weight-decay", "-0.1"], "--weight-decay >= 0"),
+    (["train", "--window", "4", "--taylor-mix", "nan"], "taylor_mix must be a finite float"),
+    (["train", "--recentre", "inf"], "recentre must be a finite float"),
+], ids=["steps", "data", "checkpoint", "empty-prompt", "top-p", "temperature", "tokens", "lr-inf", "lr-huge",
+        "decay-nan", "decay-negative", "mix-nan", "recentre-inf"])
 def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):
     if argv[0] == "train":
         argv = [*argv, "--out", str(tmp_path)]

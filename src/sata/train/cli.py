@@ -128,7 +128,7 @@ def main(args) -> int:
     try:
         cfg = config_from_args(args)
         result = train(cfg, resume=args.resume, device=args.device, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad arguments (the checks name the option and the fix)
         print(f"sata train: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # diverged; the last checkpoint stays intact

@@ -80,8 +80,13 @@ class TrainConfig:
         if self.batch_size % world:
             raise ValueError(f"--batch-size {self.batch_size} is not divisible by the {world} processes; "
                              f"use a multiple of {world}")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.clip >= 0):
-            raise ValueError("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup >= 0, --clip >= 0")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta2", "clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or abs(v) > 1e30:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.clip >= 0
+                and self.weight_decay >= 0 and 0 <= self.beta2 < 1):
+            raise ValueError("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup >= 0, --clip >= 0, --weight-decay >= 0")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -317,7 +322,7 @@ def _train(cfg, resume, device, progress, corpus, stop_after, dist: _Dist) -> di
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
         if not torch.isfinite(gnorm):
-            raise FloatingPointError(f"step {step}: gradient norm is {gnorm.item()}; lower --lr or raise --warmup")
+            raise FloatingPointError(f"step {step + 1}: gradient norm is {gnorm.item()}; lower --lr or raise --warmup")
         opt.step()
         done = step + 1
         row = {"step": done, "tokens": done * tokens_per_step, "lr": opt.param_groups[0]["lr"],
@@ -338,6 +343,8 @@ def _train(cfg, resume, device, progress, corpus, stop_after, dist: _Dist) -> di
         last = done
         stopping = stop_after is not None and done >= stop_after
         if done % cfg.save_every == 0 or done == cfg.steps or stopping:
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # never save a broken model
+                raise FloatingPointError(f"step {done}: the weights are not finite after the update; lower --lr")
             if dist.main:
                 _save_checkpoint(ckpt, model, opt, done, rows, cfg, elapsed)
                 _write_logs(out, rows, cfg, meta)
