@@ -3,7 +3,6 @@ a HF model and checkpoint, the corpus split, and `sata convert --quick` end to e
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -298,9 +297,10 @@ def test_corpus_split_by_document_is_deterministic_and_long_enough():
 
 
 def _args(tmp_path, *extra):
-    p = argparse.ArgumentParser()
-    convert_cli.add_arguments(p)
-    return p.parse_args(["--quick", "--out", str(tmp_path), *extra])
+    """The arguments as `sata convert` parses them (the CLI adds its own entries, which must not break the run)."""
+    from sata.cli import build_parser
+
+    return build_parser().parse_args(["convert", "--quick", "--out", str(tmp_path), *extra])
 
 
 def test_convert_quick_end_to_end_and_reload(tmp_path, capsys):

@@ -168,7 +168,8 @@ def _same_settings(args, path: Path) -> None:
     """Record the settings of the run in ``--out`` at its start; a later run with other settings would mix its
     checkpoints and cached evaluations with theirs (a converted model loaded as finished, an evaluation of
     fewer windows reused), so it is refused with the differences and the fix."""
-    now = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_RESULTS}
+    # (the CLI's own entries: the subcommand's name and module, which `sata` adds to dispatch)
+    now = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_RESULTS and k != "command" and k[0] != "_"}
     if not path.exists():
         path.write_text(json.dumps(now, indent=1))
         return
