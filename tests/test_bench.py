@@ -333,6 +333,29 @@ def test_bench_window_flags_default_off_and_checked(capsys):
     assert "apply to decode and prefill" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["decode", "--heads", "0"], "--heads must be a positive integer, got 0"),
+    (["decode", "--n-taylor", "0"], "--n-taylor must be a positive integer"),
+    (["prefill", "--batch", "-1"], "--batch must be a positive integer"),
+    (["decode", "--threads", "0"], "--threads must be a positive integer"),
+    (["decode", "--contexts", "64,abc"], "--contexts must be comma-separated positive integers"),
+    (["decode", "--contexts", "0"], "--contexts must be comma-separated positive integers"),
+    (["decode", "--json", "/proc/sata-bench.json"], "--json /proc/sata-bench.json: not a file that can be written"),
+    (["decode", "--markdown", "."], "--markdown .: not a file that can be written"),
+    (["mqar", "--preset", "smoke", "--results", "/nonexistent/r.jsonl"], "--results /nonexistent/r.jsonl: not a file"),
+], ids=["heads-0", "n_taylor-0", "batch-negative", "threads-0", "contexts-str", "contexts-0", "json-unwritable",
+        "markdown-dir", "results-missing-folder"])
+def test_bench_bad_numbers_and_paths_are_refused_before_any_work(argv, match, capsys):
+    """0 used to mean the default (a different configuration than asked, exit 0); bad paths failed after the work."""
+    assert cli.main(["bench", *argv, "--tiny", "--no-progress"]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_a_subcommand_refusal_exits_2(tmp_path, capsys):
+    assert cli.main(["convert", "--quick", "--n-taylor", "2", "--out", str(tmp_path)]) == 2
+    assert "n_taylor >= 3" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- sata bench generate
 def test_bench_generate_quick_tiny_llama(tmp_path, capsys):
     pytest.importorskip("transformers")

@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._module.main(args) or 0)
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a subcommand's refusal with its message: the status of a usage error
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -69,6 +69,45 @@ def _max_memory(text: str | None) -> int:
     return min(8 * 2**30, avail // 2) if avail else 4 * 2**30
 
 
+def _can_create_in(folder: str) -> bool:
+    """A file can be created in ``folder`` (tried: permissions alone say yes to root, and to /proc)."""
+    import os
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sata-write-check-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
+
+
+def _bad_option(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numbers and output paths the user gave (checked before any work), or None."""
+    import os
+
+    for name in ("threads", "batch", "heads", "head_size", "n_taylor"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:  # (0 would otherwise silently mean the default)
+            return f"--{name.replace('_', '-')} must be a positive integer, got {value}"
+    if getattr(args, "contexts", None):
+        try:
+            lengths = [int(x) for x in args.contexts.split(",")]
+        except ValueError:
+            lengths = [0]
+        if any(n < 1 for n in lengths):
+            return f"--contexts must be comma-separated positive integers, e.g. 1024,65536; got {args.contexts!r}"
+    for name in ("json", "markdown", "figure", "results"):
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        if os.path.isdir(path) or not _can_create_in(os.path.dirname(os.path.abspath(path))):
+            return f"--{name} {path}: not a file that can be written here (a directory, or a folder that is missing " \
+                   "or read-only); give a file path in a writable folder"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -78,6 +117,10 @@ def main(args: argparse.Namespace) -> int:
     from .targets import FULL, QUICK, TINY, run_targets
     from .timing import LATENCY_THREADS, busy_warning, command_line, machine_info, set_threads, threads_note, write_json
 
+    problem = _bad_option(args)
+    if problem:
+        print(f"sata bench: {problem}", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("sata bench: --device cuda requested but CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
