@@ -342,11 +342,13 @@ def test_bench_window_flags_default_off_and_checked(capsys):
     (["decode", "--contexts", "0"], "--contexts must be comma-separated positive integers"),
     (["decode", "--json", "/proc/sata-bench.json"], "--json /proc/sata-bench.json: not a file that can be written"),
     (["decode", "--markdown", "."], "--markdown .: not a file that can be written"),
-    (["mqar", "--preset", "smoke", "--results", "/nonexistent/r.jsonl"], "--results /nonexistent/r.jsonl: not a file"),
+    (["mqar", "--preset", "smoke", "--results", "FILE/r.jsonl"], "r.jsonl: not a file that can be written"),
 ], ids=["heads-0", "n_taylor-0", "batch-negative", "threads-0", "contexts-str", "contexts-0", "json-unwritable",
-        "markdown-dir", "results-missing-folder"])
-def test_bench_bad_numbers_and_paths_are_refused_before_any_work(argv, match, capsys):
+        "markdown-dir", "results-under-a-file"])
+def test_bench_bad_numbers_and_paths_are_refused_before_any_work(argv, match, capsys, tmp_path):
     """0 used to mean the default (a different configuration than asked, exit 0); bad paths failed after the work."""
+    (tmp_path / "FILE").write_text("")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
     assert cli.main(["bench", *argv, "--tiny", "--no-progress"]) == 2
     assert match in capsys.readouterr().err
 

@@ -341,11 +341,18 @@ def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_pa
     (["train", "--weight-decay", "-0.1"], "--weight-decay >= 0"),
     (["train", "--window", "4", "--taylor-mix", "nan"], "taylor_mix must be a finite float"),
     (["train", "--recentre", "inf"], "recentre must be a finite float"),
+    (["train", "--threads", "0"], "--threads must be a positive integer"),
+    (["train", "--device", "cuda"], "CUDA is not available"),
+    (["replicate", "--parts", ","], "--parts names no part"),
+    (["replicate", "--threads", "0"], "--threads must be a positive integer"),
+    (["replicate", "--memory-budget", "0"], "--memory-budget must be a positive size"),
+    (["bench", "decode", "--max-memory", "foo"], "--max-memory must be a positive size"),
 ], ids=["steps", "data", "checkpoint", "empty-prompt", "top-p", "temperature", "tokens", "lr-inf", "lr-huge",
-        "decay-nan", "decay-negative", "mix-nan", "recentre-inf"])
+        "decay-nan", "decay-negative", "mix-nan", "recentre-inf", "train-threads-0", "train-cuda", "replicate-no-parts",
+        "replicate-threads-0", "replicate-budget-0", "bench-max-memory"])
 def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):
-    if argv[0] == "train":
-        argv = [*argv, "--out", str(tmp_path)]
+    if argv[0] in ("train", "replicate"):
+        argv = [*argv, "--out", str(tmp_path / "out")]
     if "MODEL" in argv:
         TransformerLM(LMConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "m")
         argv = [str(tmp_path / "m") if a == "MODEL" else a for a in argv]

@@ -70,10 +70,15 @@ def _max_memory(text: str | None) -> int:
 
 
 def _can_create_in(folder: str) -> bool:
-    """A file can be created in ``folder`` (tried: permissions alone say yes to root, and to /proc)."""
+    """A file can be created in ``folder``, or in its nearest existing ancestor (missing folders are made when the
+    file is written); tried, as permissions alone say yes to root, and to /proc."""
     import os
     import tempfile
 
+    while not os.path.isdir(folder):
+        if os.path.exists(folder) or os.path.dirname(folder) == folder:
+            return False  # a file where a folder should be
+        folder = os.path.dirname(folder)
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".sata-write-check-")
     except OSError:
@@ -91,6 +96,13 @@ def _bad_option(args: argparse.Namespace) -> str | None:
         value = getattr(args, name, None)
         if value is not None and value < 1:  # (0 would otherwise silently mean the default)
             return f"--{name.replace('_', '-')} must be a positive integer, got {value}"
+    if getattr(args, "max_memory", None) is not None:
+        from sata.budget import _parse
+
+        try:
+            _parse(args.max_memory)
+        except ValueError:
+            return f"--max-memory must be a positive size such as 16G or 512M, got {args.max_memory!r}"
     if getattr(args, "contexts", None):
         try:
             lengths = [int(x) for x in args.contexts.split(",")]
@@ -103,8 +115,8 @@ def _bad_option(args: argparse.Namespace) -> str | None:
         if path is None:
             continue
         if os.path.isdir(path) or not _can_create_in(os.path.dirname(os.path.abspath(path))):
-            return f"--{name} {path}: not a file that can be written here (a directory, or a folder that is missing " \
-                   "or read-only); give a file path in a writable folder"
+            return f"--{name} {path}: not a file that can be written here (a directory, a read-only folder, or a " \
+                   "file where a folder should be); give a file path in a writable folder"
     return None
 
 

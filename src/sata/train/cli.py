@@ -122,6 +122,12 @@ def main(args) -> int:
         return 2
     from .loop import train
 
+    if args.threads is not None and args.threads < 1:
+        print(f"sata train: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("sata train: --device cuda requested but CUDA is not available; use --device cpu", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     _warn_if_busy(args.device)

@@ -185,9 +185,9 @@ def _named(specs: list[str]) -> dict[str, Path]:
 
 
 def _check(args) -> None:
-    for name in ("max_bytes", "bins", "chunk", "batch_size"):
+    for name in ("max_bytes", "bins", "chunk", "batch_size", "threads"):
         v = getattr(args, name)
-        if v < 1:
+        if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     bad = [c for c in args.context if c < 2]
     if bad:
@@ -200,11 +200,11 @@ def main(args) -> int:
     from ..lm import TransformerLM
     from .data import load_corpus
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
         _check(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         paths = _named(args.models)
         models = {name: TransformerLM.from_pretrained(p).eval() for name, p in paths.items()}
         for name, m in models.items():
