@@ -333,7 +333,9 @@ def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_pa
     (["generate", "/nonexistent/model"], "does not hold a sata model"),
     (["generate", "MODEL", "--prompt", ""], "--prompt must hold at least one character"),
     (["generate", "MODEL", "--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["generate", "MODEL", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "MODEL", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["generate", "MODEL", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["generate", "MODEL", "--top-p", "nan"], "--top-p must be in (0, 1]"),
     (["generate", "MODEL", "--tokens", "0"], "--tokens must be >= 1"),
     (["train", "--lr", "inf"], "--lr must be a finite number"),
     (["train", "--lr", "1e38"], "--lr must be a finite number"),
@@ -347,7 +349,7 @@ def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_pa
     (["replicate", "--threads", "0"], "--threads must be a positive integer"),
     (["replicate", "--memory-budget", "0"], "--memory-budget must be a positive size"),
     (["bench", "decode", "--max-memory", "foo"], "--max-memory must be a positive size"),
-], ids=["steps", "data", "checkpoint", "empty-prompt", "top-p", "temperature", "tokens", "lr-inf", "lr-huge",
+], ids=["steps", "data", "checkpoint", "empty-prompt", "top-p", "temperature", "temperature-nan", "top-p-nan", "tokens", "lr-inf", "lr-huge",
         "decay-nan", "decay-negative", "mix-nan", "recentre-inf", "train-threads-0", "train-cuda", "replicate-no-parts",
         "replicate-threads-0", "replicate-budget-0", "bench-max-memory"])
 def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import math
 import statistics
 import sys
 import time
@@ -77,11 +78,11 @@ def _sampling_problems(temperature: float, top_k: int, top_p: float,
                        names: tuple[str, str, str] = ("temperature", "top_k", "top_p")) -> list[str]:
     """What is wrong with these sampling settings (empty if nothing), in the caller's argument names."""
     problems = []
-    if temperature < 0:
-        problems.append(f"{names[0]} must be >= 0 (0 = greedy)")
+    if not (0 <= temperature < math.inf):  # (NaN fails this too)
+        problems.append(f"{names[0]} must be a finite number >= 0 (0 = greedy)")
     if top_k < 0:
         problems.append(f"{names[1]} must be >= 0 (0 = all)")
-    if not 0 < top_p <= 1:
+    if not 0 < top_p <= 1:  # (NaN fails this too)
         problems.append(f"{names[2]} must be in (0, 1]")
     return problems
 
