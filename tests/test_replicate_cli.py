@@ -173,3 +173,19 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
 def test_unknown_part_is_refused(tmp_path, capsys):
     assert _run(tmp_path, "--parts", "errors") == 2
     assert "unknown part" in capsys.readouterr().err
+
+
+def test_a_fresh_run_deletes_only_its_own_files(tmp_path, capsys):
+    """Without --resume earlier parts are forgotten: only the store's own files, and never a parts/ folder it did not
+    write (it used to remove the whole folder, whatever it held)."""
+    out = tmp_path / "rep"
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "mine.txt").write_text("a user's file")
+    assert _run(out, "--parts", "precision") == 2
+    assert "not written by sata replicate" in capsys.readouterr().err
+    assert (out / "parts" / "mine.txt").exists()
+    (out / "parts" / "mine.txt").unlink()
+    assert _run(out, "--parts", "precision") == 0                  # a store of its own: a fresh run replaces it
+    (out / "parts" / "notes.txt").write_text("kept")
+    assert _run(out, "--parts", "precision") == 0
+    assert (out / "parts" / "notes.txt").read_text() == "kept"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from ..bench.timing import write_json
@@ -31,8 +30,13 @@ class Store:
                 raise ResumeMismatch(
                     f"--resume: {self.out} was written with other settings ({', '.join(diff)} differ); "
                     "rerun with the same flags, or without --resume to start over")
-        elif self.parts.exists():
-            shutil.rmtree(self.parts)          # a fresh run: forget earlier parts
+        elif self.parts.exists():  # a fresh run: forget earlier parts, only ever the store's own files
+            if not cfg_file.exists() and any(self.parts.iterdir()):
+                raise ResumeMismatch(
+                    f"{self.parts} exists but was not written by sata replicate (it has no _config.json): choose "
+                    "another --out, or move that folder away")
+            for p in self.parts.glob("*.json"):
+                p.unlink()
         self.parts.mkdir(parents=True, exist_ok=True)
         write_json(cfg_file, config)
 
