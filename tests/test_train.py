@@ -344,17 +344,20 @@ def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_pa
     (["train", "--window", "4", "--taylor-mix", "nan"], "taylor_mix must be a finite float"),
     (["train", "--recentre", "inf"], "recentre must be a finite float"),
     (["train", "--threads", "0"], "--threads must be a positive integer"),
+    (["train", "--out", "FILE"], "is a file; give a folder"),
     (["train", "--device", "cuda"], "CUDA is not available"),
     (["replicate", "--parts", ","], "--parts names no part"),
     (["replicate", "--threads", "0"], "--threads must be a positive integer"),
     (["replicate", "--memory-budget", "0"], "--memory-budget must be a positive size"),
     (["bench", "decode", "--max-memory", "foo"], "--max-memory must be a positive size"),
 ], ids=["steps", "data", "checkpoint", "empty-prompt", "top-p", "temperature", "temperature-nan", "top-p-nan", "tokens", "lr-inf", "lr-huge",
-        "decay-nan", "decay-negative", "mix-nan", "recentre-inf", "train-threads-0", "train-cuda", "replicate-no-parts",
+        "decay-nan", "decay-negative", "mix-nan", "recentre-inf", "train-threads-0", "train-out-file", "train-cuda", "replicate-no-parts",
         "replicate-threads-0", "replicate-budget-0", "bench-max-memory"])
 def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):
-    if argv[0] in ("train", "replicate"):
+    if argv[0] in ("train", "replicate") and "--out" not in argv:
         argv = [*argv, "--out", str(tmp_path / "out")]
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
     if "MODEL" in argv:
         TransformerLM(LMConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "m")
         argv = [str(tmp_path / "m") if a == "MODEL" else a for a in argv]

@@ -125,6 +125,11 @@ def main(args) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"sata train: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
         return 2
+    import os
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"sata train: --out {args.out} is a file; give a folder (made if missing) for the run", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("sata train: --device cuda requested but CUDA is not available; use --device cpu", file=sys.stderr)
         return 2
@@ -140,8 +145,6 @@ def main(args) -> int:
     except FloatingPointError as e:  # diverged; the last checkpoint stays intact
         print(f"sata train: training diverged: {e}", file=sys.stderr)
         return 1
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         bpb = result["final_val_bpb"]
         print(f"{result['parameters']:,} parameters, {result['step']} steps; validation "
