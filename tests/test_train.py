@@ -303,6 +303,9 @@ def test_cli_train_then_generate(tmp_path, text_dir, capsys):
     cap = capsys.readouterr()
     assert cap.out.startswith("import ")
     assert "ms/token" in cap.err and "tokens/s" in cap.err
+    # the run's folder itself names its model too (the message of a wrong folder said to pass it, and it was refused)
+    assert cli_main(["generate", str(out), "--tokens", "4", "--prompt", "import ", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
 
 
 def test_printable_shows_control_characters_instead_of_sending_them():

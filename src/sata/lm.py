@@ -316,14 +316,17 @@ class TransformerLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TransformerLM:
-        """Load a model written by :meth:`save_pretrained`."""
+        """Load a model written by :meth:`save_pretrained`: its folder, or the output folder of ``sata train``
+        (whose ``model/`` it reads)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
+        if not (directory / _CONFIG_FILE).is_file() and (directory / "model" / _CONFIG_FILE).is_file():
+            directory = directory / "model"  # a run's folder: its finished model
         cfg_path, w_path = directory / _CONFIG_FILE, directory / _WEIGHTS_FILE
         if not cfg_path.is_file() or not w_path.is_file():
             raise FileNotFoundError(f"{directory} does not hold a sata model ({_CONFIG_FILE} and {_WEIGHTS_FILE}); "
-                                    "pass the output folder of `sata train` or its checkpoint folder")
+                                    "pass the output folder of `sata train` (or its model/ or checkpoint/ folder)")
         raw = json.loads(cfg_path.read_text())
         if raw.get("model_type") != _MODEL_TYPE:
             raise ValueError(f"{cfg_path} is not a {_MODEL_TYPE} config (model_type={raw.get('model_type')!r})")
