@@ -8,8 +8,9 @@ short segments and sinks that live on rank 0.
 
 from __future__ import annotations
 
-import os
+import datetime
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -155,6 +156,11 @@ class _Recorder:
             setattr(dist, name, fn)
 
 
+def _within(budget: str, fn):
+    with sata.memory_budget(budget):
+        return fn()
+
+
 def _catch(fn) -> str | None:
     try:
         fn()
@@ -165,7 +171,9 @@ def _catch(fn) -> str | None:
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a collective some rank never joins fails in a minute instead of gloo's default half hour
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         for case in (c for c in CASES if c.world == world):
             q, k, v, mask, w, state, = _inputs(case)
@@ -222,6 +230,9 @@ def _bad_calls(rank: int, out_dir: str) -> None:
         "state-one-rank": lambda: context_parallel_attention(y, y, y, state=start if rank == 0 else None),
         "state-other-count": lambda: context_parallel_attention(y, y, y, state=start if rank == 0 else later),
         "window-state-one-rank": lambda: context_parallel_attention(y, y, y, window=2, state=wstart if rank else None),
+        # one rank's window over the memory budget: it must still join the exchange, or the others wait in it
+        "window-over-budget-one-rank": lambda: _within("16M", lambda: context_parallel_attention(
+            y, y, y, window=2 if rank == 0 else 10**6)),
     }
     for name, call in calls.items():
         torch.save({"message": _catch(call)}, os.path.join(out_dir, f"{name}-{rank}.pt"))
@@ -237,7 +248,8 @@ def _float32_stream():
 
 
 WORLD2_RUNS = ["float32-nograd", "mismatch", "invalid", "mismatch-window", "mismatch-mode", "mismatch-mix", "invalid-window",
-             "noncausal-window", "mismatch-causal", "state-one-rank", "state-other-count", "window-state-one-rank"]
+             "noncausal-window", "mismatch-causal", "state-one-rank", "state-other-count", "window-state-one-rank",
+             "window-over-budget-one-rank"]
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +330,12 @@ def test_ranks_that_disagree_all_raise(distributed_results):
     messages = [p["message"] for p in distributed_results["mismatch"]]
     assert all(m is not None and "ranks disagree" in m for m in messages), messages
     assert messages[0] == messages[1]
+
+
+def test_a_rank_over_the_memory_budget_stops_every_rank(distributed_results):
+    rank0, rank1 = (p["message"] for p in distributed_results["window-over-budget-one-rank"])
+    assert rank1 is not None and "memory budget" in rank1
+    assert rank0 is not None and "rank(s) [1]" in rank0
 
 
 def test_invalid_arguments_on_one_rank_stop_every_rank(distributed_results):

@@ -171,12 +171,13 @@ def _window_mode(query, key, value, is_causal: bool, key_padding_mask, state: SA
     common = dict(n_taylor=n_taylor, scale=scale, enable_gqa=enable_gqa)
     try:
         spec, hybrid = _check_window_call(query, key, value, is_causal, key_padding_mask, state, hybrid_args, common)
-    except (ValueError, TypeError):
+        # what every rank must agree on, described by an empty state of this rank's configuration (over the memory
+        # budget on this rank alone: the others must still hear of it, or they wait in the exchange)
+        shape = SATAState.zeros(spec.batch_shape, spec.n_kv_heads, spec.d_key, spec.d_value, spec.n_taylor, spec.scale,
+                                dtype=spec.state_dtype, device=spec.device, window=hybrid.window, sinks=hybrid.sinks)
+    except (ValueError, TypeError):  # (MemoryBudgetError is a ValueError)
         _check_agreement(None, group, world)
         raise
-    # what every rank must agree on, described by an empty state of this rank's configuration
-    shape = SATAState.zeros(spec.batch_shape, spec.n_kv_heads, spec.d_key, spec.d_value, spec.n_taylor, spec.scale,
-                            dtype=spec.state_dtype, device=spec.device, window=hybrid.window, sinks=hybrid.sinks)
     lengths = _check_agreement(replace(shape, n_tokens=spec.len_k), group, world,
                                _call_codes(is_causal, state) + _mode_codes(hybrid, spec.n_q_heads))
     if state is not None:  # one call continuing ``state`` keeps its centre
