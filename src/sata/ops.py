@@ -33,8 +33,6 @@ __all__ = ["accumulate_state", "sata_attention"]
 
 # the default weight of the Taylor part: its identity tells a decode loop that nothing needs checking
 _DEFAULT_MIX = 1.0
-# window / sinks off: the int 0 (CPython keeps one object for it); anything else, None or 0.0 included, is checked
-_OFF = 0
 
 
 def sata_attention(
@@ -119,7 +117,7 @@ def sata_attention(
                         enable_gqa=enable_gqa, key_padding_mask=key_padding_mask, state=state)
     if inplace and (state is None or not return_state):
         refuse_inplace(state, return_state)
-    if window is not _OFF or sinks is not _OFF or recentre is not None or taylor_mix is not _DEFAULT_MIX or _windowed(state):  # the window mode, MATH.md section 6 (the plain defaults skip this test in a decode loop)
+    if window or sinks or window is None or sinks is None or recentre is not None or taylor_mix is not _DEFAULT_MIX or _windowed(state):  # the window mode, MATH.md section 6 (the plain defaults skip this test in a decode loop)
         hybrid = check_hybrid("sata_attention", window=window, sinks=sinks, taylor_mix=taylor_mix, recentre=recentre,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
         if not hybrid.plain or _windowed(state):
@@ -168,7 +166,7 @@ def accumulate_state(
     query = key[..., :0, :]
     spec = check_inputs("accumulate_state", query, key, value, n_taylor=n_taylor, is_causal=False, scale=scale,
                         enable_gqa=False, key_padding_mask=key_padding_mask, state=state)
-    if window is not _OFF or sinks is not _OFF or _windowed(state):
+    if window or sinks or window is None or sinks is None or _windowed(state):
         hybrid = check_hybrid("accumulate_state", window=window, sinks=sinks, taylor_mix=1.0, recentre=None,
                               n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
         return window_call(query, key, value, spec, hybrid, False, key_padding_mask, state, True)[1]
