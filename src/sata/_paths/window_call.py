@@ -87,8 +87,8 @@ def _own_buffers(new: SATAState, state: SATAState) -> SATAState:
     was, e.g. no key filling a free sink, or no keys at all, hands the input through): the passed state must stay
     valid, and an in-place step on the new state would otherwise rewrite it. The key centre, constant along a
     stream and never written, may be shared."""
-    def shared(t: torch.Tensor, old: torch.Tensor) -> bool:
-        return t.numel() > 0 and t.untyped_storage().data_ptr() == old.untyped_storage().data_ptr()
+    def shared(t: torch.Tensor, old: torch.Tensor) -> bool:  # (a handed-through buffer, or a view of it at offset 0)
+        return t.numel() > 0 and t.data_ptr() == old.data_ptr()
 
     olds = [] if new.exact is None or state.exact is None else state.exact.tensors()
     pairs = list(zip(new.exact.tensors(), olds)) if olds else []

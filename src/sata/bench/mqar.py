@@ -636,6 +636,7 @@ def main(args) -> int:
                                "runs": records, "best": best, "frontier": front, "anchors": report.ANCHORS})
         print(f"wrote {args.json}")
     if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w") as f:
             f.write(f"**{title}**\n\n{report.table(best, markdown=True)}\n")
         print(f"wrote {args.markdown}")

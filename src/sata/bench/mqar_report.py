@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 from .mqar_model import model_state_bytes
@@ -97,5 +98,6 @@ def plot(best: list[dict], path: str, title: str = "", anchors: bool = True) -> 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)   # large states with low accuracy: the corner no run is expected in
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -137,9 +137,13 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     _warn_if_busy(args.device)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args)  # (its checks raise TypeError for a value of the wrong kind, e.g. a NaN mix)
+    except (ValueError, TypeError) as e:
+        print(f"sata train: {e}", file=sys.stderr)
+        return 2
+    try:
         result = train(cfg, resume=args.resume, device=args.device, progress=not args.no_progress)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # bad arguments (the checks name the option and the fix)
+    except (ValueError, FileNotFoundError) as e:  # bad arguments (the checks name the option and the fix)
         print(f"sata train: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # diverged; the last checkpoint stays intact
