@@ -332,23 +332,19 @@ def _sata_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` function: query ``[B, Hq, Lq, E]``, key/value ``[B, Hkv, Lk, E]`` -> ``[B, Lq, Hq, Ev]``."""
-    layer = key.__dict__.get(_TAG)
-    if layer is not None:  # SATACache: key/value are this step's only; earlier ones live in the layer's state
-        try:
-            if getattr(module.config, "sata_qk_adapter", False):
-                return _adapted_forward(module, query, key, value, attention_mask, is_causal, scaling,
-                                        n_taylor_for(module.config, impl_name))
-            if dropout:
-                _warn_once("dropout", f"sata attention does not apply attention dropout (p={dropout}); it is ignored")
+    layer = key.__dict__.get(_TAG)  # SATACache: key/value are this step's only; earlier ones live in the layer's state
+    try:
+        if getattr(module.config, "sata_qk_adapter", False):  # a converted hybrid (sata convert)
+            return _adapted_forward(module, query, key, value, attention_mask, is_causal, scaling,
+                                    n_taylor_for(module.config, impl_name))
+        if dropout:
+            _warn_once("dropout", f"sata attention does not apply attention dropout (p={dropout}); it is ignored")
+        if layer is not None:
             return _cache_step(layer, module, query, key, value, attention_mask, scaling, is_causal, impl_name), None
-        except BaseException:  # a refused call (bad request, wrong batch) must not leave the cache unusable
+    except BaseException:  # a refused call (bad request, wrong batch) must not leave the cache unusable
+        if layer is not None:
             layer._forget(key.shape[2])
-            raise
-    if getattr(module.config, "sata_qk_adapter", False):  # a converted hybrid (sata convert)
-        return _adapted_forward(module, query, key, value, attention_mask, is_causal, scaling,
-                                n_taylor_for(module.config, impl_name))
-    if dropout:
-        _warn_once("dropout", f"sata attention does not apply attention dropout (p={dropout}); it is ignored")
+        raise
 
     B, Hq, Lq, E = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
