@@ -189,7 +189,11 @@ def _delta(run: _Call, qs, key_centre):
 
 
 def absorb(run: _Call, ks, vt, S):
-    """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``."""
+    """``S + [V, 1]^T phi(K)`` block by block (keys already scaled and flagged): ``[B, Hkv, F, D]``, a tensor of its
+    own even without keys (``S`` is the passed state's: a returned state sharing it would let an in-place step on
+    the new state rewrite the old one)."""
+    if ks.shape[-2] == 0:
+        return None if S is None else S.clone()
     for k_, v_ in _split(run, ks.shape[-2], ks, vt):
         inc = (v_.mT @ _phi(k_.mT, run.basis, dim=-2).mT).to(run.sd)
         S = inc if S is None else S + inc
@@ -203,8 +207,8 @@ def _take_sinks(parts: ExactKeys, k, v, kept, n_tokens: int):
     filled = (parts.sink_pos >= 0).sum(-1, keepdim=True)                       # [B, 1]
     slot = filled + kept.long().cumsum(-1) - kept.long()                       # [B, L] the slot key j would fill
     is_sink = kept & (slot < S)
-    if S == 0 or not bool(is_sink.any()):
-        return parts.sink_k, parts.sink_v, parts.sink_pos, is_sink
+    if S == 0 or not bool(is_sink.any()):  # copies: the passed state's buffers (its free slots are written in place)
+        return parts.sink_k.clone(), parts.sink_v.clone(), parts.sink_pos.clone(), is_sink
     n = int(is_sink.any(0).nonzero()[-1]) + 1                                  # only keys up to the last sink fill one
     k, v, sink = k[:, :, :n], v[:, :, :n], is_sink[:, :n]
     idx = torch.where(sink, slot[:, :n], S)                                     # [B, n]; slot S: scratch, dropped

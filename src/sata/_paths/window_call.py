@@ -77,30 +77,7 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
         window=hybrid.window, sinks=hybrid.sinks, exact=exact.map(unflat) if has_exact else None,
         key_centre=None if centre is None else unflat(centre),
     )
-    if inplace:
-        return out, written_into(state, new_state)
-    return out, new_state if state is None else _own_buffers(new_state, state)
-
-
-def _own_buffers(new: SATAState, state: SATAState) -> SATAState:
-    """``new`` with a copy of every buffer it shares with the passed ``state`` (a call that leaves a buffer as it
-    was, e.g. no key filling a free sink, or no keys at all, hands the input through): the passed state must stay
-    valid, and an in-place step on the new state would otherwise rewrite it. The key centre, constant along a
-    stream and never written, may be shared."""
-    def shared(t: torch.Tensor, old: torch.Tensor) -> bool:  # (a handed-through buffer, or a view of it at offset 0)
-        return t.numel() > 0 and t.data_ptr() == old.data_ptr()
-
-    olds = [] if new.exact is None or state.exact is None else state.exact.tensors()
-    pairs = list(zip(new.exact.tensors(), olds)) if olds else []
-    copy_kv = shared(new._stored(), state._stored())
-    if not copy_kv and not any(shared(t, old) for t, old in pairs):
-        return new
-    exact = new.exact if not pairs else ExactKeys(*(t.clone() if shared(t, old) else t for t, old in pairs))
-    stored = new._stored().clone() if copy_kv else new._stored()
-    as_kv = "kv" in new.__dict__
-    return SATAState._unchecked(stored if as_kv else None, new.n_taylor, new.d_key, new.d_value, new.scale,
-                                new.n_tokens, kvT=None if as_kv else stored, window=new.window, sinks=new.sinks,
-                                exact=exact, key_centre=new.key_centre)
+    return out, written_into(state, new_state) if inplace else new_state
 
 
 def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B: int):
