@@ -61,6 +61,12 @@ def _check_count(fn: str, name: str, value: object, what: str) -> int:
     return value
 
 
+def check_slots(fn: str, window: object, sinks: object) -> tuple[int, int]:
+    """``window`` and ``sinks`` as non-negative ints; raise with the fix."""
+    return (_check_count(fn, "window", window, "recent keys attended exactly; 0 turns the window off"),
+            _check_count(fn, "sinks", sinks, "first keys of the stream attended exactly; 0 turns sinks off"))
+
+
 def _check_per_head(fn: str, name: str, value: object, n_q_heads: int, device: torch.device, fix: str):
     """A finite float, or a floating tensor of shape ``[]`` or ``[Hq]`` on the inputs' device."""
     if isinstance(value, torch.Tensor):
@@ -118,8 +124,7 @@ def _check_hybrid(
     fn: str, *, window: object, sinks: object, taylor_mix: object, recentre: object, n_taylor: int,
     n_q_heads: int, device: torch.device,
 ) -> Hybrid:
-    window = _check_count(fn, "window", window, "recent keys attended exactly; 0 turns the window off")
-    sinks = _check_count(fn, "sinks", sinks, "first keys of the stream attended exactly; 0 turns sinks off")
+    window, sinks = check_slots(fn, window, sinks)
     beta = _check_per_head(fn, "taylor_mix", taylor_mix, n_q_heads, device, "weight of the Taylor part, >= 0")
     negative = bool((beta < 0).any()) if isinstance(beta, torch.Tensor) else beta < 0
     if negative:

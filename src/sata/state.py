@@ -22,6 +22,7 @@ import torch
 from ._files import write_atomic
 from .basis import feature_dim, state_size
 from .exact_keys import ExactKeys
+from .hybrid import check_slots
 from .budget import check_budget, format_bytes
 
 __all__ = ["SATAState", "StateFileError"]
@@ -128,9 +129,7 @@ class SATAState:
         """
         D = feature_dim(d_key, n_taylor)
         shape = (*tuple(batch_shape), n_heads, D, d_value + 1)
-        for name, n in (("window", window), ("sinks", sinks)):
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise ValueError(f"SATAState.zeros: {name} must be a non-negative int, got {n!r}")
+        check_slots("SATAState.zeros", window, sinks)
         # the far state and the window's and sinks' keys and values, before any of them is allocated
         heads = math.prod(shape[:-2])
         nbytes = heads * state_size(d_key, d_value, n_taylor, window=window, sinks=sinks) * dtype.itemsize
