@@ -89,20 +89,23 @@ def _can_create_in(folder: str) -> bool:
 
 
 def _bad_option(args: argparse.Namespace) -> str | None:
-    """What is wrong with the numbers and output paths the user gave (checked before any work), or None."""
+    """What is wrong with the numbers, sizes and output paths the user gave (checked before any work), or None;
+    the options a command does not have are skipped (``sata replicate`` shares this check)."""
     import os
 
     for name in ("threads", "batch", "heads", "head_size", "n_taylor"):
         value = getattr(args, name, None)
         if value is not None and value < 1:  # (0 would otherwise silently mean the default)
             return f"--{name.replace('_', '-')} must be a positive integer, got {value}"
-    if getattr(args, "max_memory", None) is not None:
-        from sata.budget import _parse
+    for name in ("max_memory", "memory_budget"):
+        text = getattr(args, name, None)
+        if text is not None:
+            from sata.budget import _parse
 
-        try:
-            _parse(args.max_memory)
-        except ValueError:
-            return f"--max-memory must be a positive size such as 16G or 512M, got {args.max_memory!r}"
+            try:
+                _parse(text)
+            except ValueError:
+                return f"--{name.replace('_', '-')} must be a positive size such as 16G or 512M, got {text!r}"
     if getattr(args, "contexts", None):
         try:
             lengths = [int(x) for x in args.contexts.split(",")]

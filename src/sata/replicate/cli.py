@@ -83,18 +83,11 @@ def _problem(args: argparse.Namespace) -> str | None:
         return f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PART_TITLES)}"
     if not _wanted(args):
         return f"--parts names no part; choose from {', '.join(PART_TITLES)}"
-    if args.threads is not None and args.threads < 1:
-        return f"--threads must be a positive integer, got {args.threads}"
-    for name in ("max_memory", "memory_budget"):
-        text = getattr(args, name, None)
-        if text is not None:
-            from sata.budget import _parse
+    from ..bench.cli import _bad_option
 
-            try:
-                if _parse(text) < 1:
-                    raise ValueError
-            except ValueError:
-                return f"--{name.replace('_', '-')} must be a positive size such as 16G or 512M, got {text!r}"
+    problem = _bad_option(args)  # --threads, --max-memory, --memory-budget
+    if problem:
+        return problem
     try:
         import matplotlib  # noqa: F401
         import tqdm  # noqa: F401
