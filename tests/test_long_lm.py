@@ -174,7 +174,7 @@ def test_evaluate_equals_a_direct_computation_of_the_loss(eval_setup, tmp_path, 
     from sata.train.evaluate import position_bins
 
     data, paths = eval_setup
-    js, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    js, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "figure"   # no suffix: written as given
     argv = ["evaluate", *map(str, paths.values()), "--data", str(data), "--context", "100", "40", "--max-bytes", "500",
             "--bins", "8", "--chunk", "30", "--no-progress", "--json", str(js), "--markdown", str(md), "--figure", str(png)]
     assert cli_main(argv) == 0
@@ -197,7 +197,7 @@ def test_evaluate_equals_a_direct_computation_of_the_loss(eval_setup, tmp_path, 
             if T == 100:
                 assert c["bpb_beyond"][name] == pytest.approx(direct[40:].mean().item(), rel=1e-6)
             assert f"{c['bpb'][name]:.4f}" in printed and f"{c['bpb'][name]:.4f}" in md.read_text()
-    assert png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert res["models"][1]["mixer"] == "local window 8, conv 3"
 
 
@@ -217,7 +217,9 @@ def test_position_bins_are_log_spaced_and_cover_the_window():
     (["--context", "100000000"], "needs more validation bytes"),
     (["A=MODEL", "A=MODEL"], "the name 'A' is given twice"),
     (["/nonexistent/model"], "does not hold a sata model"),
-], ids=["context", "twice", "chunk", "too-long", "names", "missing"])
+    (["--figure", "."], "--figure .: not a file that can be written"),
+    (["--json=/proc/sata-eval.json"], "--json /proc/sata-eval.json: not a file that can be written"),
+], ids=["context", "twice", "chunk", "too-long", "names", "missing", "figure-a-folder", "json-unwritable"])
 def test_evaluate_bad_input_exits_2_with_a_message(eval_setup, extra, match, capsys):
     data, paths = eval_setup
     models = [a.replace("MODEL", str(paths["softmax"])) for a in extra if a.startswith(("A=", "/"))]

@@ -14,7 +14,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "unwritable"]
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
@@ -44,6 +44,34 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) 
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def unwritable(option: str, path: str | os.PathLike) -> str | None:
+    """Why the command-line output file ``path`` given to ``option`` (e.g. ``--json``) cannot be written, or None:
+    checked before the work whose results it holds, so a typo does not cost a long run."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or not _can_create_in(os.path.dirname(os.path.abspath(path))):
+        return (f"{option} {path}: not a file that can be written here (a directory, a read-only folder, or a file "
+                "where a folder should be); give a file path in a writable folder")
+    return None
+
+
+def _can_create_in(folder: str) -> bool:
+    """A file can be created in ``folder``, or in its nearest existing ancestor (missing folders are made when the
+    file is written); tried, as permissions alone say yes to root, and to /proc."""
+    import tempfile
+
+    while not os.path.isdir(folder):
+        if os.path.exists(folder) or os.path.dirname(folder) == folder:
+            return False  # a file where a folder should be
+        folder = os.path.dirname(folder)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sata-write-check-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -69,29 +69,10 @@ def _max_memory(text: str | None) -> int:
     return min(8 * 2**30, avail // 2) if avail else 4 * 2**30
 
 
-def _can_create_in(folder: str) -> bool:
-    """A file can be created in ``folder``, or in its nearest existing ancestor (missing folders are made when the
-    file is written); tried, as permissions alone say yes to root, and to /proc."""
-    import os
-    import tempfile
-
-    while not os.path.isdir(folder):
-        if os.path.exists(folder) or os.path.dirname(folder) == folder:
-            return False  # a file where a folder should be
-        folder = os.path.dirname(folder)
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sata-write-check-")
-    except OSError:
-        return False
-    os.close(fd)
-    os.remove(probe)
-    return True
-
-
 def _bad_option(args: argparse.Namespace) -> str | None:
     """What is wrong with the numbers, sizes and output paths the user gave (checked before any work), or None;
     the options a command does not have are skipped (``sata replicate`` shares this check)."""
-    import os
+    from sata._files import unwritable
 
     for name in ("threads", "batch", "heads", "head_size", "n_taylor"):
         value = getattr(args, name, None)
@@ -115,11 +96,8 @@ def _bad_option(args: argparse.Namespace) -> str | None:
             return f"--contexts must be comma-separated positive integers, e.g. 1024,65536; got {args.contexts!r}"
     for name in ("json", "markdown", "figure", "results"):
         path = getattr(args, name, None)
-        if path is None:
-            continue
-        if os.path.isdir(path) or not _can_create_in(os.path.dirname(os.path.abspath(path))):
-            return f"--{name} {path}: not a file that can be written here (a directory, a read-only folder, or a " \
-                   "file where a folder should be); give a file path in a writable folder"
+        if path is not None and (why := unwritable(f"--{name}", path)):
+            return why
     return None
 
 

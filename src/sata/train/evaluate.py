@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._files import unwritable
+
 __all__ = ["evaluate_models", "position_bins", "position_losses"]
 
 
@@ -164,7 +166,7 @@ def figure(results: dict, path: str | Path) -> None:
         ax.legend(fontsize=8, title="model (mean bits/byte)", title_fontsize=8)
     axes[0][0].set_ylabel("bits per byte")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")   # at the path given, suffix or not (matplotlib would add .png)
     plt.close(fig)
 
 
@@ -194,6 +196,10 @@ def _check(args) -> None:
         raise ValueError(f"--context must be window lengths >= 2 bytes, got {bad}")
     if len(set(args.context)) != len(args.context):
         raise ValueError(f"--context lists a length twice: {args.context}")
+    for name in ("json", "markdown", "figure"):
+        path = getattr(args, name)
+        if path is not None and (why := unwritable(f"--{name}", path)):
+            raise ValueError(why)
 
 
 def main(args) -> int:
