@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -97,6 +98,33 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert all(a < b for a, b in zip(f[:10], f[1:11]))
     assert max(f) == pytest.approx(1.0) and f[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_mix_lr_gives_the_learned_mix_and_centre_their_own_rate_on_the_schedule(tmp_path, text_dir):
+    """--mix-lr: the layers' mix_param / recentre_param in a group at mix_lr x the schedule, the rest at lr; Adam
+    moves each by about its rate per step, so the mix moves ~mix_lr / lr times further than at lr."""
+    from sata.train.loop import _optimizer
+
+    windowed = dict(window=4, recentre=0.0, learn_mix=True, learn_recentre=True, taylor_mix=0.01)
+    cfg = _tiny(tmp_path / "a", text_dir, mix_lr=0.03, model=LMConfig(d_model=32, n_layers=2, n_heads=4, n_taylor=3,
+                                                                       **windowed))
+    model = TransformerLM(cfg.model)
+    groups = _optimizer(model, cfg).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    mixes = sorted(names[id(p)] for p in groups[2]["params"])
+    assert len(groups) == 3 and groups[2]["lr_scale"] == pytest.approx(10.0) and groups[2]["weight_decay"] == 0.0
+    assert mixes == sorted(n for n in names.values() if n.endswith(("mix_param", "recentre_param"))) and len(mixes) == 4
+    assert not any(id(p) in map(id, groups[2]["params"]) for g in groups[:2] for p in g["params"])
+    assert len(_optimizer(model, dataclasses.replace(cfg, mix_lr=None)).param_groups) == 2   # as before
+
+    moved = {}
+    for mix_lr in (None, 0.03):
+        out = tmp_path / f"run-{mix_lr}"
+        train(dataclasses.replace(cfg, out=str(out), mix_lr=mix_lr), progress=False)
+        start = TransformerLM(cfg.model).state_dict()
+        end = TransformerLM.from_pretrained(out / "model").state_dict()
+        moved[mix_lr] = max((end[k] - start[k]).abs().max().item() for k in start if k.endswith("mix_param"))
+    assert moved[0.03] > 4 * moved[None] > 0
 
 
 # ---------------------------------------------------------------------------- training
@@ -346,6 +374,9 @@ def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_pa
     (["train", "--weight-decay", "-0.1"], "--weight-decay >= 0"),
     (["train", "--window", "4", "--taylor-mix", "nan"], "taylor_mix must be a finite float"),
     (["train", "--recentre", "inf"], "recentre must be a finite float"),
+    (["train", "--mix-lr", "0.03"], "--mix-lr sets the learning rate of the learned taylor_mix and recentre"),
+    (["train", "--window", "4", "--learn-mix", "--mix-lr", "0"], "--mix-lr must be a finite learning rate > 0"),
+    (["train", "--window", "4", "--learn-mix", "--mix-lr", "nan"], "--mix-lr must be a finite learning rate > 0"),
     (["train", "--threads", "0"], "--threads must be a positive integer"),
     (["train", "--out", "FILE"], "is a file; give a folder"),
     pytest.param(["train", "--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(
@@ -355,7 +386,7 @@ def test_generate_keeps_text_and_measurements_apart_and_the_terminal_safe(tmp_pa
     (["replicate", "--memory-budget", "0"], "--memory-budget must be a positive size"),
     (["bench", "decode", "--max-memory", "foo"], "--max-memory must be a positive size"),
 ], ids=["steps", "data", "checkpoint", "empty-prompt", "top-p", "temperature", "temperature-nan", "top-p-nan", "tokens", "lr-inf", "lr-huge",
-        "decay-nan", "decay-negative", "mix-nan", "recentre-inf", "train-threads-0", "train-out-file", "train-cuda", "replicate-no-parts",
+        "decay-nan", "decay-negative", "mix-nan", "recentre-inf", "mix-lr-unlearned", "mix-lr-0", "mix-lr-nan", "train-threads-0", "train-out-file", "train-cuda", "replicate-no-parts",
         "replicate-threads-0", "replicate-budget-0", "bench-max-memory"])
 def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):
     if argv[0] in ("train", "replicate") and "--out" not in argv:

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=16, help="global batch, windows per step")
     t.add_argument("--seq-len", type=int, default=256, help="bytes per window")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    t.add_argument("--mix-lr", type=float, default=None,
+                   help="peak learning rate of the learned taylor_mix / recentre (--learn-mix, --learn-recentre), "
+                        "same schedule (default: --lr)")
     t.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (cosine)")
     t.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices")
@@ -87,7 +90,7 @@ def config_from_args(args):
                      learn_scale=args.learn_scale, window=args.window, sinks=args.sinks, taylor_mix=args.taylor_mix,
                      recentre=args.recentre, learn_mix=args.learn_mix, learn_recentre=args.learn_recentre)
     return TrainConfig(out=args.out, data=list(args.data), model=model, steps=args.steps, batch_size=args.batch_size,
-                       seq_len=args.seq_len, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
+                       seq_len=args.seq_len, lr=args.lr, mix_lr=args.mix_lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
                        weight_decay=args.weight_decay, clip=args.clip, eval_every=args.eval_every,
                        eval_tokens=args.eval_tokens, save_every=args.save_every, seed=args.seed)
 

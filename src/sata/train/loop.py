@@ -42,6 +42,10 @@ class TrainConfig:
         data: files or folders of text; empty = the standard library's sources.
         steps: optimizer steps. batch_size: global batch (windows per step). seq_len: bytes per window.
         lr: peak learning rate; warmup linear over ``warmup`` steps, then cosine to ``lr * min_lr_ratio``.
+        mix_lr: peak learning rate of the window mode's learned ``taylor_mix`` and ``recentre`` (the layers'
+            ``mix_param`` / ``recentre_param``, one scalar per head), on the same schedule; None: ``lr``. Adam
+            moves a parameter by about its learning rate per step, so at ``lr`` a mix started at 0.01 (log
+            scale -4.6) cannot pass ~0.02 in a few hundred steps: a higher rate lets the model choose it.
         weight_decay: AdamW decay of matrices (not of norms). clip: max gradient norm (0 = off).
         eval_every / eval_tokens: validation period (steps) and size (bytes).
         save_every: checkpoint period (steps; a checkpoint is also written at the end).
@@ -55,6 +59,7 @@ class TrainConfig:
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
+    mix_lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup: int = 50
     weight_decay: float = 0.1
@@ -87,6 +92,13 @@ class TrainConfig:
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.clip >= 0
                 and self.weight_decay >= 0):
             raise ValueError("need --lr > 0, 0 <= --min-lr-ratio <= 1, --warmup >= 0, --clip >= 0, --weight-decay >= 0")
+        if self.mix_lr is not None:
+            v = self.mix_lr
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= 1e30:
+                raise ValueError(f"--mix-lr must be a finite learning rate > 0, got {v!r}")
+            if not (self.model.learn_mix or self.model.learn_recentre):
+                raise ValueError("--mix-lr sets the learning rate of the learned taylor_mix and recentre: it needs "
+                                 "--learn-mix and/or --learn-recentre")
         if not 0 <= self.beta2 < 1:  # (no command-line option: TrainConfig's own field; NaN fails this too)
             raise ValueError(f"TrainConfig.beta2 must be in [0, 1), got {self.beta2!r}")
 
@@ -100,9 +112,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW: matrices with weight decay, the rest without; with ``mix_lr`` the learned mixes and centres in a
+    group of their own (``lr_scale``: its rate over ``lr``, which the schedule keeps)."""
+    mixes = {id(p) for name, p in model.named_parameters() if name.endswith(("mix_param", "recentre_param"))} \
+        if cfg.mix_lr is not None else set()
     decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
+    other = [p for p in model.parameters() if p.dim() < 2 and id(p) not in mixes]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    if mixes:  # (a third group only then: checkpoints of runs without mix_lr keep their two)
+        groups.append({"params": [p for p in model.parameters() if id(p) in mixes], "weight_decay": 0.0,
+                       "lr_scale": cfg.mix_lr / cfg.lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, foreach=False)
 
 
@@ -315,7 +334,7 @@ def _train(cfg, resume, device, progress, corpus, stop_after, dist: _Dist) -> di
     last = start
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg)
+            g["lr"] = cfg.lr * lr_factor(step, cfg) * g.get("lr_scale", 1.0)
         x, y = corpus.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed, rank=dist.rank, world=dist.world)
         x, y = x.to(device), y.to(device)                                          # [b, T]
         logits, _ = ddp(x)                                                         # [b, T, V]
