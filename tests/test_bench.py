@@ -290,6 +290,40 @@ def test_bench_decode_subcommand(tmp_path):
     assert data["decode"]["config"]["n_heads"] == 2
 
 
+@pytest.mark.parametrize("what, module, fn", [("decode", "sata.bench.decode", "_measure"),
+                                              ("prefill", "sata.bench.prefill", "_prefill_row")])
+def test_bench_ctrl_c_keeps_the_finished_contexts(what, module, fn, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the second context: the first is printed and written, and the exit status says interrupted."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    real, calls = getattr(mod, fn), []
+
+    def measure_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, fn, measure_then_interrupt)
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert cli.main(["bench", what, "--tiny", "--no-progress", "--heads", "2", "--head-size", "4",
+                     "--contexts", "16,48,64", "--json", str(js), "--markdown", str(md), *_threads()]) == 130
+    res = json.loads(js.read_text())[what]
+    key = "context" if what == "decode" else "length"
+    assert res["interrupted"] is True and [r[key] for r in res["rows"]] == [16] and len(calls) == 2
+    assert "interrupted: the tables and files hold the 1 finished" in capsys.readouterr().err
+    assert md.read_text().count("\n| 16 |") == 1
+    # called from Python (sata replicate, the targets) without partial=True, Ctrl-C still stops the caller
+    calls.clear()
+    small = dict(n_heads=2, d_key=4, n_taylor=2, min_time=0.01, min_repeat=1, methods=("sata",))
+    with pytest.raises(KeyboardInterrupt):
+        if what == "decode":
+            mod.run_decode(mod.DecodeConfig(contexts=(16, 48), **small), progress=False)
+        else:
+            mod.run_prefill(mod.PrefillConfig(lengths=(16, 48), **small), progress=False)
+
+
 def test_bench_and_replicate_print_no_profiler_lines(tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for argv in (["bench", "decode", "--tiny", "--heads", "2", "--contexts", "16,32"],

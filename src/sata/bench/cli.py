@@ -167,13 +167,13 @@ def main(args: argparse.Namespace) -> int:
         cfg = DecodeConfig(**shape, contexts=contexts or sizes.decode_contexts, stream_limit=sizes.decode_stream_limit,
                            min_time=sizes.min_time, threads=latency if shape["batch"] == 1 else None,
                            paper_code=args.paper_code, **common)
-        res = run["decode"] = run_decode(cfg, progress)
+        res = run["decode"] = run_decode(cfg, progress, partial=True)
         sections.append((_decode_title(res), decode_table(res), decode_table(res, True)))
         _window_section(sections, res)
     elif args.what == "prefill":
         cfg = PrefillConfig(**shape, lengths=contexts or sizes.prefill_lengths, paper_max_length=sizes.paper_prefill_max,
                             min_time=sizes.min_time, **common)
-        res = run["prefill"] = run_prefill(cfg, progress)
+        res = run["prefill"] = run_prefill(cfg, progress, partial=True)
         sections.append((_prefill_title(res), prefill_table(res), prefill_table(res, True)))
         _window_section(sections, res)
     else:
@@ -205,6 +205,10 @@ def main(args: argparse.Namespace) -> int:
     if args.markdown:
         _write_markdown(args.markdown, run, sections)
         print(f"wrote {args.markdown}")
+    if run.get(args.what, {}).get("interrupted"):
+        print(f"\ninterrupted: the tables and files hold the {len(run[args.what]['rows'])} finished "
+              f"{'contexts' if args.what == 'decode' else 'lengths'}", file=sys.stderr)
+        return 130
     return 0
 
 

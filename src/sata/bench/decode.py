@@ -201,8 +201,9 @@ def _scaled_state(state: sata.SATAState, r: int, n: int) -> sata.SATAState:
     return dataclasses.replace(state, kv=state.kv * r, n_tokens=n)
 
 
-def run_decode(cfg: DecodeConfig, progress: bool = True) -> dict:
-    """Measure one decode step at every context of ``cfg``. Returns a JSON-ready dict."""
+def run_decode(cfg: DecodeConfig, progress: bool = True, partial: bool = False) -> dict:
+    """Measure one decode step at every context of ``cfg``. Returns a JSON-ready dict; with ``partial``, Ctrl-C
+    returns the contexts measured so far (``interrupted`` set) instead of raising ``KeyboardInterrupt``."""
     from tqdm.auto import tqdm
 
     contexts, seg = _plan(cfg)
@@ -227,21 +228,28 @@ def run_decode(cfg: DecodeConfig, progress: bool = True) -> dict:
     bar = tqdm(total=min(seg, contexts[-1]), desc=f"{desc}: streaming", unit="tok", unit_scale=True,
                disable=not progress, leave=False)
     seg_states = seg_paper = None
+    interrupted = False
     for n in tqdm(contexts, desc=desc, unit="ctx", disable=not progress, leave=False):
-        if n <= seg:
-            streams.stream_to(n, bar)
-            states, paper_state = streams.states(), streams.paper_state
-            if n == seg:
-                seg_states, seg_paper = states, paper_state
-        else:
-            if seg_states is None:
-                streams.stream_to(seg, bar)
-                seg_states, seg_paper = streams.states(), streams.paper_state
-            r = n // seg
-            states = {m: None if st is None else _scaled_state(st, r, n) for m, st in seg_states.items()}
-            paper_state = None if seg_paper is None else [(a * r, b * r) for a, b in seg_paper]
-            streams.fill_cache_periodic(n, seg)
-        rows.append(_measure(cfg, n, min(n, seg), streams, states, paper_state, q1, k1, v1))
+        try:
+            if n <= seg:
+                streams.stream_to(n, bar)
+                states, paper_state = streams.states(), streams.paper_state
+                if n == seg:
+                    seg_states, seg_paper = states, paper_state
+            else:
+                if seg_states is None:
+                    streams.stream_to(seg, bar)
+                    seg_states, seg_paper = streams.states(), streams.paper_state
+                r = n // seg
+                states = {m: None if st is None else _scaled_state(st, r, n) for m, st in seg_states.items()}
+                paper_state = None if seg_paper is None else [(a * r, b * r) for a, b in seg_paper]
+                streams.fill_cache_periodic(n, seg)
+            rows.append(_measure(cfg, n, min(n, seg), streams, states, paper_state, q1, k1, v1))
+        except KeyboardInterrupt:   # Ctrl-C: the contexts measured so far are still reported
+            if not partial:
+                raise
+            interrupted = True
+            break
     bar.close()
 
     ns = [r["context"] for r in rows]
@@ -249,6 +257,7 @@ def run_decode(cfg: DecodeConfig, progress: bool = True) -> dict:
     return {
         "config": _config_dict(cfg),
         "rows": rows,
+        "interrupted": interrupted,
         "crossover_vs_sdpa": crossover(ns, med("sata"), med("sdpa")),
     }
 

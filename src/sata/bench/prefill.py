@@ -68,59 +68,71 @@ def sdpa_flops(batch: int, n_heads: int, length: int, d_key: int, d_value: int) 
     return batch * n_heads * pairs * 2 * (d_key + d_value)
 
 
-def run_prefill(cfg: PrefillConfig, progress: bool = True) -> dict:
-    """Time causal prefill for every length of ``cfg``. Returns a JSON-ready dict."""
+def run_prefill(cfg: PrefillConfig, progress: bool = True, partial: bool = False) -> dict:
+    """Time causal prefill for every length of ``cfg``. Returns a JSON-ready dict; with ``partial``, Ctrl-C returns
+    the lengths measured so far (``interrupted`` set) instead of raising ``KeyboardInterrupt``."""
     from tqdm.auto import tqdm
 
     rows = []
     paper = PaperTaylorAttention(cfg.d_key, cfg.n_taylor, device=cfg.device) if "paper" in cfg.methods else None
     desc = cfg.label or f"prefill B={cfg.batch} H={cfg.n_heads} d={cfg.d_key} P={cfg.n_taylor}"
+    interrupted = False
     for n in tqdm(sorted(cfg.lengths), desc=desc, unit="len", disable=not progress, leave=False):
-        g = torch.Generator(device="cpu").manual_seed(cfg.seed + n)
-        shape = (cfg.batch, cfg.n_heads, n)
-        q = torch.randn(*shape, cfg.d_key, generator=g).to(cfg.device, cfg.dtype)    # [B, H, L, E]
-        k = torch.randn(*shape, cfg.d_key, generator=g).to(cfg.device, cfg.dtype)    # [B, H, L, E]
-        v = torch.randn(*shape, cfg.dv, generator=g).to(cfg.device, cfg.dtype)       # [B, H, L, Ev]
-        row: dict = {"length": n,
-                     "method_flops": method_flops(cfg.batch, cfg.n_heads, n, cfg.d_key, cfg.dv, cfg.n_taylor,
-                                                  cfg.window + cfg.sinks),
-                     "sdpa_flops": sdpa_flops(cfg.batch, cfg.n_heads, n, cfg.d_key, cfg.dv)}
-        fns = {}
-        for name in ("sata", "plain"):
-            if name in cfg.methods:
-                hybrid = cfg.hybrid if name == "sata" else {}
-                fns[name] = lambda q=q, k=k, v=v, h=hybrid: sata.sata_attention(q, k, v, n_taylor=cfg.n_taylor,
-                                                                             is_causal=True, **h)
-        if "sdpa" in cfg.methods:
-            fns["sdpa"] = lambda q=q, k=k, v=v: sdpa_causal(q, k, v)
-        if paper is not None:
-            need = paper.causal_nbytes(cfg.batch, cfg.n_heads, n, cfg.dv, cfg.dtype)
-            if cfg.paper_max_length is not None and n > cfg.paper_max_length:
-                row["paper"] = {"skipped": f"longer than {cfg.paper_max_length} tokens (its time limit in this run)"}
-            elif need > cfg.max_bytes:
-                row["paper"] = {"skipped": f"its cumulative sums need ~{need / 2**30:.1f} GiB, over the memory "
-                                           f"limit of {cfg.max_bytes / 2**30:.2f} GiB"}
-            else:
-                fns["paper"] = lambda q=q, k=k, v=v: paper.causal(q, k, v)[0]
-        with torch.no_grad():
-            outs, peaks = {}, {}
-            for name, fn in fns.items():     # the first call, profiled for memory, is the warm-up
-                peaks[name], outs[name] = peak_memory(fn, cfg.device) if cfg.measure_memory else (None, fn())
-            timings = time_interleaved(fns, device=cfg.device, warmup=0, min_time=cfg.min_time,
-                                       min_repeat=cfg.min_repeat, max_time=cfg.max_time)
-            for name in fns:
-                entry = {"time": timings[name].to_dict(), "tokens_per_s": n * cfg.batch / timings[name].median}
-                if cfg.measure_memory:
-                    entry["transient_peak_bytes"] = peaks[name]
-                row[name] = entry
-        if "sata" in outs:
-            row["sata"]["method_flops_per_s"] = row["method_flops"] / timings["sata"].median
-        compare(row, outs)
-        rows.append(row)
-        del q, k, v, outs
+        try:
+            rows.append(_prefill_row(cfg, n, paper))
+        except KeyboardInterrupt:   # Ctrl-C: the lengths measured so far are still reported
+            if not partial:
+                raise
+            interrupted = True
+            break
     med = lambda m: [r[m]["time"]["median"] if "time" in r.get(m, {}) else None for r in rows]
     cfg_d = dataclasses.asdict(cfg)
     cfg_d.update(dtype=str(cfg.dtype).replace("torch.", ""), d_value=cfg.dv, lengths=list(cfg.lengths),
                  methods=list(cfg.methods))
-    return {"config": cfg_d, "rows": rows,
+    return {"config": cfg_d, "rows": rows, "interrupted": interrupted,
             "crossover_vs_sdpa": crossover([r["length"] for r in rows], med("sata"), med("sdpa"))}
+
+
+def _prefill_row(cfg: PrefillConfig, n: int, paper) -> dict:
+    """The measurements of one prefill length: a row of the table."""
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed + n)
+    shape = (cfg.batch, cfg.n_heads, n)
+    q = torch.randn(*shape, cfg.d_key, generator=g).to(cfg.device, cfg.dtype)    # [B, H, L, E]
+    k = torch.randn(*shape, cfg.d_key, generator=g).to(cfg.device, cfg.dtype)    # [B, H, L, E]
+    v = torch.randn(*shape, cfg.dv, generator=g).to(cfg.device, cfg.dtype)       # [B, H, L, Ev]
+    row: dict = {"length": n,
+                 "method_flops": method_flops(cfg.batch, cfg.n_heads, n, cfg.d_key, cfg.dv, cfg.n_taylor,
+                                              cfg.window + cfg.sinks),
+                 "sdpa_flops": sdpa_flops(cfg.batch, cfg.n_heads, n, cfg.d_key, cfg.dv)}
+    fns = {}
+    for name in ("sata", "plain"):
+        if name in cfg.methods:
+            hybrid = cfg.hybrid if name == "sata" else {}
+            fns[name] = lambda q=q, k=k, v=v, h=hybrid: sata.sata_attention(q, k, v, n_taylor=cfg.n_taylor,
+                                                                         is_causal=True, **h)
+    if "sdpa" in cfg.methods:
+        fns["sdpa"] = lambda q=q, k=k, v=v: sdpa_causal(q, k, v)
+    if paper is not None:
+        need = paper.causal_nbytes(cfg.batch, cfg.n_heads, n, cfg.dv, cfg.dtype)
+        if cfg.paper_max_length is not None and n > cfg.paper_max_length:
+            row["paper"] = {"skipped": f"longer than {cfg.paper_max_length} tokens (its time limit in this run)"}
+        elif need > cfg.max_bytes:
+            row["paper"] = {"skipped": f"its cumulative sums need ~{need / 2**30:.1f} GiB, over the memory "
+                                       f"limit of {cfg.max_bytes / 2**30:.2f} GiB"}
+        else:
+            fns["paper"] = lambda q=q, k=k, v=v: paper.causal(q, k, v)[0]
+    with torch.no_grad():
+        outs, peaks = {}, {}
+        for name, fn in fns.items():     # the first call, profiled for memory, is the warm-up
+            peaks[name], outs[name] = peak_memory(fn, cfg.device) if cfg.measure_memory else (None, fn())
+        timings = time_interleaved(fns, device=cfg.device, warmup=0, min_time=cfg.min_time,
+                                   min_repeat=cfg.min_repeat, max_time=cfg.max_time)
+        for name in fns:
+            entry = {"time": timings[name].to_dict(), "tokens_per_s": n * cfg.batch / timings[name].median}
+            if cfg.measure_memory:
+                entry["transient_peak_bytes"] = peaks[name]
+            row[name] = entry
+    if "sata" in outs:
+        row["sata"]["method_flops_per_s"] = row["method_flops"] / timings["sata"].median
+    compare(row, outs)
+    return row
