@@ -18,7 +18,7 @@ from sata import _kernels
 from sata._paths import window_prefill
 from sata.ops import force_path
 from conftest import assert_rel, needs_kernels, qkv
-from test_window_kernel import _assert_same_state, count_calls
+from test_window_kernel import HALF_ORACLE, PATHS_AGREE, _assert_same_state, count_calls
 
 pytestmark = needs_kernels
 
@@ -102,6 +102,18 @@ def test_prefill_float32(hybrid, state_dtype, kernel_calls):
     assert kernel_calls[0] == len(SPLITS) - 1 and y.dtype == torch.float32
     assert st.dtype == (state_dtype or torch.float32)
     _oracle_check(y, tuple(t.to(torch.float32).double() for t in clean), mask, kw, 1e-5)
+
+
+@pytest.mark.parametrize("hybrid", CONFIGS[1:4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_prefill_half_inputs(hybrid, dtype, kernel_calls):
+    """Half inputs take the kernel too, computed in float32 as by the PyTorch path (until 2026-12-01 they took
+    that path): outputs within one rounding to the half type, float32 states to float32 rounding."""
+    q, k, v, mask, clean = _inputs(dtype, seed=5)
+    kw = dict(n_taylor=3, is_causal=True, enable_gqa=True, **hybrid)
+    y, st = _stream(q, k, v, mask, kw, kv_tol=1e-6, tol=PATHS_AGREE[dtype])
+    assert kernel_calls[0] == len(SPLITS) - 1 and y.dtype == dtype and st.dtype == torch.float32
+    _oracle_check(y, tuple(t.to(dtype).double() for t in clean), mask, kw, HALF_ORACLE[dtype])
 
 
 @pytest.mark.parametrize("n_taylor", [1, 2, 4, 5])
@@ -189,7 +201,6 @@ def test_calls_the_kernel_does_not_serve_take_the_torch_path(kernel_calls):
     kw = dict(n_taylor=3, window=4, sinks=1, recentre=0.0)
     sata.sata_attention(q, k, v, is_causal=False, **kw)                              # non-causal
     sata.sata_attention(q.float().requires_grad_(), k.float(), v.float(), is_causal=True, **kw)   # autograd
-    sata.sata_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16), is_causal=True, **kw)
     with force_path(kernels=False):
         sata.sata_attention(q, k, v, is_causal=True, **kw)
     sata.sata_attention(q, k, v, is_causal=True, **{**kw, "window": window_prefill.MAX_EXACT})   # a window this long

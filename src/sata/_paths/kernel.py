@@ -90,12 +90,7 @@ def decode(query, key, value, spec: Spec, mask, state, need_state: bool, inplace
     """
     plan = _DECODE_PLANS.get(spec) or _decode_plan(spec)
     cd = spec.compute_dtype
-    if query.dtype is not cd or not query.is_contiguous():
-        query = query.to(cd).contiguous()
-    if key.dtype is not cd or not key.is_contiguous():
-        key = key.to(cd).contiguous()
-    if value.dtype is not cd or not value.is_contiguous():
-        value = value.to(cd).contiguous()
+    query, key, value = step_inputs(query, key, value, cd)
     keep = None
     if mask is not None:  # [B, 1] -> one flag per (batch, kv head)
         keep = (~mask).to(torch.uint8).reshape(spec.batch, 1).expand(spec.batch, spec.n_kv_heads).contiguous()
@@ -112,6 +107,12 @@ def decode(query, key, value, spec: Spec, mask, state, need_state: bool, inplace
     if spec.dtype is not cd:
         y = y.to(spec.dtype)
     return y, S_out
+
+
+def step_inputs(query, key, value, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's inputs as the kernels read them: contiguous, in the compute dtype (half inputs are
+    converted, as every path computes in float32 for them); already so: the same tensors, no copy."""
+    return tuple(t if t.dtype is cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
 
 
 # ---------------------------------------------------------------------------- prefill

@@ -139,8 +139,8 @@ def _extend(run: _Call, k, v, mask, exact: ExactKeys, n_tokens: int, key_centre,
     ext_v = torch.cat([win_v, v], dim=-2)                                       # [B, Hkv, W + Lk, Ev]
     ks, vt = _keys_values(run, ext_k, ext_v, ext_f)                              # [B, Hkv, W + Lk, E | F]
     ext_kf = ext_k if far_k is None else torch.cat([win_k.to(far_k.dtype), far_k], dim=-2)   # (no window keys: zeros)
-    if key_centre is not None:
-        ext_kf = ext_kf - key_centre[:, :, None].to(ext_kf.dtype)
+    if key_centre is not None:  # in the compute dtype: half keys minus the centre would round again
+        ext_kf = ext_kf.to(run.cd) - key_centre[:, :, None].to(run.cd)
     ks_far = ks if ext_kf is ext_k else _keys_values(run, ext_kf, ext_v, ext_f)[0]
     return ext_k, ext_v, ext_f, ks, ks_far, vt, new_exact
 

@@ -1,7 +1,7 @@
 """The window mode's decode step through the fused CPU kernel (``_kernels/decode_window.cpp``).
 
-One token (``Lq == Lk == 1``, causal) continuing a state, without autograd, float32 or float64 inputs on
-the CPU: per head the kernel absorbs the key leaving the window into the far state, writes the new key
+One token (``Lq == Lk == 1``, causal) continuing a state, without autograd, on the CPU (float32 or float64
+inputs; half inputs computed in float32, as every path computes them): per head the kernel absorbs the key leaving the window into the far state, writes the new key
 into its slot (and into a free sink), and reads the far state, the window and the sinks, in one pass
 over the state (``MATH.md`` section 6). Every other call takes :func:`sata._paths.window.window_attention`,
 which computes the same thing; both are tested against the oracle.
@@ -19,7 +19,7 @@ from .. import _kernels
 from .._kernels import IN_PLACE
 from ..basis import get_basis
 from ..features import _split_scale
-from .kernel import _remember, available
+from .kernel import _remember, available, step_inputs
 from ..budget import check_budget, format_bytes
 from ..hybrid import Hybrid
 from ..state import ExactKeys, SATAState
@@ -116,12 +116,7 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
     centre = state.key_centre
     if centre is not None and (centre.dtype is not spec.state_dtype or not centre.is_contiguous()):
         centre = centre.to(spec.state_dtype).contiguous()
-    if not query.is_contiguous():
-        query = query.contiguous()
-    if not key.is_contiguous():
-        key = key.contiguous()
-    if not value.is_contiguous():
-        value = value.contiguous()
+    query, key, value = step_inputs(query, key, value, spec.compute_dtype)
     keep = None if key_padding_mask is None else (~key_padding_mask).to(torch.uint8).reshape(spec.batch).contiguous()
     # the output: like the query when it has the query's shape (the cheapest allocation)
     y = torch.empty_like(query) if plan.out_like_query else query.new_empty(plan.out_shape)   # [..., Hq, 1, Ev]
@@ -131,6 +126,8 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
         far = tuple(t.data_ptr() for t in far_qk)
     plan.kernel(query, key, value, keep, S_in, S_out, y, pointers, centre, *plan.params(hybrid), state.n_tokens,
                 source, far)
+    if y.dtype is not spec.dtype:  # half inputs: computed in float32, as the PyTorch path does
+        y = y.to(spec.dtype)
     if not return_state:
         return y
     new = SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,
@@ -193,6 +190,6 @@ def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def _applies(spec) -> bool:
-    """CPU, float32 or float64 inputs (the kernel computes in the input dtype), a supported state dtype, a compiler."""
-    return (spec.device.type == "cpu" and spec.dtype in (torch.float32, torch.float64)
-            and _kernels.supports(spec.compute_dtype, spec.state_dtype) and available())
+    """CPU, a compute and state dtype the kernel supports (float32 / float64; half inputs computed in float32),
+    a compiler."""
+    return spec.device.type == "cpu" and _kernels.supports(spec.compute_dtype, spec.state_dtype) and available()

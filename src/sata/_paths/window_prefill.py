@@ -1,7 +1,7 @@
 """The window mode's causal prefill through the fused CPU kernel (``_kernels/prefill_window.cpp``).
 
-A causal call of more than one token (``MATH.md`` section 6), without autograd, float32 or float64 inputs on the
-CPU: per head and chunk of queries the kernel reads the far state and the chunk's far keys in the series around
+A causal call of more than one token (``MATH.md`` section 6), without autograd, on the CPU (float32 or float64
+inputs; half inputs computed in float32, as every path computes them): per head and chunk of queries the kernel reads the far state and the chunk's far keys in the series around
 each query's centre, the band of window keys and the sinks through ``exp``, and absorbs the chunk's far keys, in
 one pass. :func:`sata._paths.window.window_attention` builds the extended stream and the window and sinks after the
 call (:func:`sata._paths.window.stream`) and takes its PyTorch path wherever :func:`serves` says no; both are tested
@@ -29,10 +29,10 @@ MAX_EXACT = 4096
 
 
 def serves(spec, hybrid: Hybrid, q, k, v, far, exact: ExactKeys, key_centre, *far_qk) -> bool:
-    """CPU, float32 or float64 inputs (the kernel computes in the input dtype), a supported state dtype, a
-    compiler, at most :data:`MAX_EXACT` window positions and sinks, and no autograd graph to record."""
-    if not (spec.device.type == "cpu" and spec.dtype in (torch.float32, torch.float64)
-            and hybrid.window + hybrid.sinks <= MAX_EXACT
+    """CPU, a compute and state dtype the kernel supports (float32 / float64; half inputs computed in float32, as
+    the PyTorch path does), a compiler, at most :data:`MAX_EXACT` window positions and sinks, and no autograd
+    graph to record."""
+    if not (spec.device.type == "cpu" and hybrid.window + hybrid.sinks <= MAX_EXACT
             and _kernels.supports(spec.compute_dtype, spec.state_dtype) and available()):
         return False
     if not torch.is_grad_enabled():
