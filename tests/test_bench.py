@@ -292,6 +292,25 @@ def test_bench_decode_subcommand(tmp_path):
 
 @pytest.mark.parametrize("what, module, fn", [("decode", "sata.bench.decode", "_measure"),
                                               ("prefill", "sata.bench.prefill", "_prefill_row")])
+def test_bench_ctrl_c_at_the_first_context_of_the_window_mode(what, module, fn, tmp_path, monkeypatch, capsys):
+    """Nothing finished: empty tables (no window section), the files say so, exit 130."""
+    import importlib
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), fn, interrupt)
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    assert cli.main(["bench", what, "--tiny", "--no-progress", "--heads", "2", "--head-size", "4", "--window", "4",
+                     "--sinks", "1", "--contexts", "16,48", "--json", str(js), "--markdown", str(md),
+                     *_threads()]) == 130
+    assert json.loads(js.read_text())[what]["rows"] == []
+    assert "Interrupted (Ctrl-C): the tables hold the 0 sizes finished" in md.read_text()
+    assert "interrupted: the tables and files hold the 0 finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what, module, fn", [("decode", "sata.bench.decode", "_measure"),
+                                              ("prefill", "sata.bench.prefill", "_prefill_row")])
 def test_bench_ctrl_c_keeps_the_finished_contexts(what, module, fn, tmp_path, monkeypatch, capsys):
     """Ctrl-C during the second context: the first is printed and written, and the exit status says interrupted."""
     import importlib
@@ -313,7 +332,7 @@ def test_bench_ctrl_c_keeps_the_finished_contexts(what, module, fn, tmp_path, mo
     key = "context" if what == "decode" else "length"
     assert res["interrupted"] is True and [r[key] for r in res["rows"]] == [16] and len(calls) == 2
     assert "interrupted: the tables and files hold the 1 finished" in capsys.readouterr().err
-    assert md.read_text().count("\n| 16 |") == 1
+    assert md.read_text().count("\n| 16 |") == 1 and "Interrupted (Ctrl-C): the tables hold the 1 sizes" in md.read_text()
     # called from Python (sata replicate, the targets) without partial=True, Ctrl-C still stops the caller
     calls.clear()
     small = dict(n_heads=2, d_key=4, n_taylor=2, min_time=0.01, min_repeat=1, methods=("sata",))

@@ -174,7 +174,8 @@ def test_evaluate_equals_a_direct_computation_of_the_loss(eval_setup, tmp_path, 
     from sata.train.evaluate import position_bins
 
     data, paths = eval_setup
-    js, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "figure"   # no suffix: written as given
+    # into a folder not made yet; the figure without a suffix: written as given, as PNG
+    js, md, png = tmp_path / "new" / "r.json", tmp_path / "r.md", tmp_path / "figure"
     argv = ["evaluate", *map(str, paths.values()), "--data", str(data), "--context", "100", "40", "--max-bytes", "500",
             "--bins", "8", "--chunk", "30", "--no-progress", "--json", str(js), "--markdown", str(md), "--figure", str(png)]
     assert cli_main(argv) == 0
@@ -198,6 +199,10 @@ def test_evaluate_equals_a_direct_computation_of_the_loss(eval_setup, tmp_path, 
                 assert c["bpb_beyond"][name] == pytest.approx(direct[40:].mean().item(), rel=1e-6)
             assert f"{c['bpb'][name]:.4f}" in printed and f"{c['bpb'][name]:.4f}" in md.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    from sata.train.evaluate import figure
+
+    figure(res, tmp_path / "f.svg")                                # a suffix matplotlib knows: that format
+    assert b"<svg" in (tmp_path / "f.svg").read_bytes()[:1000]
     assert res["models"][1]["mixer"] == "local window 8, conv 3"
 
 
@@ -219,7 +224,9 @@ def test_position_bins_are_log_spaced_and_cover_the_window():
     (["/nonexistent/model"], "does not hold a sata model"),
     (["--figure", "."], "--figure .: not a file that can be written"),
     (["--json=/proc/sata-eval.json"], "--json /proc/sata-eval.json: not a file that can be written"),
-], ids=["context", "twice", "chunk", "too-long", "names", "missing", "figure-a-folder", "json-unwritable"])
+    (["--markdown=new-folder/"], "--markdown new-folder/: not a file that can be written"),
+], ids=["context", "twice", "chunk", "too-long", "names", "missing", "figure-a-folder", "json-unwritable",
+        "markdown-a-folder-name"])
 def test_evaluate_bad_input_exits_2_with_a_message(eval_setup, extra, match, capsys):
     data, paths = eval_setup
     models = [a.replace("MODEL", str(paths["softmax"])) for a in extra if a.startswith(("A=", "/"))]

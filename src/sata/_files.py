@@ -14,7 +14,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["write_atomic", "unwritable"]
+__all__ = ["make_parent", "unwritable", "write_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
@@ -48,12 +48,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) 
 
 def unwritable(option: str, path: str | os.PathLike) -> str | None:
     """Why the command-line output file ``path`` given to ``option`` (e.g. ``--json``) cannot be written, or None:
-    checked before the work whose results it holds, so a typo does not cost a long run."""
+    checked before the work whose results it holds, so a typo does not cost a long run. Missing folders on the
+    way are allowed: the writer makes them (``write_atomic`` does; other writers call ``make_parent``)."""
     path = os.fspath(path)
-    if os.path.isdir(path) or not _can_create_in(os.path.dirname(os.path.abspath(path))):
+    if path.endswith(("/", os.sep)) or os.path.isdir(path) or not _can_create_in(os.path.dirname(os.path.abspath(path))):
         return (f"{option} {path}: not a file that can be written here (a directory, a read-only folder, or a file "
                 "where a folder should be); give a file path in a writable folder")
     return None
+
+
+def make_parent(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, its folder made if missing (what :func:`unwritable` allowed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _can_create_in(folder: str) -> bool:

@@ -234,7 +234,7 @@ def _window_section(sections: list, res: dict) -> None:
     from .tables import window_table
 
     c = res["config"]
-    if c["window"] or c["sinks"] or c["recentre"] is not None:
+    if res["rows"] and (c["window"] or c["sinks"] or c["recentre"] is not None):   # (no rows: Ctrl-C at the first)
         title = (f"Window mode (window={c['window']}, sinks={c['sinks']}, recentre={c['recentre']}; sata above) "
                  "against the plain op on the same inputs")
         sections.append((title, window_table(res), window_table(res, True)))
@@ -283,6 +283,9 @@ def _write_markdown(path: str, run: dict, sections: list) -> None:
     ]
     if run.get("warning"):
         lines += [f"> Warning: {run['warning']}", ""]
+    if run.get(run["what"], {}).get("interrupted"):
+        lines += [f"> Interrupted (Ctrl-C): the tables hold the {len(run[run['what']]['rows'])} sizes finished before it, "
+                  "not every size of the command above.", ""]
     for title, _, md in sections:
         lines += [f"**{title}**", "", md, ""]
     if run.get("contaminated_timings"):

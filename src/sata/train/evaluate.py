@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .._files import unwritable
+from .._files import make_parent, unwritable
 
 __all__ = ["evaluate_models", "position_bins", "position_losses"]
 
@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the table here (Markdown)")
-    p.add_argument("--figure", default=None, help="write bits/byte against position here (PNG)")
+    p.add_argument("--figure", default=None,
+                   help="write bits/byte against position here (PNG, or the format the suffix names: .svg, .pdf)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -166,7 +167,9 @@ def figure(results: dict, path: str | Path) -> None:
         ax.legend(fontsize=8, title="model (mean bits/byte)", title_fontsize=8)
     axes[0][0].set_ylabel("bits per byte")
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")   # at the path given, suffix or not (matplotlib would add .png)
+    # at the path given: in the format its suffix names, else PNG (matplotlib would append .png to the name)
+    suffix = Path(path).suffix[1:].lower()
+    fig.savefig(path, dpi=120, format=suffix if suffix in fig.canvas.get_supported_filetypes() else "png")
     plt.close(fig)
 
 
@@ -234,9 +237,9 @@ def main(args) -> int:
                    torch_threads=torch.get_num_threads(), seconds=round(time.perf_counter() - t0, 1))
     print(table(results), end="")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        make_parent(args.json).write_text(json.dumps(results, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(table(results, markdown=True))
+        make_parent(args.markdown).write_text(table(results, markdown=True))
     if args.figure:
-        figure(results, args.figure)
+        figure(results, make_parent(args.figure))
     return 0
