@@ -41,6 +41,13 @@ declare -A mixer=(
   # the same with the Taylor part starting weak (beta 0.01 instead of 1): at beta 1 the far keys' summed weight
   # (~N_far at initialisation, up to ~2,000) swamps the window's (~64), and the learned mix barely moves in 360 steps
   [sata-window-mix01]="--attention sata --n-heads 8 --n-taylor 3 --window 64 --recentre 0 --learn-mix --learn-recentre --taylor-mix 0.01"
+  # the same pair with a window of 16: the bytes 16..~100 back, which carry most of what these models use
+  # (their curves flatten from ~100 bytes on), are then the Taylor state's to supply or nobody's
+  [local16]="--attention softmax --n-heads 8 --local-layers all --local-window 16"
+  [sata-window16-mix01]="--attention sata --n-heads 8 --n-taylor 3 --window 16 --recentre 0 --learn-mix --learn-recentre --taylor-mix 0.01"
+  # beta from 0.01 with its own learning rate (10x): at --lr Adam cannot move it past ~0.02 in 360 steps
+  [sata-window16-mixlr]="--attention sata --n-heads 8 --n-taylor 3 --window 16 --recentre 0 --learn-mix --learn-recentre --taylor-mix 0.01 --mix-lr 0.03"
+  [sata-window-mixlr]="--attention sata --n-heads 8 --n-taylor 3 --window 64 --recentre 0 --learn-mix --learn-recentre --taylor-mix 0.01 --mix-lr 0.03"
 )
 configs=${CONFIGS:-softmax local sata sata-window sata-window-mix01}
 
@@ -65,7 +72,7 @@ done
 
 if [[ ${EVALUATE:-1} != 0 ]]; then
   models=()
-  for name in softmax local sata sata-window sata-window-mix01; do
+  for name in softmax local sata sata-window sata-window-mix01 sata-window-mixlr local16 sata-window16-mix01 sata-window16-mixlr; do
     [[ -f $runs/$name/model/config.json ]] && models+=("$name=$runs/$name/model")
   done
   cmd="$py -m sata.cli evaluate ${models[*]} $evaluate --threads 1 --no-progress --json $runs/eval.json --markdown $runs/eval.md --figure $runs/eval.png"
