@@ -112,7 +112,14 @@ def decode(query, key, value, spec: Spec, mask, state, need_state: bool, inplace
 def step_inputs(query, key, value, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decode step's inputs as the kernels read them: contiguous, in the compute dtype (half inputs are
     converted, as every path computes in float32 for them); already so: the same tensors, no copy."""
-    return tuple(t if t.dtype is cd and t.is_contiguous() else t.to(cd).contiguous() for t in (query, key, value))
+    # (three plain tests: a generator here cost ~0.4 us a decode step)
+    if query.dtype is not cd or not query.is_contiguous():
+        query = query.to(cd).contiguous()
+    if key.dtype is not cd or not key.is_contiguous():
+        key = key.to(cd).contiguous()
+    if value.dtype is not cd or not value.is_contiguous():
+        value = value.to(cd).contiguous()
+    return query, key, value
 
 
 # ---------------------------------------------------------------------------- prefill
