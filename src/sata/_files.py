@@ -23,8 +23,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | bytearray | memoryview) 
     The file is created with mode ``0o666`` less the umask (``0644`` usually), like ``open(path, "w")``,
     not ``0600`` as a ``tempfile.mkstemp`` temporary would leave it. Creates missing parent folders.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = make_parent(path)
     _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

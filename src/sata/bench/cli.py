@@ -258,7 +258,7 @@ def _prefill_title(res: dict) -> str:
 
 
 def _write_markdown(path: str, run: dict, sections: list) -> None:
-    import os
+    from sata._files import make_parent
 
     mach = run["machine"]
     lines = [
@@ -292,6 +292,5 @@ def _write_markdown(path: str, run: dict, sections: list) -> None:
         from .tables import CONTAMINATED
 
         lines += [f"{CONTAMINATED} ({run['contaminated_timings']} timings).", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(make_parent(path), "w") as f:
         f.write("\n".join(lines))

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._files import make_parent
 from .timing import Timing, _probe
 
 __all__ = ["GenerateConfig", "VARIANTS", "generate_table", "plot_generate", "run_generate"]
@@ -346,8 +347,7 @@ def plot_generate(res: dict, path: str) -> None:
     fig.suptitle(f"{res['model']['name']}: decode one token after a random prompt; n_taylor={c['n_taylor']}, "
                  f"batch 1, {c['decode_threads'] or torch.get_num_threads()} thread(s)", fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(make_parent(path), dpi=110)
     plt.close(fig)
 
 

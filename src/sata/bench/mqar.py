@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._files import make_parent
 from .mqar_data import VOCAB_SIZE, MQARBatch, check_slice, mqar_batch, slice_generator, slice_name
 from .mqar_model import MIXERS, MQARModel, model_state_bytes
 
@@ -393,8 +394,7 @@ def read_results(path: str | os.PathLike) -> list[dict]:
 
 def _append(path: str | os.PathLike, record: dict) -> None:
     # one write of one line in append mode: lines of processes sharing the file do not interleave
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+b") as f:
+    with open(make_parent(path), "a+b") as f:
         torn = False
         if f.seek(0, os.SEEK_END):
             f.seek(-1, os.SEEK_END)
@@ -636,8 +636,7 @@ def main(args) -> int:
                                "runs": records, "best": best, "frontier": front, "anchors": report.ANCHORS})
         print(f"wrote {args.json}")
     if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as f:
+        with open(make_parent(args.markdown), "w") as f:
             f.write(f"**{title}**\n\n{report.table(best, markdown=True)}\n")
         print(f"wrote {args.markdown}")
     if args.figure:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
+from .._files import make_parent
 from .mqar_model import model_state_bytes
 from .tables import fmt_bytes, render
 
@@ -98,6 +98,5 @@ def plot(best: list[dict], path: str, title: str = "", anchors: bool = True) -> 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)   # large states with low accuracy: the corner no run is expected in
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(make_parent(path), dpi=130)
     plt.close(fig)

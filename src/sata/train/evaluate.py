@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .._files import make_parent, unwritable
+from .._files import make_parent, unwritable, write_atomic
 
 __all__ = ["evaluate_models", "position_bins", "position_losses"]
 
@@ -237,7 +237,7 @@ def main(args) -> int:
                    torch_threads=torch.get_num_threads(), seconds=round(time.perf_counter() - t0, 1))
     print(table(results), end="")
     if args.json:
-        make_parent(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        write_atomic(args.json, (json.dumps(results, indent=1) + "\n").encode())
     if args.markdown:
         make_parent(args.markdown).write_text(table(results, markdown=True))
     if args.figure:
