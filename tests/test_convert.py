@@ -105,6 +105,28 @@ def test_kernel_decode_follows_alpha_and_beta_changed_in_place():
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, msg=f"token {t} after changing {change}")
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_inputs_continue_a_kernel_state_through_the_pytorch_step(dtype):
+    """A half-precision stream decoded by the fused kernel keeps its ring in float32; continued through the PyTorch
+    step (autograd, after ``to_adapted_state``) it computes in float32 as the kernel does: the same outputs within
+    one rounding of the half output (it raised a dtype error)."""
+    q, k, v = (t.to(dtype) for t in _qkv())
+    ad = _adapter().float()
+    kw = dict(scale=0.4, **KW)
+    with torch.no_grad():
+        head = [t[:, :, :40] for t in (q, k, v)]
+        _, state = adapted.prefill(*head, ad.map_q(head[0]), ad.map_k(head[1]), alpha=ad.alpha, beta=ad.beta,
+                                   kernel_state=True, **kw)
+        for t in range(40, 44):
+            q1, k1, v1 = q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]
+            want, _ = adapted.decode_step(adapted.to_adapted_state(state), q1, k1, v1, ad, **kw)
+            got, state = adapted.kernel_decode_step(state, q1, k1, v1, ad, **kw)
+            assert want.dtype == got.dtype == dtype
+            torch.testing.assert_close(want.float(), got.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-3,
+                                       msg=f"token {t}")
+
+
 @pytest.mark.parametrize("start", ["start_state", "prefill", "prefill-inplace",
                                    *(pytest.param(m, marks=needs_kernels) for m in ("kernel", "kernel-then-torch"))])
 @pytest.mark.parametrize("prefill", [1, 3, 40, 120])

@@ -32,7 +32,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import sata
-from sata._checks import check_inputs
+from sata._checks import check_inputs, compute_dtype_for
 from sata._paths import window_kernel, window_prefill
 from sata._paths.window import window_attention
 from sata.exact_keys import ExactKeys
@@ -290,9 +290,12 @@ def decode_step(state: AdaptedState, q, k, v, adapter: QKAdapter, *, n_taylor: i
     B, Hq, _, E = q.shape
     Hkv = k.shape[1]
     g = Hq // Hkv
-    # exact part: sinks and window, original queries and keys
-    ek, ev = torch.cat([state.sink_k, state.win_k], 2), torch.cat([state.sink_v, state.win_v], 2)
-    s = scale * (q.view(B, Hkv, g, E) @ ek.mT)                                  # [B, Hkv, g, K]
+    # exact part: sinks and window, original queries and keys, in the compute dtype (a ring from the fused
+    # kernel's state is in float32 beside half inputs, as every path computes them)
+    cd = compute_dtype_for(torch.promote_types(q.dtype, state.win_k.dtype))
+    ek = torch.cat([state.sink_k, state.win_k], 2).to(cd)                       # [B, Hkv, K, E]
+    ev = torch.cat([state.sink_v, state.win_v], 2).to(cd)                       # [B, Hkv, K, Ev]
+    s = scale * (q.view(B, Hkv, g, E).to(cd) @ ek.mT)                           # [B, Hkv, g, K]
     m, num, den = exact_part(s, torch.ones_like(s, dtype=torch.bool), ev)       # [B, Hkv, g], [.., Ev]
     # far part: per-degree read-outs of the state with the adapted query, weighted by a_m(c)
     qa = adapter.map_q(q).view(B, Hkv, g, E)
