@@ -205,11 +205,19 @@ def main(args: argparse.Namespace) -> int:
     if args.markdown:
         _write_markdown(args.markdown, run, sections)
         print(f"wrote {args.markdown}")
-    if run.get(args.what, {}).get("interrupted"):
-        print(f"\ninterrupted: the tables and files hold the {len(run[args.what]['rows'])} finished "
+    finished = _finished_if_interrupted(run)
+    if finished is not None:
+        print(f"\ninterrupted: the tables and files hold the {finished} finished "
               f"{'contexts' if args.what == 'decode' else 'lengths'}", file=sys.stderr)
         return 130
     return 0
+
+
+
+def _finished_if_interrupted(run: dict) -> int | None:
+    """How many sizes a run stopped by Ctrl-C finished (its partial results), or None for a whole run."""
+    part = run.get(run["what"], {})
+    return len(part["rows"]) if part.get("interrupted") else None
 
 
 def _check_window(what: str, shape: dict) -> str | None:
@@ -283,8 +291,9 @@ def _write_markdown(path: str, run: dict, sections: list) -> None:
     ]
     if run.get("warning"):
         lines += [f"> Warning: {run['warning']}", ""]
-    if run.get(run["what"], {}).get("interrupted"):
-        lines += [f"> Interrupted (Ctrl-C): the tables hold the {len(run[run['what']]['rows'])} sizes finished before it, "
+    finished = _finished_if_interrupted(run)
+    if finished is not None:
+        lines += [f"> Interrupted (Ctrl-C): the tables hold the {finished} sizes finished before it, "
                   "not every size of the command above.", ""]
     for title, _, md in sections:
         lines += [f"**{title}**", "", md, ""]
