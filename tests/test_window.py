@@ -251,6 +251,27 @@ def test_merged_segment_states_continue_the_stream():
         assert_rel(y, expected[..., cut_b:, :], 1e-10, f"a=[0,{cut_a}) b=[{cut_a},{cut_b})")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_merge_ignores_a_nonfinite_padded_key_leaving_the_window(bad):
+    """A padded key in the earlier segment's window that the merged window no longer holds goes to the far state
+    with weight 0: selected away, not multiplied by 0 (NaN * 0 is NaN), as continuing the stream does."""
+    q, k, v = qkv((2,), 2, 12, 4, 3, seed=41)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 3] = mask[1, 2] = True
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[0, :, 3], v_bad[1, :, 2] = bad, bad
+    kw = dict(n_taylor=3, window=2, sinks=1)
+    seg = lambda lo, hi, st=None: sata.accumulate_state(k_bad[..., lo:hi, :], v_bad[..., lo:hi, :],
+                                                        key_padding_mask=mask[:, lo:hi], state=st, **kw)
+    merged = seg(0, 4) + seg(4, 9)
+    assert torch.isfinite(merged.kv).all()
+    assert_rel(merged.kv, seg(4, 9, seg(0, 4)).kv, 1e-12)
+    y = sata.sata_attention(q[..., 9:, :], k[..., 9:, :], v[..., 9:, :], state=merged, is_causal=True,
+                            key_padding_mask=mask[:, 9:], **kw)
+    ref = sata.naive_sata_attention(q, k, v, key_padding_mask=mask, is_causal=True, **kw)[..., 9:, :]
+    assert_rel(y, ref, 1e-10)
+
+
 def test_recentred_stream_without_exact_keys_keeps_its_key_centre():
     """A re-centred stream without window or sinks still holds centred keys: continuing it with the series around
     0, accumulating into it, or merging it must use the centre (the plain path would silently drop it)."""

@@ -69,9 +69,11 @@ def merge_exact(a: SATAState, b: SATAState) -> SATAState:
     ks, vs, fs = torch.cat(leave_k, -2), torch.cat(leave_v, -2), torch.cat(leave_f, -1)
     if bool(fs.any()):
         basis = get_basis(a.d_key, a.n_taylor, ks.device, a.dtype)
-        ks = ks.to(a.dtype) - mu_a.reshape(B, Hkv, 1, a.d_key)
-        phik = _phi(ks * math.sqrt(abs(a.scale)), basis) * fs[:, None, :, None]                 # [B, Hkv, K, D]
-        vt = torch.cat([vs, torch.ones_like(vs[..., :1])], dim=-1).to(a.dtype)                  # [B, Hkv, K, F]
+        # selected, not multiplied by the flags: a padded slot may hold NaN or inf, which 0 * x lets through
+        keep = fs[:, None, :, None]                                                             # [B, 1, K, 1]
+        ks = torch.where(keep, ks.to(a.dtype) - mu_a.reshape(B, Hkv, 1, a.d_key), 0.0)         # [B, Hkv, K, E]
+        phik = torch.where(keep, _phi(ks * math.sqrt(abs(a.scale)), basis), 0.0)                # [B, Hkv, K, D]
+        vt = torch.where(keep, torch.cat([vs, torch.ones_like(vs[..., :1])], dim=-1).to(a.dtype), 0.0)   # [B, Hkv, K, F]
         far = far + phik.mT @ vt
     exact = ExactKeys(win_k, win_v, win_keep, all_k[:, :, :S], all_v[:, :, :S], all_pos[:, :S])
     unflat = lambda t: t.reshape(*batch, *t.shape[1:]) if batch else t[0]
