@@ -55,6 +55,47 @@ def test_taylor_mix_zero_is_sliding_window_with_sinks(causal):
         assert_rel(y, _softmax(q, k, v, keep), 1e-10, fn.__name__)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "pytorch"])
+def test_taylor_mix_zero_heads_take_their_maximum_from_the_exact_part(kernels):
+    """float32, exact scores ~100 below the far part's centre (0 here): a head whose taylor_mix is 0 must not
+    scale its exact part by e^{m_exact - c}, which underflows to an output of 0. Every path (prefill with a state,
+    decode steps, the oracle; a per-head tensor with one head at 0) gives the sliding window with sinks there;
+    the other head keeps its far part. The gradient with respect to a taylor_mix of 0 is e^{c - m_exact} times
+    the far part's pull (~1e51 here: beyond float32), in float64 the one-sided difference quotient."""
+    g = torch.Generator().manual_seed(5)
+    L, W, S = 24, 3, 1
+    q = torch.full((1, 2, L, 4), 9.0)
+    k = -6.0 + 0.3 * torch.randn(1, 2, L, 4, generator=g)                      # scores -110 .. -100
+    v = torch.randn(1, 2, L, 2, generator=g)
+    beta = torch.tensor([0.0, 0.5])
+    kw = dict(n_taylor=3, is_causal=True, window=W, sinks=S)
+    band = _positions(L, L, True, W, S)
+    window_only = _softmax(q.double(), k.double(), v.double(), band)[:, 0].float()
+    hybrid = sata.naive_sata_attention(q.double(), k.double(), v.double(), taylor_mix=beta.double(), **kw)[:, 1].float()
+    with force_path(kernels=kernels):
+        steps, st = [], None
+        for t in range(L):
+            y, st = sata.sata_attention(q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :], state=st,
+                                        return_state=True, taylor_mix=beta, **kw)
+            steps.append(y)
+        outs = {"prefill": sata.sata_attention(q, k, v, taylor_mix=beta, return_state=True, **kw)[0],
+                "decode": torch.cat(steps, -2),
+                "oracle": sata.naive_sata_attention(q, k, v, taylor_mix=beta, **kw)}
+    for name, y in outs.items():
+        assert_rel(y[:, 0], window_only, 1e-5, f"{name}, taylor_mix 0")
+        assert_rel(y[:, 1], hybrid, 1e-4, f"{name}, taylor_mix 0.5")
+    q, k, v, beta = q.double(), k.double(), v.double(), beta.double()
+    leaf = beta.clone().requires_grad_()
+    w = torch.randn(1, 2, L, 2, generator=g, dtype=torch.float64)
+    loss = lambda b: (sata.sata_attention(q, k, v, taylor_mix=b, **kw) * w).sum()
+    grad, = torch.autograd.grad(loss(leaf), leaf)
+    assert torch.isfinite(grad).all() and abs(grad[0]) > 1e30, grad
+    eps = 1e-6 / abs(grad[0].item())                                            # a step that moves the loss ~1e-6
+    with torch.no_grad():
+        quotient = (loss(beta + torch.tensor([eps, 0.0], dtype=torch.float64)) - loss(beta)) / eps
+    assert_rel(grad[0], quotient, 1e-4, "d/d taylor_mix at 0")
+
+
 @pytest.mark.parametrize("causal", CAUSAL)
 def test_taylor_mix_zero_without_a_state_skips_the_far_part(causal, monkeypatch):
     """The window-only model's training: taylor_mix the number 0 and no state returned runs the exact part alone

@@ -245,23 +245,28 @@ def exact_part(s: torch.Tensor, exact: torch.Tensor, v: torch.Tensor):
     return m, w @ v, w.sum(dim=-1)
 
 
-# log of the smallest normal number of each compute dtype
+# log of the smallest normal number of each compute dtype, and a bound below the log of its largest
 _EXP_FLOOR = {dt: math.log(torch.finfo(dt).tiny) for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_EXP_CEIL = {dt: math.log(torch.finfo(dt).max) - 1.0 for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def combine(m_exact, num_exact, den_exact, U_far, c, has_far, beta, d_value: int, dtype: torch.dtype) -> torch.Tensor:
     """``y = num / den`` with both parts scaled to the common maximum ``m = max(m_exact, c)``.
 
     ``U_far [..., T, Ev + 1]`` holds ``sum_F T_P(s - c) [v, 1]``; ``has_far [..., T]`` says whether ``F`` is
-    non-empty (a row without far keys takes its maximum from the exact part alone). A row whose
+    non-empty. A row without far keys, or whose ``beta`` is 0, takes its maximum from the exact part alone
+    (with ``c`` in it, exact scores ~88 below ``c`` would underflow in float32 to an output of 0). A row whose
     normaliser is not positive gives 0. ``U_far=None``: no far part (``taylor_mix=0``), the exact part alone.
     """
     if U_far is None:
         return _normalize_rows(num_exact, den_exact[..., None]).to(dtype)
-    m = torch.where(has_far, torch.maximum(m_exact, c), m_exact)                 # [..., T]
+    weighted = has_far & (beta != 0)                                            # [..., T] (beta: float or tensor)
+    m = torch.where(weighted, torch.maximum(m_exact, c), m_exact)               # [..., T]
     m = torch.where(torch.isfinite(m), m, 0.0)
     e_exact = torch.exp(m_exact - m)                                            # 0 where no exact keys
-    e_far = beta * torch.exp(torch.where(has_far, c - m, -math.inf))           # 0 where no far keys
+    # c - m <= 0 where beta != 0; where beta = 0 it only carries beta's gradient, kept finite by the clamp
+    x_far = torch.where(has_far, c - m, -math.inf).clamp(max=_EXP_CEIL[m.dtype])
+    e_far = beta * torch.exp(x_far)                                             # 0 where no far keys
     num = e_exact[..., None] * num_exact + e_far[..., None] * U_far[..., :d_value]
     den = e_exact * den_exact + e_far * U_far[..., d_value]
     return _normalize_rows(num, den[..., None]).to(dtype)

@@ -453,21 +453,26 @@ void window_heads(const WindowDecodeArgs& w, const WindowDecodeTensors& t, const
     }
   }
   // both parts scaled to their common maximum m, one normaliser: the exponents of all the group's queries, their
-  // e^x as whole vectors (one libm call per query cost ~0.5 us a step), then the outputs
+  // e^x as whole vectors (one libm call per query cost ~0.5 us a step), then the outputs. A query whose beta is 0
+  // has no far part: its maximum is the exact part's alone (with c in it, exact scores ~88 below c would underflow)
   TS* scale = buf.scale.data();
+  const auto weighted = [&](int64_t iq) {
+    const int64_t n = n0 + iq / G;
+    return buf.has_far[iq / G] && beta[(n % w.Hkv) * G + iq % G] != T(0);
+  };
   for (int64_t iq = 0; iq < nq; ++iq) {
-    const bool has_far = buf.has_far[iq / G];
+    const bool far = weighted(iq);
     const TS c = buf.c[iq], m_exact = TS(buf.top[iq]);
-    TS m = has_far && c > m_exact ? c : m_exact;
+    TS m = far && c > m_exact ? c : m_exact;
     if (!std::isfinite(m)) m = TS(0);
     scale[iq] = m_exact - m;                                               // -inf without exact keys: e^x 0
-    scale[nq + iq] = has_far ? c - m : TS(0);
+    scale[nq + iq] = far ? c - m : TS(0);
   }
   for (int64_t j = 0; j < 2 * nq; j += Vec<TS>::W)
     Vec<TS>::store(scale + j, sata::vexp<TS>(Vec<TS>::load(scale + j)));
   for (int64_t iq = 0; iq < nq; ++iq) {
     const int64_t n = n0 + iq / G, g = iq % G;
-    const TS e_exact = scale[iq], e_far = buf.has_far[iq / G] ? TS(beta[(n % w.Hkv) * G + g]) * scale[nq + iq] : TS(0);
+    const TS e_exact = scale[iq], e_far = weighted(iq) ? TS(beta[(n % w.Hkv) * G + g]) * scale[nq + iq] : TS(0);
     const TS* u = buf.uf.data() + iq * F;
     const T* num = buf.num.data() + iq * Ev;
     const TS den = e_exact * TS(buf.den[iq]) + e_far * u[Ev];

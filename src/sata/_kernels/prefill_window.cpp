@@ -450,7 +450,7 @@ struct WindowHead : sata::Head<T, TS> {
     }
   }
 
-  // both parts scaled to their common maximum m = max(top, c) (top alone for a query without far keys), summed
+  // both parts scaled to their common maximum m = max(top, c) (top alone for a query without far keys, or with beta 0), summed
   // into U ([Ev + 1][C], lane by lane), then y rows t0 .. t0 + c - 1 = U[:Ev] / U[Ev] (Head::write_out)
   void combine(T* y, int64_t t0, int64_t c, T beta) {
     using VV = Vec<T>;
@@ -458,9 +458,11 @@ struct WindowHead : sata::Head<T, TS> {
     constexpr int64_t L = VV::W;
     const int64_t Ev = this->Ev;
     T* U = this->U.data();
+    // beta 0: no far part, the maximum from the exact part alone (no count of far keys exceeds inf)
+    const T some_far = beta != T(0) ? T(0) : std::numeric_limits<T>::infinity();
     for (int64_t i = 0; i < C; i += L) {
       const V mx = VV::load(top.data() + i), cc = VV::load(cen.data() + i);
-      const auto far = VV::load(nfar.data() + i) > T(0);
+      const auto far = VV::load(nfar.data() + i) > some_far;
       V m = far & (cc > mx) ? cc : mx;
       m = m - m == T(0) ? m : V{};                        // not finite (no key at all): 0
       const V e_exact = sata::vexp<T>(mx - m);           // 0 without exact keys
