@@ -402,6 +402,8 @@ BAD = [
     pytest.param(dict(taylor_mix=torch.ones(3)), r"shape \[2\]", id="mix-wrong-heads"),
     pytest.param(dict(recentre=0.0, n_taylor=1), "recentre needs n_taylor >= 2", id="recentre-P1"),
     pytest.param(dict(recentre=0.5, n_taylor=2), "needs n_taylor >= 3", id="alpha-P2"),
+    pytest.param(dict(recentre=torch.zeros(2, requires_grad=True), n_taylor=2, window=2),
+                 "requires grad needs n_taylor >= 3", id="learned-alpha-P2"),
     pytest.param(dict(recentre=float("nan")), "finite", id="nan-recentre"),
     pytest.param(dict(recentre="mean"), "recentre must be a finite float", id="str-recentre"),
     pytest.param(dict(window=None), "window must be a non-negative int", id="none-window"),

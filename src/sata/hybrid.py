@@ -151,6 +151,13 @@ def _check_hybrid(
                 f"{fn}: recentre={recentre} (alpha != 0) needs n_taylor >= 3 (the standard deviation of the scores "
                 f"is read from the degree-2 block), got n_taylor={n_taylor}; use recentre=0.0 (the mean) or more terms"
             )
+        if n_taylor < 3 and isinstance(recentre, torch.Tensor) and recentre.requires_grad:
+            # at alpha = 0 the output still depends on alpha through sd, which these terms cannot read
+            raise ValueError(
+                f"{fn}: a recentre tensor that requires grad needs n_taylor >= 3 (d/d alpha is -sd times the "
+                f"pull of the centre, and the standard deviation is read from the degree-2 block), got "
+                f"n_taylor={n_taylor}; pass recentre detached (or 0.0, the mean) or use more terms"
+            )
     return Hybrid(window, sinks, beta, recentre)
 
 
