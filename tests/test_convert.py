@@ -283,8 +283,19 @@ def test_hybrid_checkpoint_roundtrip(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sata").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-5, atol=1e-5)
+        # saved again once its adapters are attached (submodules): they go into model.safetensors, and load
+        loaded.save_pretrained(tmp_path / "again")
+        resaved = AutoModelForCausalLM.from_pretrained(tmp_path / "again", attn_implementation="sata").eval()
+        torch.testing.assert_close(resaved(ids).logits, before, rtol=1e-5, atol=1e-5)
+    # a rewritten adapter file is read again by a later load in the same process (it was cached by path)
+    from safetensors.torch import load_file, save_file
+    maps = load_file(tmp_path / adapted.ADAPTER_FILE)
+    save_file({k: t + 0.5 * (k == "0.q_map") for k, t in maps.items()}, tmp_path / adapted.ADAPTER_FILE)
+    changed = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sata").eval()
+    with torch.no_grad():
+        assert (changed(ids).logits - before).abs().max() > 1e-2
+    torch.testing.assert_close(changed.model.layers[0].self_attn.sata_adapter.q_map, maps["0.q_map"] + 0.5)
     (tmp_path / adapted.ADAPTER_FILE).unlink()
-    adapted._read.cache_clear()
     again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sata").eval()
     with pytest.raises(FileNotFoundError, match="sata_adapters.safetensors"):
         again(ids)

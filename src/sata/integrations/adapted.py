@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,7 +347,8 @@ def attach_adapters(model, directory: str | Path | None = None) -> list[QKAdapte
 
 def _attach(module, tensors: dict[str, torch.Tensor]) -> QKAdapter:
     """``module.sata_adapter`` for layer ``module.layer_idx``: maps from ``tensors`` (identity if absent), alpha and
-    beta from the config (0 and 1 if absent)."""
+    beta from ``tensors`` when they hold them (weights saved with the adapters attached), else from the config
+    (0 and 1 if absent)."""
     cfg, i = module.config, module.layer_idx
     Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     ad = QKAdapter(Hq, Hkv, getattr(cfg, "head_dim", None) or cfg.hidden_size // Hq)
@@ -354,9 +357,13 @@ def _attach(module, tensors: dict[str, torch.Tensor]) -> QKAdapter:
         if tensors:
             ad.q_map.copy_(tensors[f"{i}.q_map"])
             ad.k_map.copy_(tensors[f"{i}.k_map"])
-        if alphas is not None:
+        if f"{i}.alpha" in tensors:
+            ad.alpha.copy_(tensors[f"{i}.alpha"])
+        elif alphas is not None:
             ad.alpha.copy_(torch.tensor(alphas[i]))
-        if betas is not None:
+        if f"{i}.log_beta" in tensors:
+            ad.log_beta.copy_(tensors[f"{i}.log_beta"])
+        elif betas is not None:
             ad.log_beta.copy_(torch.tensor(betas[i]).log())
     module.sata_adapter = ad.to(module.q_proj.weight.device)
     return module.sata_adapter
@@ -371,17 +378,68 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return {f"{i}.{n}": getattr(a, n).detach().contiguous() for i, a in enumerate(ads) for n in ("q_map", "k_map")}
 
 
-@functools.lru_cache(maxsize=4)
 def _read(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+    """The maps in the adapter file at ``path`` (``{i}.q_map``, ``{i}.k_map``), read once per version of the file."""
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"config.sata_qk_adapter is set but {path} does not exist: the converted model's query/key maps are "
             "saved there by `sata convert`; copy it beside the weights or call "
             "sata.integrations.adapted.attach_adapters(model, directory)"
         )
+    st = os.stat(path)
+    return _read_file(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_file(path: str, mtime_ns: int, size: int) -> dict[str, torch.Tensor]:
+    # keyed by the file's version too: a file rewritten in this process (a new conversion) is read again
+    from safetensors.torch import load_file
+
     return load_file(path)
+
+
+# an adapter's tensors as ``save_pretrained`` writes them once the adapters are attached (submodules of the layers)
+_IN_WEIGHTS = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.sata_adapter\.(q_map|k_map|alpha|log_beta)$")
+
+
+def _checkpoint_adapters(name_or_path: str) -> dict[str, torch.Tensor]:
+    """The adapter tensors of the checkpoint a config was loaded from (a folder or a model id in the local hub
+    cache): ``sata_adapters.safetensors`` as ``sata convert`` writes it, else the ``...sata_adapter.*`` tensors of
+    its ``model.safetensors`` (a converted model saved again with ``save_pretrained`` after a forward pass, when
+    its adapters were submodules), as ``{i}.q_map``, ``{i}.k_map`` (and ``{i}.alpha``, ``{i}.log_beta``)."""
+    from transformers.utils import cached_file
+
+    def find(name: str) -> str | None:
+        try:
+            return cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+
+    path = find(ADAPTER_FILE)
+    if path is not None:
+        return _read(path)
+    weights = find("model.safetensors")
+    if weights is not None:
+        st = os.stat(weights)
+        found = _adapters_in_weights(os.path.realpath(weights), st.st_mtime_ns, st.st_size)
+        if found:
+            return found
+    return _read(str(Path(name_or_path) / ADAPTER_FILE))   # explains what is missing
+
+
+@functools.lru_cache(maxsize=4)
+def _adapters_in_weights(path: str, mtime_ns: int, size: int) -> dict[str, torch.Tensor]:
+    """The adapter tensors among a weights file's (only those read), keyed ``{i}.q_map`` etc."""
+    from safetensors import safe_open
+
+    found = {}
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            m = _IN_WEIGHTS.search(key)
+            if m:
+                found[f"{m.group(1)}.{m.group(2)}"] = f.get_tensor(key)
+    return found
 
 
 def adapter_for(module) -> QKAdapter:
@@ -389,5 +447,4 @@ def adapter_for(module) -> QKAdapter:
     ad = getattr(module, "sata_adapter", None)
     if ad is not None:
         return ad
-    directory = getattr(module.config, "_name_or_path", "") or ""
-    return _attach(module, _read(str(Path(directory) / ADAPTER_FILE)))
+    return _attach(module, _checkpoint_adapters(getattr(module.config, "_name_or_path", "") or "."))
