@@ -362,12 +362,30 @@ def test_convert_quick_end_to_end_and_reload(tmp_path, capsys):
         assert rerun["rows"][kind]["ppl"] == results["rows"][kind]["ppl"]
 
 
-@pytest.mark.parametrize("extra, match", [(("--window", "200"), "--window is now"),
-                                          (("--n-taylor", "2"), "n_taylor >= 3"),
-                                          (("--taylor-mix", "0"), "--baseline window-only")])
+@pytest.mark.parametrize("extra, match", [
+    pytest.param(("--window", "200"), "--window is now", id="window-over-context"),
+    pytest.param(("--n-taylor", "2"), "n_taylor >= 3", id="n-taylor-2"),
+    pytest.param(("--taylor-mix", "0"), "--baseline window-only", id="taylor-mix-0"),
+    pytest.param(("--window", "0", "--sinks", "0"), "no exact keys", id="no-exact-keys"),
+    pytest.param(("--window", "-1"), "--window must be >= 0", id="negative-window"),
+    pytest.param(("--sinks", "-3"), "--sinks must be >= 0", id="negative-sinks"),
+    pytest.param(("--lora-rank", "-1"), "--lora-rank must be >= 1", id="negative-lora-rank"),
+    pytest.param(("--batch", "0"), "--batch must be >= 1", id="batch-0"),
+    pytest.param(("--transfer-steps", "-1"), "--transfer-steps must be >= 0", id="negative-transfer-steps"),
+    pytest.param(("--distill-steps", "-1"), "--distill-steps must be >= 0", id="negative-distill-steps"),
+    pytest.param(("--passkey-trials", "0"), "--passkey-trials must be >= 1", id="passkey-trials-0"),
+    pytest.param(("--eval-windows", "0"), "--eval-windows must be >= 1", id="eval-windows-0"),
+    pytest.param(("--distill-lr", "0"), "--distill-lr must be > 0", id="distill-lr-0"),
+    pytest.param(("--recentre", "nan"), "--recentre must be a finite number", id="nan-recentre"),
+    pytest.param(("--eval-contexts", "0"), "token counts >= 1", id="eval-context-0"),
+    pytest.param(("--eval-contexts", "abc"), "comma-separated token counts", id="eval-contexts-text"),
+    pytest.param(("--passkey-contexts", ","), "token counts >= 1", id="passkey-contexts-empty"),
+])
 def test_convert_bad_flags(tmp_path, extra, match):
+    """Refused before any work, and before --out records the settings (a corrected rerun there is not refused)."""
     with pytest.raises(SystemExit, match=match):
         convert_cli.main(_args(tmp_path, *extra))
+    assert not (tmp_path / "stages" / "settings.json").exists()
 
 
 def test_convert_refuses_an_out_directory_of_other_settings(tmp_path):

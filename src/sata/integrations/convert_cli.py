@@ -137,6 +137,32 @@ def _token_windows(tok, args, contexts: list[int], path: Path):
 
 
 def _check(args) -> None:
+    """Every flag checked before any work (a bad value found when its stage starts lost the stages before it, and
+    the settings recorded in --out would then refuse the corrected run)."""
+    at_least = {"context": 1, "train_windows": 1, "transfer_windows": 1, "transfer_steps": 0, "distill_steps": 0,
+                "lora_rank": 1, "batch": 1, "passkey_trials": 1, "threads": 1, "save_every": 1, "window": 0, "sinks": 0}
+    for name, low in at_least.items():
+        if getattr(args, name) < low:
+            raise SystemExit(f"sata convert: --{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if args.eval_windows is not None and args.eval_windows < 1:
+        raise SystemExit(f"sata convert: --eval-windows must be >= 1 (or left out: all), got {args.eval_windows}")
+    for name in ("transfer_lr", "distill_lr"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"sata convert: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not math.isfinite(args.recentre):
+        raise SystemExit(f"sata convert: --recentre must be a finite number, got {args.recentre}")
+    if args.window + args.sinks == 0:
+        raise SystemExit("sata convert: --window 0 --sinks 0 leaves the hybrid no exact keys (and the window-only "
+                         "baseline nothing): give --window > 0 and/or --sinks > 0; plain SATA is evaluated anyway")
+    for name in ("eval_contexts", "passkey_contexts"):
+        flag, text = f"--{name.replace('_', '-')}", getattr(args, name)
+        try:
+            values = _ints(text)
+        except ValueError:
+            raise SystemExit(f"sata convert: {flag} must be comma-separated token counts, e.g. 2048,4096; "
+                             f"got {text!r}") from None
+        if not values or any(v < 1 for v in values):
+            raise SystemExit(f"sata convert: {flag} must list token counts >= 1, got {text!r}")
     if args.window >= args.context:
         raise SystemExit(
             f"sata convert: --window {args.window} >= --context {args.context}. --window is now the number of recent "
