@@ -402,5 +402,6 @@ def test_window_exchange_volume_formula():
     vol = state_exchange_bytes(2, 3, 4, 3, 3, world_size=3, dtype=torch.float64, window=6, sinks=2, recentre=True)
     floats = 2 * 3 * (15 * 4 + 8 * 7)
     assert vol["state"] == floats * 8 + 2 * 8 * 8
-    assert vol["sent"] == vol["state"] + 2 * (3 * 4 + 1) * 8 and vol["received"] == 2 * vol["sent"]
+    # key sums, counts, and the running sums of each rank's first 2 kept keys (0, 1, 2 of them): the centre's
+    assert vol["sent"] == vol["state"] + 2 * (3 * 4 * (1 + 3) + 1) * 8 and vol["received"] == 2 * vol["sent"]
     assert vol["backward"] == 3 * floats * 8

@@ -183,7 +183,7 @@ def _window_mode(query, key, value, is_causal: bool, key_padding_mask, state: SA
     if state is not None:  # one call continuing ``state`` keeps its centre
         centre = state.key_centre
     elif hybrid.recentre is not None:
-        centre = _stream_key_centre(key, key_padding_mask, spec.state_dtype, group, world)
+        centre = _stream_key_centre(key, key_padding_mask, hybrid.sinks, spec.state_dtype, group, world)
     else:
         centre = None
     start = replace(shape, key_centre=centre)                # an empty stream with the whole sequence's centre
@@ -265,18 +265,34 @@ def _fields(settings: list[int]) -> dict[str, object]:
     return out
 
 
-def _stream_key_centre(key, key_padding_mask, dtype, group, world: int) -> torch.Tensor:
-    """The key centre one call on the whole sequence would choose, ``[..., Hkv, E]``: the mean of every rank's
-    kept keys, from one all-gather of per-rank sums and counts (float64; no gradient, as in the op)."""
+def _stream_key_centre(key, key_padding_mask, sinks: int, dtype, group, world: int) -> torch.Tensor:
+    """The key centre one call on the whole sequence would choose, ``[..., Hkv, E]``: the mean of the kept keys of
+    every rank after the sequence's first ``sinks`` kept ones (``sata._paths.window_call.centre_of``), from one
+    all-gather of per-rank sums, counts and the running sums of each rank's first ``sinks`` kept keys (float64; no
+    gradient, as in the op)."""
     kept = torch.ones(key.shape[:-3] + key.shape[-2:-1], dtype=torch.bool, device=key.device) \
         if key_padding_mask is None else ~key_padding_mask                         # [..., L]
-    sums = torch.where(kept[..., None, :, None], key.detach().to(dtype), 0.0).sum(-2)        # [..., Hkv, E]
-    mine = torch.cat([sums.flatten().double(), kept.sum(-1).flatten().double()])           # [B Hkv E + B]
+    k = torch.where(kept[..., None, :, None], key.detach().to(torch.float64), 0.0)  # [..., Hkv, L, E]
+    sums = k.sum(-2)                                                           # [..., Hkv, E]
+    counts = kept.sum(-1)                                                      # [...]
+    # the running sums over this rank's first j kept keys, j = 0 .. sinks (a sink's key, wherever it sits)
+    rank_of = kept.cumsum(-1)                                                  # [..., L]
+    firsts = torch.stack([torch.where((kept & (rank_of <= j))[..., None, :, None], k, 0.0).sum(-2)
+                          for j in range(sinks + 1)])                         # [S + 1, ..., Hkv, E]
+    mine = torch.cat([sums.flatten(), counts.flatten().double(), firsts.flatten()])
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)
-    total = torch.stack(parts).sum(0)
-    sums, counts = total[: sums.numel()].view(sums.shape), total[sums.numel():].view(kept.shape[:-1])
-    return (sums / counts.clamp_min(1)[..., None, None]).to(dtype)
+    n_s, n_c = sums.numel(), counts.numel()
+    total, before = torch.zeros_like(sums), torch.zeros_like(counts)
+    for part in parts:  # in rank order: the sinks are the first kept keys of the earlier ranks, then of this one
+        r_sums, r_counts = part[:n_s].view(sums.shape), part[n_s:n_s + n_c].view(counts.shape).long()
+        r_firsts = part[n_s + n_c:].view(firsts.shape)
+        taken = (sinks - before).clamp(0, sinks).clamp_max(r_counts)           # [...]: this rank's keys that are sinks
+        sink_sum = r_firsts.gather(0, taken[None, ..., None, None].expand(1, *sums.shape))[0]
+        total = total + r_sums - sink_sum
+        before = before + r_counts
+    far = (before - sinks).clamp_min(1)
+    return (total / far[..., None, None].double()).to(dtype)
 
 
 def _all_gather_states(local: SATAState, lengths: list[int], group, world: int, anchors):
@@ -375,7 +391,8 @@ def state_exchange_bytes(batch: int, n_kv_heads: int, d_key: int, d_value: int, 
     ``sinks`` > 0) plus ``batch * n_kv_heads * (window + sinks) * (d_key + d_value)`` floats of exact keys
     and values and ``batch * (window + sinks)`` int64 slot flags and sink positions. An all-gather sends
     it once and receives it from the ``world_size - 1`` other ranks. ``recentre=True`` (a re-centred
-    stream started without ``state``) adds ``batch * (n_kv_heads * d_key + 1)`` float64 key sums and counts.
+    stream started without ``state``) adds ``batch * (n_kv_heads * d_key * (sinks + 2) + 1)`` float64 key sums,
+    counts and running sums of each rank's first ``sinks`` kept keys (the key centre leaves the sinks out).
     ``backward``: the plain mode all-gathers ``2 x`` the state; the window mode (or ``recentre``)
     all-reduces the floats of all ``world_size`` states. Independent of the sequence length.
     """
@@ -384,7 +401,7 @@ def state_exchange_bytes(batch: int, n_kv_heads: int, d_key: int, d_value: int, 
     itemsize = torch.empty((), dtype=dtype).element_size()
     floats = batch * n_kv_heads * (state_size(d_key, d_value, n_taylor) + (window + sinks) * (d_key + d_value))
     state = floats * itemsize + batch * (window + sinks) * 8
-    sent = state + (batch * (n_kv_heads * d_key + 1) * 8 if recentre else 0)
+    sent = state + (batch * (n_kv_heads * d_key * (sinks + 2) + 1) * 8 if recentre else 0)
     backward = world_size * floats * itemsize if window or sinks or recentre else 2 * state
     return {"state": state, "sent": sent, "received": sent * (world_size - 1), "backward": backward}
 

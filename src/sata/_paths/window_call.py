@@ -82,13 +82,23 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
 
 def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B: int):
     """The stream's key centre ``[B, Hkv, E]``: the state's, or for a new re-centred stream the mean of this
-    call's kept keys (a plain stream keeps none)."""
+    call's kept keys that are not sinks, 0 for a row with none (a plain stream keeps none).
+
+    Sinks are never in the Taylor part, whose scores the centre keeps small; and the first keys of a trained
+    model's stream are its outliers: a first call of one kept key (a decode loop from scratch, a one-token row of
+    a left-padded batch) centred every later key on it (float32 errors ~1e-1 at n_taylor 5 where 1e-5 is usual).
+    """
     if state is not None:
         return None if state.key_centre is None else state.key_centre.reshape(B, *state.key_centre.shape[-2:])
     if hybrid.recentre is None:
         return None
-    if mask is None:
-        return k.detach().to(spec.state_dtype).sum(-2) / max(spec.len_k, 1)     # [B, Hkv, E]
-    kept = (~mask)[:, None, :, None]
-    total = torch.where(kept, k.detach().to(spec.state_dtype), 0.0).sum(-2)       # [B, Hkv, E]
-    return total / kept.sum(-2).clamp_min(1)
+    kept = torch.ones(B, spec.len_k, dtype=torch.bool, device=k.device) if mask is None else ~mask    # [B, L]
+    return centre_of(k.detach(), kept, hybrid.sinks, spec.state_dtype)
+
+
+def centre_of(k: torch.Tensor, kept: torch.Tensor, sinks: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mean of a stream's first call's kept keys after its first ``sinks`` kept ones, 0 for a row with none:
+    ``k [B, Hkv, L, E]``, ``kept [B, L]`` -> ``[B, Hkv, E]`` in ``dtype``."""
+    far = kept & (kept.cumsum(-1) > sinks)                                       # [B, L]
+    total = torch.where(far[:, None, :, None], k.to(dtype), 0.0).sum(-2)       # [B, Hkv, E]
+    return total / far.sum(-1).clamp_min(1)[:, None, None]
