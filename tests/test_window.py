@@ -423,6 +423,22 @@ def test_bad_arguments_name_the_fix(fn, kw, match):
         fn(q, k, v, is_causal=True, **kw)
 
 
+def test_numpy_numbers_are_numbers():
+    """window / sinks of any integer type and taylor_mix / recentre of any real type (numpy's, as read from a
+    config or a sweep) are the same settings as Python's; a NaN setting is a ValueError like a NaN tensor's."""
+    import numpy as np
+
+    q, k, v = qkv((1,), 2, 12, 4, 3, seed=44)
+    kw = dict(n_taylor=3, is_causal=True)
+    want = sata.sata_attention(q, k, v, window=3, sinks=1, taylor_mix=0.5, recentre=0.5, **kw)
+    got = sata.sata_attention(q, k, v, window=np.int64(3), sinks=np.int32(1), taylor_mix=np.float32(0.5),
+                              recentre=np.float32(0.5), **kw)
+    assert torch.equal(got, want)
+    for bad in (float("nan"), np.float64("inf")):
+        with pytest.raises(ValueError, match="recentre must be a finite float"):
+            sata.sata_attention(q, k, v, window=3, recentre=bad, **kw)
+
+
 @pytest.mark.parametrize("L", [1, 7], ids=["decode", "prefill"])
 def test_inplace_writes_into_the_passed_state(L):
     q, k, v = qkv((1,), 2, 20 + L, 4, 3, seed=18)

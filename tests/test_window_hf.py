@@ -177,7 +177,7 @@ def test_window_args_from_config():
         (dict(sata_window=4, sata_taylor_mix=-1.0), ValueError, "taylor_mix must be >= 0"),
         (dict(sata_window=4, sata_taylor_mix=[1.0, 2.0]), ValueError, r"shape \[4\]"),
         (dict(sata_recentre=0.5, sata_n_taylor=2), ValueError, "needs n_taylor >= 3"),
-        (dict(sata_sinks=2, sata_taylor_mix=float("inf")), TypeError, "taylor_mix must be a finite float"),
+        (dict(sata_sinks=2, sata_taylor_mix=float("inf")), ValueError, "taylor_mix must be a finite float"),
         (dict(sata_sinks="4"), ValueError, r"config\.sata_window .*sinks must be a non-negative int"),
     ],
     ids=["negative-window", "negative-mix", "mix-wrong-heads", "alpha-P2", "inf-mix", "sinks-str"],

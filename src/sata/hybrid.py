@@ -18,6 +18,7 @@ these pieces from here, so each formula has one implementation.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,10 @@ PLAIN = Hybrid(0, 0, 1.0, None)
 
 
 def _check_count(fn: str, name: str, value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    # any integer type (numpy's too), not bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{fn}: {name} must be a non-negative int ({what}), got {value!r}")
-    return value
+    return int(value)
 
 
 def check_slots(fn: str, window: object, sinks: object) -> tuple[int, int]:
@@ -82,8 +84,10 @@ def _check_per_head(fn: str, name: str, value: object, n_q_heads: int, device: t
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{fn}: {name} must be finite, got {value}")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):   # (numpy's floats and ints too)
         raise TypeError(f"{fn}: {name} must be a finite float or a tensor [Hq] ({fix}), got {value!r}")
+    if not math.isfinite(value):  # a ValueError, as for a tensor holding NaN or inf
+        raise ValueError(f"{fn}: {name} must be a finite float or a tensor [Hq] ({fix}), got {value!r}")
     return float(value)
 
 
