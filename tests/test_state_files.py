@@ -174,9 +174,9 @@ def test_bit_flips_in_the_stored_config_are_detected(saved):
 def test_file_from_another_configuration_raises(saved):
     path, st, _ = saved
     other = _small_state(n_taylor=4)
-    with pytest.raises(StateFileError, match=r"another configuration \(n_taylor: 4 vs 3"):
+    with pytest.raises(StateFileError, match=r"another configuration \(n_taylor=3 in the file, 4 expected"):
         sata.SATAState.load(path, expected=other)
-    with pytest.raises(StateFileError, match=r"d_value: 5 vs 2"):
+    with pytest.raises(StateFileError, match=r"d_value=2 in the file, 5 expected"):
         sata.SATAState.load(path, expected={**st.config, "d_value": 5})
     with pytest.raises(StateFileError, match=r"batch_shape"):
         sata.SATAState.load(path, expected={**st.config, "batch_shape": [2]})

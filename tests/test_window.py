@@ -313,6 +313,13 @@ def test_merge_ignores_a_nonfinite_padded_key_leaving_the_window(bad):
     assert_rel(y, ref, 1e-10)
 
 
+def test_merging_states_of_other_settings_says_which_is_which():
+    a = sata.accumulate_state(*qkv((1,), 2, 6, 4, 3, seed=45)[1:], n_taylor=3, window=3)
+    b = sata.accumulate_state(*qkv((1,), 2, 6, 4, 3, seed=46)[1:], n_taylor=3, window=2)
+    with pytest.raises(ValueError, match=r"window=3 in this state, 2 in the other\): states combine only with"):
+        a + b
+
+
 def test_recentred_stream_without_exact_keys_keeps_its_key_centre():
     """A re-centred stream without window or sinks still holds centred keys: continuing it with the series around
     0, accumulating into it, or merging it must use the centre (the plain path would silently drop it)."""

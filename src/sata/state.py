@@ -267,18 +267,21 @@ class SATAState:
         """Merge the states of two disjoint segments of one sequence (attention is a sum over keys)."""
         if not isinstance(other, SATAState):
             return NotImplemented
-        self.check_compatible(other, what="the other state")
+        self.check_compatible(other, what="the other state", theirs_="in the other")
         if self.exact is not None or self.key_centre is not None or other.key_centre is not None:
             from ._merge import merge_exact  # needs the feature map, which needs this module
             return merge_exact(self, other)
         return replace(self, kv=self.kv + other.kv.to(self.kv.dtype), n_tokens=self.n_tokens + other.n_tokens)
 
-    def check_compatible(self, other: SATAState | dict, what: str = "state") -> None:
-        """Raise ``ValueError`` naming each field where ``other`` (a state or a config dict) differs."""
+    def check_compatible(self, other: SATAState | dict, what: str = "state", ours: str = "in this state",
+                         theirs_: str = "there") -> None:
+        """Raise ``ValueError`` naming each field where ``other`` (a state or a config dict) differs, with this
+        state's value (``ours`` says where it is) and the other's (``theirs_``)."""
         theirs = other.config if isinstance(other, SATAState) else dict(other)
-        diffs = [f"{k}: {t!r} vs {mine!r}" for k, mine, t in self._config_diffs(theirs)]
+        diffs = [f"{k}={mine!r} {ours}, {t!r} {theirs_}" for k, mine, t in self._config_diffs(theirs)]
         if diffs:
-            raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)})")
+            raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)}): states combine only "
+                             "with the settings they were made with (n_taylor, head sizes, scale, window, sinks)")
 
     def _config_diffs(self, theirs: dict) -> list[tuple[str, object, object]]:
         """``(field, ours, theirs)`` for every field of :attr:`config` that ``theirs`` gives differently."""
@@ -359,7 +362,7 @@ class SATAState:
             raise StateFileError(f"{path} holds an invalid SATA state: {e}") from e
         if expected is not None:
             try:
-                state.check_compatible(expected, what=f"state file {path}")
+                state.check_compatible(expected, what=f"state file {path}", ours="in the file", theirs_="expected")
             except ValueError as e:
                 raise StateFileError(str(e)) from None
         return state.to(device=map_location) if map_location is not None else state
