@@ -398,3 +398,26 @@ def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):
         argv = [str(tmp_path / "m") if a == "MODEL" else a for a in argv]
     assert cli_main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("truncated-weights", "is not a readable safetensors file"),
+    ("config-not-json", "is not valid JSON"),
+    ("config-of-another-model", "does not hold the weights"),
+])
+def test_damaged_checkpoint_is_refused_with_the_file_named(tmp_path, capsys, damage, match):
+    """A checkpoint folder whose files are damaged (a truncated copy, an edited config): a ValueError naming the
+    file, and `sata generate` exits 2 with it (a raw safetensors or torch traceback before)."""
+    folder = tmp_path / "m"
+    TransformerLM(LMConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(folder)
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if damage == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "config-not-json":
+        config.write_text(config.read_text()[:-5])
+    else:
+        config.write_text(config.read_text().replace('"d_model": 16', '"d_model": 32'))
+    with pytest.raises(ValueError, match=match):
+        TransformerLM.from_pretrained(folder)
+    assert cli_main(["generate", str(folder), "--tokens", "2"]) == 2
+    assert match in capsys.readouterr().err

@@ -327,9 +327,21 @@ class TransformerLM(nn.Module):
         if not cfg_path.is_file() or not w_path.is_file():
             raise FileNotFoundError(f"{directory} does not hold a sata model ({_CONFIG_FILE} and {_WEIGHTS_FILE}); "
                                     "pass the output folder of `sata train` (or its model/ or checkpoint/ folder)")
-        raw = json.loads(cfg_path.read_text())
-        if raw.get("model_type") != _MODEL_TYPE:
-            raise ValueError(f"{cfg_path} is not a {_MODEL_TYPE} config (model_type={raw.get('model_type')!r})")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); write the model again with save_pretrained") from None
+        if not isinstance(raw, dict) or raw.get("model_type") != _MODEL_TYPE:
+            found = raw.get("model_type") if isinstance(raw, dict) else raw
+            raise ValueError(f"{cfg_path} is not a {_MODEL_TYPE} config (model_type={found!r})")
         model = cls(LMConfig.from_dict(raw))
-        model.load_state_dict(load_file(str(w_path), device=str(map_location)))
+        try:
+            weights = load_file(str(w_path), device=str(map_location))
+        except Exception as e:  # safetensors' own error type: a truncated or overwritten file
+            raise ValueError(f"{w_path} is not a readable safetensors file ({e}); write the model again with "
+                             "save_pretrained, or load another checkpoint") from None
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(f"{w_path} does not hold the weights {cfg_path.name} describes: {e}") from None
         return model.to(map_location)
