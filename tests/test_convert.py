@@ -4,6 +4,7 @@ a HF model and checkpoint, the corpus split, and `sata convert --quick` end to e
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -287,6 +288,13 @@ def test_hybrid_checkpoint_roundtrip(tmp_path):
         loaded.save_pretrained(tmp_path / "again")
         resaved = AutoModelForCausalLM.from_pretrained(tmp_path / "again", attn_implementation="sata").eval()
         torch.testing.assert_close(resaved(ids).logits, before, rtol=1e-5, atol=1e-5)
+        # maps changed after loading, saved beside a stale adapter file: the saved model's own maps win
+        loaded.model.layers[0].self_attn.sata_adapter.q_map.add_(0.25)
+        changed_logits = loaded(ids).logits
+        loaded.save_pretrained(tmp_path / "tuned")
+        shutil.copy(tmp_path / adapted.ADAPTER_FILE, tmp_path / "tuned" / adapted.ADAPTER_FILE)
+        tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned", attn_implementation="sata").eval()
+        torch.testing.assert_close(tuned(ids).logits, changed_logits, rtol=1e-5, atol=1e-5)
     # a rewritten adapter file is read again by a later load in the same process (it was cached by path)
     from safetensors.torch import load_file, save_file
     maps = load_file(tmp_path / adapted.ADAPTER_FILE)
@@ -375,7 +383,9 @@ def test_convert_quick_end_to_end_and_reload(tmp_path, capsys):
     pytest.param(("--distill-steps", "-1"), "--distill-steps must be >= 0", id="negative-distill-steps"),
     pytest.param(("--passkey-trials", "0"), "--passkey-trials must be >= 1", id="passkey-trials-0"),
     pytest.param(("--eval-windows", "0"), "--eval-windows must be >= 1", id="eval-windows-0"),
-    pytest.param(("--distill-lr", "0"), "--distill-lr must be > 0", id="distill-lr-0"),
+    pytest.param(("--distill-lr", "0"), "--distill-lr must be a finite number > 0", id="distill-lr-0"),
+    pytest.param(("--transfer-lr", "inf"), "--transfer-lr must be a finite number > 0", id="transfer-lr-inf"),
+    pytest.param(("--taylor-mix", "nan"), "--taylor-mix must be a finite number > 0", id="taylor-mix-nan"),
     pytest.param(("--recentre", "nan"), "--recentre must be a finite number", id="nan-recentre"),
     pytest.param(("--eval-contexts", "0"), "token counts >= 1", id="eval-context-0"),
     pytest.param(("--eval-contexts", "abc"), "comma-separated token counts", id="eval-contexts-text"),

@@ -400,6 +400,22 @@ def test_cli_bad_arguments_exit_2_with_a_message(tmp_path, argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_numpy_window_settings_become_python_numbers_in_the_config(tmp_path):
+    """A sweep's numpy numbers are checked like Python's and stored as Python's: the config saves as JSON."""
+    import numpy as np
+
+    cfg = LMConfig(d_model=16, n_layers=1, n_heads=2, window=np.int64(4), sinks=np.int32(1), taylor_mix=np.float32(0.5))
+    assert (type(cfg.window), type(cfg.sinks), type(cfg.taylor_mix)) == (int, int, float)
+    TransformerLM(cfg).save_pretrained(tmp_path / "m")
+    assert TransformerLM.from_pretrained(tmp_path / "m").config.window == 4
+
+
+def test_a_bad_device_is_not_reported_as_a_damaged_checkpoint(tmp_path):
+    TransformerLM(LMConfig(d_model=16, n_layers=1, n_heads=2)).save_pretrained(tmp_path / "m")
+    with pytest.raises(RuntimeError, match="device"):
+        TransformerLM.from_pretrained(tmp_path / "m", map_location="nonsense")
+
+
 @pytest.mark.parametrize("damage, match", [
     ("truncated-weights", "is not a readable safetensors file"),
     ("config-not-json", "is not valid JSON"),

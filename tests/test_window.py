@@ -316,7 +316,7 @@ def test_merge_ignores_a_nonfinite_padded_key_leaving_the_window(bad):
 def test_merging_states_of_other_settings_says_which_is_which():
     a = sata.accumulate_state(*qkv((1,), 2, 6, 4, 3, seed=45)[1:], n_taylor=3, window=3)
     b = sata.accumulate_state(*qkv((1,), 2, 6, 4, 3, seed=46)[1:], n_taylor=3, window=2)
-    with pytest.raises(ValueError, match=r"window=3 in this state, 2 in the other\): states combine only with"):
+    with pytest.raises(ValueError, match=r"window=3 in this state, 2 in the other\): a state continues, merges"):
         a + b
 
 
@@ -428,6 +428,19 @@ def test_bad_arguments_name_the_fix(fn, kw, match):
     kw = {"n_taylor": 3, **kw}
     with pytest.raises((ValueError, TypeError), match=match):
         fn(q, k, v, is_causal=True, **kw)
+
+
+def test_a_recentre_parameter_at_two_terms_is_refused_only_where_it_would_learn():
+    """n_taylor=2 cannot give d/d alpha: a recentre tensor that requires grad is refused under autograd, and
+    accepted (as the plain number 0) in an inference call."""
+    q, k, v = qkv((1,), 2, 8, 4, 3, seed=47)
+    alpha = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    kw = dict(n_taylor=2, is_causal=True, window=2)
+    with pytest.raises(ValueError, match="requires grad needs n_taylor >= 3"):
+        sata.sata_attention(q, k, v, recentre=alpha, **kw)
+    with torch.no_grad():
+        y = sata.sata_attention(q, k, v, recentre=alpha, **kw)
+    assert_rel(y, sata.sata_attention(q, k, v, recentre=0.0, **kw), 1e-14)
 
 
 def test_numpy_numbers_are_numbers():

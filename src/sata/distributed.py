@@ -14,7 +14,7 @@ kept keys (:class:`sata.state.ExactKeys`, constant size), and ``P_r`` is the mer
 ... + S_{r-1}`` of window states (``SATAState.__add__``), which moves the keys an earlier segment
 can no longer reach into the Taylor part and keeps the first ``sinks`` kept keys of the stream, so
 a window that spans several short segments and sinks that live on rank 0 are both exact. The key
-centre of a re-centred stream (the mean of the whole sequence's kept keys, as one call would choose)
+centre of a re-centred stream (the mean of the whole sequence's kept keys after its sinks, as one call would choose)
 comes from one more all-gather of per-rank key sums.
 
 Communication per call, per rank (:func:`state_exchange_bytes`), plus a few integers for validation;
@@ -73,7 +73,7 @@ def context_parallel_attention(
     The window mode (``window``, ``sinks`` or ``recentre``, causal only) attends exactly to the
     ``window`` most recent positions, which may lie on earlier ranks, and the first ``sinks`` kept
     keys of the whole sequence; a re-centred stream without ``state`` centres its keys by the mean of
-    the whole sequence's kept keys, as one call on the whole sequence does.
+    the whole sequence's kept keys after the first ``sinks``, as one call on the whole sequence does.
 
     Communication: one all-gather of one state per rank, ``[..., Hkv, D, Ev + 1]`` floats with
     ``D = C(E + P - 1, P - 1)``, and in the window mode its window and sink keys and values
@@ -270,17 +270,21 @@ def _fields(settings: list[int]) -> dict[str, object]:
 def _stream_key_centre(key, key_padding_mask, sinks: int, dtype, group, world: int) -> torch.Tensor:
     """The key centre one call on the whole sequence would choose, ``[..., Hkv, E]``: the mean of the kept keys of
     every rank after the sequence's first ``sinks`` kept ones (``sata._paths.window_call.centre_of``), from one
-    all-gather of per-rank sums, counts and the running sums of each rank's first ``sinks`` kept keys (float64; no
-    gradient, as in the op)."""
+    all-gather of per-rank sums, counts and the running sums of each rank's first ``sinks`` kept keys (summed in
+    ``dtype`` as the op sums them, exchanged in float64; no gradient, as in the op)."""
     kept = torch.ones(key.shape[:-3] + key.shape[-2:-1], dtype=torch.bool, device=key.device) \
         if key_padding_mask is None else ~key_padding_mask                         # [..., L]
-    k = torch.where(kept[..., None, :, None], key.detach().to(torch.float64), 0.0)  # [..., Hkv, L, E]
-    sums = k.sum(-2)                                                           # [..., Hkv, E]
+    k = key.detach().to(dtype)                                                 # [..., Hkv, L, E]
+    sums = torch.where(kept[..., None, :, None], k, 0.0).sum(-2).double()     # [..., Hkv, E]
     counts = kept.sum(-1)                                                      # [...]
-    # the running sums over this rank's first j kept keys, j = 0 .. sinks (a sink's key, wherever it sits)
+    # this rank's first `sinks` kept keys into slots 0 .. sinks - 1 (every other key into a slot dropped after),
+    # then their running sums: firsts[j] = the sum of the first j, j = 0 .. sinks (a sink's key, wherever it sits)
     rank_of = kept.cumsum(-1)                                                  # [..., L]
-    firsts = torch.stack([torch.where((kept & (rank_of <= j))[..., None, :, None], k, 0.0).sum(-2)
-                          for j in range(sinks + 1)])                         # [S + 1, ..., Hkv, E]
+    slot = torch.where(kept & (rank_of <= sinks), rank_of - 1, sinks)         # [..., L]
+    index = slot[..., None, :, None].expand(k.shape)                           # [..., Hkv, L, E]
+    first = k.new_zeros(*k.shape[:-2], sinks + 1, k.shape[-1]).scatter_add_(-2, index, k)[..., :sinks, :]
+    firsts = torch.cat([torch.zeros_like(sums)[..., None, :], first.double().cumsum(-2)], -2)   # [..., Hkv, S + 1, E]
+    firsts = firsts.movedim(-2, 0)                                             # [S + 1, ..., Hkv, E]
     mine = torch.cat([sums.flatten(), counts.flatten().double(), firsts.flatten()])
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine, group=group)

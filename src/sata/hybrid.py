@@ -155,7 +155,7 @@ def _check_hybrid(
                 f"{fn}: recentre={recentre} (alpha != 0) needs n_taylor >= 3 (the standard deviation of the scores "
                 f"is read from the degree-2 block), got n_taylor={n_taylor}; use recentre=0.0 (the mean) or more terms"
             )
-        if n_taylor < 3 and isinstance(recentre, torch.Tensor) and recentre.requires_grad:
+        if n_taylor < 3 and isinstance(recentre, torch.Tensor) and recentre.requires_grad and torch.is_grad_enabled():
             # at alpha = 0 the output still depends on alpha through sd, which these terms cannot read
             raise ValueError(
                 f"{fn}: a recentre tensor that requires grad needs n_taylor >= 3 (d/d alpha is -sd times the "

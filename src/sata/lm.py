@@ -116,7 +116,8 @@ class LMConfig:
         hybrid = check_hybrid("LMConfig", window=self.window, sinks=self.sinks, taylor_mix=self.taylor_mix,
                               recentre=self.recentre, n_taylor=self.n_taylor, n_q_heads=self.n_heads,
                               device=torch.device("cpu"))
-        self.taylor_mix, self.recentre = hybrid.taylor_mix, hybrid.recentre   # ints from JSON or a caller: floats
+        # as the checked values: ints from JSON or a caller become floats, numpy numbers Python's (JSON writes them)
+        self.window, self.sinks, self.taylor_mix, self.recentre = hybrid.window, hybrid.sinks, hybrid.taylor_mix, hybrid.recentre
         check_learned("LMConfig", hybrid, learn_mix=self.learn_mix, learn_recentre=self.learn_recentre,
                       n_taylor=self.n_taylor)
         if hybrid.plain and not (self.learn_mix or self.learn_recentre) and self.taylor_mix == 1.0:
@@ -329,15 +330,17 @@ class TransformerLM(nn.Module):
                                     "pass the output folder of `sata train` (or its model/ or checkpoint/ folder)")
         try:
             raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_path} is not valid JSON ({e}); write the model again with save_pretrained") from None
         if not isinstance(raw, dict) or raw.get("model_type") != _MODEL_TYPE:
             found = raw.get("model_type") if isinstance(raw, dict) else raw
             raise ValueError(f"{cfg_path} is not a {_MODEL_TYPE} config (model_type={found!r})")
         model = cls(LMConfig.from_dict(raw))
-        try:
-            weights = load_file(str(w_path), device=str(map_location))
-        except Exception as e:  # safetensors' own error type: a truncated or overwritten file
+        from safetensors import SafetensorError
+
+        try:  # read on the CPU: only the file's own faults are reported as a damaged file (not a device's)
+            weights = load_file(str(w_path), device="cpu")
+        except SafetensorError as e:  # a truncated or overwritten file
             raise ValueError(f"{w_path} is not a readable safetensors file ({e}); write the model again with "
                              "save_pretrained, or load another checkpoint") from None
         try:

@@ -84,10 +84,12 @@ def sata_attention(
         recentre (float | torch.Tensor, optional): ``alpha``, scalar or ``[Hq]``: expand the series of
             query ``i`` around ``c_i = mu_i - alpha sd_i``, the mean and standard deviation of its scores
             over the keys in the Taylor part, read from the same state (the mean needs ``n_taylor >= 2``,
-            the deviation ``n_taylor >= 3``); differentiable. Default: ``None``, the series around 0.
+            the deviation ``n_taylor >= 3``, and so does a tensor that requires grad under autograd);
+            differentiable. Default: ``None``, the series around 0.
 
             With any of these (``MATH.md`` section 6), for query ``i`` with exact keys ``E_i`` and
-            Taylor keys ``F_i``, ``m_i = max(max_{E_i} s_ij, c_i)``:
+            Taylor keys ``F_i``, ``m_i = max(max_{E_i} s_ij, c_i)`` (``c_i`` left out where ``F_i`` is empty
+            or ``beta = 0``; ``m_i`` cancels, it keeps the exponentials in range):
             ``y_i = (sum_{E_i} e^{s_ij - m_i} v_j + beta e^{c_i - m_i} sum_{F_i} T_P(s_ij - c_i) v_j) / (same with 1)``.
             The state then also keeps the window's and the sinks' keys and values
             (``SATAState.exact``, in the state's dtype): memory per head

@@ -53,7 +53,7 @@ class SATAState:
         exact (ExactKeys | None): the keys and values of the window and the sinks (None when both are 0).
             With a window or sinks ``kv`` holds only the keys outside every query's reach.
         key_centre (torch.Tensor | None): ``[..., Hkv, E]``, a key vector subtracted from every key
-            absorbed into ``kv`` (fixed by the first re-centred call: the mean of its keys). Scores change by
+            absorbed into ``kv`` (fixed by the first re-centred call: the mean of its kept keys after the sinks). Scores change by
             one constant per query, which the re-centred series absorbs exactly; it keeps the series'
             coefficients small, so float32 holds (``docs/WINDOW.md``). None: keys absorbed as they are.
             A constant of the stream: computed from detached keys, so no gradient flows through it (the
@@ -280,8 +280,8 @@ class SATAState:
         theirs = other.config if isinstance(other, SATAState) else dict(other)
         diffs = [f"{k}={mine!r} {ours}, {t!r} {theirs_}" for k, mine, t in self._config_diffs(theirs)]
         if diffs:
-            raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)}): states combine only "
-                             "with the settings they were made with (n_taylor, head sizes, scale, window, sinks)")
+            raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)}): a state continues, "
+                             "merges or loads only with the settings it was made with")
 
     def _config_diffs(self, theirs: dict) -> list[tuple[str, object, object]]:
         """``(field, ours, theirs)`` for every field of :attr:`config` that ``theirs`` gives differently."""

@@ -2,7 +2,7 @@
 
 Validation beyond :func:`sata._checks.check_inputs` (the window and sinks of a passed state, aligned
 non-causal queries, the memory of the window and sink buffers), the batch flattened to ``B``, and the
-stream's key centre: fixed by the first re-centred call (the mean of its kept keys).
+stream's key centre: fixed by the first re-centred call (the mean of its kept keys after the sinks).
 """
 
 from __future__ import annotations

@@ -175,8 +175,8 @@ def _random_fill(name: str, model, cache, length: int, seed: int) -> torch.Tenso
 
     A decode step costs the same whatever the cached values: a KV cache's keys and values are read in full, a
     SATA state has one size. One layer's content is built from ``length`` random keys and values (a SATA state by
-    :func:`sata.accumulate_state`, the window mode's key centre their mean, as the op fixes it) and copied into
-    every layer, so that each layer holds its own tensors of the sizes a prefill leaves.
+    :func:`sata.accumulate_state`, the window mode's key centre their mean after the sinks, as the op fixes it) and
+    copied into every layer, so that each layer holds its own tensors of the sizes a prefill leaves.
     """
     import sata
 
@@ -190,7 +190,7 @@ def _random_fill(name: str, model, cache, length: int, seed: int) -> torch.Tenso
         window = {"window": WINDOW["sata_window"], "sinks": WINDOW["sata_sinks"]} if name == "sata_window" else {}
         state = sata.accumulate_state(k, v, n_taylor=cfg.sata_n_taylor, scale=head_dim**-0.5, **window)
         if window:
-            state = dataclasses.replace(state, key_centre=k.mean(-2))               # [1, Hkv, E]
+            state = dataclasses.replace(state, key_centre=k[:, :, window["sinks"]:].mean(-2))   # [1, Hkv, E]
         for layer in cache.layers:
             layer.lazy_initialization(k, v)
             layer.state, layer.n_seen = state._map(torch.clone), length

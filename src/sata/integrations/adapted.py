@@ -404,9 +404,10 @@ _IN_WEIGHTS = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.sata_adapter\.(q_ma
 
 def _checkpoint_adapters(name_or_path: str) -> dict[str, torch.Tensor]:
     """The adapter tensors of the checkpoint a config was loaded from (a folder or a model id in the local hub
-    cache): ``sata_adapters.safetensors`` as ``sata convert`` writes it, else the ``...sata_adapter.*`` tensors of
-    its ``model.safetensors`` (a converted model saved again with ``save_pretrained`` after a forward pass, when
-    its adapters were submodules), as ``{i}.q_map``, ``{i}.k_map`` (and ``{i}.alpha``, ``{i}.log_beta``)."""
+    cache): the ``...sata_adapter.*`` tensors of its ``model.safetensors`` (a converted model saved again with
+    ``save_pretrained`` after a forward pass, when its adapters were submodules: newer than any adapter file
+    beside it), else ``sata_adapters.safetensors`` as ``sata convert`` writes it; as ``{i}.q_map``, ``{i}.k_map``
+    (and ``{i}.alpha``, ``{i}.log_beta``)."""
     from transformers.utils import cached_file
 
     def find(name: str) -> str | None:
@@ -416,16 +417,15 @@ def _checkpoint_adapters(name_or_path: str) -> dict[str, torch.Tensor]:
         except (OSError, ValueError):
             return None
 
-    path = find(ADAPTER_FILE)
-    if path is not None:
-        return _read(path)
+    # adapters inside the weights come from a later save of the whole model than any adapter file beside them
     weights = find("model.safetensors")
     if weights is not None:
         st = os.stat(weights)
         found = _adapters_in_weights(os.path.realpath(weights), st.st_mtime_ns, st.st_size)
         if found:
             return found
-    return _read(str(Path(name_or_path) / ADAPTER_FILE))   # explains what is missing
+    path = find(ADAPTER_FILE)
+    return _read(path if path is not None else str(Path(name_or_path) / ADAPTER_FILE))   # (explains a missing one)
 
 
 @functools.lru_cache(maxsize=4)

@@ -146,9 +146,11 @@ def _check(args) -> None:
             raise SystemExit(f"sata convert: --{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.eval_windows is not None and args.eval_windows < 1:
         raise SystemExit(f"sata convert: --eval-windows must be >= 1 (or left out: all), got {args.eval_windows}")
-    for name in ("transfer_lr", "distill_lr"):
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"sata convert: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("transfer_lr", "distill_lr", "taylor_mix"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"sata convert: --{name.replace('_', '-')} must be a finite number > 0, got {value}"
+                             + (" (the window-only baseline is --baseline window-only)" if name == "taylor_mix" else ""))
     if not math.isfinite(args.recentre):
         raise SystemExit(f"sata convert: --recentre must be a finite number, got {args.recentre}")
     if args.window + args.sinks == 0:
@@ -170,8 +172,6 @@ def _check(args) -> None:
         )
     if args.n_taylor < 3:
         raise SystemExit(f"sata convert: --n-taylor {args.n_taylor}: the re-centred hybrid needs n_taylor >= 3")
-    if args.taylor_mix <= 0:
-        raise SystemExit("sata convert: --taylor-mix must be > 0 (the window-only baseline is --baseline window-only)")
 
 
 def _quick_defaults(args) -> None:
