@@ -117,7 +117,8 @@ class LMConfig:
                               recentre=self.recentre, n_taylor=self.n_taylor, n_q_heads=self.n_heads,
                               device=torch.device("cpu"))
         # as the checked values: ints from JSON or a caller become floats, numpy numbers Python's (JSON writes them)
-        self.window, self.sinks, self.taylor_mix, self.recentre = hybrid.window, hybrid.sinks, hybrid.taylor_mix, hybrid.recentre
+        self.window, self.sinks = hybrid.window, hybrid.sinks
+        self.taylor_mix, self.recentre = hybrid.taylor_mix, hybrid.recentre
         check_learned("LMConfig", hybrid, learn_mix=self.learn_mix, learn_recentre=self.learn_recentre,
                       n_taylor=self.n_taylor)
         if hybrid.plain and not (self.learn_mix or self.learn_recentre) and self.taylor_mix == 1.0:

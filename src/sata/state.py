@@ -53,8 +53,8 @@ class SATAState:
         exact (ExactKeys | None): the keys and values of the window and the sinks (None when both are 0).
             With a window or sinks ``kv`` holds only the keys outside every query's reach.
         key_centre (torch.Tensor | None): ``[..., Hkv, E]``, a key vector subtracted from every key
-            absorbed into ``kv`` (fixed by the first re-centred call: the mean of its kept keys after the sinks). Scores change by
-            one constant per query, which the re-centred series absorbs exactly; it keeps the series'
+            absorbed into ``kv`` (fixed by the first re-centred call: the mean of its kept keys after the
+            sinks). Scores change by one constant per query, which the re-centred series absorbs exactly; it keeps the series'
             coefficients small, so float32 holds (``docs/WINDOW.md``). None: keys absorbed as they are.
             A constant of the stream: computed from detached keys, so no gradient flows through it (the
             outputs do not depend on it; ``kv``'s gradient with respect to the first call's keys treats it
