@@ -156,7 +156,7 @@ def _local_state(query, key, value, is_causal: bool, key_padding_mask, state, gr
         local = accumulate_state(key, value, n_taylor=n_taylor, scale=scale, key_padding_mask=key_padding_mask)
         if state is not None:
             state.check_compatible(local, what="context_parallel_attention: state", ours="in the state",
-                                   theirs_="in this call")
+                                   theirs="in this call")
     except (ValueError, TypeError):
         _check_agreement(None, group, dist.get_world_size(group))
         raise
@@ -219,7 +219,7 @@ def _check_window_call(query, key, value, is_causal, key_padding_mask, state, hy
     hybrid = check_hybrid(_FN, **hybrid_args, n_taylor=spec.n_taylor, n_q_heads=spec.n_q_heads, device=spec.device)
     if state is not None:
         state.check_compatible({"window": hybrid.window, "sinks": hybrid.sinks}, what=f"{_FN}: state",
-                               ours="in the state", theirs_="in this call")
+                               ours="in the state", theirs="in this call")
     return spec, hybrid
 
 

@@ -320,6 +320,7 @@ class TransformerLM(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> TransformerLM:
         """Load a model written by :meth:`save_pretrained`: its folder, or the output folder of ``sata train``
         (whose ``model/`` it reads)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -337,8 +338,6 @@ class TransformerLM(nn.Module):
             found = raw.get("model_type") if isinstance(raw, dict) else raw
             raise ValueError(f"{cfg_path} is not a {_MODEL_TYPE} config (model_type={found!r})")
         model = cls(LMConfig.from_dict(raw))
-        from safetensors import SafetensorError
-
         try:  # read on the CPU: only the file's own faults are reported as a damaged file (not a device's)
             weights = load_file(str(w_path), device="cpu")
         except SafetensorError as e:  # a truncated or overwritten file

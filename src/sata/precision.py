@@ -75,7 +75,7 @@ class CompensatedState:
 
     def add(self, segment: SATAState) -> CompensatedState:
         """The sum with the state of a later, disjoint segment (compensated)."""
-        self.hi.check_compatible(segment, what="the segment state", ours="accumulated", theirs_="in the segment")
+        self.hi.check_compatible(segment, what="the segment state", ours="accumulated", theirs="in the segment")
         s, x = self.hi.kv, segment.kv.to(torch.float32)
         t = s + x
         # the rounding error of s + x, exactly, taken from the smaller operand

@@ -54,8 +54,9 @@ class SATAState:
             With a window or sinks ``kv`` holds only the keys outside every query's reach.
         key_centre (torch.Tensor | None): ``[..., Hkv, E]``, a key vector subtracted from every key
             absorbed into ``kv`` (fixed by the first re-centred call: the mean of its kept keys after the
-            sinks). Scores change by one constant per query, which the re-centred series absorbs exactly; it keeps the series'
-            coefficients small, so float32 holds (``docs/WINDOW.md``). None: keys absorbed as they are.
+            sinks). Scores change by one constant per query, which the re-centred series absorbs exactly; it
+            keeps the series' coefficients small, so float32 holds (``docs/WINDOW.md``). None: keys absorbed as
+            they are.
             A constant of the stream: computed from detached keys, so no gradient flows through it (the
             outputs do not depend on it; ``kv``'s gradient with respect to the first call's keys treats it
             as fixed).
@@ -267,18 +268,18 @@ class SATAState:
         """Merge the states of two disjoint segments of one sequence (attention is a sum over keys)."""
         if not isinstance(other, SATAState):
             return NotImplemented
-        self.check_compatible(other, what="the other state", theirs_="in the other")
+        self.check_compatible(other, what="the other state", theirs="in the other")
         if self.exact is not None or self.key_centre is not None or other.key_centre is not None:
             from ._merge import merge_exact  # needs the feature map, which needs this module
             return merge_exact(self, other)
         return replace(self, kv=self.kv + other.kv.to(self.kv.dtype), n_tokens=self.n_tokens + other.n_tokens)
 
     def check_compatible(self, other: SATAState | dict, what: str = "state", ours: str = "in this state",
-                         theirs_: str = "there") -> None:
+                         theirs: str = "there") -> None:
         """Raise ``ValueError`` naming each field where ``other`` (a state or a config dict) differs, with this
-        state's value (``ours`` says where it is) and the other's (``theirs_``)."""
-        theirs = other.config if isinstance(other, SATAState) else dict(other)
-        diffs = [f"{k}={mine!r} {ours}, {t!r} {theirs_}" for k, mine, t in self._config_diffs(theirs)]
+        state's value (``ours`` says where it is) and the other's (``theirs``)."""
+        config = other.config if isinstance(other, SATAState) else dict(other)
+        diffs = [f"{k}={mine!r} {ours}, {t!r} {theirs}" for k, mine, t in self._config_diffs(config)]
         if diffs:
             raise ValueError(f"{what} comes from another configuration ({'; '.join(diffs)}): a state continues, "
                              "merges or loads only with the settings it was made with")
@@ -362,7 +363,7 @@ class SATAState:
             raise StateFileError(f"{path} holds an invalid SATA state: {e}") from e
         if expected is not None:
             try:
-                state.check_compatible(expected, what=f"state file {path}", ours="in the file", theirs_="expected")
+                state.check_compatible(expected, what=f"state file {path}", ours="in the file", theirs="expected")
             except ValueError as e:
                 raise StateFileError(str(e)) from None
         return state.to(device=map_location) if map_location is not None else state

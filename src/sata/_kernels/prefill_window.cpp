@@ -450,8 +450,9 @@ struct WindowHead : sata::Head<T, TS> {
     }
   }
 
-  // both parts scaled to their common maximum m = max(top, c) (top alone for a query without far keys, or with beta 0), summed
-  // into U ([Ev + 1][C], lane by lane), then y rows t0 .. t0 + c - 1 = U[:Ev] / U[Ev] (Head::write_out)
+  // both parts scaled to their common maximum m = max(top, c) (top alone for a query without far keys, or with
+  // beta 0), summed into U ([Ev + 1][C], lane by lane), then y rows t0 .. t0 + c - 1 = U[:Ev] / U[Ev]
+  // (Head::write_out)
   void combine(T* y, int64_t t0, int64_t c, T beta) {
     using VV = Vec<T>;
     using V = typename VV::type;

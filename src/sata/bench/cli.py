@@ -213,7 +213,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _finished_if_interrupted(run: dict) -> int | None:
     """How many sizes a run stopped by Ctrl-C finished (its partial results), or None for a whole run."""
     part = run.get(run["what"], {})

@@ -386,13 +386,18 @@ def _read(path: str) -> dict[str, torch.Tensor]:
             "saved there by `sata convert`; copy it beside the weights or call "
             "sata.integrations.adapted.attach_adapters(model, directory)"
         )
+    return _read_file(*_version(path))
+
+
+def _version(path: str) -> tuple[str, int, int]:
+    """``(real path, mtime, size)``: what the read caches below are keyed by, so a file rewritten in this process
+    (a new conversion, a new save) is read again."""
     st = os.stat(path)
-    return _read_file(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    return os.path.realpath(path), st.st_mtime_ns, st.st_size
 
 
 @functools.lru_cache(maxsize=4)
 def _read_file(path: str, mtime_ns: int, size: int) -> dict[str, torch.Tensor]:
-    # keyed by the file's version too: a file rewritten in this process (a new conversion) is read again
     from safetensors.torch import load_file
 
     return load_file(path)
@@ -420,8 +425,7 @@ def _checkpoint_adapters(name_or_path: str) -> dict[str, torch.Tensor]:
     # adapters inside the weights come from a later save of the whole model than any adapter file beside them
     weights = find("model.safetensors")
     if weights is not None:
-        st = os.stat(weights)
-        found = _adapters_in_weights(os.path.realpath(weights), st.st_mtime_ns, st.st_size)
+        found = _adapters_in_weights(*_version(weights))
         if found:
             return found
     path = find(ADAPTER_FILE)
