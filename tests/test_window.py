@@ -665,6 +665,52 @@ def test_float32_holds_when_the_stream_starts_with_one_outlier_key():
     assert float(row_err.max()) < 5e-5, float(row_err.max())
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["new_state", "inplace"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernel", "pytorch"])
+def test_decoded_stream_is_centred_on_its_first_window(kernels, inplace):
+    """A stream started by a short call and decoded token by token: its key centre is re-estimated, row by row, while
+    its Taylor part is empty, and fixed when the first key enters it: the mean of the kept non-sink keys up to that
+    token (window 8, 2 sinks: keys 2..10 of an unpadded row, 5..13 of a row left-padded by 3). It was the first
+    call's mean (keys 2..3), or 0 where the first call's keys were all sinks."""
+    q, k, v = qkv((2,), 2, 18, 4, 4, seed=45)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[1, :3] = True
+    kw = dict(n_taylor=3, is_causal=True, window=8, sinks=2, recentre=0.0)
+    with force_path(kernels=kernels), torch.no_grad():
+        _, st = sata.sata_attention(q[..., :4, :], k[..., :4, :], v[..., :4, :], key_padding_mask=mask,
+                                    return_state=True, **kw)
+        first = st.key_centre
+        for t in range(4, 17):
+            _, st = sata.sata_attention(q[..., t:t + 1, :], k[..., t:t + 1, :], v[..., t:t + 1, :], state=st,
+                                        return_state=True, inplace=inplace, **kw)
+    assert_rel(st.key_centre[0], k[0, :, 2:11].mean(-2), 1e-13, "unpadded row")
+    assert_rel(st.key_centre[1], k[1, :, 5:14].mean(-2), 1e-13, "left-padded row")
+    assert (st.key_centre is first) == inplace  # in place: the passed state's own centre, updated
+    full_mask = torch.cat([mask, torch.zeros(2, 14, dtype=torch.bool)], -1)
+    ref = sata.naive_sata_attention(q, k, v, **kw, key_padding_mask=full_mask)
+    with force_path(kernels=kernels), torch.no_grad():  # the centre changes nothing but rounding
+        y, _ = sata.sata_attention(q[..., 17:, :], k[..., 17:, :], v[..., 17:, :], state=st, return_state=True, **kw)
+    assert_rel(y, ref[..., 17:, :], 1e-10)
+
+
+@pytest.mark.parametrize("n_taylor", [3, 4, 5])
+def test_float32_holds_on_offset_scores_decoded_from_scratch(n_taylor):
+    """A decode loop from the stream's first token (its first keys are sinks): the centre is the first window's mean
+    key, so float32 holds as after a long prefill. (Centred on 0, as it was: 2.7e-4 at n_taylor=4, 3.9e-3 at 5.)"""
+    q, k, v = _offset_scores(L=160)
+    kw = dict(n_taylor=n_taylor, is_causal=True, window=64, sinks=4, recentre=0.0)
+    y64 = sata.sata_attention(q, k, v, **kw)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    ys, st = [], None
+    with torch.no_grad():
+        for t in range(q.shape[-2]):
+            y, st = sata.sata_attention(qf[..., t:t + 1, :], kf[..., t:t + 1, :], vf[..., t:t + 1, :], state=st,
+                                        return_state=True, inplace=st is not None, **kw)
+            ys.append(y)
+    row_err = (torch.cat(ys, -2).double() - y64).abs().amax(-1) / y64.abs().amax(-1)
+    assert float(row_err.max()) < 1e-4, float(row_err.max())
+
+
 def test_exact_weights_below_the_smallest_normal_are_flushed():
     """Float32 scores 86, 88 and 100 below the maximum: e^-86 is kept, the subnormal e^-88 and e^-100 (each
     ~60x slower to compute on x86, < 1.2e-38 beside the maximum's weight 1) are 0; a masked score, even NaN,

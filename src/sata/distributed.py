@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_inputs
+from ._paths.centre import fixed
 from .hybrid import Hybrid, check_hybrid
 from .ops import _DEFAULT_MIX, accumulate_state, sata_attention
 from .state import ExactKeys, SATAState
@@ -187,6 +188,8 @@ def _window_mode(query, key, value, is_causal: bool, key_padding_mask, state: SA
         centre = _stream_key_centre(key, key_padding_mask, hybrid.sinks, spec.state_dtype, group, world)
     else:
         centre = None
+    if centre is not None:  # every rank's local state on this one centre (a rank does not re-estimate it alone)
+        centre = fixed(centre)
     start = replace(shape, key_centre=centre)                # an empty stream with the whole sequence's centre
     local = sata_attention(query[..., :0, :], key, value, is_causal=False, key_padding_mask=key_padding_mask,
                            state=start, return_state=True, **common, **hybrid_args)[1]
@@ -269,7 +272,7 @@ def _fields(settings: list[int]) -> dict[str, object]:
 
 def _stream_key_centre(key, key_padding_mask, sinks: int, dtype, group, world: int) -> torch.Tensor:
     """The key centre one call on the whole sequence would choose, ``[..., Hkv, E]``: the mean of the kept keys of
-    every rank after the sequence's first ``sinks`` kept ones (``sata._paths.window_call.centre_of``), from one
+    every rank after the sequence's first ``sinks`` kept ones (``sata._paths.centre.centre_of``), from one
     all-gather of per-rank sums, counts and the running sums of each rank's first ``sinks`` kept keys (summed in
     ``dtype`` as the op sums them, exchanged in float64; no gradient, as in the op)."""
     kept = torch.ones(key.shape[:-3] + key.shape[-2:-1], dtype=torch.bool, device=key.device) \

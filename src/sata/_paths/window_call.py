@@ -2,7 +2,7 @@
 
 Validation beyond :func:`sata._checks.check_inputs` (the window and sinks of a passed state, aligned
 non-causal queries, the memory of the window and sink buffers), the batch flattened to ``B``, and the
-stream's key centre: fixed by the first re-centred call (the mean of its kept keys after the sinks).
+stream's key centre (:mod:`sata._paths.centre`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from .._checks import Spec, refuse_inplace
 from ..budget import check_budget, format_bytes
 from ..hybrid import Hybrid
 from ..state import ExactKeys, SATAState
+from .centre import centre_of, stream_centre
 from .window import window_attention
 from .window_kernel import decode_step as window_decode_step, needs_graph, written_into
 
@@ -61,7 +62,7 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
         exact = ExactKeys.empty((B, Hkv), 0, 0, spec.d_key, spec.d_value, spec.state_dtype, spec.device) \
             if state.exact is None else state.exact.map(flat)
         far, n0 = flat(state.kv).mT.to(spec.state_dtype), state.n_tokens          # [B, Hkv, F, D]
-    centre = _key_centre(state, hybrid, k, mask, spec, B)
+    centre = _key_centre(state, hybrid, k, mask, spec, B, inplace and return_state)
     y, far, exact = window_attention(q, k, v, mask, far, exact, n0, spec, hybrid, is_causal, centre, kernels,
                                      need_far=return_state)
     out = y.reshape(*spec.batch_shape, spec.n_q_heads, spec.len_q, spec.d_value)
@@ -80,25 +81,17 @@ def window_call(query, key, value, spec: Spec, hybrid: Hybrid, is_causal: bool, 
     return out, written_into(state, new_state) if inplace else new_state
 
 
-def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B: int):
-    """The stream's key centre ``[B, Hkv, E]``: the state's, or for a new re-centred stream the mean of this
-    call's kept keys that are not sinks, 0 for a row with none (a plain stream keeps none).
+def _key_centre(state: SATAState | None, hybrid: Hybrid, k, mask, spec: Spec, B: int, inplace: bool):
+    """The stream's key centre ``[B, Hkv, E]``: for a new re-centred stream the mean of this call's kept keys that
+    are not sinks, 0 for a row with none (a plain stream keeps none); continuing a state, the state's, re-estimated
+    where its Taylor part is still empty (:func:`sata._paths.centre.stream_centre`).
 
     Sinks are never in the Taylor part, whose scores the centre keeps small; and the first keys of a trained
-    model's stream are its outliers: a first call of one kept key (a decode loop from scratch, a one-token row of
-    a left-padded batch) centred every later key on it (float32 errors ~1e-1 at n_taylor 5 where 1e-5 is usual).
+    model's stream are its outliers.
     """
+    kept = torch.ones(B, spec.len_k, dtype=torch.bool, device=k.device) if mask is None else ~mask    # [B, L]
     if state is not None:
-        return None if state.key_centre is None else state.key_centre.reshape(B, *state.key_centre.shape[-2:])
+        return stream_centre(state, k, kept, inplace)
     if hybrid.recentre is None:
         return None
-    kept = torch.ones(B, spec.len_k, dtype=torch.bool, device=k.device) if mask is None else ~mask    # [B, L]
     return centre_of(k.detach(), kept, hybrid.sinks, spec.state_dtype)
-
-
-def centre_of(k: torch.Tensor, kept: torch.Tensor, sinks: int, dtype: torch.dtype) -> torch.Tensor:
-    """The mean of a stream's first call's kept keys after its first ``sinks`` kept ones, 0 for a row with none:
-    ``k [B, Hkv, L, E]``, ``kept [B, L]`` -> ``[B, Hkv, E]`` in ``dtype``."""
-    far = kept & (kept.cumsum(-1) > sinks)                                       # [B, L]
-    total = torch.where(far[:, None, :, None], k.to(dtype), 0.0).sum(-2)       # [B, Hkv, E]
-    return total / far.sum(-1).clamp_min(1)[:, None, None]

@@ -19,6 +19,7 @@ from .. import _kernels
 from .._kernels import IN_PLACE
 from ..basis import get_basis
 from ..features import _split_scale
+from .centre import _FIXED, stream_centre
 from .kernel import _remember, available, step_inputs
 from ..budget import check_budget, format_bytes
 from ..hybrid import Hybrid
@@ -114,6 +115,14 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
         S_in = state.kv.mT.contiguous()
     S_out = S_in if in_place else torch.empty_like(S_in)
     centre = state.key_centre
+    if centre is not None and not getattr(centre, _FIXED, False):  # re-estimated while the Taylor part is empty
+        kept = torch.ones(spec.batch, 1, dtype=torch.bool) if key_padding_mask is None else \
+            ~key_padding_mask.reshape(spec.batch, 1)
+        centre = stream_centre(state, key.reshape(spec.batch, spec.n_kv_heads, 1, spec.d_key), kept, in_place)
+        # the state's own tensor where it holds the centre (in place, or fixed now: the mark stays on it)
+        centre = state.key_centre if in_place or getattr(state.key_centre, _FIXED, False) else \
+            centre.reshape(state.key_centre.shape)
+    kept_centre = centre                                                       # the new state's
     if centre is not None and (centre.dtype is not spec.state_dtype or not centre.is_contiguous()):
         centre = centre.to(spec.state_dtype).contiguous()
     query, key, value = step_inputs(query, key, value, spec.compute_dtype)
@@ -132,7 +141,7 @@ def decode_step(query, key, value, spec, hybrid: Hybrid, is_causal: bool, key_pa
         return y
     new = SATAState._unchecked(None, spec.n_taylor, spec.d_key, spec.d_value, spec.scale, state.n_tokens + 1,
                                kvT=S_out, window=hybrid.window, sinks=hybrid.sinks,
-                               exact=None if state.exact is None else exact, key_centre=state.key_centre)
+                               exact=None if state.exact is None else exact, key_centre=kept_centre)
     if in_place and (copied or (state.exact is not None and exact is not state.exact)):
         return y, written_into(state, new)  # the kernel updated copies (another layout): into the state's own
     return y, new
